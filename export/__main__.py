@@ -1,0 +1,94 @@
+"""`python -m export CHECKPOINT OUT [--format native|sparknlp|all] [--overwrite]`."""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+
+from .errors import ExportError
+
+
+def _log(msg: str) -> None:
+    print(f"[export] {msg}", file=sys.stderr, flush=True)
+
+
+def _on_signal(signum, _frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m export",
+                                description="Turn a Hugging Face Longformer checkpoint into verified model artifacts.")
+    p.add_argument("checkpoint", help="local checkpoint directory, or a hub id where the hub is reachable")
+    p.add_argument("out", help="artifact directory to create")
+    p.add_argument("--format", choices=("native", "sparknlp", "all"), default="native",
+                   help="native: ONNX + tokenizer + manifest at OUT; sparknlp: the folder Spark NLP's "
+                        "LongformerEmbeddings.loadSavedModel imports, at OUT; all: native at OUT and Spark NLP's "
+                        "folder at OUT/sparknlp")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (atomically)")
+    p.add_argument("--name", help="artifact name used in model_id (default: the checkpoint directory's name)")
+    p.add_argument("--atol", type=float, default=1e-3, help="parity: max abs difference per value (default 1e-3)")
+    p.add_argument("--min-cosine", type=float, default=0.99999, help="parity: min cosine per token (default 0.99999)")
+    return p
+
+
+def run(argv: list[str] | None = None) -> dict:
+    from pathlib import Path
+
+    from .checkpoint import read_checkpoint
+    from .native import write_native
+    from .parity import Tolerance, format_report
+    from .staging import staged_directory
+
+    args = build_parser().parse_args(argv)
+    start = time.perf_counter()
+    _log(f"reading checkpoint {args.checkpoint}")
+    ckpt = read_checkpoint(args.checkpoint)
+    ec = ckpt.encoder_config
+    _log(f"longformer: {ec.num_hidden_layers} layers, hidden {ec.hidden_size}, max length {ec.max_length}, "
+         f"windows {sorted(set(ec.attention_window))}, weights {ckpt.weights_file}")
+    name = args.name or ckpt.name
+    tol = Tolerance(args.atol, args.min_cosine)
+    result: dict = {}
+    with staged_directory(args.out, args.overwrite) as staging:
+        if args.format in ("native", "all"):
+            manifest, report = write_native(ckpt, staging, name, tol, _log)
+            result.update(manifest=manifest, report=report)
+            print(format_report(report))
+        if args.format in ("sparknlp", "all"):
+            from .sparknlp import write_sparknlp
+
+            target = staging / "sparknlp" if args.format == "all" else staging
+            result["sparknlp"] = write_sparknlp(ckpt, target, tol, _log)
+    _log(f"wrote {Path(args.out).resolve()} in {time.perf_counter() - start:.1f} s"
+         + (f" (model_id {result['manifest']['model_id']})" if "manifest" in result else ""))
+    return result
+
+
+def _quiet_libraries() -> None:
+    """Libraries' own chatter (length warnings, exporter registration notes) is not for users."""
+    import logging
+
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+
+
+def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _on_signal)
+    _quiet_libraries()
+    try:
+        run(argv)
+    except ExportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; no artifact was written", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,134 @@
+"""Write the native artifact: ONNX encoder, fast tokenizer, parity report and manifest."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from .checkpoint import Checkpoint, _sha256
+from .encoder import LongformerEncoder
+from .errors import ExportError
+from .parity import Tolerance, check_parity, parity_sequences
+from .synthetic_notes import generate_notes
+
+FORMAT = "clinlong-native"
+FORMAT_VERSION = 1
+ONNX_FILE, TOKENIZER_FILE, PARITY_FILE, MANIFEST_FILE = "encoder.onnx", "tokenizer.json", "parity.json", "manifest.json"
+OPSET = 18
+
+# Strings that stress byte-level BPE beyond the synthetic notes (no real patient data).
+_TOKENIZER_PROBES = ["", " ", "  leading spaces", "Pt. c/o SOB; HR 110s.\n\n\tTabs\r\nCRLF", "[**2101-3-4**]",
+                     "émigré naïve café", "患者 发热", "مريض", "😷🩺 emoji", "\x00nul", "A" * 300, "mixed CASE Text"]
+
+
+def write_tokenizer(ckpt: Checkpoint, out: Path) -> None:
+    """Save the checkpoint's fast tokenizer and prove it encodes exactly as the checkpoint's does."""
+    from tokenizers import Tokenizer
+
+    backend = Tokenizer.from_str(ckpt.tokenizer.backend_tokenizer.to_str())
+    backend.no_truncation()
+    backend.no_padding()
+    backend.save(str(out / TOKENIZER_FILE))
+    saved = Tokenizer.from_file(str(out / TOKENIZER_FILE))
+    texts = [n.text for n in generate_notes(50, seed=11)] + _TOKENIZER_PROBES
+    for i, text in enumerate(texts):
+        want = ckpt.tokenizer(text)["input_ids"]
+        got = saved.encode(text).ids
+        if got != want:  # never print the text itself
+            raise ExportError(f"the exported tokenizer encodes probe #{i} differently from the checkpoint's; "
+                              "report this with the checkpoint's tokenizer files")
+
+
+def write_onnx(ckpt: Checkpoint, out: Path, opset: int = OPSET) -> None:
+    """Export the encoder with dynamic batch and sequence axes."""
+    encoder = LongformerEncoder(ckpt.encoder_config)
+    encoder.load_hf_state_dict(ckpt.state_dict)
+    encoder.eval()
+    seqs = parity_sequences(ckpt.tokenizer, (600,), ckpt.encoder_config.max_length)
+    example = torch.from_numpy(next(iter(seqs.values())) if seqs else [ckpt.tokenizer.bos_token_id])[None].repeat(2, 1)
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence", max=ckpt.encoder_config.max_length)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            encoder, (example, torch.ones_like(example)), str(out / ONNX_FILE),
+            input_names=["input_ids", "attention_mask"], output_names=["last_hidden_state"],
+            dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}},
+            opset_version=opset, dynamo=True, external_data=False, verbose=False,
+        )
+
+
+def _library_versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+    import tokenizers
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__, "tokenizers": tokenizers.__version__}
+
+
+def _special_tokens(tok) -> dict[str, dict]:
+    names = ("bos", "eos", "pad", "unk", "mask", "cls", "sep")
+    return {n: {"token": getattr(tok, f"{n}_token"), "id": getattr(tok, f"{n}_token_id")}
+            for n in names if getattr(tok, f"{n}_token", None) is not None}
+
+
+def write_manifest(ckpt: Checkpoint, out: Path, name: str, report: dict) -> dict:
+    ec = ckpt.encoder_config
+    files = {f.name: _sha256(f) for f in sorted(out.iterdir()) if f.is_file() and f.name != MANIFEST_FILE}
+    content = hashlib.sha256("".join(f"{k}:{v}\n" for k, v in files.items()).encode()).hexdigest()
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "name": name,
+        "model_id": f"{name}@{content[:12]}",
+        "architecture": "LongformerModel",
+        "model_type": "longformer",
+        "dimension": ec.hidden_size,
+        "num_layers": ec.num_hidden_layers,
+        "max_length": ec.max_length,
+        "attention_windows": list(ec.attention_window),
+        "pad_multiple": ec.pad_multiple,
+        "vocab_size": ec.vocab_size,
+        "special_tokens": _special_tokens(ckpt.tokenizer),
+        "case_sensitive": True,
+        "global_attention": False,
+        "onnx": {"file": ONNX_FILE, "opset": OPSET, "inputs": ["input_ids", "attention_mask"],
+                 "outputs": ["last_hidden_state"], "dtype": "float32"},
+        "tokenizer": TOKENIZER_FILE,
+        "parity": {"file": PARITY_FILE, "passed": report["passed"], "max_abs_diff": report["max_abs_diff"],
+                   "min_cosine": report["min_cosine"]},
+        "source": {"checkpoint": str(ckpt.path), "name": ckpt.name, "sha256": ckpt.sha256,
+                   "weights_file": ckpt.weights_file},
+        "libraries": _library_versions(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "files": files,
+    }
+    (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+def write_native(ckpt: Checkpoint, out: Path, name: str, tol: Tolerance,
+                 log: Callable[[str], None] = lambda _: None) -> tuple[dict, dict]:
+    """Write the native artifact into `out` (a staging directory); refuse on failed parity."""
+    t = time.perf_counter()
+    write_tokenizer(ckpt, out)
+    log(f"tokenizer.json written and verified ({time.perf_counter() - t:.1f} s)")
+    t = time.perf_counter()
+    write_onnx(ckpt, out)
+    log(f"{ONNX_FILE} exported ({(out / ONNX_FILE).stat().st_size / 2**20:.1f} MiB, {time.perf_counter() - t:.1f} s)")
+    report = check_parity(out / ONNX_FILE, ckpt, tol, log)
+    (out / PARITY_FILE).write_text(json.dumps(report, indent=2))
+    if not report["passed"]:
+        worst = max(report["results"], key=lambda r: r["max_abs_diff"])
+        raise ExportError(f"parity check failed (max |diff| {report['max_abs_diff']:.2e} at length {worst['length']}, "
+                          f"min cosine {report['min_cosine']:.6f}); no artifact written. Report this with the checkpoint")
+    log(f"parity passed ({report['seconds']:.1f} s)")
+    return write_manifest(ckpt, out, name, report), report

@@ -1,0 +1,133 @@
+"""Parity of the exported ONNX encoder against Hugging Face `LongformerModel` (fp32).
+
+The reference runs each sequence alone, unpadded, through the real transformers implementation;
+the candidate runs the ONNX file in batches that mix lengths (so padding is exercised). Every
+real token is compared: max absolute difference and cosine similarity.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import Checkpoint
+from .synthetic_notes import generate_notes
+
+PARITY_LENGTHS = (1, 2, 7, 255, 256, 257, 511, 512, 513, 1500, 4096)
+# Batches mix short and long sequences so the padded positions of each are exercised.
+PARITY_BATCHES = ((1, 2, 7, 255, 256, 257), (511, 512, 513, 1500), (4096, 7))
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    max_abs_diff: float = 1e-3
+    min_cosine: float = 0.99999
+
+
+def reference_model(ckpt: Checkpoint):
+    """Hugging Face `LongformerModel` (fp32, eval) holding the checkpoint's encoder weights."""
+    from transformers import LongformerConfig, LongformerModel
+
+    model = LongformerModel(LongformerConfig(**ckpt.config), add_pooling_layer=False)
+    state = ckpt.state_dict
+    if any(k.startswith("longformer.") for k in state):
+        state = {k[len("longformer."):]: v for k, v in state.items() if k.startswith("longformer.")}
+    missing, _ = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("position_ids")]
+    if missing:
+        raise KeyError(f"checkpoint lacks {len(missing)} LongformerModel weights, e.g. {missing[:3]}")
+    return model.eval()
+
+
+def parity_sequences(tokenizer, lengths: tuple[int, ...], max_length: int) -> dict[int, np.ndarray]:
+    """Token ids of the synthetic notes, cut to each length, framed by <s> ... </s> as the tokenizer does."""
+    body: list[int] = []
+    for note in generate_notes(60, seed=123):
+        body.extend(tokenizer(note.text, add_special_tokens=False)["input_ids"])
+        if len(body) >= max_length:
+            break
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    seqs = {}
+    for n in lengths:
+        if n > max_length:
+            continue
+        ids = [bos] if n == 1 else [bos, *body[: n - 2], eos]
+        seqs[n] = np.asarray(ids, dtype=np.int64)
+    return seqs
+
+
+def _compare(ref: np.ndarray, got: np.ndarray) -> tuple[float, float]:
+    diff = float(np.abs(ref - got).max())
+    num = (ref * got).sum(-1)
+    den = np.linalg.norm(ref, axis=-1) * np.linalg.norm(got, axis=-1)
+    return diff, float((num / np.maximum(den, 1e-12)).min())
+
+
+def check_parity(onnx_path: str | Path, ckpt: Checkpoint, tol: Tolerance = Tolerance(),
+                 log: Callable[[str], None] = lambda _: None) -> dict:
+    """Run the reference and the ONNX encoder on the parity lengths and return the report."""
+    import onnxruntime as ort
+    import transformers
+
+    start = time.perf_counter()
+    max_len = ckpt.encoder_config.max_length
+    seqs = parity_sequences(ckpt.tokenizer, PARITY_LENGTHS, max_len)
+    model = reference_model(ckpt)
+    reference = {}
+    with torch.inference_mode():
+        for n, ids in seqs.items():
+            t = torch.from_numpy(ids)[None]
+            reference[n] = model(input_ids=t, attention_mask=torch.ones_like(t)).last_hidden_state[0].numpy()
+    log(f"reference: transformers LongformerModel on {len(seqs)} lengths ({time.perf_counter() - start:.1f} s)")
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    pad = ckpt.tokenizer.pad_token_id
+    rows, batches = [], []
+    for b, batch in enumerate(PARITY_BATCHES):
+        batch = [n for n in batch if n in seqs]
+        if not batch:
+            continue
+        batches.append(batch)
+        width = max(batch)
+        ids = np.full((len(batch), width), pad, dtype=np.int64)
+        mask = np.zeros((len(batch), width), dtype=np.int64)
+        for i, n in enumerate(batch):
+            ids[i, :n], mask[i, :n] = seqs[n], 1
+        out = session.run(["last_hidden_state"], {"input_ids": ids, "attention_mask": mask})[0]
+        for i, n in enumerate(batch):
+            diff, cos = _compare(reference[n], out[i, :n])
+            ok = diff <= tol.max_abs_diff and cos >= tol.min_cosine and np.isfinite(out[i, :n]).all()
+            rows.append({"length": n, "batch": len(batches) - 1, "padded_to": width,
+                         "max_abs_diff": diff, "min_cosine": cos, "passed": bool(ok)})
+    seen = {r["length"] for r in rows}
+    if seen != set(seqs):  # every parity length must have been checked
+        raise AssertionError(f"parity lengths not checked: {sorted(set(seqs) - seen)}")
+    return {
+        "passed": all(r["passed"] for r in rows),
+        "tolerance": asdict(tol),
+        "reference": f"transformers {transformers.__version__} LongformerModel, fp32, each sequence alone",
+        "candidate": f"ONNX on onnxruntime {ort.__version__} CPUExecutionProvider, batches mixing lengths",
+        "lengths_skipped_over_max_length": [n for n in PARITY_LENGTHS if n > max_len],
+        "batches": batches,
+        "results": sorted(rows, key=lambda r: r["length"]),
+        "max_abs_diff": max(r["max_abs_diff"] for r in rows),
+        "min_cosine": min(r["min_cosine"] for r in rows),
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+
+
+def format_report(report: dict) -> str:
+    """The parity report as a small table for terminals."""
+    lines = [f"{'length':>7} {'batch':>5} {'padded':>6} {'max|diff|':>10} {'min cos':>10}  ok"]
+    for r in report["results"]:
+        lines.append(f"{r['length']:>7} {r['batch']:>5} {r['padded_to']:>6} {r['max_abs_diff']:>10.2e} "
+                     f"{r['min_cosine']:>10.7f}  {'yes' if r['passed'] else 'NO'}")
+    t = report["tolerance"]
+    lines.append(f"overall: max|diff| {report['max_abs_diff']:.2e} (tolerance {t['max_abs_diff']:.0e}), "
+                 f"min cosine {report['min_cosine']:.7f} (tolerance {t['min_cosine']}) -> "
+                 f"{'PASSED' if report['passed'] else 'FAILED'}")
+    return "\n".join(lines)

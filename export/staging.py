@@ -1,0 +1,81 @@
+"""Atomic directory writes: build the artifact beside OUT, rename it into place at the end.
+
+A failed, interrupted or disk-full export leaves no OUT (or the previous OUT untouched with
+--overwrite). Staging folders are named `.NAME.partial-PID-XXXX`; those left by a killed process
+(its pid no longer alive) are removed the next time anything is exported to the same OUT.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import ExportError
+
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_partials(out: Path) -> None:
+    for p in out.parent.glob(f".{out.name}.partial-*"):
+        try:
+            pid = int(p.name.rsplit(".partial-", 1)[1].split("-")[0])
+        except ValueError:
+            continue
+        if not _pid_alive(pid):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def disk_full_cause(exc: BaseException) -> OSError | None:
+    """The OSError for a full disk (or file-size limit) anywhere in `exc`'s cause chain."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+@contextmanager
+def staged_directory(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield an empty staging directory that becomes `out` when the block completes."""
+    out = Path(out).resolve()
+    if out.exists() and not overwrite:
+        raise ExportError(f"{out} already exists; pass --overwrite to replace it or choose another OUT")
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out} exists and is not a directory; remove it or choose another OUT")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
+    try:
+        yield tmp
+        tmp.chmod(0o755)
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-old-", dir=out.parent))
+            old.rmdir()
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        full = disk_full_cause(e)
+        if full is not None:
+            raise ExportError(f"ran out of disk space writing beside {out} ({os.strerror(full.errno)}); "
+                              "free space there or choose another OUT") from None
+        raise
