@@ -1,0 +1,109 @@
+"""The folder Spark NLP's `LongformerEmbeddings.loadSavedModel(folder, spark)` imports.
+
+Spark NLP's Longformer loader takes a TensorFlow SavedModel (not ONNX) whose `serving_default`
+signature has `input_ids` and `attention_mask` inputs and a `last_hidden_state` output, with the
+BPE tokenizer as `assets/vocab.txt` (tokens in id order, one per line) and `assets/merges.txt`.
+Needs the `sparknlp` extra (tensorflow-cpu, tf-keras); TensorFlow is imported only here.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from .checkpoint import Checkpoint
+from .errors import ExportError
+from .parity import PARITY_LENGTHS, Tolerance, _compare, parity_sequences, reference_model
+
+REPORT_FILE = "sparknlp_parity.json"
+
+
+def _import_tensorflow():
+    os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")  # transformers' TF models need Keras 2 (tf-keras)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        import tensorflow as tf
+        import tf_keras  # noqa: F401
+        from transformers import TFLongformerModel
+    except ImportError as e:
+        raise ExportError(f"--format sparknlp needs TensorFlow ({e.name} is missing); "
+                          "install the extra: pip install 'clinlong[sparknlp]'") from None
+    return tf, TFLongformerModel
+
+
+def write_assets(ckpt: Checkpoint, assets: Path) -> None:
+    """vocab.txt (tokens in id order) and merges.txt, as Spark NLP's BPE tokenizer reads them."""
+    assets.mkdir(parents=True, exist_ok=True)
+    model = json.loads(ckpt.tokenizer.backend_tokenizer.to_str())["model"]
+    by_id = sorted(model["vocab"].items(), key=lambda kv: kv[1])
+    if [i for _, i in by_id] != list(range(len(by_id))):
+        raise ExportError("the tokenizer's ids are not contiguous from 0; Spark NLP's vocab.txt cannot express it")
+    if any("\n" in tok for tok, _ in by_id):
+        raise ExportError("a vocabulary token contains a newline; Spark NLP's vocab.txt cannot express it")
+    (assets / "vocab.txt").write_text("".join(f"{tok}\n" for tok, _ in by_id), encoding="utf-8")
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    (assets / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{m}\n" for m in merges), encoding="utf-8")
+
+
+def check_savedmodel_parity(folder: Path, ckpt: Checkpoint, tol: Tolerance) -> dict:
+    """Run the SavedModel's serving signature against Hugging Face's torch LongformerModel."""
+    import torch
+
+    tf, _ = _import_tensorflow()
+    serving = tf.saved_model.load(str(folder)).signatures["serving_default"]
+    torch_model = reference_model(ckpt)
+    rows = []
+    for n, ids in parity_sequences(ckpt.tokenizer, PARITY_LENGTHS, ckpt.encoder_config.max_length).items():
+        with torch.inference_mode():
+            t = torch.from_numpy(ids)[None]
+            ref = torch_model(input_ids=t, attention_mask=torch.ones_like(t)).last_hidden_state[0].numpy()
+        got = serving(input_ids=tf.constant(ids[None].astype(np.int32)),
+                      attention_mask=tf.ones((1, n), tf.int32))["last_hidden_state"].numpy()[0]
+        diff, cos = _compare(ref, got)
+        rows.append({"length": n, "max_abs_diff": diff, "min_cosine": cos,
+                     "passed": bool(diff <= tol.max_abs_diff and cos >= tol.min_cosine)})
+    return {"passed": all(r["passed"] for r in rows), "tolerance": {"max_abs_diff": tol.max_abs_diff,
+            "min_cosine": tol.min_cosine}, "reference": "transformers LongformerModel (torch, fp32)",
+            "candidate": f"TensorFlow {tf.__version__} SavedModel serving_default", "results": rows,
+            "max_abs_diff": max(r["max_abs_diff"] for r in rows), "min_cosine": min(r["min_cosine"] for r in rows)}
+
+
+def write_sparknlp(ckpt: Checkpoint, out: Path, tol: Tolerance,
+                   log: Callable[[str], None] = lambda _: None) -> dict:
+    """Write the SavedModel + assets into `out` (inside the export's staging directory)."""
+    tf, TFLongformerModel = _import_tensorflow()
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="clinlong-tf-") as tmp:
+        weights_dir = Path(tmp) / "checkpoint"
+        weights_dir.mkdir()
+        for name in ("config.json", ckpt.weights_file):
+            os.symlink(ckpt.path / name, weights_dir / name)
+        model = TFLongformerModel.from_pretrained(str(weights_dir), from_pt=True)
+        spec = {"input_ids": tf.TensorSpec((None, None), tf.int32, name="input_ids"),
+                "attention_mask": tf.TensorSpec((None, None), tf.int32, name="attention_mask")}
+
+        @tf.function(input_signature=[spec])
+        def serving(inputs):
+            out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], training=False)
+            return {"last_hidden_state": out.last_hidden_state}
+
+        model.save_pretrained(tmp + "/tf", saved_model=True, signatures={"serving_default": serving})
+        out.mkdir(parents=True, exist_ok=True)
+        for item in (Path(tmp) / "tf" / "saved_model" / "1").iterdir():
+            shutil.move(str(item), out / item.name)
+    write_assets(ckpt, out / "assets")
+    log(f"Spark NLP SavedModel written ({time.perf_counter() - start:.1f} s)")
+    report = check_savedmodel_parity(out, ckpt, tol)
+    (out / REPORT_FILE).write_text(json.dumps(report, indent=2))
+    if not report["passed"]:
+        raise ExportError(f"the Spark NLP SavedModel misses parity (max |diff| {report['max_abs_diff']:.2e}); "
+                          "no artifact written. Check the tensorflow/transformers versions of the sparknlp extra")
+    log(f"Spark NLP SavedModel parity passed: max |diff| {report['max_abs_diff']:.2e}, "
+        f"min cosine {report['min_cosine']:.7f}")
+    return report
