@@ -1,0 +1,81 @@
+"""The one reader of model artifacts written by `python -m export` (the pipeline never imports export)."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+SUPPORTED_FORMAT = ("clinlong-native", 1)
+
+
+class ArtifactError(Exception):
+    """The artifact is missing, incomplete or altered; the message says how to fix it."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Artifact:
+    path: Path
+    manifest: dict
+
+    @classmethod
+    def open(cls, path: str | Path, verify: bool = True) -> "Artifact":
+        """Read the manifest; with `verify`, check every file's sha256 against it."""
+        path = Path(path).expanduser()
+        mf = path / "manifest.json"
+        if not mf.is_file():
+            raise ArtifactError(f"{path} is not a model artifact (no manifest.json); "
+                                "create one with: python -m export CHECKPOINT OUT")
+        manifest = json.loads(mf.read_text())
+        fmt = (manifest.get("format"), manifest.get("format_version"))
+        if fmt != SUPPORTED_FORMAT:
+            raise ArtifactError(f"{path} has artifact format {fmt}, this pipeline reads {SUPPORTED_FORMAT}; re-export it")
+        art = cls(path, manifest)
+        if verify:
+            art.verify()
+        return art
+
+    def verify(self) -> None:
+        for name, digest in self.manifest["files"].items():
+            f = self.path / name
+            if not f.is_file():
+                raise ArtifactError(f"artifact file {f} is missing; re-export the artifact")
+            if _sha256(f) != digest:
+                raise ArtifactError(f"artifact file {f} fails its sha256 check (corrupt or altered); re-export the artifact")
+
+    @property
+    def model_id(self) -> str:
+        return self.manifest["model_id"]
+
+    @property
+    def dimension(self) -> int:
+        return int(self.manifest["dimension"])
+
+    @property
+    def max_length(self) -> int:
+        return int(self.manifest["max_length"])
+
+    @property
+    def onnx_path(self) -> Path:
+        return self.path / self.manifest["onnx"]["file"]
+
+    def token_id(self, name: str) -> int:
+        return int(self.manifest["special_tokens"][name]["id"])
+
+    @cached_property
+    def tokenizer(self):
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(self.path / self.manifest["tokenizer"]))
+        tok.no_truncation()
+        tok.no_padding()
+        return tok

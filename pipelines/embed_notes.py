@@ -1,0 +1,174 @@
+"""The batch job: embed a note table into a Delta table.
+
+    python -m pipelines.embed_notes --notes INPUT --model ARTIFACT --out DELTA_PATH [options]
+    spark-submit pipelines/embed_notes.py --notes INPUT --model ARTIFACT --out DELTA_PATH [options]
+
+Reading, embedding and writing run in Spark tasks over Arrow batches (`mapInArrow`); the model is
+loaded once per Python worker. Nothing here logs or prints note text.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+
+if __package__ in (None, ""):  # run as a file by spark-submit
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from pipelines.artifact import Artifact, ArtifactError  # noqa: E402
+from pipelines.engine import EmbedOptions  # noqa: E402
+from pipelines.schema import GRANULARITIES  # noqa: E402
+from pipelines.sources import InputError  # noqa: E402
+
+MODES = ("append", "overwrite")
+PRECISIONS = ("fp32",)
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    notes: str
+    model: str
+    out: str
+    id_col: str = "ROW_ID"
+    text_col: str = "TEXT"
+    id_type: str = "auto"
+    input_format: str = "auto"
+    granularity: str = "note"
+    mode: str = "append"
+    precision: str = "fp32"
+    partitions: int = 0
+    options: EmbedOptions = EmbedOptions()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pipelines.embed_notes",
+                                description="Embed a clinical-note table with Clinical-Longformer into a Delta table.")
+    p.add_argument("--notes", required=True, help="Delta table path, Parquet or CSV path (NOTEEVENTS layout), or table name")
+    p.add_argument("--model", required=True, help="native artifact directory written by `python -m export`")
+    p.add_argument("--out", required=True, help="output Delta table path")
+    p.add_argument("--id-col", default="ROW_ID", help="note id column (default ROW_ID)")
+    p.add_argument("--text-col", default="TEXT", help="note text column (default TEXT)")
+    p.add_argument("--id-type", choices=("auto", "long", "string"), default="auto",
+                   help="auto keeps the id column's type (integers as long); long/string cast it")
+    p.add_argument("--input-format", choices=("auto", "delta", "parquet", "csv", "table"), default="auto")
+    p.add_argument("--granularity", choices=GRANULARITIES, default="note", help="one row per note, sentence or token")
+    p.add_argument("--context", choices=("note", "sentence"), default="note",
+                   help="note: the whole note is one sequence (windows past max length); sentence: each sentence alone")
+    p.add_argument("--max-length", type=int, default=4096, help="BPE pieces per sequence incl. <s>, </s> (<= 4096)")
+    p.add_argument("--case-insensitive", action="store_true", help="lowercase text before BPE (offsets stay original)")
+    p.add_argument("--token-vector", choices=("first", "mean"), default="first",
+                   help="token granularity: vector of the token's first BPE piece (default) or mean of its pieces")
+    p.add_argument("--window-overlap", type=int, default=512, help="pieces shared by consecutive windows (default 512)")
+    p.add_argument("--mode", choices=MODES + ("incremental",), default="append", help="Delta write mode")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="compute precision")
+    p.add_argument("--batch-size", type=int, default=32, help="max sequences per model call")
+    p.add_argument("--token-budget", type=int, default=16384, help="max padded tokens per model call")
+    p.add_argument("--partitions", type=int, default=0, help="repartition the input to N tasks (0: keep)")
+    p.add_argument("--master", help="Spark master when run with python -m (default local[*])")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> JobConfig:
+    if args.mode not in MODES:
+        raise InputError(f"--mode {args.mode} is not available in this version; use append or overwrite")
+    if args.precision not in PRECISIONS:
+        raise InputError(f"--precision {args.precision} is not available in this version; use fp32")
+    opts = EmbedOptions(context=args.context, max_length=args.max_length, case_sensitive=not args.case_insensitive,
+                        window_overlap=args.window_overlap, token_vector=args.token_vector,
+                        token_budget=args.token_budget, batch_size=args.batch_size)
+    return JobConfig(notes=args.notes, model=args.model, out=args.out, id_col=args.id_col, text_col=args.text_col,
+                     id_type=args.id_type, input_format=args.input_format, granularity=args.granularity,
+                     mode=args.mode, precision=args.precision, partitions=args.partitions, options=opts)
+
+
+def _log(msg: str) -> None:
+    print(f"[embed_notes] {msg}", file=sys.stderr, flush=True)
+
+
+def spark_session(master: str | None = None):
+    from pyspark.sql import SparkSession
+
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    builder = SparkSession.builder.appName("clinlong-embed-notes").config("spark.ui.showConsoleProgress", "true")
+    if master:
+        builder = builder.master(master)
+    elif "PYSPARK_GATEWAY_PORT" not in os.environ:  # not under spark-submit
+        builder = builder.master("local[*]")
+    return builder.config("spark.sql.execution.arrow.maxRecordsPerBatch", "64").getOrCreate()
+
+
+def run(cfg: JobConfig, spark=None) -> dict:
+    """Run the job; return its summary (also stored in the Delta commit's info)."""
+    import pyarrow as pa
+    from pyspark.sql.pandas.types import to_arrow_type
+
+    from pipelines.delta_sink import META_SCHEMA, commit, existing_table_schema
+    from pipelines.sources import read_notes, select_notes
+    from pipelines.tasks import embed_partition
+
+    start = time.perf_counter()
+    artifact = Artifact.open(cfg.model)  # verifies every file's sha256 before any work
+    cfg.options.validate(artifact)
+    spark = spark or spark_session()
+    notes = select_notes(read_notes(spark, cfg.notes, cfg.input_format), cfg.id_col, cfg.text_col, cfg.id_type)
+    if cfg.partitions:
+        notes = notes.repartition(cfg.partitions)
+    from pipelines.schema import table_schema
+
+    schema = table_schema(cfg.granularity, to_arrow_type(notes.schema["note_id"].dataType))
+    existing = existing_table_schema(cfg.out)
+    if existing is not None and cfg.mode == "append" and existing != schema:
+        raise InputError(f"{cfg.out} holds a table with another schema; use --mode overwrite or another --out")
+    if existing is None and os.path.isdir(cfg.out) and any(os.scandir(cfg.out)):
+        raise InputError(f"{cfg.out} is a non-empty folder but not a Delta table; choose another --out")
+    _log(f"model {artifact.model_id} (dim {artifact.dimension}), granularity {cfg.granularity}, "
+         f"context {cfg.options.context}, max length {cfg.options.max_length}")
+    task = embed_partition(str(artifact.path), cfg.options, cfg.granularity, cfg.out, schema, artifact.model_id)
+    parts = [r.asDict() for r in notes.mapInArrow(task, META_SCHEMA).collect()]
+    skipped = Counter()
+    for p in parts:
+        skipped.update(json.loads(p["skipped"]))
+    seconds = time.perf_counter() - start
+    n_notes = sum(p["notes"] for p in parts)
+    tokens = sum(p["tokens"] for p in parts)
+    summary = {
+        "notes_in": n_notes, "embedded": n_notes - sum(skipped.values()), "skipped": dict(skipped),
+        "rows_written": sum(p["rows"] for p in parts), "bpe_tokens": tokens,
+        "windows": sum(p["windows"] for p in parts), "seconds": round(seconds, 2),
+        "notes_per_s": round(n_notes / seconds, 2), "tokens_per_s": round(tokens / seconds, 1),
+        "model_id": artifact.model_id, "granularity": cfg.granularity, "context": cfg.options.context,
+        "out": cfg.out, "mode": cfg.mode,
+    }
+    files = [p for p in parts if p["path"]]
+    summary["version"] = commit(cfg.out, files, schema, cfg.mode, summary)
+    return summary
+
+
+def format_summary(s: dict) -> str:
+    skipped = ", ".join(f"{k}: {v}" for k, v in sorted(s["skipped"].items())) or "none"
+    return (f"notes in {s['notes_in']}, embedded {s['embedded']}, skipped {sum(s['skipped'].values())} ({skipped})\n"
+            f"rows written {s['rows_written']} ({s['granularity']} granularity, {s['context']} context), "
+            f"BPE tokens {s['bpe_tokens']}, windows {s['windows']}\n"
+            f"{s['seconds']} s, {s['notes_per_s']} notes/s, {s['tokens_per_s']} tokens/s\n"
+            f"Delta table {s['out']} version {s['version']} (model {s['model_id']})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+        spark = spark_session(args.master)
+        summary = run(cfg, spark)
+    except (InputError, ArtifactError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_summary(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,207 @@
+"""From note texts to piece, token, sentence and note vectors: the computation every front-end shares
+(the Spark job, the Spark ML stages and the in-process `predict`).
+
+Definitions (design.md): in note context the whole note is BPE-encoded once, as the checkpoint's
+tokenizer does (<s> ... </s>), and run as one sequence (windows past the max length, see windows.py);
+in sentence context each sentence is encoded and run alone. A token's vector is that of its first
+BPE piece (or the mean of its pieces); sentence and note vectors are the mean of the pieces inside the
+span (a piece is inside when its first character is), special tokens and padding excluded.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .artifact import Artifact
+from .runtime import DEFAULT_BATCH_SIZE, DEFAULT_TOKEN_BUDGET, Encoder
+from .text import Span, detect_sentences, lowercase_keep_offsets, tokenize
+from .windows import DEFAULT_OVERLAP, assign_pieces, window_starts
+
+CONTEXTS = ("note", "sentence")
+TOKEN_VECTORS = ("first", "mean")
+
+
+@dataclass(frozen=True)
+class EmbedOptions:
+    context: str = "note"
+    max_length: int = 4096
+    case_sensitive: bool = True
+    window_overlap: int = DEFAULT_OVERLAP
+    token_vector: str = "first"
+    token_budget: int = DEFAULT_TOKEN_BUDGET
+    batch_size: int = DEFAULT_BATCH_SIZE
+
+    def validate(self, artifact: Artifact) -> "EmbedOptions":
+        if self.context not in CONTEXTS:
+            raise ValueError(f"context must be one of {CONTEXTS}, got {self.context!r}")
+        if self.token_vector not in TOKEN_VECTORS:
+            raise ValueError(f"token vector must be one of {TOKEN_VECTORS}, got {self.token_vector!r}")
+        if not 3 <= self.max_length <= artifact.max_length:
+            raise ValueError(f"max length must be between 3 and the model's {artifact.max_length}, got {self.max_length}")
+        if not 0 <= self.window_overlap < self.max_length - 2:
+            raise ValueError(f"window overlap must be in [0, {self.max_length - 2}), got {self.window_overlap}")
+        return self
+
+
+def skip_reason(text) -> str | None:
+    """Why a text cannot be embedded, or None. Reasons never include the text."""
+    if text is None:
+        return "null text"
+    if not isinstance(text, str):
+        return f"text is {type(text).__name__}, not a string"
+    if not text:
+        return "empty text"
+    if not text.strip():
+        return "whitespace-only text"
+    if "\x00" in text:
+        return "text contains NUL bytes"
+    return None
+
+
+@dataclass
+class NoteResult:
+    """Everything one note yields; vectors are float32."""
+
+    skip_reason: str | None
+    text_sha256: str | None
+    sentences: list[Span] = field(default_factory=list)
+    tokens: list[tuple[int, int, int]] = field(default_factory=list)
+    piece_starts: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    piece_ends: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    piece_vectors: np.ndarray | None = None
+    n_windows: int = 0
+
+    @property
+    def n_tokens(self) -> int:
+        """BPE pieces of the text (special tokens excluded)."""
+        return len(self.piece_starts)
+
+    def _cumsum(self) -> np.ndarray:
+        cs = np.zeros((self.n_tokens + 1, self.piece_vectors.shape[1]), np.float64)
+        np.cumsum(self.piece_vectors, axis=0, out=cs[1:])
+        return cs
+
+    def _span_means(self, begins: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        lo = np.searchsorted(self.piece_starts, begins, "left")
+        hi = np.searchsorted(self.piece_starts, ends, "right")
+        cs = self._cumsum()
+        counts = hi - lo
+        means = (cs[hi] - cs[lo]) / np.maximum(counts, 1)[:, None]
+        return means.astype(np.float32), counts
+
+    def note_vector(self) -> np.ndarray | None:
+        if self.piece_vectors is None or not self.n_tokens:
+            return None
+        return self.piece_vectors.mean(axis=0, dtype=np.float64).astype(np.float32)
+
+    def sentence_vectors(self) -> np.ndarray:
+        spans = np.asarray(self.sentences, np.int64).reshape(-1, 2)
+        return self._span_means(spans[:, 0], spans[:, 1])[0]
+
+    def first_pieces(self) -> np.ndarray:
+        """Index of the first piece that contains each token's first character."""
+        b = np.asarray([t[0] for t in self.tokens], np.int64)
+        nz = np.flatnonzero(self.piece_ends > self.piece_starts)  # zero-width pieces contain no character
+        s = self.piece_starts[nz]
+        i = np.clip(np.searchsorted(s, b, "right") - 1, 0, len(nz) - 1)
+        i = np.searchsorted(s, s[i], "left")  # multi-byte characters: several pieces share a start
+        outside = self.piece_ends[nz[i]] <= b
+        i[outside] = np.minimum(i[outside] + 1, len(nz) - 1)
+        return nz[i]
+
+    def token_vectors(self, mode: str = "first") -> np.ndarray:
+        first = self.piece_vectors[self.first_pieces()]
+        if mode == "first":
+            return first
+        tb = np.asarray([t[0] for t in self.tokens], np.int64)
+        te = np.asarray([t[1] for t in self.tokens], np.int64)
+        means, counts = self._span_means(tb, te)
+        return np.where(counts[:, None] > 0, means, first)
+
+
+@dataclass
+class _Plan:
+    """The runs (model inputs) of one note and how their outputs map back to pieces."""
+
+    run_ids: list[np.ndarray]
+    piece_run: np.ndarray  # for each piece: index into run_ids (local to the note)
+    piece_pos: np.ndarray  # position inside that run
+
+
+class NoteEmbedder:
+    """Embeds batches of note texts with one artifact; the model is loaded once per process."""
+
+    def __init__(self, artifact: Artifact, options: EmbedOptions = EmbedOptions(), threads: int | None = None):
+        self.artifact = artifact
+        self.options = options.validate(artifact)
+        self.tokenizer = artifact.tokenizer
+        self.bos, self.eos = artifact.token_id("bos"), artifact.token_id("eos")
+        self.encoder = Encoder(artifact, options.token_budget, options.batch_size, threads)
+
+    def _pieces(self, text: str, begin: int, end: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        enc = self.tokenizer.encode(text[begin:end], add_special_tokens=False)
+        offsets = np.asarray(enc.offsets, np.int64).reshape(-1, 2) + begin
+        return np.asarray(enc.ids, np.int64), offsets[:, 0], offsets[:, 1]
+
+    def _plan_segment(self, ids: np.ndarray, runs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        width = self.options.max_length - 2
+        starts = window_starts(len(ids), self.options.max_length, self.options.window_overlap)
+        first_run = len(runs)
+        for s in starts:
+            runs.append(np.concatenate([[self.bos], ids[s:s + width], [self.eos]]))
+        w, pos = assign_pieces(len(ids), starts, width)
+        return first_run + w, pos + 1  # +1: after <s>
+
+    def analyze(self, text: str) -> tuple[NoteResult, _Plan]:
+        result = NoteResult(None, hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest())
+        result.sentences = detect_sentences(text)
+        result.tokens = tokenize(text, result.sentences)
+        bpe_text = text if self.options.case_sensitive else lowercase_keep_offsets(text)
+        segments = [(0, len(text))] if self.options.context == "note" else [(b, e + 1) for b, e in result.sentences]
+        runs: list[np.ndarray] = []
+        starts, ends, piece_run, piece_pos = [], [], [], []
+        for b, e in segments:
+            ids, s, t = self._pieces(bpe_text, b, e)
+            if not len(ids):
+                continue
+            r, p = self._plan_segment(ids, runs)
+            starts.append(s), ends.append(t), piece_run.append(r), piece_pos.append(p)
+        cat = (lambda xs: np.concatenate(xs) if xs else np.zeros(0, np.int64))
+        result.piece_starts, result.piece_ends = cat(starts), cat(ends)
+        result.n_windows = len(runs)
+        return result, _Plan(runs, cat(piece_run), cat(piece_pos))
+
+    def embed(self, texts: list) -> list[NoteResult]:
+        """One result per text, in order; unusable texts come back with a skip reason."""
+        results: list[NoteResult] = []
+        plans: list[_Plan | None] = []
+        all_runs: list[np.ndarray] = []
+        offsets: list[int] = []
+        for text in texts:
+            reason = skip_reason(text)
+            if reason is not None:
+                results.append(NoteResult(reason, None if not isinstance(text, str) else
+                                          hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()))
+                plans.append(None)
+                offsets.append(len(all_runs))
+                continue
+            res, plan = self.analyze(text)
+            results.append(res)
+            plans.append(plan)
+            offsets.append(len(all_runs))
+            all_runs.extend(plan.run_ids)
+        hidden = self.encoder(all_runs) if all_runs else []
+        dim = self.artifact.dimension
+        for res, plan, off in zip(results, plans, offsets):
+            if plan is None:
+                continue
+            vecs = np.empty((res.n_tokens, dim), np.float32)
+            for r in np.unique(plan.piece_run):
+                sel = plan.piece_run == r
+                vecs[sel] = hidden[off + r][plan.piece_pos[sel]]
+            res.piece_vectors = vecs
+            if not res.n_tokens:
+                res.skip_reason = "no BPE pieces"
+        return results

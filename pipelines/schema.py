@@ -1,0 +1,93 @@
+"""Output table schemas (design.md's column contract) and the Arrow builders that fill them.
+
+Vectors are written as Arrow list<float32> built from one flat buffer per batch: no per-element Python.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from .engine import NoteResult
+
+GRANULARITIES = ("note", "sentence", "token")
+
+
+def _vector_type() -> pa.DataType:
+    return pa.list_(pa.field("element", pa.float32()))
+
+
+def table_schema(granularity: str, id_type: pa.DataType) -> pa.Schema:
+    vec = _vector_type()
+    if granularity == "note":
+        fields = [("note_id", id_type), ("n_tokens", pa.int32()), ("n_windows", pa.int32()), ("embedding", vec),
+                  ("model_id", pa.string()), ("text_sha256", pa.string()), ("skip_reason", pa.string())]
+    elif granularity == "sentence":
+        fields = [("note_id", id_type), ("sentence_index", pa.int32()), ("begin", pa.int32()), ("end", pa.int32()),
+                  ("embedding", vec), ("model_id", pa.string())]
+    elif granularity == "token":
+        fields = [("note_id", id_type), ("sentence_index", pa.int32()), ("token_index", pa.int32()),
+                  ("begin", pa.int32()), ("end", pa.int32()), ("token", pa.string()), ("embedding", vec),
+                  ("model_id", pa.string())]
+    else:
+        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    return pa.schema([pa.field(n, t) for n, t in fields])
+
+
+def _vectors(blocks: list[np.ndarray], dim: int, valid: np.ndarray | None = None) -> pa.Array:
+    flat = np.concatenate(blocks).astype(np.float32, copy=False).reshape(-1) if blocks else np.zeros(0, np.float32)
+    n = len(flat) // dim if dim else 0
+    offsets = np.arange(0, (n + 1) * dim, dim, dtype=np.int32)
+    arr = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat), type=_vector_type())
+    if valid is None:
+        return arr
+    # Expand to one slot per row, nulls where there is no vector.
+    idx = np.full(len(valid), -1, np.int64)
+    idx[valid] = np.arange(int(valid.sum()))
+    return arr.take(pa.array(np.where(valid, idx, 0), mask=~valid))
+
+
+def build_table(granularity: str, ids: list, texts: list, results: list[NoteResult], model_id: str,
+                dim: int, schema: pa.Schema, token_vector: str = "first") -> pa.Table:
+    """Rows of one Arrow batch of notes at the requested granularity."""
+    if granularity == "note":
+        valid = np.array([r.skip_reason is None for r in results], bool)
+        vecs = [r.note_vector()[None] for r in results if r.skip_reason is None]
+        cols = {
+            "note_id": ids,
+            "n_tokens": [r.n_tokens for r in results],
+            "n_windows": [r.n_windows for r in results],
+            "embedding": _vectors(vecs, dim, valid),
+            "model_id": [model_id] * len(results),
+            "text_sha256": [r.text_sha256 for r in results],
+            "skip_reason": [r.skip_reason for r in results],
+        }
+        return pa.table(cols, schema=schema)
+    note_ids, sent_idx, begins, ends, blocks, tok_idx, tokens = [], [], [], [], [], [], []
+    for nid, text, r in zip(ids, texts, results):
+        if r.skip_reason is not None:
+            continue
+        if granularity == "sentence":
+            spans = r.sentences
+            note_ids += [nid] * len(spans)
+            sent_idx += range(len(spans))
+            begins += [b for b, _ in spans]
+            ends += [e for _, e in spans]
+            blocks.append(r.sentence_vectors())
+        else:
+            toks = r.tokens
+            note_ids += [nid] * len(toks)
+            sent_idx += [s for _, _, s in toks]
+            tok_idx += range(len(toks))
+            begins += [b for b, _, _ in toks]
+            ends += [e for _, e, _ in toks]
+            tokens += [text[b:e + 1] for b, e, _ in toks]
+            blocks.append(r.token_vectors(token_vector))
+    cols = {"note_id": note_ids, "sentence_index": sent_idx}
+    if granularity == "token":
+        cols["token_index"] = tok_idx
+    cols.update(begin=begins, end=ends)
+    if granularity == "token":
+        cols["token"] = tokens
+    cols["embedding"] = _vectors([b for b in blocks if len(b)], dim)
+    cols["model_id"] = [model_id] * len(note_ids)
+    return pa.table(cols, schema=schema)
