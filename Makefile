@@ -17,10 +17,22 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	@touch $@
 
+JAVA_CHECK = @command -v java >/dev/null 2>&1 || { echo "error: Spark needs a Java 17+ runtime: apt-get install openjdk-17-jre-headless (or set JAVA_HOME)"; exit 1; }
+
+# The main job end to end on embedded defaults: synthetic checkpoint -> export (parity report) ->
+# embed_notes over synthetic NOTEEVENTS into a local Delta table -> nearest neighbours of one note.
 demo: $(VENV)/.installed
-	$(PY) -m pipelines.demo --work $(WORK)
+	$(JAVA_CHECK)
+	rm -rf $(WORK)/demo && mkdir -p $(WORK)/demo
+	$(PY) -m export.synthetic $(WORK)/demo/checkpoint --size tiny
+	$(PY) -m export $(WORK)/demo/checkpoint $(WORK)/demo/artifact --name synthetic-clinical-longformer-tiny
+	$(PY) -m export.synthetic_notes $(WORK)/demo/NOTEEVENTS.csv --n 200
+	$(PY) -m pipelines.embed_notes --notes $(WORK)/demo/NOTEEVENTS.csv --model $(WORK)/demo/artifact \
+		--out $(WORK)/demo/note_embeddings --id-type long --mode overwrite --partitions 2 --master 'local[2]'
+	$(PY) -m pipelines.neighbours $(WORK)/demo/note_embeddings --note-id 1 --k 5 --notes $(WORK)/demo/NOTEEVENTS.csv
 
 test: $(VENV)/.installed
+	$(JAVA_CHECK)
 	$(PY) -m pytest
 
 clean:

@@ -47,3 +47,20 @@ def embed_partition(artifact_path: str, options: EmbedOptions, granularity: str,
             }])
 
     return run
+
+
+def embed_rows(artifact_path: str, options: EmbedOptions, granularity: str, schema: pa.Schema,
+               model_id: str) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
+    """The mapInArrow function that returns the output rows themselves (for Spark-side writers)."""
+    from .schema import build_table
+
+    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        emb = embedder(artifact_path, options)
+        for batch in batches:
+            ids = batch.column("note_id").to_pylist()
+            texts = batch.column("text").to_pylist()
+            table = build_table(granularity, ids, texts, emb.embed(texts), model_id, emb.artifact.dimension,
+                                schema, options.token_vector)
+            yield from table.to_batches()
+
+    return run

@@ -1,0 +1,88 @@
+"""The one-liner, in the style of nlu: `pipelines.load("en.embed.longformer.clinical").predict(x)`.
+
+A string or a small list is answered in-process, without a Spark job (like Spark NLP's
+LightPipeline); larger pandas input and Spark DataFrames run through Spark. Both paths run the same
+engine and table builder, so they return the same numbers.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pandas as pd
+import pyarrow as pa
+
+from .artifact import Artifact
+from .engine import EmbedOptions
+from .registry import resolve
+from .schema import build_table, table_schema
+
+OUTPUT_LEVELS = {"token": "token", "sentence": "sentence", "document": "note", "note": "note"}
+IN_PROCESS_LIMIT = 256  # texts answered without Spark
+
+
+class EmbeddingsPipeline:
+    """Embeds texts with one artifact; `predict` returns one row per token, sentence or note."""
+
+    def __init__(self, artifact: Artifact, options: EmbedOptions = EmbedOptions()):
+        self.artifact = artifact
+        self.options = options.validate(artifact)
+
+    def _granularity(self, output_level: str) -> str:
+        if output_level not in OUTPUT_LEVELS:
+            raise ValueError(f"output_level must be one of {sorted(OUTPUT_LEVELS)}, got {output_level!r}")
+        return OUTPUT_LEVELS[output_level]
+
+    def predict(self, data, output_level: str = "token", text_col: str = "text", id_col: str | None = None,
+                context: str | None = None):
+        """Embed `data` (str, list of str, pandas or Spark DataFrame); pandas out, Spark out for Spark in."""
+        granularity = self._granularity(output_level)
+        options = replace(self.options, context=context) if context else self.options
+        if isinstance(data, str):
+            data = [data]
+        if isinstance(data, (list, tuple)):
+            return self._in_process(list(range(len(data))), list(data), granularity, options)
+        if isinstance(data, pd.DataFrame):
+            if text_col not in data.columns:
+                raise ValueError(f"the DataFrame has no {text_col!r} column; pass text_col=")
+            ids = data[id_col].tolist() if id_col else data.index.tolist()
+            if len(data) <= IN_PROCESS_LIMIT:
+                return self._in_process(ids, data[text_col].tolist(), granularity, options)
+            from pyspark.sql import SparkSession
+
+            spark = SparkSession.builder.getOrCreate()
+            sdf = spark.createDataFrame(pd.DataFrame({"note_id": ids, "text": data[text_col].tolist()}))
+            return self._spark(sdf, granularity, options).toPandas()
+        try:
+            from pyspark.sql import DataFrame as SparkDataFrame
+        except ImportError:  # pragma: no cover
+            SparkDataFrame = ()
+        if isinstance(data, SparkDataFrame):
+            from pyspark.sql import functions as F
+
+            note_id = F.col(id_col) if id_col else F.monotonically_increasing_id()
+            return self._spark(data.select(note_id.alias("note_id"), F.col(text_col).alias("text")), granularity, options)
+        raise TypeError(f"predict takes a string, a list of strings, a pandas or a Spark DataFrame, not {type(data).__name__}")
+
+    def _in_process(self, ids: list, texts: list, granularity: str, options: EmbedOptions) -> pd.DataFrame:
+        from .tasks import embedder
+
+        emb = embedder(str(self.artifact.path), options)
+        id_type = pa.array(ids).type if ids else pa.int64()
+        schema = table_schema(granularity, id_type)
+        table = build_table(granularity, ids, texts, emb.embed(texts), self.artifact.model_id,
+                            self.artifact.dimension, schema, options.token_vector)
+        return table.to_pandas()
+
+    def _spark(self, sdf, granularity: str, options: EmbedOptions):
+        from pyspark.sql.pandas.types import from_arrow_schema, to_arrow_type
+
+        from .tasks import embed_rows
+
+        schema = table_schema(granularity, to_arrow_type(sdf.schema["note_id"].dataType))
+        fn = embed_rows(str(self.artifact.path), options, granularity, schema, self.artifact.model_id)
+        return sdf.mapInArrow(fn, from_arrow_schema(schema))
+
+
+def load(name: str = "en.embed.longformer.clinical", lang: str = "en", **options) -> EmbeddingsPipeline:
+    """Resolve `name` (an nlu-style reference, a registered name or an artifact path) to a pipeline."""
+    return EmbeddingsPipeline(Artifact.open(resolve(name, lang)), EmbedOptions(**options))

@@ -1,0 +1,33 @@
+"""Model names → artifact directories under $CLINLONG_MODELS (default ~/.cache/clinlong/models)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .artifact import ArtifactError
+
+# nlu-style references and Spark NLP-style (name, lang) pairs that mean the same artifact.
+ALIASES = {
+    "en.embed.longformer.clinical": ("clinical_longformer", "en"),
+    "en.embed.longformer.clinical_longformer": ("clinical_longformer", "en"),
+}
+
+
+def models_dir() -> Path:
+    return Path(os.environ.get("CLINLONG_MODELS", "~/.cache/clinlong/models")).expanduser()
+
+
+def resolve(name: str = "clinical_longformer", lang: str = "en") -> Path:
+    """The artifact directory for `name`: DIR/name_lang or DIR/name, or a clear error that says what to do."""
+    if name in ALIASES:
+        name, lang = ALIASES[name]
+    if Path(name).expanduser().is_dir() and (Path(name).expanduser() / "manifest.json").exists():
+        return Path(name).expanduser()
+    root = models_dir()
+    for candidate in (root / f"{name}_{lang}", root / name):
+        if (candidate / "manifest.json").is_file():
+            return candidate
+    raise ArtifactError(
+        f"model {name!r} ({lang}) is not in {root}. Export it there: "
+        f"python -m export yikuan8/Clinical-Longformer {root / f'{name}_{lang}'} "
+        f"(or a local checkpoint directory), or set CLINLONG_MODELS to the folder that holds it")

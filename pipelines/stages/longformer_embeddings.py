@@ -1,0 +1,132 @@
+"""LongformerEmbeddings: [document or sentence, token] → `word_embeddings`, one vector per token.
+
+Each annotation of the first input column is encoded and run as one sequence, so feeding the
+`document` column gives note context (every token sees its neighbours across sentences; notes past
+maxSentenceLength run as overlapping windows) and feeding `sentence` gives Spark NLP's per-sentence
+behaviour. A token's vector is its first BPE piece's.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+from pyspark.ml.param import Param, Params, TypeConverters
+from pyspark.sql import DataFrame
+
+from ..annotation import WORD_EMBEDDINGS, annotations_array, column_metadata
+from ..artifact import Artifact
+from ..engine import EmbedOptions
+from ..registry import resolve
+from ._base import AnnotatorStage
+
+
+class LongformerEmbeddings(AnnotatorStage):
+    modelPath = Param(Params._dummy(), "modelPath", "native artifact directory", TypeConverters.toString)
+    caseSensitive = Param(Params._dummy(), "caseSensitive", "keep case before BPE", TypeConverters.toBoolean)
+    maxSentenceLength = Param(Params._dummy(), "maxSentenceLength", "max BPE pieces per sequence (<= 4096)",
+                              TypeConverters.toInt)
+    batchSize = Param(Params._dummy(), "batchSize", "max sequences per model call", TypeConverters.toInt)
+    dimension = Param(Params._dummy(), "dimension", "vector size", TypeConverters.toInt)
+    storageRef = Param(Params._dummy(), "storageRef", "embeddings reference (defaults to the model_id)",
+                       TypeConverters.toString)
+    tokenVector = Param(Params._dummy(), "tokenVector", "first (Spark NLP) or mean of the token's pieces",
+                        TypeConverters.toString)
+
+    def __init__(self):
+        super().__init__()
+        self._setDefault(inputCols=["document", "token"], outputCol="embeddings", caseSensitive=True,
+                         maxSentenceLength=4096, batchSize=8, tokenVector="first")
+
+    @classmethod
+    def pretrained(cls, name: str = "clinical_longformer", lang: str = "en") -> "LongformerEmbeddings":
+        """The artifact registered as `name` under $CLINLONG_MODELS (see pipelines.registry)."""
+        return cls().setModelPath(str(resolve(name, lang)))
+
+    def setModelPath(self, path: str):
+        art = Artifact.open(path)
+        return self._set(modelPath=str(art.path.resolve()), dimension=art.dimension)
+
+    def setCaseSensitive(self, value: bool):
+        return self._set(caseSensitive=value)
+
+    def getCaseSensitive(self) -> bool:
+        return self.getOrDefault(self.caseSensitive)
+
+    def setMaxSentenceLength(self, value: int):
+        if not 3 <= value <= 4096:
+            raise ValueError(f"maxSentenceLength must be between 3 and 4096, got {value}")
+        return self._set(maxSentenceLength=value)
+
+    def getMaxSentenceLength(self) -> int:
+        return self.getOrDefault(self.maxSentenceLength)
+
+    def setBatchSize(self, value: int):
+        return self._set(batchSize=value)
+
+    def getBatchSize(self) -> int:
+        return self.getOrDefault(self.batchSize)
+
+    def setStorageRef(self, value: str):
+        return self._set(storageRef=value)
+
+    def setDimension(self, value: int):
+        return self._set(dimension=value)
+
+    def getDimension(self) -> int:
+        return self.getOrDefault(self.dimension)
+
+    def setTokenVector(self, value: str):
+        return self._set(tokenVector=value)
+
+    def _artifact(self) -> Artifact:
+        if not self.isSet(self.modelPath):
+            raise ValueError("LongformerEmbeddings has no model: use .pretrained(name, lang) or .setModelPath(dir)")
+        return Artifact.open(self.getOrDefault(self.modelPath), verify=False)
+
+    def getStorageRef(self) -> str:
+        return self.getOrDefault(self.storageRef) if self.isDefined(self.storageRef) and self.isSet(self.storageRef) \
+            else self._artifact().model_id
+
+    def options(self) -> EmbedOptions:
+        return EmbedOptions(context="note", max_length=self.getMaxSentenceLength(),
+                            case_sensitive=self.getCaseSensitive(), batch_size=self.getBatchSize(),
+                            token_vector=self.getOrDefault(self.tokenVector))
+
+    def _column_metadata(self) -> dict:
+        return column_metadata(WORD_EMBEDDINGS, self._artifact().dimension, self.getStorageRef())
+
+    def _transform(self, df: DataFrame) -> DataFrame:
+        self._check_inputs(df)
+        art = self._artifact()
+        opts = self.options().validate(art)
+        path, dim = str(art.path), art.dimension
+        doc_col, tok_col = self.getInputCols()[:2]
+
+        def embed(batch: pa.RecordBatch) -> pa.Array:
+            from ..tasks import embedder
+
+            emb = embedder(path, opts)
+            docs = batch.column(doc_col).to_pylist()
+            toks = batch.column(tok_col).to_pylist()
+            segments = [(r, d) for r, ds in enumerate(docs) for d in (ds or [])]
+            results = emb.embed([d["result"] for _, d in segments])
+            rows: list[list[tuple]] = [[] for _ in docs]
+            vectors = []
+            for (r, d), res in zip(segments, results):
+                if res.skip_reason is not None:
+                    continue
+                b0, e0 = d["begin"], d["end"]
+                inside = [t for t in (toks[r] or []) if b0 <= t["begin"] <= e0]
+                if not inside:
+                    continue
+                res.tokens = [(t["begin"] - b0, t["end"] - b0, 0) for t in inside]
+                vectors.append(res.token_vectors(opts.token_vector))
+                for t in inside:
+                    meta = {"sentence": dict(t["metadata"] or ()).get("sentence", "0"), "token": t["result"],
+                            "pieceId": "-1", "isWordStart": "true"}
+                    rows[r].append((WORD_EMBEDDINGS, t["begin"], t["end"], t["result"], meta))
+            # Segments are listed row by row, so vectors are already in the rows' annotation order.
+            flat = np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32)
+            return annotations_array(rows, flat, dim)
+
+        return self._map_batches(df, embed)
+

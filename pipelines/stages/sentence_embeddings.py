@@ -1,0 +1,64 @@
+"""SentenceEmbeddings: [sentence or document, word_embeddings] → `sentence_embeddings` per span.
+
+Spark NLP's behaviour: the AVERAGE (or SUM) of the token vectors inside each span. (The job and
+`predict` compute design.md's piece-level means instead; see README.)
+"""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+from pyspark.ml.param import Param, Params, TypeConverters
+from pyspark.sql import DataFrame
+
+from ..annotation import SENTENCE_EMBEDDINGS, annotations_array, column_metadata
+from ._base import AnnotatorStage
+
+
+class SentenceEmbeddings(AnnotatorStage):
+    poolingStrategy = Param(Params._dummy(), "poolingStrategy", "AVERAGE or SUM", TypeConverters.toString)
+    dimension = Param(Params._dummy(), "dimension", "vector size", TypeConverters.toInt)
+    storageRef = Param(Params._dummy(), "storageRef", "embeddings reference", TypeConverters.toString)
+
+    def __init__(self):
+        super().__init__()
+        self._setDefault(inputCols=["sentence", "embeddings"], outputCol="sentence_embeddings",
+                         poolingStrategy="AVERAGE", dimension=0, storageRef="")
+
+    def setPoolingStrategy(self, value: str):
+        if value not in ("AVERAGE", "SUM"):
+            raise ValueError(f"poolingStrategy must be AVERAGE or SUM, got {value!r}")
+        return self._set(poolingStrategy=value)
+
+    def _column_metadata(self) -> dict:
+        return column_metadata(SENTENCE_EMBEDDINGS, self.getOrDefault(self.dimension) or None,
+                               self.getOrDefault(self.storageRef) or None)
+
+    def _transform(self, df: DataFrame) -> DataFrame:
+        self._check_inputs(df)
+        span_col, emb_col = self.getInputCols()[:2]
+        meta = df.schema[emb_col].metadata or {}
+        if not self.isSet(self.dimension) and meta.get("dimension"):
+            self._set(dimension=int(meta["dimension"]))
+        if not self.isSet(self.storageRef) and meta.get("ref"):
+            self._set(storageRef=meta["ref"])
+        dim, average = self.getOrDefault(self.dimension), self.getOrDefault(self.poolingStrategy) == "AVERAGE"
+
+        def pool(batch: pa.RecordBatch) -> pa.Array:
+            rows, vectors = [], []
+            for spans, embs in zip(batch.column(span_col).to_pylist(), batch.column(emb_col).to_pylist()):
+                embs = embs or []
+                begins = np.array([e["begin"] for e in embs], np.int64)
+                mat = np.array([e["embeddings"] for e in embs], np.float32).reshape(len(embs), dim)
+                out = []
+                for i, s in enumerate(spans or []):
+                    sel = (begins >= s["begin"]) & (begins <= s["end"])
+                    v = mat[sel].sum(0) if sel.any() else np.zeros(dim, np.float32)
+                    vectors.append(v / max(int(sel.sum()), 1) if average else v)
+                    idx = dict(s["metadata"] or ()).get("sentence", str(i))
+                    out.append((SENTENCE_EMBEDDINGS, s["begin"], s["end"], s["result"],
+                                {"sentence": idx, "token": s["result"], "pieceId": "-1", "isWordStart": "true"}))
+                rows.append(out)
+            flat = np.stack(vectors) if vectors else np.zeros((0, dim), np.float32)
+            return annotations_array(rows, flat, dim)
+
+        return self._map_batches(df, pool)
