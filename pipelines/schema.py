@@ -1,5 +1,9 @@
 """Output table schemas (design.md's column contract) and the Arrow builders that fill them.
 
+Beyond the contract's columns: `skip_reason` (note granularity: why a note has no vector) and
+`text_sha256` at every granularity, which keeps notes that share an id apart (each input row is
+embedded and kept; identical duplicate rows give identical output rows).
+
 Vectors are written as Arrow list<float32> built from one flat buffer per batch: no per-element Python.
 """
 from __future__ import annotations
@@ -23,11 +27,11 @@ def table_schema(granularity: str, id_type: pa.DataType) -> pa.Schema:
                   ("model_id", pa.string()), ("text_sha256", pa.string()), ("skip_reason", pa.string())]
     elif granularity == "sentence":
         fields = [("note_id", id_type), ("sentence_index", pa.int32()), ("begin", pa.int32()), ("end", pa.int32()),
-                  ("embedding", vec), ("model_id", pa.string())]
+                  ("embedding", vec), ("model_id", pa.string()), ("text_sha256", pa.string())]
     elif granularity == "token":
         fields = [("note_id", id_type), ("sentence_index", pa.int32()), ("token_index", pa.int32()),
                   ("begin", pa.int32()), ("end", pa.int32()), ("token", pa.string()), ("embedding", vec),
-                  ("model_id", pa.string())]
+                  ("model_id", pa.string()), ("text_sha256", pa.string())]
     else:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
     return pa.schema([pa.field(n, t) for n, t in fields])
@@ -62,13 +66,14 @@ def build_table(granularity: str, ids: list, texts: list, results: list[NoteResu
             "skip_reason": [r.skip_reason for r in results],
         }
         return pa.table(cols, schema=schema)
-    note_ids, sent_idx, begins, ends, blocks, tok_idx, tokens = [], [], [], [], [], [], []
+    note_ids, sent_idx, begins, ends, blocks, tok_idx, tokens, shas = [], [], [], [], [], [], [], []
     for nid, text, r in zip(ids, texts, results):
         if r.skip_reason is not None:
             continue
         if granularity == "sentence":
             spans = r.sentences
             note_ids += [nid] * len(spans)
+            shas += [r.text_sha256] * len(spans)
             sent_idx += range(len(spans))
             begins += [b for b, _ in spans]
             ends += [e for _, e in spans]
@@ -76,6 +81,7 @@ def build_table(granularity: str, ids: list, texts: list, results: list[NoteResu
         else:
             toks = r.tokens
             note_ids += [nid] * len(toks)
+            shas += [r.text_sha256] * len(toks)
             sent_idx += [s for _, _, s in toks]
             tok_idx += range(len(toks))
             begins += [b for b, _, _ in toks]
@@ -90,4 +96,5 @@ def build_table(granularity: str, ids: list, texts: list, results: list[NoteResu
         cols["token"] = tokens
     cols["embedding"] = _vectors([b for b in blocks if len(b)], dim)
     cols["model_id"] = [model_id] * len(note_ids)
+    cols["text_sha256"] = shas
     return pa.table(cols, schema=schema)

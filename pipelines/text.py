@@ -1,7 +1,7 @@
 """Clinical sentence detection and word tokenization on character offsets (`end` inclusive).
 
-Rules tuned for clinical notes: abbreviations ("pt.", "q.d.", "b.i.d.", "Dr.", "vs.") and decimals
-do not end sentences; de-identification brackets ("[**2101-3-4**]") are never split; numbered and
+Rules tuned for clinical notes: titles and abbreviations ("Dr.", "pt.", "vs.") never end sentences,
+dosing abbreviations ("q.d.", "b.i.d.") only before a capitalized word, decimals never; de-identification brackets ("[**2101-3-4**]") are never split; numbered and
 bulleted list items and section headers on their own line ("HISTORY OF PRESENT ILLNESS:") start new
 sentences; blank lines separate paragraphs; a line wrapped mid-sentence is joined.
 """
@@ -11,11 +11,9 @@ import re
 
 Span = tuple[int, int]  # begin, end (inclusive), Spark NLP's convention
 
-ABBREVIATIONS = frozenset("""
-dr mr mrs ms pt pts vs no nos approx appt dept st mt ft jr sr prof hosp fig ref est min max
-mg mcg ml dl meq mmol q qd qid bid tid qhs qam qpm po pr iv im sc sq subq prn hr hrs wk wks yr yrs
-e.g i.e etc cf al b.i.d t.i.d q.i.d q.d p.o p.r n.p.o q.h.s a.m p.m s.p h.o c.o r.o w.o inc
-""".split())
+# Abbreviations after which a period never ends a sentence (titles and the like). Other abbreviations
+# ("q.d.", "mg", "IV") end a sentence when the next word is capitalized, as in "... 2.5 mg IV. Repeat".
+TITLES = frozenset("dr mr mrs ms prof st pt pts vs no approx e.g i.e cf fig ref dept".split())
 
 _DEID = r"\[\*\*.*?\*\*\]"
 # A sentence may end at . ! ? (optionally followed by closing quotes/brackets) before whitespace.
@@ -38,7 +36,7 @@ def _is_abbreviation(text: str, dot: int) -> bool:
     if not m:
         return False
     word = m.group(1).lower().rstrip(".")
-    return word in ABBREVIATIONS or len(word) == 1 or "." in word
+    return word in TITLES or len(word) == 1
 
 
 def _protected(text: str) -> list[Span]:

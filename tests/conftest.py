@@ -43,3 +43,38 @@ def hf_reference(checkpoint: Path, ids: list[int]):
 
 
 _hf_models: dict = {}
+
+
+@pytest.fixture(scope="session")
+def spark():
+    from pyspark.sql import SparkSession
+
+    s = (SparkSession.builder.master("local[2]").appName("clinlong-tests")
+         .config("spark.ui.enabled", "false").config("spark.sql.shuffle.partitions", "2").getOrCreate())
+    s.sparkContext.setLogLevel("ERROR")
+    yield s
+    s.stop()
+
+
+PHI_MARKER = "Zebulonius Quatermaine"  # a fake name planted in test notes; must never reach logs
+
+
+def write_test_notes(path: Path, long_note_pieces: int = 0) -> Path:
+    """A small NOTEEVENTS.csv: synthetic notes, a planted fake name, bad rows, a duplicate id."""
+    import csv
+
+    from export.synthetic_notes import NOTEEVENTS_COLUMNS, generate_notes
+
+    notes = generate_notes(8, seed=21)
+    # Texts cut to ~2,500 BPE pieces so that one Hugging Face run holds each note (windows: test_engine.py).
+    rows = [[n.row_id, n.subject_id, n.hadm_id, n.chartdate, "", "", n.category, n.description, "", "",
+             n.text[: n.text.rfind("\n", 0, 8000)] if len(n.text) > 8000 else n.text] for n in notes]
+    rows[0][-1] = f"Pt. {PHI_MARKER} seen today.\nHISTORY OF PRESENT ILLNESS:\n" + rows[0][-1]
+    rows.append([101, 1, 1, "2101-1-1", "", "", "ECG", "Report", "", "", ""])        # empty text
+    rows.append([102, 1, 1, "2101-1-1", "", "", "ECG", "Report", "", "", "   \n  "])  # whitespace only
+    rows.append([2, 1, 1, "2101-1-1", "", "", "ECG", "Report", "", "", "Sinus rhythm. Duplicate id."])
+    with path.open("w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f, quoting=csv.QUOTE_NONNUMERIC)
+        w.writerow(NOTEEVENTS_COLUMNS)
+        w.writerows(rows)
+    return path
