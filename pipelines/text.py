@@ -7,6 +7,7 @@ sentences; blank lines separate paragraphs; a line wrapped mid-sentence is joine
 """
 from __future__ import annotations
 
+import bisect
 import re
 
 Span = tuple[int, int]  # begin, end (inclusive), Spark NLP's convention
@@ -32,15 +33,23 @@ _TOKEN = re.compile(
 
 
 def _is_abbreviation(text: str, dot: int) -> bool:
-    m = _WORD_BEFORE.search(text, 0, dot)
+    m = _WORD_BEFORE.search(text, max(0, dot - 64), dot)
     if not m:
         return False
     word = m.group(1).lower().rstrip(".")
     return word in TITLES or len(word) == 1
 
 
+_NEXT_CHAR = re.compile(r"\s*(\S)")
+
+
 def _protected(text: str) -> list[Span]:
     return [(m.start(), m.end()) for m in re.finditer(_DEID, text)]
+
+
+def _inside(protected: list[Span], pos: int) -> bool:
+    i = bisect.bisect_right(protected, (pos, float("inf"))) - 1
+    return i >= 0 and protected[i][0] <= pos < protected[i][1]
 
 
 def _split_line(text: str, begin: int, end: int, protected: list[Span]) -> list[Span]:
@@ -48,13 +57,13 @@ def _split_line(text: str, begin: int, end: int, protected: list[Span]) -> list[
     out, start = [], begin
     for m in _END.finditer(text, begin, end):
         cut = m.end()
-        if any(a <= m.start() < b for a, b in protected):
+        if _inside(protected, m.start()):
             continue
         if text[m.start()] == "." and m.end() - m.start() == 1 and _is_abbreviation(text, m.start()):
             continue
         if start == begin and _LIST_ITEM.fullmatch(text[begin:cut] + " "):
             continue  # the "1." of a numbered list item
-        nxt = re.compile(r"\s*(\S)").match(text, cut, end)
+        nxt = _NEXT_CHAR.match(text, cut, end)
         if nxt and nxt.group(1).islower():
             continue  # "... 5 mg p.o. daily" style continuation
         out.append((start, cut))

@@ -1,0 +1,114 @@
+"""The engine in-process: windows stitched from Hugging Face runs, huge notes, bad texts, predict()."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipelines.artifact import Artifact, ArtifactError
+from pipelines.engine import EmbedOptions, NoteEmbedder
+from pipelines.windows import assign_pieces, window_starts
+from tests.conftest import hf_reference
+
+
+@pytest.fixture(scope="module")
+def artifact(tiny_artifact):
+    return Artifact.open(tiny_artifact)
+
+
+def test_long_note_windows_equal_hf_on_the_chosen_window(artifact, tiny_checkpoint):
+    from export.synthetic_notes import generate_notes
+
+    text = "\n\n".join(n.text for n in generate_notes(12, seed=4))
+    max_len, overlap = 1024, 256
+    emb = NoteEmbedder(artifact, EmbedOptions(max_length=max_len, window_overlap=overlap))
+    res = emb.embed([text])[0]
+    ids = artifact.tokenizer.encode(text, add_special_tokens=False).ids
+    assert res.n_tokens == len(ids) > 3 * max_len
+    starts = window_starts(len(ids), max_len, overlap)
+    assert res.n_windows == len(starts) > 3
+    width = max_len - 2
+    which, pos = assign_pieces(len(ids), starts, width)
+    for w, s in enumerate(starts):
+        ref = hf_reference(tiny_checkpoint, [0, *ids[s:s + width], 2])[1:-1]
+        sel = which == w
+        np.testing.assert_allclose(res.piece_vectors[sel], ref[pos[sel]], atol=1e-4)
+
+
+def test_one_megabyte_note_runs_through_windows(artifact):
+    from export.synthetic_notes import generate_notes
+
+    notes = generate_notes(400, seed=8)
+    text = ""
+    while len(text) < 1_000_000:
+        text += "\n\n".join(n.text for n in notes)
+    text = text[:1_000_000]
+    res = NoteEmbedder(artifact).embed([text])[0]
+    assert res.skip_reason is None and res.n_windows > 50
+    assert res.piece_vectors.shape == (res.n_tokens, artifact.dimension)
+    assert np.isfinite(res.piece_vectors).all()
+    assert len(res.token_vectors()) == len(res.tokens) and np.isfinite(res.note_vector()).all()
+
+
+@pytest.mark.parametrize("text,reason", [(None, "null text"), ("", "empty text"), (" \n\t ", "whitespace-only text"),
+                                         ("a\x00b", "text contains NUL bytes"), (42, "text is int, not a string")])
+def test_bad_texts_are_skipped_with_a_reason(artifact, text, reason):
+    res = NoteEmbedder(artifact).embed(["Pt. stable.", text])
+    assert res[0].skip_reason is None and res[0].n_tokens > 0
+    assert res[1].skip_reason == reason and res[1].n_tokens == 0 and res[1].note_vector() is None
+
+
+def test_case_insensitive_lowercases_before_bpe_and_keeps_offsets(artifact):
+    text = "Pt. HAS SOB."
+    upper = NoteEmbedder(artifact).embed([text])[0]
+    lower = NoteEmbedder(artifact, EmbedOptions(case_sensitive=False)).embed([text])[0]
+    same = NoteEmbedder(artifact).embed([text.lower()])[0]
+    np.testing.assert_allclose(lower.piece_vectors, same.piece_vectors, atol=1e-6)
+    assert not np.allclose(upper.note_vector(), lower.note_vector())
+    assert lower.tokens == upper.tokens  # offsets into the original text
+
+
+def test_altered_artifact_is_refused(tiny_artifact, tmp_path):
+    import shutil
+
+    bad = tmp_path / "art"
+    shutil.copytree(tiny_artifact, bad)
+    with (bad / "tokenizer.json").open("a") as f:
+        f.write(" ")
+    with pytest.raises(ArtifactError, match="sha256"):
+        Artifact.open(bad)
+    with pytest.raises(ArtifactError, match="python -m export"):
+        Artifact.open(tmp_path)
+
+
+def test_predict_in_process_equals_spark(tiny_artifact, spark):
+    import pipelines
+
+    p = pipelines.load(str(tiny_artifact))
+    texts = ["Pt. is stable. He takes ASA q.d.", "IMPRESSION: No acute process."]
+    local = p.predict(texts)
+    assert list(local.columns[:7]) == ["note_id", "sentence_index", "token_index", "begin", "end", "token", "embedding"]
+    assert local.token.iloc[0] == "Pt." and set(local.note_id) == {0, 1}
+    sdf = spark.createDataFrame([(i, t) for i, t in enumerate(texts)], "id long, text string")
+    remote = p.predict(sdf, id_col="id").toPandas()
+    np.testing.assert_allclose(np.stack(local.embedding), np.stack(remote.embedding), atol=1e-6)
+    notes = p.predict(texts[0], output_level="document")
+    assert len(notes) == 1 and len(notes.embedding.iloc[0]) == 64
+    import pandas as pd
+
+    frame = p.predict(pd.DataFrame({"text": texts}), output_level="sentence")
+    assert list(frame.note_id) == [0, 0, 1]
+
+
+def test_pretrained_names_resolve_under_clinlong_models(tiny_artifact, tmp_path, monkeypatch):
+    import shutil
+
+    import pipelines
+    from pipelines.stages import LongformerEmbeddings
+
+    monkeypatch.setenv("CLINLONG_MODELS", str(tmp_path))
+    with pytest.raises(ArtifactError, match="python -m export yikuan8/Clinical-Longformer"):
+        pipelines.load("en.embed.longformer.clinical")
+    shutil.copytree(tiny_artifact, tmp_path / "clinical_longformer_en")
+    assert pipelines.load("en.embed.longformer.clinical").artifact.dimension == 64
+    stage = LongformerEmbeddings.pretrained("clinical_longformer", "en")
+    assert stage.getDimension() == 64
