@@ -43,6 +43,9 @@ def _read_delta_rs(spark: SparkSession, path: str) -> DataFrame:
 def read_notes(spark: SparkSession, source: str, fmt: str = "auto") -> DataFrame:
     """Read a note table; `fmt` is auto, delta, parquet, csv or table."""
     path = Path(source)
+    local_path = "://" not in source and ("/" in source or "\\" in source or path.suffix)
+    if local_path and not path.exists():
+        raise InputError(f"input {source} does not exist; pass a Delta, Parquet or CSV path or a table name")
     if fmt == "auto":
         if is_delta(source):
             fmt = "delta"

@@ -1,0 +1,128 @@
+"""The embed_notes job's input handling and the Spark ML stages (schema, metadata, persistence)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from deltalake import DeltaTable
+
+from pipelines.embed_notes import JobConfig, format_summary, main, run
+from pipelines.engine import EmbedOptions
+from pipelines.sources import InputError
+from tests.conftest import PHI_MARKER, write_test_notes
+
+
+@pytest.fixture(scope="module")
+def notes_csv(tmp_path_factory):
+    return write_test_notes(tmp_path_factory.mktemp("job-notes") / "NOTEEVENTS.csv")
+
+
+def test_job_records_skips_duplicates_and_commit_info(notes_csv, tiny_artifact, spark, tmp_path, capsys):
+    out = str(tmp_path / "t")
+    summary = run(JobConfig(notes=str(notes_csv), model=str(tiny_artifact), out=out, id_type="long"), spark)
+    assert summary["notes_in"] == 11 and summary["embedded"] == 9
+    assert summary["skipped"] == {"null text": 1, "whitespace-only text": 1}  # Spark reads an empty CSV field as null
+    t = DeltaTable(out).to_pyarrow_table().to_pandas()
+    assert len(t) == 11  # rows in = embedded + recorded skips
+    skipped = t[t.skip_reason.notna()]
+    assert set(skipped.note_id) == {101, 102} and (skipped.n_tokens == 0).all() and skipped.embedding.isna().all()
+    dup = t[t.note_id == 2]
+    assert len(dup) == 2 and dup.text_sha256.nunique() == 2  # duplicate ids kept apart
+    info = json.loads(DeltaTable(out).history(1)[0]["clinlong"])
+    assert info["notes_in"] == 11 and info["bpe_tokens"] == summary["bpe_tokens"] > 0
+    assert PHI_MARKER not in format_summary(summary) + capsys.readouterr().err
+    # append adds a version; overwrite replaces the rows
+    run(JobConfig(notes=str(notes_csv), model=str(tiny_artifact), out=out, id_type="long"), spark)
+    assert len(DeltaTable(out).to_pyarrow_table()) == 22
+    run(JobConfig(notes=str(notes_csv), model=str(tiny_artifact), out=out, id_type="long", mode="overwrite"), spark)
+    assert len(DeltaTable(out).to_pyarrow_table()) == 11 and DeltaTable(out).version() == 2
+
+
+def test_delta_and_parquet_inputs(notes_csv, tiny_artifact, spark, tmp_path):
+    import pandas as pd
+    from deltalake import write_deltalake
+
+    df = pd.read_csv(notes_csv, keep_default_na=False)[["ROW_ID", "TEXT", "CATEGORY"]].iloc[:3]
+    write_deltalake(str(tmp_path / "in_delta"), df)
+    df.to_parquet(tmp_path / "in.parquet")
+    for source in (tmp_path / "in_delta", tmp_path / "in.parquet"):
+        s = run(JobConfig(notes=str(source), model=str(tiny_artifact), out=str(tmp_path / f"out_{source.name}")), spark)
+        assert s["notes_in"] == 3 and s["embedded"] == 3
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--id-col", "NOPE"], "no column 'NOPE'"),
+    (["--text-col", "NOPE"], "no column 'NOPE'"),
+    (["--text-col", "ROW_ID", "--input-format", "parquet"], "not string"),
+    (["--max-length", "5000"], "max length"),
+    (["--mode", "incremental"], "not available"),
+])
+def test_bad_job_input_fails_before_work(args, needle, notes_csv, tiny_artifact, tmp_path, capsys, spark):
+    import pandas as pd
+
+    notes = str(notes_csv)
+    if "parquet" in args:
+        pd.read_csv(notes_csv, keep_default_na=False).to_parquet(tmp_path / "n.parquet")
+        notes = str(tmp_path / "n.parquet")
+    out = tmp_path / "out"
+    rc = main(["--notes", notes, "--model", str(tiny_artifact), "--out", str(out), *args])
+    err = capsys.readouterr().err
+    assert rc == 2 and needle in err.strip().splitlines()[-1]
+    assert not out.exists()
+
+
+def test_missing_input_and_non_delta_output(tiny_artifact, tmp_path, capsys, spark):
+    assert main(["--notes", str(tmp_path / "nope.csv"), "--model", str(tiny_artifact), "--out", str(tmp_path / "o")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "x.txt").write_text("x")
+    notes = write_test_notes(tmp_path / "n.csv")
+    assert main(["--notes", str(notes), "--model", str(tiny_artifact), "--out", str(tmp_path / "plain")]) == 2
+    assert "not a Delta table" in capsys.readouterr().err
+
+
+def test_stages_pipeline_schema_metadata_persistence(tiny_artifact, spark, tmp_path):
+    from pyspark.ml import Pipeline, PipelineModel
+    from sparknlp.annotation import Annotation
+
+    from pipelines import (DocumentAssembler, EmbeddingsFinisher, LongformerEmbeddings, SentenceDetector,
+                           SentenceEmbeddings, Tokenizer)
+    from pipelines.engine import NoteEmbedder
+    from pipelines.artifact import Artifact
+
+    text = "HISTORY OF PRESENT ILLNESS:\nPt. is stable. He takes ASA q.d.\n1. Aspirin 81 mg"
+    df = spark.createDataFrame([(1, text), (2, None), (3, "  ")], "id long, text string")
+    pipe = Pipeline(stages=[
+        DocumentAssembler().setInputCol("text").setOutputCol("document"),
+        SentenceDetector().setInputCols(["document"]).setOutputCol("sentence"),
+        Tokenizer().setInputCols(["sentence"]).setOutputCol("token"),
+        LongformerEmbeddings().setModelPath(str(tiny_artifact)).setInputCols(["document", "token"])
+        .setOutputCol("embeddings").setCaseSensitive(True).setMaxSentenceLength(4096).setBatchSize(4),
+        SentenceEmbeddings().setInputCols(["sentence", "embeddings"]).setOutputCol("sentence_embeddings"),
+        EmbeddingsFinisher().setInputCols(["embeddings"]).setOutputCols(["vectors"]),
+    ])
+    model = pipe.fit(df)
+    out = model.transform(df)
+    for col, kind in [("document", "document"), ("sentence", "document"), ("token", "token"),
+                      ("embeddings", "word_embeddings"), ("sentence_embeddings", "sentence_embeddings")]:
+        assert out.schema[col].dataType == Annotation.arrayType(), col
+        assert out.schema[col].metadata["annotatorType"] == kind
+    art = Artifact.open(tiny_artifact)
+    assert out.schema["embeddings"].metadata == {"annotatorType": "word_embeddings", "dimension": 64, "ref": art.model_id}
+    rows = {r["id"]: r for r in out.collect()}
+    assert rows[2]["embeddings"] == [] and rows[3]["token"] == []
+    # Token vectors equal the engine's (note context, first piece) for the same note.
+    res = NoteEmbedder(art).embed([text])[0]
+    got = np.array([a["embeddings"] for a in rows[1]["embeddings"]])
+    assert [(a["begin"], a["end"]) for a in rows[1]["embeddings"]] == [(b, e) for b, e, _ in res.tokens]
+    np.testing.assert_allclose(got, res.token_vectors(), atol=1e-6)
+    assert np.allclose(np.array(rows[1]["vectors"]), got)
+    # Spark ML persistence round trip gives the same numbers.
+    model.write().overwrite().save(str(tmp_path / "pm"))
+    again = {r["id"]: r for r in PipelineModel.load(str(tmp_path / "pm")).transform(df).collect()}
+    np.testing.assert_allclose(np.array([a["embeddings"] for a in again[1]["embeddings"]]), got, atol=1e-6)
+    single = tmp_path / "stage"
+    pipe.getStages()[3].write().overwrite().save(str(single))
+    loaded = LongformerEmbeddings.load(str(single))
+    assert loaded.getDimension() == 64 and loaded.getMaxSentenceLength() == 4096 and loaded.getCaseSensitive()
