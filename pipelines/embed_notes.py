@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass
 if __package__ in (None, ""):  # run as a file by spark-submit
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from pyspark.accumulators import AccumulatorParam  # noqa: E402
+
 from pipelines.artifact import Artifact, ArtifactError  # noqa: E402
 from pipelines.engine import EmbedOptions  # noqa: E402
 from pipelines.schema import GRANULARITIES  # noqa: E402
@@ -41,6 +43,8 @@ class JobConfig:
     mode: str = "append"
     precision: str = "fp32"
     partitions: int = 0
+    vector_dtype: str = "float32"
+    writer: str = "auto"
     options: EmbedOptions = EmbedOptions()
 
 
@@ -68,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="max sequences per model call")
     p.add_argument("--token-budget", type=int, default=16384, help="max padded tokens per model call")
     p.add_argument("--partitions", type=int, default=0, help="repartition the input to N tasks (0: keep)")
+    p.add_argument("--vector-dtype", choices=("float32", "float16"), default="float32",
+                   help="float32: array<float>; float16: binary of little-endian halves (half the storage)")
+    p.add_argument("--writer", choices=("auto", "delta-rs", "delta-spark"), default="auto",
+                   help="auto: delta-spark when its JARs are on the classpath, else delta-rs")
     p.add_argument("--master", help="Spark master when run with python -m (default local[*])")
     return p
 
@@ -82,7 +90,8 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
                         token_budget=args.token_budget, batch_size=args.batch_size)
     return JobConfig(notes=args.notes, model=args.model, out=args.out, id_col=args.id_col, text_col=args.text_col,
                      id_type=args.id_type, input_format=args.input_format, granularity=args.granularity,
-                     mode=args.mode, precision=args.precision, partitions=args.partitions, options=opts)
+                     mode=args.mode, precision=args.precision, partitions=args.partitions,
+                     vector_dtype=args.vector_dtype, writer=args.writer, options=opts)
 
 
 def _log(msg: str) -> None:
@@ -103,12 +112,10 @@ def spark_session(master: str | None = None):
 
 def run(cfg: JobConfig, spark=None) -> dict:
     """Run the job; return its summary (also stored in the Delta commit's info)."""
-    import pyarrow as pa
     from pyspark.sql.pandas.types import to_arrow_type
 
-    from pipelines.delta_sink import META_SCHEMA, commit, existing_table_schema
-    from pipelines.sources import read_notes, select_notes
-    from pipelines.tasks import embed_partition
+    from pipelines.schema import OutputSpec, table_schema
+    from pipelines.sources import delta_spark_available, read_notes, select_notes
 
     start = time.perf_counter()
     artifact = Artifact.open(cfg.model)  # verifies every file's sha256 before any work
@@ -117,35 +124,84 @@ def run(cfg: JobConfig, spark=None) -> dict:
     notes = select_notes(read_notes(spark, cfg.notes, cfg.input_format), cfg.id_col, cfg.text_col, cfg.id_type)
     if cfg.partitions:
         notes = notes.repartition(cfg.partitions)
-    from pipelines.schema import table_schema
+    schema = table_schema(cfg.granularity, to_arrow_type(notes.schema["note_id"].dataType), cfg.vector_dtype)
+    spec = OutputSpec(cfg.granularity, schema, artifact.model_id, artifact.dimension,
+                      cfg.options.token_vector, cfg.vector_dtype)
+    writer = cfg.writer if cfg.writer != "auto" else ("delta-spark" if delta_spark_available(spark) else "delta-rs")
+    _log(f"model {artifact.model_id} (dim {artifact.dimension}), granularity {cfg.granularity}, "
+         f"context {cfg.options.context}, max length {cfg.options.max_length}, writer {writer}")
+    if writer == "delta-spark":
+        if not delta_spark_available(spark):
+            raise InputError("--writer delta-spark needs delta-spark's JARs on the classpath "
+                             "(e.g. --packages io.delta:delta-spark_2.13:4.0.0); or use --writer delta-rs")
+        parts, version = _write_delta_spark(spark, notes, artifact, cfg, spec)
+    else:
+        parts, version = _write_delta_rs(notes, artifact, cfg, spec)
+    summary = _summary(parts, time.perf_counter() - start, artifact, cfg)
+    if version is None:  # delta-rs: the summary goes into the one commit
+        from pipelines.delta_sink import commit
 
-    schema = table_schema(cfg.granularity, to_arrow_type(notes.schema["note_id"].dataType))
+        version = commit(cfg.out, [p for p in parts if p["path"]], schema, cfg.mode, summary)
+    summary["version"] = version
+    return summary
+
+
+def _write_delta_rs(notes, artifact: Artifact, cfg: JobConfig, spec) -> tuple[list[dict], None]:
+    """Executors write Parquet parts into the table folder; the caller commits them in one transaction."""
+    from pipelines.delta_sink import META_SCHEMA, existing_table_schema
+    from pipelines.tasks import embed_partition
+
     existing = existing_table_schema(cfg.out)
-    if existing is not None and cfg.mode == "append" and existing != schema:
+    if existing is not None and cfg.mode == "append" and existing != spec.schema:
         raise InputError(f"{cfg.out} holds a table with another schema; use --mode overwrite or another --out")
     if existing is None and os.path.isdir(cfg.out) and any(os.scandir(cfg.out)):
         raise InputError(f"{cfg.out} is a non-empty folder but not a Delta table; choose another --out")
-    _log(f"model {artifact.model_id} (dim {artifact.dimension}), granularity {cfg.granularity}, "
-         f"context {cfg.options.context}, max length {cfg.options.max_length}")
-    task = embed_partition(str(artifact.path), cfg.options, cfg.granularity, cfg.out, schema, artifact.model_id)
-    parts = [r.asDict() for r in notes.mapInArrow(task, META_SCHEMA).collect()]
+    task = embed_partition(str(artifact.path), cfg.options, spec, cfg.out)
+    return [r.asDict() for r in notes.mapInArrow(task, META_SCHEMA).collect()], None
+
+
+def _write_delta_spark(spark, notes, artifact: Artifact, cfg: JobConfig, spec) -> tuple[list[dict], int]:
+    """Rows go to Spark's Delta writer (Databricks, clusters with delta-spark); counts via accumulators."""
+    from pyspark.sql.pandas.types import from_arrow_schema
+
+    from pipelines.tasks import embed_rows
+
+    counters = {k: spark.sparkContext.accumulator(0) for k in ("notes", "tokens", "windows", "rows")}
+    counters["skipped"] = spark.sparkContext.accumulator({}, _CounterParam())
+    rows = notes.mapInArrow(embed_rows(str(artifact.path), cfg.options, spec, counters), from_arrow_schema(spec.schema))
+    rows.write.format("delta").mode(cfg.mode).option("userMetadata", "clinlong embed_notes").save(cfg.out)
+    version = spark.sql(f"DESCRIBE HISTORY delta.`{cfg.out}` LIMIT 1").collect()[0]["version"]
+    part = {k: c.value for k, c in counters.items()}
+    part["skipped"] = json.dumps(part["skipped"])
+    return [part], int(version)
+
+
+class _CounterParam(AccumulatorParam):
+    """Spark accumulator of {reason: count} dictionaries."""
+
+    def zero(self, value):
+        return {}
+
+    def addInPlace(self, a, b):
+        for k, v in b.items():
+            a[k] = a.get(k, 0) + v
+        return a
+
+
+def _summary(parts: list[dict], seconds: float, artifact: Artifact, cfg: JobConfig) -> dict:
     skipped = Counter()
     for p in parts:
         skipped.update(json.loads(p["skipped"]))
-    seconds = time.perf_counter() - start
     n_notes = sum(p["notes"] for p in parts)
     tokens = sum(p["tokens"] for p in parts)
-    summary = {
+    return {
         "notes_in": n_notes, "embedded": n_notes - sum(skipped.values()), "skipped": dict(skipped),
         "rows_written": sum(p["rows"] for p in parts), "bpe_tokens": tokens,
         "windows": sum(p["windows"] for p in parts), "seconds": round(seconds, 2),
         "notes_per_s": round(n_notes / seconds, 2), "tokens_per_s": round(tokens / seconds, 1),
         "model_id": artifact.model_id, "granularity": cfg.granularity, "context": cfg.options.context,
-        "out": cfg.out, "mode": cfg.mode,
+        "vector_dtype": cfg.vector_dtype, "out": cfg.out, "mode": cfg.mode,
     }
-    files = [p for p in parts if p["path"]]
-    summary["version"] = commit(cfg.out, files, schema, cfg.mode, summary)
-    return summary
 
 
 def format_summary(s: dict) -> str:

@@ -14,7 +14,7 @@ import pyarrow as pa
 from .artifact import Artifact
 from .engine import EmbedOptions
 from .registry import resolve
-from .schema import build_table, table_schema
+from .schema import OutputSpec, build_table, table_schema
 
 OUTPUT_LEVELS = {"token": "token", "sentence": "sentence", "document": "note", "note": "note"}
 IN_PROCESS_LIMIT = 256  # texts answered without Spark
@@ -68,19 +68,19 @@ class EmbeddingsPipeline:
 
         emb = embedder(str(self.artifact.path), options)
         id_type = pa.array(ids).type if ids else pa.int64()
-        schema = table_schema(granularity, id_type)
-        table = build_table(granularity, ids, texts, emb.embed(texts), self.artifact.model_id,
-                            self.artifact.dimension, schema, options.token_vector)
-        return table.to_pandas()
+        return build_table(self._spec(granularity, id_type, options), ids, texts, emb.embed(texts)).to_pandas()
+
+    def _spec(self, granularity: str, id_type: pa.DataType, options: EmbedOptions) -> OutputSpec:
+        return OutputSpec(granularity, table_schema(granularity, id_type), self.artifact.model_id,
+                          self.artifact.dimension, options.token_vector)
 
     def _spark(self, sdf, granularity: str, options: EmbedOptions):
         from pyspark.sql.pandas.types import from_arrow_schema, to_arrow_type
 
         from .tasks import embed_rows
 
-        schema = table_schema(granularity, to_arrow_type(sdf.schema["note_id"].dataType))
-        fn = embed_rows(str(self.artifact.path), options, granularity, schema, self.artifact.model_id)
-        return sdf.mapInArrow(fn, from_arrow_schema(schema))
+        spec = self._spec(granularity, to_arrow_type(sdf.schema["note_id"].dataType), options)
+        return sdf.mapInArrow(embed_rows(str(self.artifact.path), options, spec), from_arrow_schema(spec.schema))
 
 
 def load(name: str = "en.embed.longformer.clinical", lang: str = "en", **options) -> EmbeddingsPipeline:

@@ -11,17 +11,25 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
+from dataclasses import dataclass
+
 from .engine import NoteResult
 
 GRANULARITIES = ("note", "sentence", "token")
+VECTOR_DTYPES = ("float32", "float16")
 
 
-def _vector_type() -> pa.DataType:
+def _vector_type(vector_dtype: str = "float32") -> pa.DataType:
+    """array<float>, or for float16 a binary of little-endian halves (Spark and Delta have no float16)."""
+    if vector_dtype == "float16":
+        return pa.binary()
+    if vector_dtype != "float32":
+        raise ValueError(f"vector dtype must be one of {VECTOR_DTYPES}, got {vector_dtype!r}")
     return pa.list_(pa.field("element", pa.float32()))
 
 
-def table_schema(granularity: str, id_type: pa.DataType) -> pa.Schema:
-    vec = _vector_type()
+def table_schema(granularity: str, id_type: pa.DataType, vector_dtype: str = "float32") -> pa.Schema:
+    vec = _vector_type(vector_dtype)
     if granularity == "note":
         fields = [("note_id", id_type), ("n_tokens", pa.int32()), ("n_windows", pa.int32()), ("embedding", vec),
                   ("model_id", pa.string()), ("text_sha256", pa.string()), ("skip_reason", pa.string())]
@@ -37,11 +45,29 @@ def table_schema(granularity: str, id_type: pa.DataType) -> pa.Schema:
     return pa.schema([pa.field(n, t) for n, t in fields])
 
 
-def _vectors(blocks: list[np.ndarray], dim: int, valid: np.ndarray | None = None) -> pa.Array:
+@dataclass(frozen=True)
+class OutputSpec:
+    """What one output row holds: granularity, Arrow schema, model id, vector size and encoding."""
+
+    granularity: str
+    schema: pa.Schema
+    model_id: str
+    dim: int
+    token_vector: str = "first"
+    vector_dtype: str = "float32"
+
+
+def _vectors(blocks: list[np.ndarray], dim: int, valid: np.ndarray | None = None,
+             vector_dtype: str = "float32") -> pa.Array:
     flat = np.concatenate(blocks).astype(np.float32, copy=False).reshape(-1) if blocks else np.zeros(0, np.float32)
     n = len(flat) // dim if dim else 0
-    offsets = np.arange(0, (n + 1) * dim, dim, dtype=np.int32)
-    arr = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat), type=_vector_type())
+    if vector_dtype == "float16":
+        data = flat.astype("<f2").tobytes()
+        offsets = np.arange(0, (n + 1) * dim * 2, dim * 2, dtype=np.int32)
+        arr = pa.Array.from_buffers(pa.binary(), n, [None, pa.py_buffer(offsets.tobytes()), pa.py_buffer(data)])
+    else:
+        offsets = np.arange(0, (n + 1) * dim, dim, dtype=np.int32)
+        arr = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat), type=_vector_type())
     if valid is None:
         return arr
     # Expand to one slot per row, nulls where there is no vector.
@@ -50,9 +76,9 @@ def _vectors(blocks: list[np.ndarray], dim: int, valid: np.ndarray | None = None
     return arr.take(pa.array(np.where(valid, idx, 0), mask=~valid))
 
 
-def build_table(granularity: str, ids: list, texts: list, results: list[NoteResult], model_id: str,
-                dim: int, schema: pa.Schema, token_vector: str = "first") -> pa.Table:
+def build_table(spec: OutputSpec, ids: list, texts: list, results: list[NoteResult]) -> pa.Table:
     """Rows of one Arrow batch of notes at the requested granularity."""
+    granularity, model_id, dim, schema = spec.granularity, spec.model_id, spec.dim, spec.schema
     if granularity == "note":
         valid = np.array([r.skip_reason is None for r in results], bool)
         vecs = [r.note_vector()[None] for r in results if r.skip_reason is None]
@@ -60,7 +86,7 @@ def build_table(granularity: str, ids: list, texts: list, results: list[NoteResu
             "note_id": ids,
             "n_tokens": [r.n_tokens for r in results],
             "n_windows": [r.n_windows for r in results],
-            "embedding": _vectors(vecs, dim, valid),
+            "embedding": _vectors(vecs, dim, valid, spec.vector_dtype),
             "model_id": [model_id] * len(results),
             "text_sha256": [r.text_sha256 for r in results],
             "skip_reason": [r.skip_reason for r in results],
@@ -87,14 +113,14 @@ def build_table(granularity: str, ids: list, texts: list, results: list[NoteResu
             begins += [b for b, _, _ in toks]
             ends += [e for _, e, _ in toks]
             tokens += [text[b:e + 1] for b, e, _ in toks]
-            blocks.append(r.token_vectors(token_vector))
+            blocks.append(r.token_vectors(spec.token_vector))
     cols = {"note_id": note_ids, "sentence_index": sent_idx}
     if granularity == "token":
         cols["token_index"] = tok_idx
     cols.update(begin=begins, end=ends)
     if granularity == "token":
         cols["token"] = tokens
-    cols["embedding"] = _vectors([b for b in blocks if len(b)], dim)
+    cols["embedding"] = _vectors([b for b in blocks if len(b)], dim, vector_dtype=spec.vector_dtype)
     cols["model_id"] = [model_id] * len(note_ids)
     cols["text_sha256"] = shas
     return pa.table(cols, schema=schema)

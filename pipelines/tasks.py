@@ -1,4 +1,4 @@
-"""What runs inside Spark tasks: Arrow batches of (note_id, text) in, embedded Parquet parts out."""
+"""What runs inside Spark tasks: Arrow batches of (note_id, text) in; Parquet parts or rows out."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,10 @@ from collections.abc import Callable, Iterator
 import pyarrow as pa
 
 from .artifact import Artifact
-from .engine import EmbedOptions, NoteEmbedder
+from .engine import EmbedOptions, NoteEmbedder, NoteResult
+from .schema import OutputSpec, build_table
+
+ArrowFn = Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]
 
 _EMBEDDERS: dict[tuple, NoteEmbedder] = {}
 
@@ -21,46 +24,48 @@ def embedder(artifact_path: str, options: EmbedOptions) -> NoteEmbedder:
     return _EMBEDDERS[key]
 
 
-def embed_partition(artifact_path: str, options: EmbedOptions, granularity: str, table_uri: str,
-                    schema: pa.Schema, model_id: str) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
-    """The mapInArrow function: one Parquet part per input batch, a metadata row per part."""
+def _embedded(artifact_path: str, options: EmbedOptions, spec: OutputSpec,
+              batches: Iterator[pa.RecordBatch]) -> Iterator[tuple[list[NoteResult], pa.Table]]:
+    emb = embedder(artifact_path, options)
+    for batch in batches:
+        ids = batch.column("note_id").to_pylist()
+        texts = batch.column("text").to_pylist()
+        results = emb.embed(texts)
+        for nid, r in zip(ids, results):
+            if nid is None and r.skip_reason is None:
+                r.skip_reason = "null note id"
+        yield results, build_table(spec, ids, texts, results)
+
+
+def _counts(results: list[NoteResult], rows: int) -> dict:
+    return {"rows": rows, "notes": len(results), "tokens": sum(r.n_tokens for r in results),
+            "windows": sum(r.n_windows for r in results),
+            "skipped": dict(Counter(r.skip_reason for r in results if r.skip_reason))}
+
+
+def embed_partition(artifact_path: str, options: EmbedOptions, spec: OutputSpec, table_uri: str) -> ArrowFn:
+    """For delta-rs: one Parquet part per input batch written into the table folder, a metadata row each."""
     from .delta_sink import write_part
-    from .schema import build_table
 
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        emb = embedder(artifact_path, options)
-        for batch in batches:
-            ids = batch.column("note_id").to_pylist()
-            texts = batch.column("text").to_pylist()
-            results = emb.embed(texts)
-            for i, (nid, r) in enumerate(zip(ids, results)):
-                if nid is None and r.skip_reason is None:
-                    r.skip_reason = "null note id"
-            table = build_table(granularity, ids, texts, results, model_id, emb.artifact.dimension, schema,
-                                options.token_vector)
+        for results, table in _embedded(artifact_path, options, spec, batches):
             path, size = write_part(table, table_uri) if table.num_rows else ("", 0)
-            skipped = Counter(r.skip_reason for r in results if r.skip_reason)
-            yield pa.RecordBatch.from_pylist([{
-                "path": path, "size": size, "rows": table.num_rows, "notes": len(results),
-                "tokens": sum(r.n_tokens for r in results), "windows": sum(r.n_windows for r in results),
-                "skipped": json.dumps(skipped),
-            }])
+            counts = _counts(results, table.num_rows)
+            counts["skipped"] = json.dumps(counts["skipped"])
+            yield pa.RecordBatch.from_pylist([{"path": path, "size": size, **counts}])
 
     return run
 
 
-def embed_rows(artifact_path: str, options: EmbedOptions, granularity: str, schema: pa.Schema,
-               model_id: str) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
-    """The mapInArrow function that returns the output rows themselves (for Spark-side writers)."""
-    from .schema import build_table
+def embed_rows(artifact_path: str, options: EmbedOptions, spec: OutputSpec, counters: dict | None = None) -> ArrowFn:
+    """The output rows themselves (for Spark-side writers); `counters` are optional Spark accumulators
+    named rows, notes, tokens, windows and skipped."""
 
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        emb = embedder(artifact_path, options)
-        for batch in batches:
-            ids = batch.column("note_id").to_pylist()
-            texts = batch.column("text").to_pylist()
-            table = build_table(granularity, ids, texts, emb.embed(texts), model_id, emb.artifact.dimension,
-                                schema, options.token_vector)
+        for results, table in _embedded(artifact_path, options, spec, batches):
+            if counters:
+                for k, v in _counts(results, table.num_rows).items():
+                    counters[k].add(v)
             yield from table.to_batches()
 
     return run

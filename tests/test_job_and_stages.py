@@ -126,3 +126,49 @@ def test_stages_pipeline_schema_metadata_persistence(tiny_artifact, spark, tmp_p
     pipe.getStages()[3].write().overwrite().save(str(single))
     loaded = LongformerEmbeddings.load(str(single))
     assert loaded.getDimension() == 64 and loaded.getMaxSentenceLength() == 4096 and loaded.getCaseSensitive()
+
+
+def test_float16_vectors_on_request(notes_csv, tiny_artifact, spark, tmp_path):
+    base = dict(notes=str(notes_csv), model=str(tiny_artifact), id_type="long")
+    run(JobConfig(out=str(tmp_path / "f32"), **base), spark)
+    s = run(JobConfig(out=str(tmp_path / "f16"), vector_dtype="float16", **base), spark)
+    assert s["vector_dtype"] == "float16"
+    f32 = DeltaTable(str(tmp_path / "f32")).to_pandas().sort_values(["note_id", "text_sha256"])
+    f16 = DeltaTable(str(tmp_path / "f16")).to_pandas().sort_values(["note_id", "text_sha256"])
+    for a, b in zip(f32.embedding, f16.embedding):
+        if a is None:
+            assert b is None
+            continue
+        half = np.frombuffer(b, "<f2")
+        assert half.shape == (64,)
+        np.testing.assert_allclose(half.astype(np.float32), a, rtol=1e-3, atol=1e-3)
+
+
+def test_spark_side_writer_rows_and_counters(notes_csv, tiny_artifact, spark, tmp_path):
+    """The rows and accumulator counts that the delta-spark writer receives (its JARs are not installable
+    here, so the rows go to Parquet in this test)."""
+    from pyspark.sql.pandas.types import from_arrow_schema, to_arrow_type
+
+    from pipelines.artifact import Artifact
+    from pipelines.embed_notes import _CounterParam
+    from pipelines.schema import OutputSpec, table_schema
+    from pipelines.sources import read_notes, select_notes
+    from pipelines.tasks import embed_rows
+
+    art = Artifact.open(tiny_artifact)
+    notes = select_notes(read_notes(spark, str(notes_csv)), "ROW_ID", "TEXT", "long")
+    spec = OutputSpec("token", table_schema("token", to_arrow_type(notes.schema["note_id"].dataType)),
+                      art.model_id, art.dimension)
+    counters = {k: spark.sparkContext.accumulator(0) for k in ("notes", "tokens", "windows", "rows")}
+    counters["skipped"] = spark.sparkContext.accumulator({}, _CounterParam())
+    rows = notes.mapInArrow(embed_rows(str(art.path), EmbedOptions(), spec, counters), from_arrow_schema(spec.schema))
+    rows.write.parquet(str(tmp_path / "rows"))
+    assert counters["notes"].value == 11 and counters["skipped"].value == {"null text": 1, "whitespace-only text": 1}
+    assert counters["rows"].value == spark.read.parquet(str(tmp_path / "rows")).count() > 100
+    assert counters["tokens"].value > counters["rows"].value  # BPE pieces outnumber words
+
+
+def test_delta_spark_writer_without_jars_is_a_clear_error(notes_csv, tiny_artifact, tmp_path, capsys, spark):
+    rc = main(["--notes", str(notes_csv), "--model", str(tiny_artifact), "--out", str(tmp_path / "o"),
+               "--writer", "delta-spark"])
+    assert rc == 2 and "delta-spark's JARs" in capsys.readouterr().err
