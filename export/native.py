@@ -7,6 +7,7 @@ import io
 import json
 import time
 import warnings
+from dataclasses import asdict
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from .synthetic_notes import generate_notes
 FORMAT = "clinlong-native"
 FORMAT_VERSION = 1
 ONNX_FILE, TOKENIZER_FILE, PARITY_FILE, MANIFEST_FILE = "encoder.onnx", "tokenizer.json", "parity.json", "manifest.json"
+WEIGHTS_FILE = "encoder.safetensors"  # the same weights for the torch runtime (bf16/fp16, AMX)
 OPSET = 18
 
 # Strings that stress byte-level BPE beyond the synthetic notes (no real patient data).
@@ -46,11 +48,21 @@ def write_tokenizer(ckpt: Checkpoint, out: Path) -> None:
                               "report this with the checkpoint's tokenizer files")
 
 
-def write_onnx(ckpt: Checkpoint, out: Path, opset: int = OPSET) -> None:
-    """Export the encoder with dynamic batch and sequence axes."""
+def build_encoder(ckpt: Checkpoint) -> LongformerEncoder:
     encoder = LongformerEncoder(ckpt.encoder_config)
     encoder.load_hf_state_dict(ckpt.state_dict)
-    encoder.eval()
+    return encoder.eval()
+
+
+def write_weights(encoder: LongformerEncoder, out: Path) -> None:
+    """The encoder's weights (fp32, Hugging Face names) for runtimes that run the module itself."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in encoder.state_dict().items()}, str(out / WEIGHTS_FILE))
+
+
+def write_onnx(encoder: LongformerEncoder, ckpt: Checkpoint, out: Path, opset: int = OPSET) -> None:
+    """Export the encoder with dynamic batch and sequence axes."""
     seqs = parity_sequences(ckpt.tokenizer, (600,), ckpt.encoder_config.max_length)
     example = torch.from_numpy(next(iter(seqs.values())) if seqs else [ckpt.tokenizer.bos_token_id])[None].repeat(2, 1)
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence", max=ckpt.encoder_config.max_length)
@@ -103,6 +115,7 @@ def write_manifest(ckpt: Checkpoint, out: Path, name: str, report: dict) -> dict
         "onnx": {"file": ONNX_FILE, "opset": OPSET, "inputs": ["input_ids", "attention_mask"],
                  "outputs": ["last_hidden_state"], "dtype": "float32"},
         "tokenizer": TOKENIZER_FILE,
+        "torch": {"file": WEIGHTS_FILE, "encoder_config": asdict(ec), "dtype": "float32"},
         "parity": {"file": PARITY_FILE, "passed": report["passed"], "max_abs_diff": report["max_abs_diff"],
                    "min_cosine": report["min_cosine"]},
         "source": {"checkpoint": str(ckpt.path), "name": ckpt.name, "sha256": ckpt.sha256,
@@ -122,9 +135,11 @@ def write_native(ckpt: Checkpoint, out: Path, name: str, tol: Tolerance,
     write_tokenizer(ckpt, out)
     log(f"tokenizer.json written and verified ({time.perf_counter() - t:.1f} s)")
     t = time.perf_counter()
-    write_onnx(ckpt, out)
+    encoder = build_encoder(ckpt)
+    write_weights(encoder, out)
+    write_onnx(encoder, ckpt, out)
     log(f"{ONNX_FILE} exported ({(out / ONNX_FILE).stat().st_size / 2**20:.1f} MiB, {time.perf_counter() - t:.1f} s)")
-    report = check_parity(out / ONNX_FILE, ckpt, tol, log)
+    report = check_parity(out / ONNX_FILE, ckpt, tol, log, torch_encoder=encoder)
     (out / PARITY_FILE).write_text(json.dumps(report, indent=2))
     if not report["passed"]:
         worst = max(report["results"], key=lambda r: r["max_abs_diff"])

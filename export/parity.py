@@ -67,9 +67,15 @@ def _compare(ref: np.ndarray, got: np.ndarray) -> tuple[float, float]:
     return diff, float((num / np.maximum(den, 1e-12)).min())
 
 
+TORCH_CHECK_LENGTHS = (1, 513, 1500)
+
+
 def check_parity(onnx_path: str | Path, ckpt: Checkpoint, tol: Tolerance = Tolerance(),
-                 log: Callable[[str], None] = lambda _: None) -> dict:
-    """Run the reference and the ONNX encoder on the parity lengths and return the report."""
+                 log: Callable[[str], None] = lambda _: None, torch_encoder=None) -> dict:
+    """Run the reference and the ONNX encoder on the parity lengths and return the report.
+
+    With `torch_encoder` (the module the ONNX was traced from, as the torch runtime runs it), a
+    mixed-length batch of TORCH_CHECK_LENGTHS is also checked and reported under "torch"."""
     import onnxruntime as ort
     import transformers
 
@@ -103,11 +109,25 @@ def check_parity(onnx_path: str | Path, ckpt: Checkpoint, tol: Tolerance = Toler
             ok = diff <= tol.max_abs_diff and cos >= tol.min_cosine and np.isfinite(out[i, :n]).all()
             rows.append({"length": n, "batch": len(batches) - 1, "padded_to": width,
                          "max_abs_diff": diff, "min_cosine": cos, "passed": bool(ok)})
+    torch_rows = []
+    if torch_encoder is not None:
+        batch = [n for n in TORCH_CHECK_LENGTHS if n in seqs]
+        width = max(batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, n in enumerate(batch):
+            ids[i, :n], mask[i, :n] = torch.from_numpy(seqs[n]), 1
+        with torch.inference_mode():
+            out = torch_encoder(ids, mask).numpy()
+        for i, n in enumerate(batch):
+            diff, cos = _compare(reference[n], out[i, :n])
+            torch_rows.append({"length": n, "max_abs_diff": diff, "min_cosine": cos,
+                               "passed": bool(diff <= tol.max_abs_diff and cos >= tol.min_cosine)})
     seen = {r["length"] for r in rows}
     if seen != set(seqs):  # every parity length must have been checked
         raise AssertionError(f"parity lengths not checked: {sorted(set(seqs) - seen)}")
     return {
-        "passed": all(r["passed"] for r in rows),
+        "passed": all(r["passed"] for r in rows + torch_rows),
         "tolerance": asdict(tol),
         "reference": f"transformers {transformers.__version__} LongformerModel, fp32, each sequence alone",
         "candidate": f"ONNX on onnxruntime {ort.__version__} CPUExecutionProvider, batches mixing lengths",
@@ -116,6 +136,8 @@ def check_parity(onnx_path: str | Path, ckpt: Checkpoint, tol: Tolerance = Toler
         "results": sorted(rows, key=lambda r: r["length"]),
         "max_abs_diff": max(r["max_abs_diff"] for r in rows),
         "min_cosine": min(r["min_cosine"] for r in rows),
+        "torch": {"candidate": "export.encoder.LongformerEncoder in torch fp32 (the torch runtime's module)",
+                  "results": torch_rows},
         "seconds": round(time.perf_counter() - start, 2),
     }
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -40,12 +41,17 @@ def remove_stale_partials(out: Path) -> None:
 
 
 def disk_full_cause(exc: BaseException) -> OSError | None:
-    """The OSError for a full disk (or file-size limit) anywhere in `exc`'s cause chain."""
+    """The OSError for a full disk (or file-size limit) anywhere in `exc`'s cause chain. Libraries
+    with native writers (safetensors, onnx) report it in their own exception as "(os error N)"."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
             return exc
+        native = re.search(r"os error (\d+)", str(exc))
+        if native and int(native.group(1)) in _DISK_FULL:
+            code = int(native.group(1))
+            return OSError(code, os.strerror(code))
         exc = exc.__cause__ or exc.__context__
     return None
 

@@ -68,6 +68,15 @@ class Artifact:
     def onnx_path(self) -> Path:
         return self.path / self.manifest["onnx"]["file"]
 
+    @property
+    def torch_weights_path(self) -> Path:
+        return self.path / self.manifest["torch"]["file"]
+
+    @property
+    def encoder_config(self) -> dict:
+        """The encoder's config for the torch runtime (fields of export.encoder.EncoderConfig)."""
+        return dict(self.manifest["torch"]["encoder_config"])
+
     def token_id(self, name: str) -> int:
         return int(self.manifest["special_tokens"][name]["id"])
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .artifact import Artifact
-from .runtime import DEFAULT_BATCH_SIZE, DEFAULT_TOKEN_BUDGET, Encoder
+from .runtime import DEFAULT_BATCH_SIZE, DEFAULT_TOKEN_BUDGET, Encoder, resolve_backend
 from .text import Span, detect_sentences, lowercase_keep_offsets, tokenize
 from .windows import DEFAULT_OVERLAP, assign_pieces, window_starts
 
@@ -32,6 +32,8 @@ class EmbedOptions:
     token_vector: str = "first"
     token_budget: int = DEFAULT_TOKEN_BUDGET
     batch_size: int = DEFAULT_BATCH_SIZE
+    precision: str = "fp32"
+    backend: str = "auto"
 
     def validate(self, artifact: Artifact) -> "EmbedOptions":
         if self.context not in CONTEXTS:
@@ -40,6 +42,7 @@ class EmbedOptions:
             raise ValueError(f"token vector must be one of {TOKEN_VECTORS}, got {self.token_vector!r}")
         if not 3 <= self.max_length <= artifact.max_length:
             raise ValueError(f"max length must be between 3 and the model's {artifact.max_length}, got {self.max_length}")
+        resolve_backend(self.backend, self.precision)
         if not 0 <= self.window_overlap < self.max_length - 2:
             raise ValueError(f"window overlap must be in [0, {self.max_length - 2}), got {self.window_overlap}")
         return self
@@ -138,7 +141,8 @@ class NoteEmbedder:
         self.options = options.validate(artifact)
         self.tokenizer = artifact.tokenizer
         self.bos, self.eos = artifact.token_id("bos"), artifact.token_id("eos")
-        self.encoder = Encoder(artifact, options.token_budget, options.batch_size, threads)
+        self.encoder = Encoder(artifact, options.token_budget, options.batch_size, threads,
+                               options.precision, options.backend)
 
     def _pieces(self, text: str, begin: int, end: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         enc = self.tokenizer.encode(text[begin:end], add_special_tokens=False)

@@ -1,7 +1,9 @@
-"""The model runtime inside Spark tasks: one ONNX Runtime session per Python worker, token-budget batches.
+"""The model runtime inside Spark tasks: one model per Python worker, token-budget batches.
 
-Sequences are sorted by length and packed so that batch_size x padded length stays within a token
-budget: little padding, bounded memory, whatever the mix of note lengths.
+Two backends run the same encoder: ONNX Runtime on `encoder.onnx` (fp32) and torch on the exported
+weights with `export.encoder` (the one shared definition; fp32, bf16, fp16 — bf16 uses AMX where the
+CPU has it). Sequences are sorted by length and packed so that batch size x padded length stays
+within a token budget: little padding and bounded memory, whatever the mix of note lengths.
 """
 from __future__ import annotations
 
@@ -13,11 +15,13 @@ import numpy as np
 
 from .artifact import Artifact
 
-_SESSIONS: dict[tuple[str, int], object] = {}
+_MODELS: dict[tuple, object] = {}
 _LOCK = threading.Lock()
 
 DEFAULT_TOKEN_BUDGET = 16384
 DEFAULT_BATCH_SIZE = 32
+PRECISIONS = ("fp32", "bf16", "fp16")
+BACKENDS = ("auto", "onnxruntime", "torch")
 
 
 def task_threads() -> int:
@@ -35,20 +39,70 @@ def task_threads() -> int:
     return os.cpu_count() or 1
 
 
-def session_for(artifact: Artifact, threads: int | None = None):
-    """The process-wide ONNX Runtime session of this artifact, created on first use."""
-    import onnxruntime as ort
+def resolve_backend(backend: str, precision: str) -> str:
+    """auto: onnxruntime for fp32, torch for bf16/fp16 (ONNX Runtime's CPU kernels are fp32)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "onnxruntime" if precision == "fp32" else "torch"
+    if backend == "onnxruntime" and precision != "fp32":
+        raise ValueError(f"the onnxruntime backend runs fp32 only; use backend torch for {precision}")
+    return backend
 
+
+class _OrtModel:
+    def __init__(self, artifact: Artifact, threads: int):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(artifact.onnx_path), opts, providers=["CPUExecutionProvider"])
+
+    def __call__(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        return self.session.run(["last_hidden_state"], {"input_ids": ids, "attention_mask": mask})[0]
+
+
+class _TorchModel:
+    _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+    def __init__(self, artifact: Artifact, threads: int, precision: str, device: str = "cpu"):
+        import torch
+        from safetensors.torch import load_file
+
+        from export.encoder import EncoderConfig, LongformerEncoder
+
+        cfg = artifact.encoder_config
+        cfg["attention_window"] = tuple(cfg["attention_window"])
+        model = LongformerEncoder(EncoderConfig(**cfg))
+        model.load_state_dict(load_file(str(artifact.torch_weights_path)), strict=True)
+        self.dtype = getattr(torch, self._DTYPES[precision])
+        self.device = torch.device(device)
+        self.model = model.eval().to(self.device, self.dtype)
+        if self.device.type == "cpu":
+            torch.set_num_threads(threads)
+        self.torch = torch
+
+    def __call__(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        torch = self.torch
+        with torch.inference_mode():
+            out = self.model(torch.from_numpy(ids).to(self.device), torch.from_numpy(mask).to(self.device))
+            return out.float().cpu().numpy()
+
+
+def model_for(artifact: Artifact, precision: str = "fp32", backend: str = "auto", threads: int | None = None):
+    """The process-wide model of this artifact and precision, created on first use."""
+    backend = resolve_backend(backend, precision)
     threads = threads or task_threads()
-    key = (str(artifact.onnx_path.resolve()), threads)
+    key = (str(artifact.path.resolve()), backend, precision, threads)
     with _LOCK:
-        if key not in _SESSIONS:
-            opts = ort.SessionOptions()
-            opts.intra_op_num_threads = threads
-            opts.inter_op_num_threads = 1
-            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            _SESSIONS[key] = ort.InferenceSession(str(artifact.onnx_path), opts, providers=["CPUExecutionProvider"])
-        return _SESSIONS[key]
+        if key not in _MODELS:
+            _MODELS[key] = _OrtModel(artifact, threads) if backend == "onnxruntime" else \
+                _TorchModel(artifact, threads, precision)
+        return _MODELS[key]
 
 
 def plan_batches(lengths: Sequence[int], token_budget: int = DEFAULT_TOKEN_BUDGET,
@@ -68,12 +122,13 @@ def plan_batches(lengths: Sequence[int], token_budget: int = DEFAULT_TOKEN_BUDGE
 
 
 class Encoder:
-    """Runs id sequences through the artifact's encoder and returns one (n, dim) array per sequence."""
+    """Runs id sequences through the artifact's encoder and returns one (n, dim) float32 array each."""
 
     def __init__(self, artifact: Artifact, token_budget: int = DEFAULT_TOKEN_BUDGET,
-                 batch_size: int = DEFAULT_BATCH_SIZE, threads: int | None = None):
+                 batch_size: int = DEFAULT_BATCH_SIZE, threads: int | None = None,
+                 precision: str = "fp32", backend: str = "auto"):
         self.artifact = artifact
-        self.session = session_for(artifact, threads)
+        self.model = model_for(artifact, precision, backend, threads)
         self.pad_id = artifact.token_id("pad")
         self.token_budget = token_budget
         self.batch_size = batch_size
@@ -88,7 +143,7 @@ class Encoder:
             for row, i in enumerate(batch):
                 ids[row, : lengths[i]] = sequences[i]
                 mask[row, : lengths[i]] = 1
-            hidden = self.session.run(["last_hidden_state"], {"input_ids": ids, "attention_mask": mask})[0]
+            hidden = self.model(ids, mask)
             for row, i in enumerate(batch):
                 out[i] = hidden[row, : lengths[i]]
         return out  # type: ignore[return-value]

@@ -112,3 +112,25 @@ def test_pretrained_names_resolve_under_clinlong_models(tiny_artifact, tmp_path,
     assert pipelines.load("en.embed.longformer.clinical").artifact.dimension == 64
     stage = LongformerEmbeddings.pretrained("clinical_longformer", "en")
     assert stage.getDimension() == 64
+
+
+@pytest.mark.parametrize("precision,tol", [("fp32", 1e-5), ("bf16", None)])
+def test_torch_backend_matches_onnx(artifact, precision, tol):
+    """The torch runtime (shared export.encoder definition + exported weights) against ONNX Runtime."""
+    from export.synthetic_notes import generate_notes
+
+    texts = [n.text for n in generate_notes(6, seed=12)]
+    ref = NoteEmbedder(artifact).embed(texts)
+    got = NoteEmbedder(artifact, EmbedOptions(precision=precision, backend="torch")).embed(texts)
+    for a, b in zip(ref, got):
+        if tol is not None:
+            np.testing.assert_allclose(b.piece_vectors, a.piece_vectors, atol=tol)
+        else:  # bf16: cosine per token against fp32
+            cos = (a.piece_vectors * b.piece_vectors).sum(1) / (
+                np.linalg.norm(a.piece_vectors, axis=1) * np.linalg.norm(b.piece_vectors, axis=1))
+            assert cos.min() >= 0.999, cos.min()
+
+
+def test_onnxruntime_backend_refuses_reduced_precision(artifact):
+    with pytest.raises(ValueError, match="fp32 only"):
+        NoteEmbedder(artifact, EmbedOptions(precision="bf16", backend="onnxruntime"))

@@ -75,10 +75,12 @@ def test_synthetic_notes_look_like_mimic():
 
 def test_artifact_files_and_manifest(tiny_artifact, tiny_checkpoint):
     manifest = json.loads((tiny_artifact / "manifest.json").read_text())
-    assert {p.name for p in tiny_artifact.iterdir()} == {"manifest.json", "encoder.onnx", "tokenizer.json", "parity.json"}
+    assert {p.name for p in tiny_artifact.iterdir()} == {"manifest.json", "encoder.onnx", "encoder.safetensors",
+                                                         "tokenizer.json", "parity.json"}
     for name, digest in manifest["files"].items():
         assert hashlib.sha256((tiny_artifact / name).read_bytes()).hexdigest() == digest
-    assert set(manifest["files"]) == {"encoder.onnx", "tokenizer.json", "parity.json"}
+    assert set(manifest["files"]) == {"encoder.onnx", "encoder.safetensors", "tokenizer.json", "parity.json"}
+    assert manifest["torch"]["encoder_config"]["attention_window"] == [512, 256]
     assert manifest["architecture"] == "LongformerModel" and manifest["dimension"] == 64
     assert manifest["max_length"] == 4096 and manifest["attention_windows"] == [512, 256]
     assert manifest["special_tokens"]["pad"]["id"] == 1 and manifest["special_tokens"]["bos"]["id"] == 0
@@ -95,6 +97,7 @@ def test_tiny_parity_report_meets_1e_4(tiny_artifact):
     assert all(r["max_abs_diff"] <= 1e-4 for r in report["results"]), report["results"]
     assert report["min_cosine"] >= 0.99999
     assert any(len(b) > 1 and min(b) < max(b) for b in report["batches"])  # padding exercised
+    assert len(report["torch"]["results"]) == 3 and all(r["max_abs_diff"] <= 1e-4 for r in report["torch"]["results"])
 
 
 def test_onnx_has_dynamic_axes_and_matches_hf_independently(tiny_artifact, tiny_checkpoint):
