@@ -17,7 +17,7 @@ import numpy as np
 from .artifact import Artifact
 from .runtime import DEFAULT_BATCH_SIZE, DEFAULT_TOKEN_BUDGET, Encoder, resolve_backend
 from .text import Span, detect_sentences, lowercase_keep_offsets, tokenize
-from .windows import DEFAULT_OVERLAP, assign_pieces, window_starts
+from .windows import DEFAULT_OVERLAP, assign_pieces, window_plan
 
 CONTEXTS = ("note", "sentence")
 TOKEN_VECTORS = ("first", "mean")
@@ -150,8 +150,7 @@ class NoteEmbedder:
         return np.asarray(enc.ids, np.int64), offsets[:, 0], offsets[:, 1]
 
     def _plan_segment(self, ids: np.ndarray, runs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        width = self.options.max_length - 2
-        starts = window_starts(len(ids), self.options.max_length, self.options.window_overlap)
+        starts, width = window_plan(len(ids), self.options.max_length, self.options.window_overlap)
         first_run = len(runs)
         for s in starts:
             runs.append(np.concatenate([[self.bos], ids[s:s + width], [self.eos]]))
@@ -177,28 +176,31 @@ class NoteEmbedder:
         result.n_windows = len(runs)
         return result, _Plan(runs, cat(piece_run), cat(piece_pos))
 
-    def embed(self, texts: list) -> list[NoteResult]:
-        """One result per text, in order; unusable texts come back with a skip reason."""
+    def prepare(self, texts: list) -> "Prepared":
+        """CPU-side work before the model: checks, sentences, tokens, BPE, windows."""
         results: list[NoteResult] = []
         plans: list[_Plan | None] = []
-        all_runs: list[np.ndarray] = []
+        runs: list[np.ndarray] = []
         offsets: list[int] = []
         for text in texts:
+            offsets.append(len(runs))
             reason = skip_reason(text)
             if reason is not None:
                 results.append(NoteResult(reason, None if not isinstance(text, str) else
                                           hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()))
                 plans.append(None)
-                offsets.append(len(all_runs))
                 continue
             res, plan = self.analyze(text)
             results.append(res)
             plans.append(plan)
-            offsets.append(len(all_runs))
-            all_runs.extend(plan.run_ids)
-        hidden = self.encoder(all_runs) if all_runs else []
+            runs.extend(plan.run_ids)
+        return Prepared(results, plans, runs, offsets)
+
+    def finish(self, prep: "Prepared") -> list[NoteResult]:
+        """Run the model on the prepared sequences and give every piece its vector."""
+        hidden = self.encoder(prep.runs) if prep.runs else []
         dim = self.artifact.dimension
-        for res, plan, off in zip(results, plans, offsets):
+        for res, plan, off in zip(prep.results, prep.plans, prep.offsets):
             if plan is None:
                 continue
             vecs = np.empty((res.n_tokens, dim), np.float32)
@@ -208,4 +210,18 @@ class NoteEmbedder:
             res.piece_vectors = vecs
             if not res.n_tokens:
                 res.skip_reason = "no BPE pieces"
-        return results
+        return prep.results
+
+    def embed(self, texts: list) -> list[NoteResult]:
+        """One result per text, in order; unusable texts come back with a skip reason."""
+        return self.finish(self.prepare(texts))
+
+
+@dataclass
+class Prepared:
+    """A batch of notes ready for the model (see NoteEmbedder.prepare)."""
+
+    results: list[NoteResult]
+    plans: list[_Plan | None]
+    runs: list[np.ndarray]
+    offsets: list[int]

@@ -106,13 +106,18 @@ def model_for(artifact: Artifact, precision: str = "fp32", backend: str = "auto"
 
 
 def plan_batches(lengths: Sequence[int], token_budget: int = DEFAULT_TOKEN_BUDGET,
-                 batch_size: int = DEFAULT_BATCH_SIZE) -> list[list[int]]:
-    """Indices of sequences grouped into batches, longest first, each within the token budget."""
+                 batch_size: int = DEFAULT_BATCH_SIZE, multiple: int = 1) -> list[list[int]]:
+    """Indices of sequences grouped into batches, longest first.
+
+    A batch holds sequences of the same length bucket (lengths rounded up to `multiple`, the length
+    the encoder pads to anyway), so no padding beyond the window multiple is added; each batch stays
+    within `batch_size` sequences and `token_budget` padded tokens."""
+    bucket = [-(-n // multiple) * multiple for n in lengths]
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     batches, current = [], []
     for i in order:
-        width = lengths[current[0]] if current else lengths[i]
-        if current and (len(current) + 1 > batch_size or (len(current) + 1) * width > token_budget):
+        if current and (bucket[i] != bucket[current[0]] or len(current) + 1 > batch_size
+                        or (len(current) + 1) * lengths[current[0]] > token_budget):
             batches.append(current)
             current = []
         current.append(i)
@@ -130,13 +135,14 @@ class Encoder:
         self.artifact = artifact
         self.model = model_for(artifact, precision, backend, threads)
         self.pad_id = artifact.token_id("pad")
+        self.multiple = int(artifact.manifest.get("pad_multiple", 1))
         self.token_budget = token_budget
         self.batch_size = batch_size
 
     def __call__(self, sequences: Sequence[np.ndarray]) -> list[np.ndarray]:
         out: list[np.ndarray | None] = [None] * len(sequences)
         lengths = [len(s) for s in sequences]
-        for batch in plan_batches(lengths, self.token_budget, self.batch_size):
+        for batch in plan_batches(lengths, self.token_budget, self.batch_size, self.multiple):
             width = max(lengths[i] for i in batch)
             ids = np.full((len(batch), width), self.pad_id, dtype=np.int64)
             mask = np.zeros((len(batch), width), dtype=np.int64)

@@ -26,15 +26,33 @@ def embedder(artifact_path: str, options: EmbedOptions) -> NoteEmbedder:
 
 def _embedded(artifact_path: str, options: EmbedOptions, spec: OutputSpec,
               batches: Iterator[pa.RecordBatch]) -> Iterator[tuple[list[NoteResult], pa.Table]]:
+    """Embed batch after batch, preparing the next batch (text rules, BPE) on a helper thread while
+    the model runs the current one (ONNX Runtime and torch release the GIL while they compute)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     emb = embedder(artifact_path, options)
-    for batch in batches:
-        ids = batch.column("note_id").to_pylist()
-        texts = batch.column("text").to_pylist()
-        results = emb.embed(texts)
-        for nid, r in zip(ids, results):
-            if nid is None and r.skip_reason is None:
-                r.skip_reason = "null note id"
-        yield results, build_table(spec, ids, texts, results)
+
+    def prepare(batch: pa.RecordBatch):
+        ids, texts = batch.column("note_id").to_pylist(), batch.column("text").to_pylist()
+        return ids, texts, emb.prepare(texts)
+
+    with ThreadPoolExecutor(1, thread_name_prefix="clinlong-prepare") as pool:
+        pending = None
+        for batch in batches:
+            nxt = pool.submit(prepare, batch)
+            if pending is not None:
+                yield _finish(emb, spec, *pending.result())
+            pending = nxt
+        if pending is not None:
+            yield _finish(emb, spec, *pending.result())
+
+
+def _finish(emb: NoteEmbedder, spec: OutputSpec, ids: list, texts: list, prep) -> tuple[list[NoteResult], pa.Table]:
+    results = emb.finish(prep)
+    for nid, r in zip(ids, results):
+        if nid is None and r.skip_reason is None:
+            r.skip_reason = "null note id"
+    return results, build_table(spec, ids, texts, results)
 
 
 def _counts(results: list[NoteResult], rows: int) -> dict:

@@ -1,11 +1,13 @@
 """Overlapping windows for sequences longer than the model's max length, and how they are stitched.
 
 A note of n content pieces (BPE pieces without <s>/</s>) that does not fit in `max_length` is cut
-into windows of `max_length - 2` content pieces, each framed by <s> ... </s> and run alone. Windows
-start every `max_length - 2 - overlap` pieces; the last one ends at the note's end. Every piece takes
-its vector from the window in which it sits farthest from a window edge (ties: the earlier window),
-so with the default overlap of 512 each stitched piece has at least 256 pieces of context on both
-sides wherever the note itself has them.
+into the fewest windows of at most `max_length - 2` content pieces that overlap by `overlap`
+pieces: k = ceil((n - overlap) / (width - overlap)) windows of equal length
+w = ceil((n + (k - 1) * overlap) / k), starting every w - overlap pieces, the last one ending at the
+note's end. Each is framed by <s> ... </s> and run alone, so the model computes about
+n + (k - 1) * overlap tokens (not k full windows). Every piece takes its vector from the window in
+which it sits farthest from a window edge (ties: the earlier window), so with the default overlap of
+512 each stitched piece has at least 256 pieces of context on both sides wherever the note has them.
 """
 from __future__ import annotations
 
@@ -14,19 +16,24 @@ import numpy as np
 DEFAULT_OVERLAP = 512
 
 
-def window_starts(n: int, max_length: int, overlap: int = DEFAULT_OVERLAP) -> list[int]:
-    """Start offsets (into the content pieces) of the windows covering n pieces."""
+def window_plan(n: int, max_length: int, overlap: int = DEFAULT_OVERLAP) -> tuple[list[int], int]:
+    """Start offsets (into the content pieces) and the common length of the windows covering n pieces."""
     width = max_length - 2
     if width < 1:
         raise ValueError(f"max_length {max_length} leaves no room for content between <s> and </s>")
     if n <= width:
-        return [0]
+        return [0], n
     if not 0 <= overlap < width:
         raise ValueError(f"window overlap {overlap} must be in [0, {width})")
-    stride = width - overlap
-    starts = list(range(0, n - width, stride))
-    starts.append(n - width)
-    return starts
+    k = -(-(n - overlap) // (width - overlap))
+    length = -(-(n + (k - 1) * overlap) // k)
+    stride = length - overlap
+    return [i * stride for i in range(k - 1)] + [n - length], length
+
+
+def window_starts(n: int, max_length: int, overlap: int = DEFAULT_OVERLAP) -> list[int]:
+    """Start offsets of the windows covering n pieces (see window_plan)."""
+    return window_plan(n, max_length, overlap)[0]
 
 
 def assign_pieces(n: int, starts: list[int], width: int) -> tuple[np.ndarray, np.ndarray]:

@@ -6,7 +6,7 @@ import pytest
 
 from pipelines.artifact import Artifact, ArtifactError
 from pipelines.engine import EmbedOptions, NoteEmbedder
-from pipelines.windows import assign_pieces, window_starts
+from pipelines.windows import assign_pieces, window_plan
 from tests.conftest import hf_reference
 
 
@@ -24,9 +24,8 @@ def test_long_note_windows_equal_hf_on_the_chosen_window(artifact, tiny_checkpoi
     res = emb.embed([text])[0]
     ids = artifact.tokenizer.encode(text, add_special_tokens=False).ids
     assert res.n_tokens == len(ids) > 3 * max_len
-    starts = window_starts(len(ids), max_len, overlap)
+    starts, width = window_plan(len(ids), max_len, overlap)
     assert res.n_windows == len(starts) > 3
-    width = max_len - 2
     which, pos = assign_pieces(len(ids), starts, width)
     for w, s in enumerate(starts):
         ref = hf_reference(tiny_checkpoint, [0, *ids[s:s + width], 2])[1:-1]

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from pipelines.text import detect_sentences, lowercase_keep_offsets, tokenize
-from pipelines.windows import assign_pieces, window_starts
+from pipelines.windows import assign_pieces, window_plan, window_starts
 
 NOTE = """HISTORY OF PRESENT ILLNESS:
 Pt. is a 67 y/o M seen by Dr. [**Last Name (STitle) 1234**] on [**2101-3-4**]. He takes ASA q.d. and 2.5 mg IV. Repeat labs
@@ -65,12 +65,16 @@ def test_lowercase_keeps_offsets():
     assert len(low) == len(text) and low.endswith("mri åb")
 
 
-def test_windows_cover_every_piece_far_from_edges():
-    n, max_len, overlap = 10_000, 4096, 512
-    starts = window_starts(n, max_len, overlap)
-    width = max_len - 2
-    assert starts[0] == 0 and starts[-1] + width == n
-    assert all(b - a == width - overlap for a, b in zip(starts, starts[1:-1]))
+@pytest.mark.parametrize("n", [4095, 4200, 10_000, 100_000])
+def test_windows_cover_every_piece_far_from_edges(n):
+    max_len, overlap = 4096, 512
+    starts, width = window_plan(n, max_len, overlap)
+    assert width <= max_len - 2 and starts[0] == 0 and starts[-1] + width == n
+    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    assert all(g == width - overlap for g in gaps[:-1])  # equal windows, `overlap` shared ...
+    assert all(0 < g <= width - overlap for g in gaps)  # ... and at least that much with the last one
+    assert len(starts) == -(-(n - overlap) // (max_len - 2 - overlap))  # the fewest windows
+    assert len(starts) * width < n + len(starts) * overlap + len(starts)  # ~ n + (k - 1) overlap computed
     w, pos = assign_pieces(n, starts, width)
     assert ((pos >= 0) & (pos < width)).all()
     # Away from the note's ends, every piece sits at least overlap/2 from its window's edges.

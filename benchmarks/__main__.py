@@ -1,0 +1,289 @@
+"""`python -m benchmarks [--quick] [--json OUT]`: our job against the pandas-UDF baseline, side by side.
+
+One run, one machine, one process tree: the baseline (Spark pandas UDF around Hugging Face
+LongformerModel, fp32), our job at note granularity into Delta at fp32 and bf16, our heavy step alone,
+a GEMM peak at each precision, scaling with note length, and memory on a stream of notes. Base-size
+synthetic checkpoint (the real Clinical-Longformer dimensions), MIMIC-III-like mix of note lengths.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.measure import WorkerMemory, flops_per_token, gemm_peak, machine, peak_rss_mb, rss_mb
+
+
+def _log(msg: str) -> None:
+    print(f"[benchmarks] {msg}", file=sys.stderr, flush=True)
+
+
+def ensure_artifact(work: Path) -> tuple[Path, Path]:
+    """The base-size synthetic checkpoint and its exported artifact (built once, reused)."""
+    from export.__main__ import run as export
+    from export.synthetic import write_synthetic_checkpoint
+
+    ckpt, art = work / "checkpoint-base", work / "artifact-base"
+    if not (ckpt / "config.json").exists():
+        _log("writing the base-size synthetic checkpoint")
+        write_synthetic_checkpoint(ckpt, "base", seed=0)
+    if not (art / "manifest.json").exists():
+        _log("exporting it (parity check included)")
+        export([str(ckpt), str(art), "--overwrite", "--name", "synthetic-clinical-longformer-base"])
+    return ckpt, art
+
+
+def write_notes(work: Path, n: int, long_notes: int) -> tuple[Path, list[str]]:
+    """n synthetic notes: `long_notes` discharge summaries (2,000-6,000 tokens) and short notes of the
+    other MIMIC-III categories (ECG, nursing, radiology, physician), shuffled as one table."""
+    import random
+
+    import pandas as pd
+
+    from export.synthetic_notes import generate_notes
+
+    pool = generate_notes(20 * n, seed=7)
+    longs = [x for x in pool if x.category == "Discharge summary" and len(x.text) > 9000][:long_notes]
+    shorts = [x for x in pool if x.category != "Discharge summary"][: n - long_notes]
+    notes = longs + shorts
+    random.Random(0).shuffle(notes)
+    path = work / f"notes-{n}-{long_notes}.parquet"
+    pd.DataFrame({"ROW_ID": [x.row_id for x in notes], "CATEGORY": [x.category for x in notes],
+                  "TEXT": [x.text for x in notes]}).to_parquet(path)
+    return path, [x.text for x in notes]
+
+
+def _spark(cores: int):
+    from pyspark.sql import SparkSession
+
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    spark = (SparkSession.builder.master(f"local[{cores}]").appName("clinlong-benchmarks")
+             .config("spark.ui.enabled", "false").config("spark.task.cpus", "1")
+             .config("spark.sql.execution.arrow.maxRecordsPerBatch", "64").getOrCreate())
+    spark.sparkContext.setLogLevel("ERROR")
+    return spark
+
+
+def run_baseline(notes: Path, ckpt: Path, out: Path, cores: int) -> tuple[float, float]:
+    from benchmarks.baseline import embed_udf
+
+    spark = _spark(cores)
+    try:
+        with WorkerMemory() as mem:
+            start = time.perf_counter()
+            df = spark.read.parquet(str(notes)).repartition(cores)
+            df.select("ROW_ID", embed_udf(str(ckpt))("TEXT").alias("embedding")).write.mode("overwrite").parquet(str(out))
+            seconds = time.perf_counter() - start
+        return seconds, round(mem.peak_mb, 1)
+    finally:
+        spark.stop()
+
+
+def run_ours(notes: Path, art: Path, out: Path, cores: int, precision: str) -> tuple[float, float, dict]:
+    from pipelines.embed_notes import JobConfig, run
+    from pipelines.engine import EmbedOptions
+
+    spark = _spark(cores)
+    try:
+        with WorkerMemory() as mem:
+            start = time.perf_counter()
+            summary = run(JobConfig(notes=str(notes), model=str(art), out=str(out), mode="overwrite",
+                                    partitions=cores, options=EmbedOptions(precision=precision)), spark)
+            seconds = time.perf_counter() - start
+        return seconds, round(mem.peak_mb, 1), summary
+    finally:
+        spark.stop()
+
+
+def heavy_step(art: Path, texts: list[str], precision: str, threads: int) -> tuple[float, int, list[np.ndarray]]:
+    """Our encoder alone on pre-tokenized, token-budget batches (tokenization excluded). Tokens are the
+    notes' useful tokens (BPE pieces + <s>, </s>), as for every run; window overlaps are overhead."""
+    from pipelines.artifact import Artifact
+    from pipelines.engine import EmbedOptions, NoteEmbedder
+
+    emb = NoteEmbedder(Artifact.open(art, verify=False), EmbedOptions(precision=precision), threads=threads)
+    analyzed = [emb.analyze(t) for t in texts]
+    runs = [r for _, plan in analyzed for r in plan.run_ids]
+    emb.encoder([runs[0][:64]])  # warm-up
+    start = time.perf_counter()
+    out = emb.encoder(runs)
+    return time.perf_counter() - start, sum(res.n_tokens + 2 for res, _ in analyzed), out
+
+
+def scaling(art: Path, threads: int, repeat: int) -> dict:
+    """Seconds and memory per note at 512..4096 tokens; the fitted exponent of time against length."""
+    from pipelines.artifact import Artifact
+    from pipelines.runtime import Encoder
+
+    encoder = Encoder(Artifact.open(art, verify=False), threads=threads)
+    rng = np.random.default_rng(0)
+    rows = []
+    for n in (512, 1024, 2048, 4096):
+        ids = np.concatenate([[0], rng.integers(4, 2000, n - 2), [2]]).astype(np.int64)
+        best = min(_timed(lambda: encoder([ids])) for _ in range(repeat))
+        rows.append({"tokens": n, "seconds": round(best, 3), "rss_mb": round(rss_mb(), 1)})
+    slope = float(np.polyfit(np.log([r["tokens"] for r in rows]), np.log([r["seconds"] for r in rows]), 1)[0])
+    return {"per_length": rows, "fitted_exponent": round(slope, 3)}
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def memory_stream(art: Path, threads: int, chunks: int) -> dict:
+    """RSS after each chunk of a stream of fresh notes through one embedder: it must not grow."""
+    from export.synthetic_notes import generate_notes
+    from pipelines.artifact import Artifact
+    from pipelines.engine import NoteEmbedder
+
+    emb = NoteEmbedder(Artifact.open(art, verify=False), threads=threads)
+    rss = []
+    for c in range(chunks):
+        emb.embed([n.text for n in generate_notes(4, seed=10_000 + c)])
+        rss.append(round(rss_mb(), 1))
+    half = len(rss) // 2
+    return {"rss_mb_after_each_chunk": rss, "growth_second_half_mb": round(max(rss[half:]) - rss[half], 1)}
+
+
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    runs = result["runs"]
+    ax1.barh([r["name"] for r in runs], [r["tokens_per_s"] for r in runs], color="#4C72B0")
+    for i, r in enumerate(runs):
+        ax1.text(r["tokens_per_s"], i, f" {r['tokens_per_s']:.0f} ({r['ratio_vs_baseline']:.2f}x)", va="center")
+    ax1.set_xlabel("BPE tokens / s")
+    ax1.set_title(f"Throughput ({result['machine']['cores']} cores)")
+    sc = result["scaling"]["per_length"]
+    ax2.loglog([r["tokens"] for r in sc], [r["seconds"] for r in sc], "o-")
+    ax2.set_xlabel("note length (BPE tokens)")
+    ax2.set_ylabel("seconds per note")
+    ax2.set_title(f"Heavy step, fp32: time ∝ length^{result['scaling']['fitted_exponent']:.2f}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def format_table(result: dict) -> str:
+    head = f"{'run':<32} {'notes':>5} {'tokens':>7} {'wall s':>7} {'tok/s':>7} {'x base':>6} {'GFLOP/s':>7} " \
+           f"{'of peak':>7} {'RSS MB':>7} {'cos fp32':>8}"
+    lines = [head]
+    for r in result["runs"]:
+        cos = r.get("cosine_to_fp32_min")
+        lines.append(f"{r['name']:<32} {r['notes']:>5} {r['bpe_tokens']:>7} {r['wall_s']:>7.1f} {r['tokens_per_s']:>7.0f} "
+                     f"{r['ratio_vs_baseline']:>6.2f} {r['gflops']:>7.1f} {r['fraction_of_peak']:>7.2f} "
+                     f"{(r['peak_rss_mb_per_worker'] or 0):>7.0f} {'' if cos is None else f'{cos:.5f}':>8}")
+    p = result["gemm_peak_gflops"]
+    lines.append(f"GEMM peak ({result['threads']} threads): fp32 {p['fp32']:.0f} GFLOP/s, bf16 {p['bf16']:.0f} GFLOP/s; "
+                 f"{result['flops_per_token'] / 1e6:.1f} MFLOP per token")
+    s = result["scaling"]
+    lines.append("scaling (fp32 heavy step): " + ", ".join(f"{r['tokens']}: {r['seconds']:.2f} s" for r in s["per_length"])
+                 + f"; fitted exponent {s['fitted_exponent']}")
+    m = result["memory_stream"]
+    lines.append(f"memory on a stream: RSS {m['rss_mb_after_each_chunk'][0]} -> {m['rss_mb_after_each_chunk'][-1]} MB, "
+                 f"growth over the second half {m['growth_second_half_mb']} MB")
+    t = result["seconds"]
+    lines.append(f"took {t['benchmark']} s (+ {t['setup_checkpoint_and_export']} s one-time checkpoint and export)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="fewer notes and repeats; under 5 minutes on 2 cores")
+    p.add_argument("--json", help="write the results here")
+    p.add_argument("--plot", help="PNG path (default: next to --json, else WORK/benchmark.png)")
+    p.add_argument("--work", default="work/bench", help="folder for the checkpoint, artifact, notes and outputs")
+    args = p.parse_args(argv)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    cores = os.cpu_count() or 1
+    n_notes, n_long = (6, 1) if args.quick else (40, 8)
+    started = time.perf_counter()
+    ckpt, art = ensure_artifact(work)
+    setup_s = time.perf_counter() - started
+    cfg = json.loads((art / "manifest.json").read_text())["torch"]["encoder_config"]
+    fpt = flops_per_token(cfg)
+    notes_path, texts = write_notes(work, n_notes, n_long)
+    peaks = {prec: gemm_peak(prec, cores) for prec in ("fp32", "bf16")}
+    _log(f"{n_notes} notes; GEMM peak fp32 {peaks['fp32']:.0f}, bf16 {peaks['bf16']:.0f} GFLOP/s on {cores} threads")
+
+    from benchmarks.baseline import tokens_processed
+
+    runs = []
+    _log("baseline: Spark pandas UDF + Hugging Face LongformerModel, fp32")
+    secs, rss = run_baseline(notes_path, ckpt, work / "baseline.parquet", cores)
+    base_tokens = tokens_processed(str(ckpt), texts)
+    runs.append({"name": "baseline_pandas_udf_hf_fp32", "precision": "fp32", "notes": n_notes, "bpe_tokens": base_tokens,
+                 "wall_s": secs, "peak_rss_mb_per_worker": rss})
+    job_tables = {}
+    for prec in ("fp32", "bf16"):
+        _log(f"our job, note granularity into Delta, {prec}")
+        out = work / f"delta-{prec}"
+        secs, rss, summary = run_ours(notes_path, art, out, cores, prec)
+        job_tables[prec] = out
+        runs.append({"name": f"ours_job_delta_{prec}", "precision": prec, "notes": summary["notes_in"],
+                     "bpe_tokens": summary["bpe_tokens"] + 2 * summary["embedded"], "wall_s": secs,
+                     "peak_rss_mb_per_worker": rss})
+    heavy = {}
+    for prec in ("fp32", "bf16"):
+        _log(f"our heavy step alone, {prec}")
+        secs, tokens, out = heavy_step(art, texts, prec, cores)
+        heavy[prec] = out
+        runs.append({"name": f"ours_heavy_step_{prec}", "precision": prec, "notes": n_notes, "bpe_tokens": tokens,
+                     "wall_s": secs, "peak_rss_mb_per_worker": round(peak_rss_mb(), 1)})
+
+    token_cos = float(min(cosine_rows(a, b).min() for a, b in zip(heavy["fp32"], heavy["bf16"])))
+    from deltalake import DeltaTable
+
+    t32, t16 = (DeltaTable(str(job_tables[p])).to_pandas().sort_values("note_id") for p in ("fp32", "bf16"))
+    note_cos = float(cosine_rows(np.stack(t32.embedding), np.stack(t16.embedding)).min())
+    base_tps = runs[0]["bpe_tokens"] / runs[0]["wall_s"]
+    for r in runs:
+        r["wall_s"] = round(r["wall_s"], 2)
+        r["tokens_per_s"] = round(r["bpe_tokens"] / r["wall_s"], 1)
+        r["notes_per_s"] = round(r["notes"] / r["wall_s"], 3)
+        r["ratio_vs_baseline"] = round(r["tokens_per_s"] / base_tps, 2)
+        r["gflops"] = round(r["tokens_per_s"] * fpt / 1e9, 1)
+        r["fraction_of_peak"] = round(r["gflops"] / peaks[r["precision"]], 3)
+        if r["precision"] == "bf16":
+            r["cosine_to_fp32_min"] = round(token_cos if "heavy" in r["name"] else note_cos, 6)
+    _log("scaling and memory")
+    result = {
+        "machine": machine(), "threads": cores, "quick": args.quick,
+        "flops_per_token": fpt,
+        "flops_formula": "per layer 2*(4*d^2 + 2*d*d_ff) + 4*d*(w+1), summed over layers",
+        "gemm_peak_gflops": {k: round(v, 1) for k, v in peaks.items()},
+        "runs": runs,
+        "cosine_bf16_vs_fp32": {"per_token_min": round(token_cos, 6), "per_note_min": round(note_cos, 6)},
+        "scaling": scaling(art, cores, 1 if args.quick else 3),
+        "memory_stream": memory_stream(art, cores, 4 if args.quick else 12),
+    }
+    result["seconds"] = {"setup_checkpoint_and_export": round(setup_s, 1),
+                         "benchmark": round(time.perf_counter() - started - setup_s, 1)}
+    png = Path(args.plot) if args.plot else (Path(args.json).with_suffix(".png") if args.json else work / "benchmark.png")
+    plot(result, png)
+    result["plot"] = str(png)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    print(format_table(result))
+    print(f"plot: {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,54 @@
+"""`python -m benchmarks --quick` runs in CI: its figures are printed, never asserted as times."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+
+def test_flops_formula_gives_clinical_longformers_189_mflop():
+    from benchmarks.measure import flops_per_token
+    from export.synthetic import CLINICAL_LONGFORMER_CONFIG
+
+    assert abs(flops_per_token(CLINICAL_LONGFORMER_CONFIG) / 1e6 - 188.8) < 0.1
+
+
+def test_plan_batches_adds_no_padding_beyond_the_window_multiple():
+    from pipelines.runtime import plan_batches
+
+    lengths = [4096, 3000, 2900, 300, 257, 256, 200, 10, 9, 1]
+    batches = plan_batches(lengths, token_budget=10_000, batch_size=4, multiple=256)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for b in batches:
+        assert len({-(-lengths[i] // 256) for i in b}) == 1  # one length bucket per batch
+        assert len(b) <= 4 and len(b) * max(lengths[i] for i in b) <= 10_000 or len(b) == 1
+
+
+@pytest.mark.slow
+def test_benchmark_quick_reports_every_figure(tmp_path):
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYSPARK_PYTHON": sys.executable}
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--json", str(out),
+                           "--work", str(ROOT / "work" / "bench")], capture_output=True, text=True, env=env,
+                          cwd=ROOT, timeout=1500)
+    print(proc.stdout)  # the figures, for the CI log
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    names = [r["name"] for r in result["runs"]]
+    assert names == ["baseline_pandas_udf_hf_fp32", "ours_job_delta_fp32", "ours_job_delta_bf16",
+                     "ours_heavy_step_fp32", "ours_heavy_step_bf16"]
+    for r in result["runs"]:
+        for key in ("notes", "bpe_tokens", "wall_s", "tokens_per_s", "ratio_vs_baseline", "gflops",
+                    "fraction_of_peak", "peak_rss_mb_per_worker"):
+            assert isinstance(r[key], (int, float)) and math.isfinite(r[key]) and r[key] > 0, (r["name"], key)
+    assert all("cosine_to_fp32_min" in r for r in result["runs"] if r["precision"] == "bf16")
+    assert [s["tokens"] for s in result["scaling"]["per_length"]] == [512, 1024, 2048, 4096]
+    assert math.isfinite(result["scaling"]["fitted_exponent"])
+    assert len(result["memory_stream"]["rss_mb_after_each_chunk"]) >= 4
+    assert (tmp_path / "bench.png").stat().st_size > 10_000
