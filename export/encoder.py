@@ -90,8 +90,9 @@ class Embeddings(nn.Module):
 class SlidingWindowSelfAttention(nn.Module):
     """Multi-head attention of each token over the `one_sided` tokens on either side of it."""
 
-    def __init__(self, cfg: EncoderConfig, window: int):
+    def __init__(self, cfg: EncoderConfig, window: int, fused: bool = False):
         super().__init__()
+        self.fused = fused  # PyTorch's fused SDPA kernel (GPUs); the ONNX export uses the explicit form
         if window <= 0 or window % 2:
             raise ValueError(f"attention window must be a positive even number, got {window}")
         self.num_heads = cfg.num_attention_heads
@@ -128,11 +129,17 @@ class SlidingWindowSelfAttention(nn.Module):
         q = heads(self.query(hidden) / math.sqrt(d)).reshape(bsz, h, n, b, d)
         k = self._blocks3(heads(self.key(hidden)))
         v = self._blocks3(heads(self.value(hidden)))
-        scores = torch.matmul(q, k.transpose(-1, -2))  # (B, H, n, b, 3b)
-
         valid = F.pad(key_valid, (b, b)).reshape(bsz, n + 2, b)
         valid = torch.cat([valid[:, :-2], valid[:, 1:-1], valid[:, 2:]], dim=2)  # (B, n, 3b)
         allowed = self.band[None, None] & valid[:, :, None, :]  # (B, n, b, 3b)
+        if self.fused:
+            # An additive mask of the dtype's minimum (not a boolean one) keeps fully masked padding rows
+            # finite: a NaN there would reach real tokens through the next layer's keys.
+            bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device)
+            bias = bias.masked_fill(~allowed, torch.finfo(q.dtype).min)[:, None]
+            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
+            return ctx.reshape(bsz, h, length, d).transpose(1, 2).reshape(bsz, length, dim)
+        scores = torch.matmul(q, k.transpose(-1, -2))  # (B, H, n, b, 3b)
         # masked_fill with the dtype's minimum (not -inf) keeps fully masked padding rows finite.
         scores = scores.masked_fill(~allowed[:, None], torch.finfo(scores.dtype).min)
         probs = torch.softmax(scores, dim=-1)
@@ -153,9 +160,9 @@ class _DenseLayerNorm(nn.Module):
 
 
 class _Attention(nn.Module):
-    def __init__(self, cfg: EncoderConfig, window: int):
+    def __init__(self, cfg: EncoderConfig, window: int, fused: bool = False):
         super().__init__()
-        setattr(self, "self", SlidingWindowSelfAttention(cfg, window))
+        setattr(self, "self", SlidingWindowSelfAttention(cfg, window, fused))
         self.output = _DenseLayerNorm(cfg.hidden_size, cfg.hidden_size, cfg.layer_norm_eps)
 
     def forward(self, hidden: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
@@ -175,9 +182,9 @@ class _Intermediate(nn.Module):
 
 
 class Layer(nn.Module):
-    def __init__(self, cfg: EncoderConfig, window: int):
+    def __init__(self, cfg: EncoderConfig, window: int, fused: bool = False):
         super().__init__()
-        self.attention = _Attention(cfg, window)
+        self.attention = _Attention(cfg, window, fused)
         self.intermediate = _Intermediate(cfg)
         self.output = _DenseLayerNorm(cfg.intermediate_size, cfg.hidden_size, cfg.layer_norm_eps)
 
@@ -187,21 +194,21 @@ class Layer(nn.Module):
 
 
 class _Stack(nn.Module):
-    def __init__(self, cfg: EncoderConfig):
+    def __init__(self, cfg: EncoderConfig, fused: bool = False):
         super().__init__()
-        self.layer = nn.ModuleList(Layer(cfg, w) for w in cfg.attention_window)
+        self.layer = nn.ModuleList(Layer(cfg, w, fused) for w in cfg.attention_window)
 
 
 class LongformerEncoder(nn.Module):
     """`last_hidden_state` of Hugging Face `LongformerModel` with local attention only."""
 
-    def __init__(self, cfg: EncoderConfig):
+    def __init__(self, cfg: EncoderConfig, fused_attention: bool = False):
         super().__init__()
         if len(cfg.attention_window) != cfg.num_hidden_layers:
             raise ValueError(f"{len(cfg.attention_window)} attention windows for {cfg.num_hidden_layers} layers")
         self.config = cfg
         self.embeddings = Embeddings(cfg)
-        self.encoder = _Stack(cfg)
+        self.encoder = _Stack(cfg, fused_attention)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         length = input_ids.shape[1]

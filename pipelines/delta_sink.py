@@ -11,7 +11,8 @@ import uuid
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-META_SCHEMA = "path string, size long, rows long, notes long, tokens long, windows long, skipped string"
+META_SCHEMA = ("path string, size long, rows long, notes long, tokens long, windows long, skipped string, "
+               "device string, gpus string")
 
 
 def write_part(table: pa.Table, table_uri: str) -> tuple[str, int]:

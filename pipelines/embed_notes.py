@@ -43,6 +43,8 @@ class JobConfig:
     partitions: int = 0
     vector_dtype: str = "float32"
     writer: str = "auto"
+    progress_every: float = 30.0
+    gpus_per_task: float = 0.0
     options: EmbedOptions = EmbedOptions()
 
 
@@ -69,7 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                    help="compute precision: fp32 (the export's parity), bf16 (AMX on recent Xeons), fp16")
     p.add_argument("--backend", choices=("auto", "onnxruntime", "torch"), default="auto",
-                   help="auto: onnxruntime for fp32, torch for bf16/fp16")
+                   help="auto: onnxruntime for fp32 on CPUs, torch for bf16/fp16 and on GPUs")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: the GPU Spark assigned the task when CUDA is usable, else the CPU")
+    p.add_argument("--gpus-per-task", type=float, default=0.0,
+                   help="GPUs the embedding stage's tasks ask for (fractions share a GPU); > 0 puts a "
+                        "ResourceProfile on that stage only, so reading stays on CPU tasks")
     p.add_argument("--batch-size", type=int, default=32, help="max sequences per model call")
     p.add_argument("--token-budget", type=int, default=16384, help="max padded tokens per model call")
     p.add_argument("--partitions", type=int, default=0, help="repartition the input to N tasks (0: keep)")
@@ -78,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--writer", choices=("auto", "delta-rs", "delta-spark"), default="auto",
                    help="auto: delta-spark when its JARs are on the classpath, else delta-rs")
     p.add_argument("--master", help="Spark master when run with python -m (default local[*])")
+    p.add_argument("--progress-every", type=float, default=30.0,
+                   help="seconds between progress logs (notes/s, tokens/s, ETA); 0 turns them off")
     return p
 
 
@@ -87,11 +96,13 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
     opts = EmbedOptions(context=args.context, max_length=args.max_length, case_sensitive=not args.case_insensitive,
                         window_overlap=args.window_overlap, token_vector=args.token_vector,
                         token_budget=args.token_budget, batch_size=args.batch_size,
-                        precision=args.precision, backend=args.backend)
+                        precision=args.precision, backend=args.backend, device=args.device)
     return JobConfig(notes=args.notes, model=args.model, out=args.out, id_col=args.id_col, text_col=args.text_col,
                      id_type=args.id_type, input_format=args.input_format, granularity=args.granularity,
                      mode=args.mode, partitions=args.partitions,
-                     vector_dtype=args.vector_dtype, writer=args.writer, options=opts)
+                     vector_dtype=args.vector_dtype, writer=args.writer, progress_every=args.progress_every,
+                     gpus_per_task=args.gpus_per_task,
+                     options=opts)
 
 
 def _log(msg: str) -> None:
@@ -122,21 +133,27 @@ def run(cfg: JobConfig, spark=None) -> dict:
     cfg.options.validate(artifact)
     spark = spark or spark_session()
     notes = select_notes(read_notes(spark, cfg.notes, cfg.input_format), cfg.id_col, cfg.text_col, cfg.id_type)
-    if cfg.partitions:
-        notes = notes.repartition(cfg.partitions)
+    if cfg.partitions or cfg.gpus_per_task:
+        # A shuffle boundary: reading runs in CPU tasks, only the embedding stage asks for GPUs.
+        notes = notes.repartition(cfg.partitions or spark.sparkContext.defaultParallelism)
     schema = table_schema(cfg.granularity, to_arrow_type(notes.schema["note_id"].dataType), cfg.vector_dtype)
     spec = OutputSpec(cfg.granularity, schema, artifact.model_id, artifact.dimension,
                       cfg.options.token_vector, cfg.vector_dtype)
     writer = cfg.writer if cfg.writer != "auto" else ("delta-spark" if delta_spark_available(spark) else "delta-rs")
     _log(f"model {artifact.model_id} (dim {artifact.dimension}), granularity {cfg.granularity}, "
          f"context {cfg.options.context}, max length {cfg.options.max_length}, writer {writer}")
-    if writer == "delta-spark":
-        if not delta_spark_available(spark):
-            raise InputError("--writer delta-spark needs delta-spark's JARs on the classpath "
-                             "(e.g. --packages io.delta:delta-spark_2.13:4.0.0); or use --writer delta-rs")
-        parts, version = _write_delta_spark(spark, notes, artifact, cfg, spec)
-    else:
-        parts, version = _write_delta_rs(notes, artifact, cfg, spec)
+    if writer == "delta-spark" and not delta_spark_available(spark):
+        raise InputError("--writer delta-spark needs delta-spark's JARs on the classpath "
+                         "(e.g. --packages io.delta:delta-spark_2.13:4.0.0); or use --writer delta-rs")
+    from pipelines.progress import JobProgress
+
+    counters = {k: spark.sparkContext.accumulator(0) for k in ("notes", "tokens", "windows", "rows")}
+    counters["skipped"] = spark.sparkContext.accumulator({}, _CounterParam())
+    with JobProgress(spark, counters, cfg.progress_every):
+        if writer == "delta-spark":
+            parts, version = _write_delta_spark(spark, notes, artifact, cfg, spec, counters)
+        else:
+            parts, version = _write_delta_rs(notes, artifact, cfg, spec, counters)
     summary = _summary(parts, time.perf_counter() - start, artifact, cfg)
     if version is None:  # delta-rs: the summary goes into the one commit
         from pipelines.delta_sink import commit
@@ -146,7 +163,7 @@ def run(cfg: JobConfig, spark=None) -> dict:
     return summary
 
 
-def _write_delta_rs(notes, artifact: Artifact, cfg: JobConfig, spec) -> tuple[list[dict], None]:
+def _write_delta_rs(notes, artifact: Artifact, cfg: JobConfig, spec, counters: dict) -> tuple[list[dict], None]:
     """Executors write Parquet parts into the table folder; the caller commits them in one transaction."""
     from pipelines.delta_sink import META_SCHEMA, existing_table_schema
     from pipelines.tasks import embed_partition
@@ -156,24 +173,34 @@ def _write_delta_rs(notes, artifact: Artifact, cfg: JobConfig, spec) -> tuple[li
         raise InputError(f"{cfg.out} holds a table with another schema; use --mode overwrite or another --out")
     if existing is None and os.path.isdir(cfg.out) and any(os.scandir(cfg.out)):
         raise InputError(f"{cfg.out} is a non-empty folder but not a Delta table; choose another --out")
-    task = embed_partition(str(artifact.path), cfg.options, spec, cfg.out)
-    return [r.asDict() for r in notes.mapInArrow(task, META_SCHEMA).collect()], None
+    task = embed_partition(str(artifact.path), cfg.options, spec, cfg.out, counters)
+    return [r.asDict() for r in notes.mapInArrow(task, META_SCHEMA, profile=gpu_profile(cfg)).collect()], None
 
 
-def _write_delta_spark(spark, notes, artifact: Artifact, cfg: JobConfig, spec) -> tuple[list[dict], int]:
+def _write_delta_spark(spark, notes, artifact: Artifact, cfg: JobConfig, spec,
+                       counters: dict) -> tuple[list[dict], int]:
     """Rows go to Spark's Delta writer (Databricks, clusters with delta-spark); counts via accumulators."""
     from pyspark.sql.pandas.types import from_arrow_schema
 
     from pipelines.tasks import embed_rows
 
-    counters = {k: spark.sparkContext.accumulator(0) for k in ("notes", "tokens", "windows", "rows")}
-    counters["skipped"] = spark.sparkContext.accumulator({}, _CounterParam())
-    rows = notes.mapInArrow(embed_rows(str(artifact.path), cfg.options, spec, counters), from_arrow_schema(spec.schema))
+    rows = notes.mapInArrow(embed_rows(str(artifact.path), cfg.options, spec, counters),
+                            from_arrow_schema(spec.schema), profile=gpu_profile(cfg))
     rows.write.format("delta").mode(cfg.mode).option("userMetadata", "clinlong embed_notes").save(cfg.out)
     version = spark.sql(f"DESCRIBE HISTORY delta.`{cfg.out}` LIMIT 1").collect()[0]["version"]
     part = {k: c.value for k, c in counters.items()}
     part["skipped"] = json.dumps(part["skipped"])
     return [part], int(version)
+
+
+def gpu_profile(cfg: JobConfig):
+    """Stage-level scheduling: a task ResourceProfile asking for GPUs on the embedding stage alone."""
+    if not cfg.gpus_per_task:
+        return None
+    from pyspark.resource import ResourceProfileBuilder, TaskResourceRequests
+
+    requests = TaskResourceRequests().cpus(1).resource("gpu", cfg.gpus_per_task)
+    return ResourceProfileBuilder().require(requests).build
 
 
 class _CounterParam(AccumulatorParam):
@@ -194,7 +221,10 @@ def _summary(parts: list[dict], seconds: float, artifact: Artifact, cfg: JobConf
         skipped.update(json.loads(p["skipped"]))
     n_notes = sum(p["notes"] for p in parts)
     tokens = sum(p["tokens"] for p in parts)
+    devices = Counter(p.get("device") or "unknown" for p in parts)
+    gpus = Counter(g for p in parts for g in (p.get("gpus") or "").split(",") if g)
     return {
+        "devices": dict(devices), "gpu_addresses": dict(gpus),
         "notes_in": n_notes, "embedded": n_notes - sum(skipped.values()), "skipped": dict(skipped),
         "rows_written": sum(p["rows"] for p in parts), "bpe_tokens": tokens,
         "windows": sum(p["windows"] for p in parts), "seconds": round(seconds, 2),
@@ -210,7 +240,12 @@ def format_summary(s: dict) -> str:
             f"rows written {s['rows_written']} ({s['granularity']} granularity, {s['context']} context), "
             f"BPE tokens {s['bpe_tokens']}, windows {s['windows']}\n"
             f"{s['seconds']} s, {s['notes_per_s']} notes/s, {s['tokens_per_s']} tokens/s\n"
+            f"devices: {_counted(s['devices'])}; GPU addresses assigned: {_counted(s['gpu_addresses']) or 'none'}\n"
             f"Delta table {s['out']} version {s['version']} (model {s['model_id']})")
+
+
+def _counted(counts: dict) -> str:
+    return ", ".join(f"{k} x{v}" for k, v in sorted(counts.items()))
 
 
 def main(argv: list[str] | None = None) -> int:

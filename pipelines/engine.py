@@ -34,6 +34,7 @@ class EmbedOptions:
     batch_size: int = DEFAULT_BATCH_SIZE
     precision: str = "fp32"
     backend: str = "auto"
+    device: str = "auto"  # auto | cpu | cuda: see pipelines.devices
 
     def validate(self, artifact: Artifact) -> "EmbedOptions":
         if self.context not in CONTEXTS:
@@ -124,6 +125,18 @@ class NoteResult:
         return np.where(counts[:, None] > 0, means, first)
 
 
+def _gpu_budget(artifact: Artifact, device: str, precision: str) -> int:
+    """Token budget sized from the GPU's free memory (see devices.gpu_token_budget)."""
+    import torch
+
+    from .devices import gpu_token_budget
+
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    cfg = artifact.encoder_config
+    return gpu_token_budget(free, cfg["hidden_size"], cfg["num_attention_heads"], max(cfg["attention_window"]) // 2,
+                            dtype_bytes=4 if precision == "fp32" else 2)
+
+
 @dataclass
 class _Plan:
     """The runs (model inputs) of one note and how their outputs map back to pieces."""
@@ -136,13 +149,20 @@ class _Plan:
 class NoteEmbedder:
     """Embeds batches of note texts with one artifact; the model is loaded once per process."""
 
-    def __init__(self, artifact: Artifact, options: EmbedOptions = EmbedOptions(), threads: int | None = None):
+    def __init__(self, artifact: Artifact, options: EmbedOptions = EmbedOptions(), threads: int | None = None,
+                 device: str | None = None):
+        from .devices import choose_device
+
         self.artifact = artifact
         self.options = options.validate(artifact)
         self.tokenizer = artifact.tokenizer
         self.bos, self.eos = artifact.token_id("bos"), artifact.token_id("eos")
-        self.encoder = Encoder(artifact, options.token_budget, options.batch_size, threads,
-                               options.precision, options.backend)
+        self.device = device or choose_device(options.device)
+        budget = options.token_budget
+        if self.device.startswith("cuda") and budget == DEFAULT_TOKEN_BUDGET:
+            budget = _gpu_budget(artifact, self.device, options.precision)
+        self.encoder = Encoder(artifact, budget, options.batch_size, threads, options.precision,
+                               options.backend, self.device)
 
     def _pieces(self, text: str, begin: int, end: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         enc = self.tokenizer.encode(text[begin:end], add_special_tokens=False)

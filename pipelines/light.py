@@ -18,6 +18,8 @@ from .schema import OutputSpec, build_table, table_schema
 
 OUTPUT_LEVELS = {"token": "token", "sentence": "sentence", "document": "note", "note": "note"}
 IN_PROCESS_LIMIT = 256  # texts answered without Spark
+PROGRESS_FROM = 32  # in-process predict on at least this many texts shows a progress bar
+CHUNK = 16
 
 
 class EmbeddingsPipeline:
@@ -63,12 +65,22 @@ class EmbeddingsPipeline:
             return self._spark(data.select(note_id.alias("note_id"), F.col(text_col).alias("text")), granularity, options)
         raise TypeError(f"predict takes a string, a list of strings, a pandas or a Spark DataFrame, not {type(data).__name__}")
 
-    def _in_process(self, ids: list, texts: list, granularity: str, options: EmbedOptions) -> pd.DataFrame:
+    def _in_process(self, ids: list, texts: list, granularity: str, options: EmbedOptions,
+                    progress: bool | None = None) -> pd.DataFrame:
+        from .progress import ProgressBar
         from .tasks import embedder
 
         emb = embedder(str(self.artifact.path), options)
         id_type = pa.array(ids).type if ids else pa.int64()
-        return build_table(self._spec(granularity, id_type, options), ids, texts, emb.embed(texts)).to_pandas()
+        spec = self._spec(granularity, id_type, options)
+        bar = ProgressBar(len(texts)) if (progress if progress is not None else len(texts) >= PROGRESS_FROM) else None
+        tables = []
+        for i in range(0, max(len(texts), 1), CHUNK):
+            chunk_ids, chunk_texts = ids[i:i + CHUNK], texts[i:i + CHUNK]
+            tables.append(build_table(spec, chunk_ids, chunk_texts, emb.embed(chunk_texts)))
+            if bar:
+                bar.update(len(chunk_texts))
+        return pa.concat_tables(tables).to_pandas()
 
     def _spec(self, granularity: str, id_type: pa.DataType, options: EmbedOptions) -> OutputSpec:
         return OutputSpec(granularity, table_schema(granularity, id_type), self.artifact.model_id,

@@ -66,6 +66,10 @@ class _OrtModel:
         return self.session.run(["last_hidden_state"], {"input_ids": ids, "attention_mask": mask})[0]
 
 
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, MemoryError) or "out of memory" in str(e).lower()
+
+
 class _TorchModel:
     _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -77,7 +81,7 @@ class _TorchModel:
 
         cfg = artifact.encoder_config
         cfg["attention_window"] = tuple(cfg["attention_window"])
-        model = LongformerEncoder(EncoderConfig(**cfg))
+        model = LongformerEncoder(EncoderConfig(**cfg), fused_attention=device.startswith("cuda"))
         model.load_state_dict(load_file(str(artifact.torch_weights_path)), strict=True)
         self.dtype = getattr(torch, self._DTYPES[precision])
         self.device = torch.device(device)
@@ -88,20 +92,30 @@ class _TorchModel:
 
     def __call__(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         torch = self.torch
+        cuda = self.device.type == "cuda"
         with torch.inference_mode():
-            out = self.model(torch.from_numpy(ids).to(self.device), torch.from_numpy(mask).to(self.device))
+            t_ids, t_mask = torch.from_numpy(ids), torch.from_numpy(mask)
+            if cuda:  # pinned host memory, asynchronous copies
+                t_ids, t_mask = t_ids.pin_memory(), t_mask.pin_memory()
+            out = self.model(t_ids.to(self.device, non_blocking=cuda), t_mask.to(self.device, non_blocking=cuda))
             return out.float().cpu().numpy()
 
 
-def model_for(artifact: Artifact, precision: str = "fp32", backend: str = "auto", threads: int | None = None):
-    """The process-wide model of this artifact and precision, created on first use."""
+def model_for(artifact: Artifact, precision: str = "fp32", backend: str = "auto", threads: int | None = None,
+              device: str = "cpu"):
+    """The process-wide model of this artifact, precision and device, created on first use
+    (one model per worker per device)."""
+    if device != "cpu" and backend == "auto":
+        backend = "torch"
     backend = resolve_backend(backend, precision)
+    if device != "cpu" and backend != "torch":
+        raise ValueError("GPUs run the torch backend; use --backend auto or torch with --device cuda")
     threads = threads or task_threads()
-    key = (str(artifact.path.resolve()), backend, precision, threads)
+    key = (str(artifact.path.resolve()), backend, precision, threads, device)
     with _LOCK:
         if key not in _MODELS:
             _MODELS[key] = _OrtModel(artifact, threads) if backend == "onnxruntime" else \
-                _TorchModel(artifact, threads, precision)
+                _TorchModel(artifact, threads, precision, device)
         return _MODELS[key]
 
 
@@ -131,9 +145,10 @@ class Encoder:
 
     def __init__(self, artifact: Artifact, token_budget: int = DEFAULT_TOKEN_BUDGET,
                  batch_size: int = DEFAULT_BATCH_SIZE, threads: int | None = None,
-                 precision: str = "fp32", backend: str = "auto"):
+                 precision: str = "fp32", backend: str = "auto", device: str = "cpu"):
         self.artifact = artifact
-        self.model = model_for(artifact, precision, backend, threads)
+        self.device = device
+        self.model = model_for(artifact, precision, backend, threads, device)
         self.pad_id = artifact.token_id("pad")
         self.multiple = int(artifact.manifest.get("pad_multiple", 1))
         self.token_budget = token_budget
@@ -149,7 +164,23 @@ class Encoder:
             for row, i in enumerate(batch):
                 ids[row, : lengths[i]] = sequences[i]
                 mask[row, : lengths[i]] = 1
-            hidden = self.model(ids, mask)
-            for row, i in enumerate(batch):
-                out[i] = hidden[row, : lengths[i]]
+            for rows, hidden in self._run_splitting(batch, ids, mask):
+                for k, r in enumerate(rows):
+                    out[batch[r]] = hidden[k, : lengths[batch[r]]]
         return out  # type: ignore[return-value]
+
+    def _run_splitting(self, batch: list[int], ids: np.ndarray, mask: np.ndarray, rows: list[int] | None = None):
+        """Run rows of a batch; on out-of-memory split it in halves and retry, so no sequence is lost.
+        A single sequence that does not fit fails the task (Spark retries it) with a clear error."""
+        rows = list(range(len(batch))) if rows is None else rows
+        try:
+            return [(rows, self.model(ids[rows], mask[rows]))]
+        except Exception as e:
+            if not _is_oom(e):
+                raise
+            if len(rows) == 1:
+                raise MemoryError(f"one sequence of {int(mask[rows[0]].sum())} tokens does not fit on {self.device}; "
+                                  "lower --max-length or use a larger device") from None
+            half = len(rows) // 2
+            return (self._run_splitting(batch, ids, mask, rows[:half])
+                    + self._run_splitting(batch, ids, mask, rows[half:]))

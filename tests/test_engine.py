@@ -133,3 +133,36 @@ def test_torch_backend_matches_onnx(artifact, precision, tol):
 def test_onnxruntime_backend_refuses_reduced_precision(artifact):
     with pytest.raises(ValueError, match="fp32 only"):
         NoteEmbedder(artifact, EmbedOptions(precision="bf16", backend="onnxruntime"))
+
+
+def test_predict_on_many_texts_shows_a_progress_bar(tiny_artifact, capsys):
+    import pipelines
+
+    out = pipelines.load(str(tiny_artifact)).predict([f"Note {i}. Pt. stable." for i in range(40)],
+                                                     output_level="document")
+    assert len(out) == 40
+    err = capsys.readouterr().err
+    assert "[predict] 40/40 notes" in err and "notes/s" in err and "Pt. stable" not in err
+
+
+def test_fused_attention_equals_the_exported_form(tiny_checkpoint):
+    """The GPU path's fused SDPA attention computes what the ONNX-exported explicit form computes,
+    padding included (no NaN from fully masked rows)."""
+    import torch
+
+    from export.checkpoint import read_checkpoint
+    from export.encoder import LongformerEncoder
+
+    ckpt = read_checkpoint(str(tiny_checkpoint))
+    plain, fused = LongformerEncoder(ckpt.encoder_config), LongformerEncoder(ckpt.encoder_config, fused_attention=True)
+    plain.load_hf_state_dict(ckpt.state_dict)
+    fused.load_hf_state_dict(ckpt.state_dict)
+    ids = torch.randint(4, 2000, (3, 700))
+    mask = torch.ones_like(ids)
+    mask[1, 300:] = 0
+    mask[2, 5:] = 0
+    with torch.inference_mode():
+        a, b = plain.eval()(ids, mask), fused.eval()(ids, mask)
+    assert torch.isfinite(b).all()
+    for row, n in enumerate((700, 300, 5)):
+        torch.testing.assert_close(b[row, :n], a[row, :n], atol=1e-5, rtol=1e-5)

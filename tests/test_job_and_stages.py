@@ -172,3 +172,12 @@ def test_delta_spark_writer_without_jars_is_a_clear_error(notes_csv, tiny_artifa
     rc = main(["--notes", str(notes_csv), "--model", str(tiny_artifact), "--out", str(tmp_path / "o"),
                "--writer", "delta-spark"])
     assert rc == 2 and "delta-spark's JARs" in capsys.readouterr().err
+
+
+def test_progress_logs_rates_and_eta_without_text(notes_csv, tiny_artifact, spark, tmp_path, capsys):
+    run(JobConfig(notes=str(notes_csv), model=str(tiny_artifact), out=str(tmp_path / "p"), id_type="long",
+                  partitions=4, progress_every=0.2), spark)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "progress: tasks" in line]
+    assert lines and "/s)" in lines[0]
+    assert all("ETA" in line for line in lines) and PHI_MARKER not in err
