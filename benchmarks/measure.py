@@ -16,20 +16,26 @@ def flops_per_token(cfg: dict) -> float:
     return float(sum(2 * (4 * d * d + 2 * d * dff) + 4 * d * (w + 1) for w in cfg["attention_window"]))
 
 
-def gemm_peak(precision: str, threads: int, m: int = 4096, k: int = 768, n: int = 3072, repeat: int = 8) -> float:
+def gemm_peak(precision: str, threads: int, m: int = 4096, k: int = 768, n: int = 3072, repeat: int = 8,
+              device: str = "cpu") -> float:
     """Best-of GFLOP/s of a (m x k) @ (k x n) GEMM, the encoder's FFN shape, at this precision and thread count."""
     import torch
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    if device.startswith("cuda"):
+        m *= 8  # enough work to fill a GPU
     try:
-        a, w = torch.randn(m, k, dtype=dtype), torch.randn(n, k, dtype=dtype)
+        a, w = torch.randn(m, k, dtype=dtype, device=device), torch.randn(n, k, dtype=dtype, device=device)
         torch.nn.functional.linear(a, w)
+        sync()
         best = float("inf")
         for _ in range(repeat):
             t = time.perf_counter()
             torch.nn.functional.linear(a, w)
+            sync()
             best = min(best, time.perf_counter() - t)
         return 2 * m * k * n / best / 1e9
     finally:
