@@ -49,8 +49,12 @@ class EmbeddingsPipeline:
             ids = data[id_col].tolist() if id_col else data.index.tolist()
             if len(data) <= IN_PROCESS_LIMIT:
                 return self._in_process(ids, data[text_col].tolist(), granularity, options)
+            import os
+            import sys
+
             from pyspark.sql import SparkSession
 
+            os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
             spark = SparkSession.builder.getOrCreate()
             sdf = spark.createDataFrame(pd.DataFrame({"note_id": ids, "text": data[text_col].tolist()}))
             return self._spark(sdf, granularity, options).toPandas()

@@ -31,13 +31,14 @@ def test_plan_batches_adds_no_padding_beyond_the_window_multiple():
 
 
 @pytest.mark.slow
-def test_benchmark_quick_reports_every_figure(tmp_path):
+def test_benchmark_quick_reports_every_figure(tmp_path, capsys):
     out = tmp_path / "bench.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYSPARK_PYTHON": sys.executable}
     proc = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--json", str(out),
                            "--work", str(ROOT / "work" / "bench")], capture_output=True, text=True, env=env,
                           cwd=ROOT, timeout=1500)
-    print(proc.stdout)  # the figures, for the CI log
+    with capsys.disabled():  # the figures, for the CI log
+        print("\n" + proc.stdout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     names = [r["name"] for r in result["runs"]]

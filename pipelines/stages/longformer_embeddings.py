@@ -83,8 +83,7 @@ class LongformerEmbeddings(AnnotatorStage):
         return Artifact.open(self.getOrDefault(self.modelPath), verify=False)
 
     def getStorageRef(self) -> str:
-        return self.getOrDefault(self.storageRef) if self.isDefined(self.storageRef) and self.isSet(self.storageRef) \
-            else self._artifact().model_id
+        return self.getOrDefault(self.storageRef) if self.isSet(self.storageRef) else self._artifact().model_id
 
     def options(self) -> EmbedOptions:
         return EmbedOptions(context="note", max_length=self.getMaxSentenceLength(),
