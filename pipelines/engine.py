@@ -49,6 +49,11 @@ class EmbedOptions:
         return self
 
 
+def text_sha256(text: str) -> str:
+    """The hex sha256 of a note's UTF-8 text (lone surrogates kept), as written to `text_sha256`."""
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
 def skip_reason(text) -> str | None:
     """Why a text cannot be embedded, or None. Reasons never include the text."""
     if text is None:
@@ -178,7 +183,7 @@ class NoteEmbedder:
         return first_run + w, pos + 1  # +1: after <s>
 
     def analyze(self, text: str) -> tuple[NoteResult, _Plan]:
-        result = NoteResult(None, hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest())
+        result = NoteResult(None, text_sha256(text))
         result.sentences = detect_sentences(text)
         result.tokens = tokenize(text, result.sentences)
         bpe_text = text if self.options.case_sensitive else lowercase_keep_offsets(text)
@@ -206,8 +211,7 @@ class NoteEmbedder:
             offsets.append(len(runs))
             reason = skip_reason(text)
             if reason is not None:
-                results.append(NoteResult(reason, None if not isinstance(text, str) else
-                                          hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()))
+                results.append(NoteResult(reason, text_sha256(text) if isinstance(text, str) else None))
                 plans.append(None)
                 continue
             res, plan = self.analyze(text)
