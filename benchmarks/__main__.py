@@ -93,7 +93,7 @@ def run_ours(notes: Path, art: Path, out: Path, cores: int, precision: str) -> t
         with WorkerMemory() as mem:
             start = time.perf_counter()
             summary = run(JobConfig(notes=str(notes), model=str(art), out=str(out), mode="overwrite",
-                                    partitions=cores, options=EmbedOptions(precision=precision)), spark)
+                                    run_id=f"bench-{time.time_ns()}", partitions=cores, options=EmbedOptions(precision=precision)), spark)
             seconds = time.perf_counter() - start
         return seconds, round(mem.peak_mb, 1), summary
     finally:
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         out = work / f"delta-{prec}"
         secs, rss, summary = run_ours(notes_path, art, out, cores, prec)
         job_tables[prec] = out
-        runs.append({"name": f"ours_job_delta_{prec}", "precision": prec, "notes": summary["notes_in"],
+        runs.append({"name": f"ours_job_delta_{prec}", "precision": prec, "notes": summary["rows_in"],
                      "bpe_tokens": summary["bpe_tokens"] + 2 * summary["embedded"], "wall_s": secs,
                      "peak_rss_mb_per_worker": rss})
     heavy = {}

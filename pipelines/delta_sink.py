@@ -1,6 +1,10 @@
 """Delta output through delta-rs: executors write Parquet files into the table folder, the driver
-commits them all in one Delta transaction (`deltalake`'s write-transaction API). No vectors pass
-through the driver; a failed run commits nothing, so readers never see a half-written version.
+commits them (`deltalake`'s write-transaction API). No vectors pass through the driver.
+
+Exactly once: each commit carries a Delta transaction identifier (app id = the run, version = the
+chunk), read back with `transaction_version` before work starts and checked again right before the
+commit; Delta's conflict checker rejects a concurrent commit of the same (app id, version). Files of a
+chunk that never got committed are orphans no reader sees; the run removes its own, `vacuum` the rest.
 """
 from __future__ import annotations
 
@@ -11,42 +15,108 @@ import uuid
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-META_SCHEMA = ("path string, size long, rows long, notes long, tokens long, windows long, skipped string, "
-               "device string, gpus string")
+META_SCHEMA = ("path string, size long, err_path string, err_size long, err_rows long, rows long, notes long, "
+               "embedded long, tokens long, windows long, errors string, warnings string, device string, gpus string")
 
 
-def write_part(table: pa.Table, table_uri: str) -> tuple[str, int]:
-    """Write one Parquet file into the table folder; return its relative path and size."""
+class CommitConflict(Exception):
+    """Another writer changed the table in a way this commit cannot be reconciled with."""
+
+
+def _fs(table_uri: str):
     from pyarrow import fs
 
-    filesystem, root = fs.FileSystem.from_uri(table_uri) if "://" in table_uri else (fs.LocalFileSystem(), table_uri)
+    return fs.FileSystem.from_uri(table_uri) if "://" in table_uri else (fs.LocalFileSystem(), table_uri)
+
+
+def write_part(table: pa.Table, table_uri: str, prefix: str = "") -> tuple[str, int]:
+    """Write one Parquet file into the table folder; return its relative path and size. The file is
+    written under a temporary name and renamed, so a killed task never leaves a half file under a final name."""
+    filesystem, root = _fs(table_uri)
     filesystem.create_dir(root, recursive=True)
-    name = f"part-{uuid.uuid4().hex}.zstd.parquet"
-    with filesystem.open_output_stream(f"{root}/{name}") as out:
+    name = f"part-{prefix + '-' if prefix else ''}{uuid.uuid4().hex}.zstd.parquet"
+    local = type(filesystem).__name__ == "LocalFileSystem"
+    target = f"{root}/{name}.tmp" if local else f"{root}/{name}"  # object stores: one PUT is atomic
+    with filesystem.open_output_stream(target) as out:
         pq.write_table(table, out, compression="zstd")
+    if local:
+        filesystem.move(target, f"{root}/{name}")
     return name, filesystem.get_file_info(f"{root}/{name}").size
+
+
+def remove_unreferenced(table_uri: str, prefix: str, keep: set[str]) -> int:
+    """Delete this run's files named `part-{prefix}-*` that are not in `keep` (leftovers of failed task
+    attempts or of a chunk another process committed); return how many. Only files the caller's own
+    driver attempt wrote should match `prefix`."""
+    from pyarrow import fs
+
+    filesystem, root = _fs(table_uri)
+    try:
+        infos = filesystem.get_file_info(fs.FileSelector(root, allow_not_found=True))
+    except FileNotFoundError:
+        return 0
+    gone = 0
+    for info in infos:
+        name = info.base_name
+        if info.type == fs.FileType.File and name.startswith(f"part-{prefix}-") and name not in keep:
+            filesystem.delete_file(info.path)
+            gone += 1
+    return gone
 
 
 def _stats(rows: int) -> str:
     return json.dumps({"numRecords": rows, "minValues": {}, "maxValues": {}, "nullCount": {}})
 
 
-def commit(table_uri: str, parts: list[dict], schema: pa.Schema, mode: str, info: dict) -> int:
-    """Commit the written files as one table version; return the version."""
-    from deltalake import CommitProperties, DeltaTable, Schema
-    from deltalake.transaction import AddAction, create_table_with_add_actions
+def committed_version(table_uri: str, app_id: str) -> int:
+    """The last chunk committed under `app_id`, or -1 (also when the table does not exist)."""
+    from deltalake import DeltaTable
     from deltalake.exceptions import TableNotFoundError
 
-    now = int(time.time() * 1000)
-    adds = [AddAction(p["path"], int(p["size"]), {}, now, True, _stats(int(p["rows"]))) for p in parts]
-    props = CommitProperties(custom_metadata={"clinlong": json.dumps(info)})
     try:
-        dt = DeltaTable(table_uri)
+        v = DeltaTable(table_uri).transaction_version(app_id)
     except TableNotFoundError:
-        create_table_with_add_actions(table_uri, Schema.from_arrow(schema), adds, mode="append", commit_properties=props)
+        return -1
+    return -1 if v is None else int(v)
+
+
+def commit(table_uri: str, parts: list[dict], schema: pa.Schema, mode: str, info: dict,
+           txn: tuple[str, int] | None = None, path_key: str = "path", size_key: str = "size",
+           rows_key: str = "rows") -> int | None:
+    """Commit the written files as one table version; return the version, or None when `txn` shows the
+    chunk was already committed (by an earlier attempt of this run). Raises CommitConflict."""
+    from deltalake import CommitProperties, DeltaTable, Schema, Transaction
+    from deltalake.exceptions import CommitFailedError, TableNotFoundError
+    from deltalake.transaction import AddAction, create_table_with_add_actions
+
+    now = int(time.time() * 1000)
+    adds = [AddAction(p[path_key], int(p[size_key]), {}, now, True, _stats(int(p[rows_key]))) for p in parts]
+    props = CommitProperties(custom_metadata={"clinlong": json.dumps(info)},
+                             app_transactions=[Transaction(*txn)] if txn else None)
+    for attempt in range(2):
+        try:
+            dt = DeltaTable(table_uri)
+        except TableNotFoundError:
+            try:
+                create_table_with_add_actions(table_uri, Schema.from_arrow(schema), adds, mode="append",
+                                              commit_properties=props)
+                return DeltaTable(table_uri).version()
+            except Exception:  # noqa: BLE001 - another writer created it first: commit into it
+                if attempt or not DeltaTable.is_deltatable(table_uri):
+                    raise
+                continue
+        done = dt.transaction_version(txn[0]) if txn else None
+        if txn and done is not None and done >= txn[1]:
+            return None
+        try:
+            dt.create_write_transaction(adds, mode=mode, schema=Schema.from_arrow(schema), commit_properties=props)
+        except CommitFailedError as e:
+            if txn and committed_version(table_uri, txn[0]) >= txn[1]:
+                return None  # a concurrent attempt of the same run committed this chunk
+            raise CommitConflict(f"another writer changed {table_uri} during this commit ({e}); "
+                                 "committed chunks are kept: rerun the same command to finish") from None
         return DeltaTable(table_uri).version()
-    dt.create_write_transaction(adds, mode=mode, schema=Schema.from_arrow(schema), commit_properties=props)
-    return DeltaTable(table_uri).version()
+    raise AssertionError("unreachable")
 
 
 def existing_table_schema(table_uri: str) -> pa.Schema | None:

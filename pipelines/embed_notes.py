@@ -13,20 +13,24 @@ import json
 import os
 import sys
 import time
+import uuid
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 if __package__ in (None, ""):  # run as a file by spark-submit
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pyspark.accumulators import AccumulatorParam  # noqa: E402
 
+from pipelines import faults  # noqa: E402
 from pipelines.artifact import Artifact, ArtifactError  # noqa: E402
+from pipelines.delta_sink import CommitConflict  # noqa: E402
 from pipelines.engine import EmbedOptions  # noqa: E402
 from pipelines.schema import GRANULARITIES  # noqa: E402
 from pipelines.sources import InputError  # noqa: E402
 
-MODES = ("append", "overwrite")
+MODES = ("append", "overwrite", "incremental")
+DEFAULT_CHUNK_NOTES = 100_000
 
 
 @dataclass(frozen=True)
@@ -45,7 +49,14 @@ class JobConfig:
     writer: str = "auto"
     progress_every: float = 30.0
     gpus_per_task: float = 0.0
+    errors_out: str = ""  # default: OUT_errors
+    chunk_notes: int = DEFAULT_CHUNK_NOTES
+    run_id: str = ""  # default: derived from the input, model and options
     options: EmbedOptions = EmbedOptions()
+
+    @property
+    def errors_path(self) -> str:
+        return self.errors_out or self.out.rstrip("/") + "_errors"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,7 +78,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token-vector", choices=("first", "mean"), default="first",
                    help="token granularity: vector of the token's first BPE piece (default) or mean of its pieces")
     p.add_argument("--window-overlap", type=int, default=512, help="pieces shared by consecutive windows (default 512)")
-    p.add_argument("--mode", choices=MODES + ("incremental",), default="append", help="Delta write mode")
+    p.add_argument("--mode", choices=MODES, default="append",
+                   help="append; overwrite (the first chunk replaces the table); incremental: embed only notes whose "
+                        "(id, text sha256) is not yet in OUT for this model, then drop rows of notes whose text changed")
+    p.add_argument("--errors-out", default="",
+                   help="Delta table of input rows that were not embedded (id, text hash, stage, reason); default OUT_errors")
+    p.add_argument("--chunk-notes", type=int, default=DEFAULT_CHUNK_NOTES,
+                   help="commit every ~N notes (a crash loses at most the chunk in flight; rerun resumes); 0: one commit")
+    p.add_argument("--run-id", default="",
+                   help="name of this run in Delta's transaction ids (default: derived from input, model and options, "
+                        "so rerunning the same command resumes it and a finished run is not written twice)")
+    p.add_argument("--max-note-chars", type=int, default=EmbedOptions.max_chars,
+                   help="longer texts are recorded in the errors table instead of embedded")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                    help="compute precision: fp32 (the export's parity), bf16 (AMX on recent Xeons), fp16")
     p.add_argument("--backend", choices=("auto", "onnxruntime", "torch"), default="auto",
@@ -91,18 +113,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> JobConfig:
-    if args.mode not in MODES:
-        raise InputError(f"--mode {args.mode} is not available in this version; use append or overwrite")
     opts = EmbedOptions(context=args.context, max_length=args.max_length, case_sensitive=not args.case_insensitive,
                         window_overlap=args.window_overlap, token_vector=args.token_vector,
                         token_budget=args.token_budget, batch_size=args.batch_size,
-                        precision=args.precision, backend=args.backend, device=args.device)
+                        precision=args.precision, backend=args.backend, device=args.device,
+                        max_chars=args.max_note_chars)
     return JobConfig(notes=args.notes, model=args.model, out=args.out, id_col=args.id_col, text_col=args.text_col,
                      id_type=args.id_type, input_format=args.input_format, granularity=args.granularity,
                      mode=args.mode, partitions=args.partitions,
                      vector_dtype=args.vector_dtype, writer=args.writer, progress_every=args.progress_every,
-                     gpus_per_task=args.gpus_per_task,
-                     options=opts)
+                     gpus_per_task=args.gpus_per_task, errors_out=args.errors_out, chunk_notes=args.chunk_notes,
+                     run_id=args.run_id, options=opts)
 
 
 def _log(msg: str) -> None:
@@ -122,10 +143,14 @@ def spark_session(master: str | None = None):
 
 
 def run(cfg: JobConfig, spark=None) -> dict:
-    """Run the job; return its summary (also stored in the Delta commit's info)."""
+    """Run the job chunk by chunk, each chunk one idempotent commit; return the run's summary (also
+    stored in every chunk's Delta commit info, cumulatively)."""
+    from pyspark import StorageLevel
     from pyspark.sql.pandas.types import to_arrow_type
 
-    from pipelines.schema import OutputSpec, table_schema
+    from pipelines import run_plan
+    from pipelines.progress import JobProgress
+    from pipelines.schema import OutputSpec, error_schema, table_schema
     from pipelines.sources import delta_spark_available, read_notes, select_notes
 
     start = time.perf_counter()
@@ -133,64 +158,220 @@ def run(cfg: JobConfig, spark=None) -> dict:
     cfg.options.validate(artifact)
     spark = spark or spark_session()
     notes = select_notes(read_notes(spark, cfg.notes, cfg.input_format), cfg.id_col, cfg.text_col, cfg.id_type)
-    if cfg.partitions or cfg.gpus_per_task:
-        # A shuffle boundary: reading runs in CPU tasks, only the embedding stage asks for GPUs.
-        notes = notes.repartition(cfg.partitions or spark.sparkContext.defaultParallelism)
-    schema = table_schema(cfg.granularity, to_arrow_type(notes.schema["note_id"].dataType), cfg.vector_dtype)
-    spec = OutputSpec(cfg.granularity, schema, artifact.model_id, artifact.dimension,
-                      cfg.options.token_vector, cfg.vector_dtype)
+    id_type = to_arrow_type(notes.schema["note_id"].dataType)
+    spec = OutputSpec(cfg.granularity, table_schema(cfg.granularity, id_type, cfg.vector_dtype), artifact.model_id,
+                      artifact.dimension, cfg.options.token_vector, cfg.vector_dtype)
+    err_schema = error_schema(id_type)
     writer = cfg.writer if cfg.writer != "auto" else ("delta-spark" if delta_spark_available(spark) else "delta-rs")
-    _log(f"model {artifact.model_id} (dim {artifact.dimension}), granularity {cfg.granularity}, "
-         f"context {cfg.options.context}, max length {cfg.options.max_length}, writer {writer}")
     if writer == "delta-spark" and not delta_spark_available(spark):
         raise InputError("--writer delta-spark needs delta-spark's JARs on the classpath "
                          "(e.g. --packages io.delta:delta-spark_2.13:4.0.0); or use --writer delta-rs")
-    from pipelines.progress import JobProgress
+    _check_outputs(cfg, spec.schema, err_schema)
+    _log(f"model {artifact.model_id} (dim {artifact.dimension}), granularity {cfg.granularity}, "
+         f"context {cfg.options.context}, max length {cfg.options.max_length}, mode {cfg.mode}, writer {writer}")
 
-    counters = {k: spark.sparkContext.accumulator(0) for k in ("notes", "tokens", "windows", "rows")}
-    counters["skipped"] = spark.sparkContext.accumulator({}, _CounterParam())
-    with JobProgress(spark, counters, cfg.progress_every):
-        if writer == "delta-spark":
-            parts, version = _write_delta_spark(spark, notes, artifact, cfg, spec, counters)
-        else:
-            parts, version = _write_delta_rs(notes, artifact, cfg, spec, counters)
-    summary = _summary(parts, time.perf_counter() - start, artifact, cfg)
-    if version is None:  # delta-rs: the summary goes into the one commit
-        from pipelines.delta_sink import commit
+    all_notes = notes
+    ident = _run_description(cfg, artifact.model_id)
+    if cfg.mode == "incremental":
+        done = run_plan.done_keys([_read_table(spark, cfg.out), _read_table(spark, cfg.errors_path)], artifact.model_id)
+        notes = run_plan.pending(notes, done)
+        ident["tables"] = [_table_version(cfg.out), _table_version(cfg.errors_path)]
+    if cfg.partitions or cfg.gpus_per_task:
+        # A shuffle boundary: reading runs in CPU tasks, only the embedding stage asks for GPUs.
+        notes = notes.repartition(cfg.partitions or spark.sparkContext.defaultParallelism)
+    notes = notes.persist(StorageLevel.DISK_ONLY)  # read (and planned) once, reused by every chunk
+    n_in = notes.count()
+    chunks = run_plan.n_chunks(n_in, cfg.chunk_notes)
+    ident["chunks"] = chunks
+    rid = cfg.run_id or run_plan.run_id(ident)
+    app_id = f"clinlong-{rid}"
+    first = committed_version(cfg, app_id) + 1
+    if first:
+        _log(f"run {rid}: chunks 0..{first - 1} of {chunks} were committed by an earlier attempt; resuming")
+    _log(f"run {rid}: {n_in} input rows in {chunks} chunk(s) of ~{cfg.chunk_notes or n_in} notes")
 
-        version = commit(cfg.out, [p for p in parts if p["path"]], schema, cfg.mode, summary)
+    counters = {k: spark.sparkContext.accumulator(0) for k in ("notes", "embedded", "tokens", "windows", "rows")}
+    counters.update(errors=spark.sparkContext.accumulator({}, _CounterParam()),
+                    warnings=spark.sparkContext.accumulator({}, _CounterParam()))
+    totals = _Totals()
+    chunked = run_plan.with_chunk(notes, chunks)
+    attempt = uuid.uuid4().hex[:8]  # names this driver's files, so it only ever deletes its own
+    version = _table_version(cfg.out)
+    with JobProgress(spark, counters, cfg.progress_every, total_notes=n_in):
+        for c in range(first, chunks):
+            part = chunked.where(chunked["_chunk"] == c).drop("_chunk")
+            ctx = _Chunk(c, chunks, rid, app_id, f"{rid}-c{c:05d}-{attempt}")
+            write = _write_delta_spark if writer == "delta-spark" else _write_delta_rs
+            v = write(spark, part, artifact, cfg, spec, err_schema, ctx, counters, totals,
+                      lambda: _summary(totals, time.perf_counter() - start, artifact, cfg, ctx, n_in, first))
+            version = v if v is not None else version
+    notes.unpersist()
+    if first == 0 and totals.notes != n_in:  # a guard, never expected: every row in must be accounted for
+        raise RuntimeError(f"rows in {n_in} but tasks accounted for {totals.notes}; the table was not left "
+                           f"inconsistent (every chunk commit is whole), rerun to resume")
+    summary = _summary(totals, time.perf_counter() - start, artifact, cfg, _Chunk(chunks - 1, chunks, rid, app_id, ""),
+                       n_in, first)
+    if cfg.mode == "incremental":
+        summary["stale_rows_deleted"] = _delete_stale(spark, all_notes, cfg, artifact.model_id)
+        version = _table_version(cfg.out)
     summary["version"] = version
     return summary
 
 
-def _write_delta_rs(notes, artifact: Artifact, cfg: JobConfig, spec, counters: dict) -> tuple[list[dict], None]:
-    """Executors write Parquet parts into the table folder; the caller commits them in one transaction."""
-    from pipelines.delta_sink import META_SCHEMA, existing_table_schema
-    from pipelines.tasks import embed_partition
-
-    existing = existing_table_schema(cfg.out)
-    if existing is not None and cfg.mode == "append" and existing != spec.schema:
-        raise InputError(f"{cfg.out} holds a table with another schema; use --mode overwrite or another --out")
-    if existing is None and os.path.isdir(cfg.out) and any(os.scandir(cfg.out)):
-        raise InputError(f"{cfg.out} is a non-empty folder but not a Delta table; choose another --out")
-    task = embed_partition(str(artifact.path), cfg.options, spec, cfg.out, counters)
-    return [r.asDict() for r in notes.mapInArrow(task, META_SCHEMA, profile=gpu_profile(cfg)).collect()], None
+@dataclass(frozen=True)
+class _Chunk:
+    index: int
+    count: int
+    run_id: str
+    app_id: str
+    prefix: str
 
 
-def _write_delta_spark(spark, notes, artifact: Artifact, cfg: JobConfig, spec,
-                       counters: dict) -> tuple[list[dict], int]:
-    """Rows go to Spark's Delta writer (Databricks, clusters with delta-spark); counts via accumulators."""
+class _Totals:
+    """Counts summed over the metadata rows of the chunks this invocation ran."""
+
+    def __init__(self):
+        self.notes = self.embedded = self.tokens = self.windows = self.rows = 0
+        self.errors, self.warnings, self.devices, self.gpus = Counter(), Counter(), Counter(), Counter()
+
+    def add(self, metas: list[dict]) -> None:
+        for m in metas:
+            for k in ("notes", "embedded", "tokens", "windows", "rows"):
+                setattr(self, k, getattr(self, k) + int(m.get(k) or 0))
+            self.errors.update(json.loads(m.get("errors") or "{}"))
+            self.warnings.update(json.loads(m.get("warnings") or "{}"))
+            self.devices[m.get("device") or "unknown"] += 1
+            self.gpus.update(g for g in (m.get("gpus") or "").split(",") if g)
+
+
+def committed_version(cfg: JobConfig, app_id: str) -> int:
+    """The last chunk of this run committed to the output table (-1: none)."""
+    from pipelines.delta_sink import committed_version as committed
+
+    return committed(cfg.out, app_id)
+
+
+def _run_description(cfg: JobConfig, model_id: str) -> dict:
+    """What makes two invocations the same run: input, columns, model, output, result-changing options."""
+    from pipelines.run_plan import RESULT_OPTIONS, input_fingerprint
+
+    return {"input": input_fingerprint(cfg.notes), "format": cfg.input_format, "id": [cfg.id_col, cfg.id_type],
+            "text": cfg.text_col, "model": model_id, "granularity": cfg.granularity, "mode": cfg.mode,
+            "vector_dtype": cfg.vector_dtype, "chunk_notes": cfg.chunk_notes,
+            "options": {k: getattr(cfg.options, k) for k in RESULT_OPTIONS}}
+
+
+def _table_version(uri: str) -> int | None:
+    from deltalake import DeltaTable
+
+    return DeltaTable(uri).version() if DeltaTable.is_deltatable(uri) else None
+
+
+def _read_table(spark, uri: str):
+    from deltalake import DeltaTable
+
+    from pipelines.sources import read_notes
+
+    return read_notes(spark, uri, "delta") if DeltaTable.is_deltatable(uri) else None
+
+
+def _check_outputs(cfg: JobConfig, schema, err_schema) -> None:
+    """Refuse before any work: a non-Delta folder as output, or a table of another schema to append to."""
+    from pipelines.delta_sink import existing_table_schema
+
+    for uri, want in ((cfg.out, schema), (cfg.errors_path, err_schema)):
+        if "://" in uri:
+            continue
+        existing = existing_table_schema(uri)
+        if existing is None and os.path.isdir(uri) and any(e.name != "_delta_log" for e in os.scandir(uri)) \
+                and not os.path.isdir(os.path.join(uri, "_delta_log")):
+            raise InputError(f"{uri} is a non-empty folder but not a Delta table; choose another --out/--errors-out")
+        if existing is not None and cfg.mode != "overwrite" and existing != want:
+            raise InputError(f"{uri} holds a table with another schema; use --mode overwrite or another --out")
+
+
+def _write_delta_rs(spark, part, artifact: Artifact, cfg: JobConfig, spec, err_schema, ctx: _Chunk,
+                    counters: dict, totals: _Totals, summary) -> int | None:
+    """One chunk: executors write Parquet parts into both table folders; the driver commits the errors
+    table, then the output table, each under the transaction id (run, chunk)."""
+    from pipelines.delta_sink import META_SCHEMA, commit, remove_unreferenced
+    from pipelines.tasks import PartTarget, embed_partition
+
+    target = PartTarget(cfg.out, cfg.errors_path, ctx.prefix, ctx.run_id, err_schema)
+    task = embed_partition(str(artifact.path), cfg.options, spec, target, counters)
+    metas = [r.asDict() for r in part.mapInArrow(task, META_SCHEMA, profile=gpu_profile(cfg)).collect()]
+    totals.add(metas)
+    info = {**summary(), "run_id": ctx.run_id, "chunk": ctx.index, "chunks": ctx.count}
+    mode = "overwrite" if cfg.mode == "overwrite" and ctx.index == 0 else "append"
+    faults.point("driver-before-commit")
+    errs = [m for m in metas if m["err_path"]]
+    if errs or mode == "overwrite":
+        commit(cfg.errors_path, errs, err_schema, mode, info, (ctx.app_id, ctx.index),
+               path_key="err_path", size_key="err_size", rows_key="err_rows")
+    faults.point("driver-between-commits")
+    outs = [m for m in metas if m["path"]]
+    version = commit(cfg.out, outs, spec.schema, mode, info, (ctx.app_id, ctx.index))
+    faults.point("driver-after-commit")
+    if version is None:
+        _log(f"chunk {ctx.index}: already committed by another attempt of run {ctx.run_id}; its files are discarded")
+    remove_unreferenced(cfg.out, ctx.prefix, {m["path"] for m in outs} if version is not None else set())
+    remove_unreferenced(cfg.errors_path, ctx.prefix, {m["err_path"] for m in errs})
+    _log(f"chunk {ctx.index + 1}/{ctx.count} committed: {sum(m['notes'] for m in metas)} notes"
+         + (f", table version {version}" if version is not None else ""))
+    return version
+
+
+def _write_delta_spark(spark, part, artifact: Artifact, cfg: JobConfig, spec, err_schema, ctx: _Chunk,
+                       counters: dict, totals: _Totals, summary) -> int:
+    """One chunk through Spark's Delta writer (Databricks, clusters with delta-spark): output rows and
+    errors rows come from one pass (persisted), each write idempotent via txnAppId/txnVersion."""
+    from pyspark import StorageLevel
+    from pyspark.sql import functions as F
     from pyspark.sql.pandas.types import from_arrow_schema
 
-    from pipelines.tasks import embed_rows
+    from pipelines.tasks import combined_schema, embed_rows_and_errors
 
-    rows = notes.mapInArrow(embed_rows(str(artifact.path), cfg.options, spec, counters),
-                            from_arrow_schema(spec.schema), profile=gpu_profile(cfg))
-    rows.write.format("delta").mode(cfg.mode).option("userMetadata", "clinlong embed_notes").save(cfg.out)
-    version = spark.sql(f"DESCRIBE HISTORY delta.`{cfg.out}` LIMIT 1").collect()[0]["version"]
-    part = {k: c.value for k, c in counters.items()}
-    part["skipped"] = json.dumps(part["skipped"])
-    return [part], int(version)
+    before = {k: (dict(c.value) if isinstance(c.value, dict) else c.value) for k, c in counters.items()}
+    rows = part.mapInArrow(embed_rows_and_errors(str(artifact.path), cfg.options, spec, err_schema, ctx.run_id, counters),
+                           from_arrow_schema(combined_schema(spec.schema, err_schema)), profile=gpu_profile(cfg))
+    rows = rows.persist(StorageLevel.DISK_ONLY)
+    rows.count()
+    delta = {}
+    for k, c in counters.items():
+        if isinstance(c.value, dict):
+            delta[k] = json.dumps({r: n - before[k].get(r, 0) for r, n in c.value.items() if n - before[k].get(r, 0)})
+        else:
+            delta[k] = c.value - before[k]
+    totals.add([delta])
+    mode = "overwrite" if cfg.mode == "overwrite" and ctx.index == 0 else "append"
+    info = json.dumps({**summary(), "run_id": ctx.run_id, "chunk": ctx.index, "chunks": ctx.count})
+    for uri, flag, names in ((cfg.errors_path, True, [f.name for f in err_schema]),
+                             (cfg.out, False, [f.name for f in spec.schema])):
+        sel = rows.where(F.col("_error") == F.lit(flag)).select(
+            *[F.col(("err_" if flag else "") + n).alias(n) for n in names])
+        (sel.write.format("delta").mode(mode).option("txnAppId", ctx.app_id).option("txnVersion", ctx.index)
+         .option("userMetadata", info).save(uri))
+    rows.unpersist()
+    return int(spark.sql(f"DESCRIBE HISTORY delta.`{cfg.out}` LIMIT 1").collect()[0]["version"])
+
+
+def _delete_stale(spark, notes, cfg: JobConfig, model_id: str) -> int:
+    """Incremental mode, after the new rows are committed: delete the rows (and error rows) of notes
+    whose text changed. Idempotent, so a crash between the two steps is finished by a rerun."""
+    from deltalake import DeltaTable
+
+    from pipelines import run_plan
+
+    deleted = 0
+    for uri in (cfg.out, cfg.errors_path):
+        table = _read_table(spark, uri)
+        if table is None:
+            continue
+        keys = run_plan.stale(notes, table, model_id)
+        for predicate in run_plan.delete_predicates(keys, model_id):
+            metrics = DeltaTable(uri).delete(predicate)
+            deleted += int(metrics.get("num_deleted_rows", 0)) if uri == cfg.out else 0
+    return deleted
 
 
 def gpu_profile(cfg: JobConfig):
@@ -215,33 +396,37 @@ class _CounterParam(AccumulatorParam):
         return a
 
 
-def _summary(parts: list[dict], seconds: float, artifact: Artifact, cfg: JobConfig) -> dict:
-    skipped = Counter()
-    for p in parts:
-        skipped.update(json.loads(p["skipped"]))
-    n_notes = sum(p["notes"] for p in parts)
-    tokens = sum(p["tokens"] for p in parts)
-    devices = Counter(p.get("device") or "unknown" for p in parts)
-    gpus = Counter(g for p in parts for g in (p.get("gpus") or "").split(",") if g)
+def _summary(t: _Totals, seconds: float, artifact: Artifact, cfg: JobConfig, ctx: _Chunk | None,
+             input_rows: int, first_chunk: int) -> dict:
+    """What this invocation did: rows in = embedded + errors (by stage and reason), tokens, throughput."""
     return {
-        "devices": dict(devices), "gpu_addresses": dict(gpus),
-        "notes_in": n_notes, "embedded": n_notes - sum(skipped.values()), "skipped": dict(skipped),
-        "rows_written": sum(p["rows"] for p in parts), "bpe_tokens": tokens,
-        "windows": sum(p["windows"] for p in parts), "seconds": round(seconds, 2),
-        "notes_per_s": round(n_notes / seconds, 2), "tokens_per_s": round(tokens / seconds, 1),
+        "rows_in": t.notes, "embedded": t.embedded, "errors": dict(t.errors), "warnings": dict(t.warnings),
+        "input_rows": input_rows, "chunks_resumed_from": first_chunk, "chunks": ctx.count if ctx else None,
+        "run_id": ctx.run_id if ctx else None,
+        "devices": dict(t.devices), "gpu_addresses": dict(t.gpus),
+        "rows_written": t.rows, "bpe_tokens": t.tokens, "windows": t.windows, "seconds": round(seconds, 2),
+        "notes_per_s": round(t.notes / seconds, 2), "tokens_per_s": round(t.tokens / seconds, 1),
         "model_id": artifact.model_id, "granularity": cfg.granularity, "context": cfg.options.context,
-        "vector_dtype": cfg.vector_dtype, "precision": cfg.options.precision, "out": cfg.out, "mode": cfg.mode,
+        "vector_dtype": cfg.vector_dtype, "precision": cfg.options.precision, "out": cfg.out,
+        "errors_out": cfg.errors_path, "mode": cfg.mode,
     }
 
 
 def format_summary(s: dict) -> str:
-    skipped = ", ".join(f"{k}: {v}" for k, v in sorted(s["skipped"].items())) or "none"
-    return (f"notes in {s['notes_in']}, embedded {s['embedded']}, skipped {sum(s['skipped'].values())} ({skipped})\n"
+    errors = ", ".join(f"{k}: {v}" for k, v in sorted(s["errors"].items())) or "none"
+    warnings = ", ".join(f"{k}: {v}" for k, v in sorted(s["warnings"].items()))
+    resumed = f" (resumed at chunk {s['chunks_resumed_from']})" if s["chunks_resumed_from"] else ""
+    if s["chunks_resumed_from"] == s["chunks"]:
+        resumed = (f" (nothing to do: run {s['run_id']} had committed all {s['chunks']} chunk(s); "
+                   "pass --run-id to write the same input again)")
+    return (f"rows in {s['rows_in']}{resumed}, embedded {s['embedded']}, errors {sum(s['errors'].values())} "
+            f"({errors}){'; warnings: ' + warnings if warnings else ''}\n"
             f"rows written {s['rows_written']} ({s['granularity']} granularity, {s['context']} context), "
             f"BPE tokens {s['bpe_tokens']}, windows {s['windows']}\n"
             f"{s['seconds']} s, {s['notes_per_s']} notes/s, {s['tokens_per_s']} tokens/s\n"
             f"devices: {_counted(s['devices'])}; GPU addresses assigned: {_counted(s['gpu_addresses']) or 'none'}\n"
-            f"Delta table {s['out']} version {s['version']} (model {s['model_id']})")
+            + (f"stale rows deleted: {s['stale_rows_deleted']}\n" if "stale_rows_deleted" in s else "")
+            + f"Delta table {s['out']} version {s['version']}, errors in {s['errors_out']} (model {s['model_id']})")
 
 
 def _counted(counts: dict) -> str:
@@ -257,6 +442,9 @@ def main(argv: list[str] | None = None) -> int:
     except (InputError, ArtifactError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except CommitConflict as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     print(format_summary(summary))
     return 0
 

@@ -35,6 +35,7 @@ class EmbedOptions:
     precision: str = "fp32"
     backend: str = "auto"
     device: str = "auto"  # auto | cpu | cuda: see pipelines.devices
+    max_chars: int = 1_000_000  # longer texts are recorded, not embedded (a 10 MB "note" is a misfiled blob)
 
     def validate(self, artifact: Artifact) -> "EmbedOptions":
         if self.context not in CONTEXTS:
@@ -54,7 +55,7 @@ def text_sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-def skip_reason(text) -> str | None:
+def skip_reason(text, max_chars: int = EmbedOptions.max_chars) -> str | None:
     """Why a text cannot be embedded, or None. Reasons never include the text."""
     if text is None:
         return "null text"
@@ -66,6 +67,8 @@ def skip_reason(text) -> str | None:
         return "whitespace-only text"
     if "\x00" in text:
         return "text contains NUL bytes"
+    if len(text) > max_chars:
+        return f"text longer than {max_chars} characters (--max-note-chars)"
     return None
 
 
@@ -209,7 +212,7 @@ class NoteEmbedder:
         offsets: list[int] = []
         for text in texts:
             offsets.append(len(runs))
-            reason = skip_reason(text)
+            reason = skip_reason(text, self.options.max_chars)
             if reason is not None:
                 results.append(NoteResult(reason, text_sha256(text) if isinstance(text, str) else None))
                 plans.append(None)

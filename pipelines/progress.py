@@ -13,8 +13,9 @@ class JobProgress:
 
     Counts come from accumulators (updated as tasks finish) and Spark's status tracker."""
 
-    def __init__(self, spark, counters: dict, every: float = 30.0, log: Callable[[str], None] | None = None):
-        self.spark, self.counters, self.every = spark, counters, every
+    def __init__(self, spark, counters: dict, every: float = 30.0, log: Callable[[str], None] | None = None,
+                 total_notes: int = 0):
+        self.spark, self.counters, self.every, self.total_notes = spark, counters, every, total_notes
         self.log = log or (lambda m: print(f"[embed_notes] {m}", file=sys.stderr, flush=True))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="clinlong-progress")
@@ -30,8 +31,11 @@ class JobProgress:
                 total += info.numTasks
         elapsed = time.perf_counter() - self.start
         notes, tokens = self.counters["notes"].value, self.counters["tokens"].value
-        eta = f"{elapsed * (total - done) / done:.0f} s" if done and total else "unknown"
-        return (f"progress: tasks {done}/{total}, notes {notes} ({notes / elapsed:.2f}/s), "
+        if self.total_notes and notes:  # across chunks: by notes
+            eta = f"{elapsed * max(self.total_notes - notes, 0) / notes:.0f} s"
+        else:
+            eta = f"{elapsed * (total - done) / done:.0f} s" if done and total else "unknown"
+        return (f"progress: tasks {done}/{total}, notes {notes}{f'/{self.total_notes}' if self.total_notes else ''} ({notes / elapsed:.2f}/s), "
                 f"tokens {tokens} ({tokens / elapsed:.0f}/s), elapsed {elapsed:.0f} s, ETA {eta}")
 
     def _run(self) -> None:

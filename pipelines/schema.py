@@ -1,8 +1,9 @@
 """Output table schemas (design.md's column contract) and the Arrow builders that fill them.
 
-Beyond the contract's columns: `skip_reason` (note granularity: why a note has no vector) and
-`text_sha256` at every granularity, which keeps notes that share an id apart (each input row is
-embedded and kept; identical duplicate rows give identical output rows).
+Beyond the contract's columns: `text_sha256` at every granularity, which keeps notes that share an id
+apart (each input row is embedded and kept; identical duplicate rows give identical output rows) and
+drives `--mode incremental`. Notes that cannot be embedded go to the errors table (`error_schema`):
+id, text hash, stage and reason, never the text.
 
 Vectors are written as Arrow list<float32> built from one flat buffer per batch: no per-element Python.
 """
@@ -32,7 +33,7 @@ def table_schema(granularity: str, id_type: pa.DataType, vector_dtype: str = "fl
     vec = _vector_type(vector_dtype)
     if granularity == "note":
         fields = [("note_id", id_type), ("n_tokens", pa.int32()), ("n_windows", pa.int32()), ("embedding", vec),
-                  ("model_id", pa.string()), ("text_sha256", pa.string()), ("skip_reason", pa.string())]
+                  ("model_id", pa.string()), ("text_sha256", pa.string())]
     elif granularity == "sentence":
         fields = [("note_id", id_type), ("sentence_index", pa.int32()), ("begin", pa.int32()), ("end", pa.int32()),
                   ("embedding", vec), ("model_id", pa.string()), ("text_sha256", pa.string())]
@@ -43,6 +44,24 @@ def table_schema(granularity: str, id_type: pa.DataType, vector_dtype: str = "fl
     else:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
     return pa.schema([pa.field(n, t) for n, t in fields])
+
+
+ERROR_STAGES = ("read", "check", "embed")
+
+
+def error_schema(id_type: pa.DataType) -> pa.Schema:
+    """The errors table: one row per input row that was not embedded. `stage`: read (malformed input
+    row), check (unusable id or text), embed (the model step failed on this note alone)."""
+    return pa.schema([pa.field("note_id", id_type), pa.field("text_sha256", pa.string()),
+                      pa.field("stage", pa.string()), pa.field("reason", pa.string()),
+                      pa.field("model_id", pa.string()), pa.field("run_id", pa.string())])
+
+
+def build_errors(schema: pa.Schema, rows: list[tuple], model_id: str, run_id: str) -> pa.Table:
+    """Errors-table rows from (note_id, text_sha256, stage, reason) tuples."""
+    cols = list(zip(*rows)) if rows else [[], [], [], []]
+    return pa.table({"note_id": cols[0], "text_sha256": cols[1], "stage": cols[2], "reason": cols[3],
+                     "model_id": [model_id] * len(rows), "run_id": [run_id] * len(rows)}, schema=schema)
 
 
 @dataclass(frozen=True)
@@ -57,8 +76,7 @@ class OutputSpec:
     vector_dtype: str = "float32"
 
 
-def _vectors(blocks: list[np.ndarray], dim: int, valid: np.ndarray | None = None,
-             vector_dtype: str = "float32") -> pa.Array:
+def _vectors(blocks: list[np.ndarray], dim: int, vector_dtype: str = "float32") -> pa.Array:
     flat = np.concatenate(blocks).astype(np.float32, copy=False).reshape(-1) if blocks else np.zeros(0, np.float32)
     n = len(flat) // dim if dim else 0
     if vector_dtype == "float16":
@@ -68,28 +86,22 @@ def _vectors(blocks: list[np.ndarray], dim: int, valid: np.ndarray | None = None
     else:
         offsets = np.arange(0, (n + 1) * dim, dim, dtype=np.int32)
         arr = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat), type=_vector_type())
-    if valid is None:
-        return arr
-    # Expand to one slot per row, nulls where there is no vector.
-    idx = np.full(len(valid), -1, np.int64)
-    idx[valid] = np.arange(int(valid.sum()))
-    return arr.take(pa.array(np.where(valid, idx, 0), mask=~valid))
+    return arr
 
 
 def build_table(spec: OutputSpec, ids: list, texts: list, results: list[NoteResult]) -> pa.Table:
-    """Rows of one Arrow batch of notes at the requested granularity."""
+    """Rows of one Arrow batch of notes at the requested granularity (embedded notes only: the others
+    go to the errors table)."""
     granularity, model_id, dim, schema = spec.granularity, spec.model_id, spec.dim, spec.schema
     if granularity == "note":
-        valid = np.array([r.skip_reason is None for r in results], bool)
-        vecs = [r.note_vector()[None] for r in results if r.skip_reason is None]
+        keep = [(i, r) for i, r in zip(ids, results) if r.skip_reason is None]
         cols = {
-            "note_id": ids,
-            "n_tokens": [r.n_tokens for r in results],
-            "n_windows": [r.n_windows for r in results],
-            "embedding": _vectors(vecs, dim, valid, spec.vector_dtype),
-            "model_id": [model_id] * len(results),
-            "text_sha256": [r.text_sha256 for r in results],
-            "skip_reason": [r.skip_reason for r in results],
+            "note_id": [i for i, _ in keep],
+            "n_tokens": [r.n_tokens for _, r in keep],
+            "n_windows": [r.n_windows for _, r in keep],
+            "embedding": _vectors([r.note_vector()[None] for _, r in keep], dim, spec.vector_dtype),
+            "model_id": [model_id] * len(keep),
+            "text_sha256": [r.text_sha256 for _, r in keep],
         }
         return pa.table(cols, schema=schema)
     note_ids, sent_idx, begins, ends, blocks, tok_idx, tokens, shas = [], [], [], [], [], [], [], []

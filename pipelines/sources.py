@@ -40,6 +40,21 @@ def _read_delta_rs(spark: SparkSession, path: str) -> DataFrame:
     return spark.read.parquet(*files)
 
 
+CORRUPT = "_corrupt_record"
+
+
+def _read_csv(spark: SparkSession, source: str) -> DataFrame:
+    """MIMIC-style CSV: header, multi-line quoted fields, "" escapes, every column a string. Rows with
+    too many or too few fields are kept and flagged in `_corrupt_record` (see select_notes)."""
+    def reader():
+        return (spark.read.option("header", True).option("multiLine", True).option("quote", '"')
+                .option("escape", '"').option("mode", "PERMISSIVE"))
+
+    header = reader().option("inferSchema", False).csv(source).columns
+    schema = T.StructType([T.StructField(c, T.StringType()) for c in header] + [T.StructField(CORRUPT, T.StringType())])
+    return reader().option("columnNameOfCorruptRecord", CORRUPT).schema(schema).csv(source)
+
+
 def read_notes(spark: SparkSession, source: str, fmt: str = "auto") -> DataFrame:
     """Read a note table; `fmt` is auto, delta, parquet, csv or table."""
     path = Path(source)
@@ -64,8 +79,7 @@ def read_notes(spark: SparkSession, source: str, fmt: str = "auto") -> DataFrame
     if fmt == "parquet":
         return spark.read.parquet(source)
     if fmt == "csv":
-        return (spark.read.option("header", True).option("multiLine", True).option("quote", '"')
-                .option("escape", '"').option("mode", "PERMISSIVE").option("inferSchema", False).csv(source))
+        return _read_csv(spark, source)
     if fmt == "table":
         try:
             return spark.table(source)
@@ -75,7 +89,7 @@ def read_notes(spark: SparkSession, source: str, fmt: str = "auto") -> DataFrame
 
 
 def select_notes(df: DataFrame, id_col: str, text_col: str, id_type: str = "auto") -> DataFrame:
-    """Check the id and text columns up front and return (note_id, text).
+    """Check the id and text columns up front and return (note_id, text, input_error).
 
     `id_type`: auto keeps the id's type (integers widened to long); long or string casts it.
     """
@@ -87,11 +101,27 @@ def select_notes(df: DataFrame, id_col: str, text_col: str, id_type: str = "auto
             raise InputError(f"input has no column {col!r} (columns: {', '.join(sorted(names))}); set {flag}")
     if not isinstance(names[id_col], ID_TYPES):
         raise InputError(f"id column {id_col!r} has type {names[id_col].simpleString()}; use an integer or string column")
-    if not isinstance(names[text_col], T.StringType):
+    if not isinstance(names[text_col], (T.StringType, T.BinaryType)):
         raise InputError(f"text column {text_col!r} has type {names[text_col].simpleString()}, not string; set --text-col")
     note_id = F.col(id_col)
     if id_type == "long" or (id_type == "auto" and not isinstance(names[id_col], T.StringType)):
         note_id = note_id.cast("long")
     elif id_type == "string":
         note_id = note_id.cast("string")
-    return df.select(note_id.alias("note_id"), F.col(text_col).alias("text"))
+    return df.select(note_id.alias("note_id"), F.col(text_col).alias("text"), input_errors(df, text_col))
+
+
+def input_errors(df: DataFrame, text_col: str):
+    """`input_error`: why a row read from the source is unusable, else null. CSV rows with the wrong field
+    count, and text that opens with a quote it never closes (an unbalanced quote: the parser has swallowed
+    the following lines, so the rows it ate cannot be told apart)."""
+    from pyspark.sql import functions as F
+
+    if CORRUPT not in df.columns:
+        return F.lit(None).cast("string").alias("input_error")
+    text = F.col(text_col)
+    quotes = F.length(text) - F.length(F.regexp_replace(text, '"', ""))
+    return (F.when(F.col(CORRUPT).isNotNull(), F.lit("malformed CSV row (wrong number of fields)"))
+            .when(text.startswith('"') & (quotes % 2 == 1),
+                  F.lit("malformed CSV row (unbalanced quote; following lines were merged into it)"))
+            .alias("input_error"))

@@ -9,7 +9,6 @@ from deltalake import DeltaTable
 
 from pipelines.embed_notes import JobConfig, format_summary, main, run
 from pipelines.engine import EmbedOptions
-from pipelines.sources import InputError
 from tests.conftest import PHI_MARKER, write_test_notes
 
 
@@ -18,25 +17,31 @@ def notes_csv(tmp_path_factory):
     return write_test_notes(tmp_path_factory.mktemp("job-notes") / "NOTEEVENTS.csv")
 
 
-def test_job_records_skips_duplicates_and_commit_info(notes_csv, tiny_artifact, spark, tmp_path, capsys):
+def test_job_records_errors_duplicates_and_commit_info(notes_csv, tiny_artifact, spark, tmp_path, capsys):
     out = str(tmp_path / "t")
     summary = run(JobConfig(notes=str(notes_csv), model=str(tiny_artifact), out=out, id_type="long"), spark)
-    assert summary["notes_in"] == 11 and summary["embedded"] == 9
-    assert summary["skipped"] == {"null text": 1, "whitespace-only text": 1}  # Spark reads an empty CSV field as null
+    assert summary["rows_in"] == 11 and summary["embedded"] == 9
+    # Spark reads an empty CSV field as null
+    assert summary["errors"] == {"check: null text": 1, "check: whitespace-only text": 1}
     t = DeltaTable(out).to_pyarrow_table().to_pandas()
-    assert len(t) == 11  # rows in = embedded + recorded skips
-    skipped = t[t.skip_reason.notna()]
-    assert set(skipped.note_id) == {101, 102} and (skipped.n_tokens == 0).all() and skipped.embedding.isna().all()
+    errors = DeltaTable(out + "_errors").to_pyarrow_table().to_pandas()
+    assert len(t) + len(errors) == 11  # rows in = embedded + recorded errors
+    assert set(errors.note_id) == {101, 102} and set(errors.stage) == {"check"} and t.embedding.notna().all()
+    assert list(errors.columns) == ["note_id", "text_sha256", "stage", "reason", "model_id", "run_id"]
     dup = t[t.note_id == 2]
     assert len(dup) == 2 and dup.text_sha256.nunique() == 2  # duplicate ids kept apart
     info = json.loads(DeltaTable(out).history(1)[0]["clinlong"])
-    assert info["notes_in"] == 11 and info["bpe_tokens"] == summary["bpe_tokens"] > 0
-    assert PHI_MARKER not in format_summary(summary) + capsys.readouterr().err
-    # append adds a version; overwrite replaces the rows
-    run(JobConfig(notes=str(notes_csv), model=str(tiny_artifact), out=out, id_type="long"), spark)
-    assert len(DeltaTable(out).to_pyarrow_table()) == 22
+    assert info["rows_in"] == 11 and info["bpe_tokens"] == summary["bpe_tokens"] > 0 and info["chunks"] == 1
+    assert PHI_MARKER not in format_summary({**summary, "version": 0}) + capsys.readouterr().err
+    # The same run again finds its chunk committed: nothing is written twice.
+    again = run(JobConfig(notes=str(notes_csv), model=str(tiny_artifact), out=out, id_type="long"), spark)
+    assert again["rows_in"] == 0 and len(DeltaTable(out).to_pyarrow_table()) == 9 and DeltaTable(out).version() == 0
+    # A new run id appends a copy; overwrite replaces the rows (and the errors).
+    run(JobConfig(notes=str(notes_csv), model=str(tiny_artifact), out=out, id_type="long", run_id="second"), spark)
+    assert len(DeltaTable(out).to_pyarrow_table()) == 18 and len(DeltaTable(out + "_errors").to_pandas()) == 4
     run(JobConfig(notes=str(notes_csv), model=str(tiny_artifact), out=out, id_type="long", mode="overwrite"), spark)
-    assert len(DeltaTable(out).to_pyarrow_table()) == 11 and DeltaTable(out).version() == 2
+    assert len(DeltaTable(out).to_pyarrow_table()) == 9 and DeltaTable(out).version() == 2
+    assert len(DeltaTable(out + "_errors").to_pandas()) == 2
 
 
 def test_delta_and_parquet_inputs(notes_csv, tiny_artifact, spark, tmp_path):
@@ -48,7 +53,7 @@ def test_delta_and_parquet_inputs(notes_csv, tiny_artifact, spark, tmp_path):
     df.to_parquet(tmp_path / "in.parquet")
     for source in (tmp_path / "in_delta", tmp_path / "in.parquet"):
         s = run(JobConfig(notes=str(source), model=str(tiny_artifact), out=str(tmp_path / f"out_{source.name}")), spark)
-        assert s["notes_in"] == 3 and s["embedded"] == 3
+        assert s["rows_in"] == 3 and s["embedded"] == 3
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -56,7 +61,6 @@ def test_delta_and_parquet_inputs(notes_csv, tiny_artifact, spark, tmp_path):
     (["--text-col", "NOPE"], "no column 'NOPE'"),
     (["--text-col", "ROW_ID", "--input-format", "parquet"], "not string"),
     (["--max-length", "5000"], "max length"),
-    (["--mode", "incremental"], "not available"),
 ])
 def test_bad_job_input_fails_before_work(args, needle, notes_csv, tiny_artifact, tmp_path, capsys, spark):
     import pandas as pd
@@ -159,11 +163,12 @@ def test_spark_side_writer_rows_and_counters(notes_csv, tiny_artifact, spark, tm
     notes = select_notes(read_notes(spark, str(notes_csv)), "ROW_ID", "TEXT", "long")
     spec = OutputSpec("token", table_schema("token", to_arrow_type(notes.schema["note_id"].dataType)),
                       art.model_id, art.dimension)
-    counters = {k: spark.sparkContext.accumulator(0) for k in ("notes", "tokens", "windows", "rows")}
-    counters["skipped"] = spark.sparkContext.accumulator({}, _CounterParam())
+    counters = {k: spark.sparkContext.accumulator(0) for k in ("notes", "embedded", "tokens", "windows", "rows")}
+    counters["errors"] = spark.sparkContext.accumulator({}, _CounterParam())
     rows = notes.mapInArrow(embed_rows(str(art.path), EmbedOptions(), spec, counters), from_arrow_schema(spec.schema))
     rows.write.parquet(str(tmp_path / "rows"))
-    assert counters["notes"].value == 11 and counters["skipped"].value == {"null text": 1, "whitespace-only text": 1}
+    assert counters["notes"].value == 11 and counters["embedded"].value == 9
+    assert counters["errors"].value == {"check: null text": 1, "check: whitespace-only text": 1}
     assert counters["rows"].value == spark.read.parquet(str(tmp_path / "rows")).count() > 100
     assert counters["tokens"].value > counters["rows"].value  # BPE pieces outnumber words
 

@@ -77,7 +77,7 @@ def test_spark_submit_parity(granularity, context, notes_csv, tiny_artifact, tin
                          "--partitions", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert PHI_MARKER not in proc.stdout + proc.stderr
-    assert "notes in 11, embedded 9, skipped 2" in proc.stdout
+    assert "rows in 11, embedded 9, errors 2" in proc.stdout
     table = DeltaTable(str(out)).to_pyarrow_table().to_pandas()
     notes = pd.read_csv(notes_csv, keep_default_na=False)
     checked = 0
