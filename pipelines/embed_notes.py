@@ -283,8 +283,9 @@ def _check_outputs(cfg: JobConfig, schema, err_schema) -> None:
         if "://" in uri:
             continue
         existing = existing_table_schema(uri)
-        if existing is None and os.path.isdir(uri) and any(e.name != "_delta_log" for e in os.scandir(uri)) \
-                and not os.path.isdir(os.path.join(uri, "_delta_log")):
+        foreign = existing is None and os.path.isdir(uri) and any(
+            not (e.name.startswith("part-") and ".zstd.parquet" in e.name) for e in os.scandir(uri))
+        if foreign:  # (uncommitted parts of a killed first chunk are ours: the folder is a table in the making)
             raise InputError(f"{uri} is a non-empty folder but not a Delta table; choose another --out/--errors-out")
         if existing is not None and cfg.mode != "overwrite" and existing != want:
             raise InputError(f"{uri} holds a table with another schema; use --mode overwrite or another --out")

@@ -1,0 +1,58 @@
+"""Table upkeep for the job's Delta outputs (delta-rs; Databricks users run OPTIMIZE / VACUUM instead).
+
+    python -m pipelines.maintain TABLE [--compact] [--vacuum] [--retention-hours H] [--dry-run]
+
+--compact rewrites small files into ~target-size files (one commit, data unchanged, safe next to
+appending jobs). --vacuum deletes files no table version within the retention references: files that
+older versions removed, and orphans that killed runs wrote but never committed. Keep the retention
+longer than any job runs (default 168 h), or a vacuum could delete a running job's uncommitted files.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def compact(table_uri: str, target_mb: int = 256) -> dict:
+    """Merge small files; return delta-rs' metrics (files added/removed)."""
+    from deltalake import DeltaTable
+
+    return DeltaTable(table_uri).optimize.compact(target_size=target_mb * 1024 * 1024)
+
+
+def vacuum(table_uri: str, retention_hours: int = 168, dry_run: bool = False) -> list[str]:
+    """Delete unreferenced files older than the retention, including never-committed orphans (full vacuum)."""
+    from deltalake import DeltaTable
+
+    return DeltaTable(table_uri).vacuum(retention_hours=retention_hours, dry_run=dry_run,
+                                        enforce_retention_duration=False, full=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pipelines.maintain", description=__doc__.split("\n\n")[0])
+    p.add_argument("table", help="Delta table path (the job's --out or its _errors table)")
+    p.add_argument("--compact", action="store_true", help="merge small files")
+    p.add_argument("--target-mb", type=int, default=256, help="compaction target file size")
+    p.add_argument("--vacuum", action="store_true", help="delete unreferenced and orphan files")
+    p.add_argument("--retention-hours", type=int, default=168, help="vacuum keeps files removed more recently")
+    p.add_argument("--dry-run", action="store_true", help="vacuum: list, do not delete")
+    args = p.parse_args(argv)
+    from deltalake import DeltaTable
+
+    if not DeltaTable.is_deltatable(args.table):
+        print(f"error: {args.table} is not a Delta table", file=sys.stderr)
+        return 2
+    if not (args.compact or args.vacuum):
+        p.error("choose --compact and/or --vacuum")
+    if args.compact:
+        m = compact(args.table, args.target_mb)
+        print(f"compacted: {m.get('numFilesRemoved', 0)} files into {m.get('numFilesAdded', 0)}")
+    if args.vacuum:
+        files = vacuum(args.table, args.retention_hours, args.dry_run)
+        print(f"vacuum{' (dry run)' if args.dry_run else ''}: {len(files)} unreferenced files"
+              f"{' listed' if args.dry_run else ' deleted'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
