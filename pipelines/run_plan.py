@@ -83,7 +83,7 @@ def stale(notes: DataFrame, table: DataFrame, model_id: str) -> list[tuple]:
     ids = current.select("note_id").distinct()
     rows = table.where(F.col("model_id") == model_id).select("note_id", "text_sha256").distinct()
     rows = rows.join(ids, "note_id", "left_semi")
-    rows = rows.join(current, _null_safe(rows, current, "_sha"), "left_anti")
+    rows = rows.join(current, _null_safe(current, rows, "_sha"), "left_anti")
     return [(r["note_id"], r["text_sha256"]) for r in rows.collect()]
 
 
