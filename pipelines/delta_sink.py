@@ -15,8 +15,17 @@ import uuid
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-META_SCHEMA = ("path string, size long, err_path string, err_size long, err_rows long, rows long, notes long, "
-               "embedded long, tokens long, windows long, errors string, warnings string, device string, gpus string")
+META_SCHEMA = ("path string, size long, file_rows long, partition_values string, err_path string, err_size long, "
+               "err_rows long, rows long, notes long, embedded long, tokens long, windows long, errors string, "
+               "warnings string, device string, gpus string")
+
+
+def partition_dir(values: dict) -> str:
+    """Hive-style folder for partition values (col=value, escaped; null as Hive's default partition)."""
+    from urllib.parse import quote
+
+    return "/".join(f"{k}={'__HIVE_DEFAULT_PARTITION__' if v is None else quote(str(v), safe=' ')}"
+                    for k, v in values.items())
 
 
 class CommitConflict(Exception):
@@ -29,10 +38,14 @@ def _fs(table_uri: str):
     return fs.FileSystem.from_uri(table_uri) if "://" in table_uri else (fs.LocalFileSystem(), table_uri)
 
 
-def write_part(table: pa.Table, table_uri: str, prefix: str = "") -> tuple[str, int]:
-    """Write one Parquet file into the table folder; return its relative path and size. The file is
-    written under a temporary name and renamed, so a killed task never leaves a half file under a final name."""
+def write_part(table: pa.Table, table_uri: str, prefix: str = "", partition: dict | None = None) -> tuple[str, int]:
+    """Write one Parquet file into the table folder (or its partition's folder); return its relative path
+    and size. The file is written under a temporary name and renamed, so a killed task never leaves a
+    half-written file under a final name."""
     filesystem, root = _fs(table_uri)
+    sub = partition_dir(partition) if partition else ""
+    if sub:
+        root = f"{root}/{sub}"
     filesystem.create_dir(root, recursive=True)
     name = f"part-{prefix + '-' if prefix else ''}{uuid.uuid4().hex}.zstd.parquet"
     local = type(filesystem).__name__ == "LocalFileSystem"
@@ -41,7 +54,7 @@ def write_part(table: pa.Table, table_uri: str, prefix: str = "") -> tuple[str, 
         pq.write_table(table, out, compression="zstd")
     if local:
         filesystem.move(target, f"{root}/{name}")
-    return name, filesystem.get_file_info(f"{root}/{name}").size
+    return (f"{sub}/{name}" if sub else name), filesystem.get_file_info(f"{root}/{name}").size
 
 
 def remove_unreferenced(table_uri: str, prefix: str, keep: set[str]) -> int:
@@ -52,13 +65,13 @@ def remove_unreferenced(table_uri: str, prefix: str, keep: set[str]) -> int:
 
     filesystem, root = _fs(table_uri)
     try:
-        infos = filesystem.get_file_info(fs.FileSelector(root, allow_not_found=True))
+        infos = filesystem.get_file_info(fs.FileSelector(root, allow_not_found=True, recursive=True))
     except FileNotFoundError:
         return 0
     gone = 0
     for info in infos:
-        name = info.base_name
-        if info.type == fs.FileType.File and name.startswith(f"part-{prefix}-") and name not in keep:
+        rel = info.path[len(root.rstrip("/")) + 1:]
+        if info.type == fs.FileType.File and info.base_name.startswith(f"part-{prefix}-") and rel not in keep:
             filesystem.delete_file(info.path)
             gone += 1
     return gone
@@ -82,7 +95,7 @@ def committed_version(table_uri: str, app_id: str) -> int:
 
 def commit(table_uri: str, parts: list[dict], schema: pa.Schema, mode: str, info: dict,
            txn: tuple[str, int] | None = None, path_key: str = "path", size_key: str = "size",
-           rows_key: str = "rows") -> int | None:
+           rows_key: str = "file_rows", partition_by: str = "") -> int | None:
     """Commit the written files as one table version; return the version, or None when `txn` shows the
     chunk was already committed (by an earlier attempt of this run). Raises CommitConflict."""
     from deltalake import CommitProperties, DeltaTable, Schema, Transaction
@@ -90,7 +103,9 @@ def commit(table_uri: str, parts: list[dict], schema: pa.Schema, mode: str, info
     from deltalake.transaction import AddAction, create_table_with_add_actions
 
     now = int(time.time() * 1000)
-    adds = [AddAction(p[path_key], int(p[size_key]), {}, now, True, _stats(int(p[rows_key]))) for p in parts]
+    adds = [AddAction(p[path_key], int(p[size_key]), json.loads(p.get("partition_values") or "{}") if path_key == "path"
+                      else {}, now, True, _stats(int(p[rows_key]))) for p in parts]
+    partitioning = [partition_by] if partition_by else None
     props = CommitProperties(custom_metadata={"clinlong": json.dumps(info)},
                              app_transactions=[Transaction(*txn)] if txn else None)
     for attempt in range(2):
@@ -99,7 +114,7 @@ def commit(table_uri: str, parts: list[dict], schema: pa.Schema, mode: str, info
         except TableNotFoundError:
             try:
                 create_table_with_add_actions(table_uri, Schema.from_arrow(schema), adds, mode="append",
-                                              commit_properties=props)
+                                              partition_by=partitioning, commit_properties=props)
                 return DeltaTable(table_uri).version()
             except Exception:  # noqa: BLE001 - another writer created it first: commit into it
                 if attempt or not DeltaTable.is_deltatable(table_uri):
@@ -109,7 +124,8 @@ def commit(table_uri: str, parts: list[dict], schema: pa.Schema, mode: str, info
         if txn and done is not None and done >= txn[1]:
             return None
         try:
-            dt.create_write_transaction(adds, mode=mode, schema=Schema.from_arrow(schema), commit_properties=props)
+            dt.create_write_transaction(adds, mode=mode, schema=Schema.from_arrow(schema), partition_by=partitioning,
+                                        commit_properties=props)
         except CommitFailedError as e:
             if txn and committed_version(table_uri, txn[0]) >= txn[1]:
                 return None  # a concurrent attempt of the same run committed this chunk

@@ -52,6 +52,7 @@ class JobConfig:
     errors_out: str = ""  # default: OUT_errors
     chunk_notes: int = DEFAULT_CHUNK_NOTES
     run_id: str = ""  # default: derived from the input, model and options
+    partition_by: str = ""  # an input column carried into the output as its Delta partition column
     options: EmbedOptions = EmbedOptions()
 
     @property
@@ -88,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-id", default="",
                    help="name of this run in Delta's transaction ids (default: derived from input, model and options, "
                         "so rerunning the same command resumes it and a finished run is not written twice)")
+    p.add_argument("--partition-by", default="",
+                   help="input column (e.g. CATEGORY) carried into the output table as its Delta partition column")
     p.add_argument("--max-note-chars", type=int, default=EmbedOptions.max_chars,
                    help="longer texts are recorded in the errors table instead of embedded")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
@@ -123,7 +126,7 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
                      mode=args.mode, partitions=args.partitions,
                      vector_dtype=args.vector_dtype, writer=args.writer, progress_every=args.progress_every,
                      gpus_per_task=args.gpus_per_task, errors_out=args.errors_out, chunk_notes=args.chunk_notes,
-                     run_id=args.run_id, options=opts)
+                     run_id=args.run_id, partition_by=args.partition_by, options=opts)
 
 
 def _log(msg: str) -> None:
@@ -157,10 +160,11 @@ def run(cfg: JobConfig, spark=None) -> dict:
     artifact = Artifact.open(cfg.model)  # verifies every file's sha256 before any work
     cfg.options.validate(artifact)
     spark = spark or spark_session()
-    notes = select_notes(read_notes(spark, cfg.notes, cfg.input_format), cfg.id_col, cfg.text_col, cfg.id_type)
+    keep = (cfg.partition_by,) if cfg.partition_by else ()
+    notes = select_notes(read_notes(spark, cfg.notes, cfg.input_format), cfg.id_col, cfg.text_col, cfg.id_type, keep)
     id_type = to_arrow_type(notes.schema["note_id"].dataType)
-    spec = OutputSpec(cfg.granularity, table_schema(cfg.granularity, id_type, cfg.vector_dtype), artifact.model_id,
-                      artifact.dimension, cfg.options.token_vector, cfg.vector_dtype)
+    spec = OutputSpec(cfg.granularity, table_schema(cfg.granularity, id_type, cfg.vector_dtype, cfg.partition_by),
+                      artifact.model_id, artifact.dimension, cfg.options.token_vector, cfg.vector_dtype, cfg.partition_by)
     err_schema = error_schema(id_type)
     writer = cfg.writer if cfg.writer != "auto" else ("delta-spark" if delta_spark_available(spark) else "delta-rs")
     if writer == "delta-spark" and not delta_spark_available(spark):
@@ -240,8 +244,9 @@ class _Totals:
                 setattr(self, k, getattr(self, k) + int(m.get(k) or 0))
             self.errors.update(json.loads(m.get("errors") or "{}"))
             self.warnings.update(json.loads(m.get("warnings") or "{}"))
-            self.devices[m.get("device") or "unknown"] += 1
-            self.gpus.update(g for g in (m.get("gpus") or "").split(",") if g)
+            if int(m.get("notes") or 0):  # one per batch (a batch's other files carry no counts)
+                self.devices[m.get("device") or "unknown"] += 1
+                self.gpus.update(g for g in (m.get("gpus") or "").split(",") if g)
 
 
 def committed_version(cfg: JobConfig, app_id: str) -> int:
@@ -257,7 +262,7 @@ def _run_description(cfg: JobConfig, model_id: str) -> dict:
 
     return {"input": input_fingerprint(cfg.notes), "format": cfg.input_format, "id": [cfg.id_col, cfg.id_type],
             "text": cfg.text_col, "model": model_id, "granularity": cfg.granularity, "mode": cfg.mode,
-            "vector_dtype": cfg.vector_dtype, "chunk_notes": cfg.chunk_notes,
+            "vector_dtype": cfg.vector_dtype, "chunk_notes": cfg.chunk_notes, "partition_by": cfg.partition_by,
             "options": {k: getattr(cfg.options, k) for k in RESULT_OPTIONS}}
 
 
@@ -311,7 +316,7 @@ def _write_delta_rs(spark, part, artifact: Artifact, cfg: JobConfig, spec, err_s
                path_key="err_path", size_key="err_size", rows_key="err_rows")
     faults.point("driver-between-commits")
     outs = [m for m in metas if m["path"]]
-    version = commit(cfg.out, outs, spec.schema, mode, info, (ctx.app_id, ctx.index))
+    version = commit(cfg.out, outs, spec.schema, mode, info, (ctx.app_id, ctx.index), partition_by=cfg.partition_by)
     faults.point("driver-after-commit")
     if version is None:
         _log(f"chunk {ctx.index}: already committed by another attempt of run {ctx.run_id}; its files are discarded")
@@ -350,7 +355,8 @@ def _write_delta_spark(spark, part, artifact: Artifact, cfg: JobConfig, spec, er
                              (cfg.out, False, [f.name for f in spec.schema])):
         sel = rows.where(F.col("_error") == F.lit(flag)).select(
             *[F.col(("err_" if flag else "") + n).alias(n) for n in names])
-        (sel.write.format("delta").mode(mode).option("txnAppId", ctx.app_id).option("txnVersion", ctx.index)
+        parts = [cfg.partition_by] if cfg.partition_by and not flag else []
+        (sel.write.format("delta").mode(mode).partitionBy(*parts).option("txnAppId", ctx.app_id).option("txnVersion", ctx.index)
          .option("userMetadata", info).save(uri))
     rows.unpersist()
     return int(spark.sql(f"DESCRIBE HISTORY delta.`{cfg.out}` LIMIT 1").collect()[0]["version"])

@@ -29,7 +29,9 @@ def _vector_type(vector_dtype: str = "float32") -> pa.DataType:
     return pa.list_(pa.field("element", pa.float32()))
 
 
-def table_schema(granularity: str, id_type: pa.DataType, vector_dtype: str = "float32") -> pa.Schema:
+def table_schema(granularity: str, id_type: pa.DataType, vector_dtype: str = "float32",
+                 partition_by: str = "") -> pa.Schema:
+    """The output table's schema; `partition_by` (an input column carried along as a string) comes last."""
     vec = _vector_type(vector_dtype)
     if granularity == "note":
         fields = [("note_id", id_type), ("n_tokens", pa.int32()), ("n_windows", pa.int32()), ("embedding", vec),
@@ -43,6 +45,10 @@ def table_schema(granularity: str, id_type: pa.DataType, vector_dtype: str = "fl
                   ("model_id", pa.string()), ("text_sha256", pa.string())]
     else:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    if partition_by:
+        if partition_by in {n for n, _ in fields}:
+            raise ValueError(f"cannot partition by {partition_by!r}: it is an output column; rename it in the input")
+        fields.append((partition_by, pa.string()))
     return pa.schema([pa.field(n, t) for n, t in fields])
 
 
@@ -74,6 +80,11 @@ class OutputSpec:
     dim: int
     token_vector: str = "first"
     vector_dtype: str = "float32"
+    partition_by: str = ""  # Delta partition column (not stored in the Parquet files, by Delta's rule)
+
+    @property
+    def file_schema(self) -> pa.Schema:
+        return self.schema.remove(self.schema.get_field_index(self.partition_by)) if self.partition_by else self.schema
 
 
 def _vectors(blocks: list[np.ndarray], dim: int, vector_dtype: str = "float32") -> pa.Array:
@@ -92,7 +103,7 @@ def _vectors(blocks: list[np.ndarray], dim: int, vector_dtype: str = "float32") 
 def build_table(spec: OutputSpec, ids: list, texts: list, results: list[NoteResult]) -> pa.Table:
     """Rows of one Arrow batch of notes at the requested granularity (embedded notes only: the others
     go to the errors table)."""
-    granularity, model_id, dim, schema = spec.granularity, spec.model_id, spec.dim, spec.schema
+    granularity, model_id, dim, schema = spec.granularity, spec.model_id, spec.dim, spec.file_schema
     if granularity == "note":
         keep = [(i, r) for i, r in zip(ids, results) if r.skip_reason is None]
         cols = {

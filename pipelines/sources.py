@@ -88,7 +88,7 @@ def read_notes(spark: SparkSession, source: str, fmt: str = "auto") -> DataFrame
     raise InputError(f"unknown input format {fmt!r}; use delta, parquet, csv or table")
 
 
-def select_notes(df: DataFrame, id_col: str, text_col: str, id_type: str = "auto") -> DataFrame:
+def select_notes(df: DataFrame, id_col: str, text_col: str, id_type: str = "auto", keep: tuple[str, ...] = ()) -> DataFrame:
     """Check the id and text columns up front and return (note_id, text, input_error).
 
     `id_type`: auto keeps the id's type (integers widened to long); long or string casts it.
@@ -96,7 +96,7 @@ def select_notes(df: DataFrame, id_col: str, text_col: str, id_type: str = "auto
     from pyspark.sql import functions as F
 
     names = {f.name: f.dataType for f in df.schema.fields}
-    for col, flag in ((id_col, "--id-col"), (text_col, "--text-col")):
+    for col, flag in ((id_col, "--id-col"), (text_col, "--text-col"), *((k, "--partition-by") for k in keep)):
         if col not in names:
             raise InputError(f"input has no column {col!r} (columns: {', '.join(sorted(names))}); set {flag}")
     if not isinstance(names[id_col], ID_TYPES):
@@ -108,7 +108,8 @@ def select_notes(df: DataFrame, id_col: str, text_col: str, id_type: str = "auto
         note_id = note_id.cast("long")
     elif id_type == "string":
         note_id = note_id.cast("string")
-    return df.select(note_id.alias("note_id"), F.col(text_col).alias("text"), input_errors(df, text_col))
+    return df.select(note_id.alias("note_id"), F.col(text_col).alias("text"), input_errors(df, text_col),
+                     *(F.col(k).cast("string").alias(k) for k in keep))
 
 
 def input_errors(df: DataFrame, text_col: str):

@@ -46,6 +46,19 @@ class Batch:
     results: list[NoteResult]
     stages: dict[int, str] = field(default_factory=dict)  # row -> stage, for rows with a skip reason
     warnings: Counter = field(default_factory=Counter)
+    extra: dict[str, list] = field(default_factory=dict)  # carried input columns (the partition column)
+
+    def groups(self, column: str) -> list[tuple[str | None, list[int]]]:
+        """Row indices by value of a carried column (one group of all rows when `column` is empty)."""
+        if not column:
+            return [(None, list(range(len(self.ids))))]
+        by: dict = {}
+        for i, v in enumerate(self.extra[column]):
+            by.setdefault(v, []).append(i)
+        return list(by.items())
+
+    def subset(self, rows: list[int]) -> tuple[list, list, list[NoteResult]]:
+        return [self.ids[i] for i in rows], [self.texts[i] for i in rows], [self.results[i] for i in rows]
 
     def error_rows(self) -> list[tuple]:
         return [(self.ids[i], r.text_sha256, self.stages.get(i, "check"), r.skip_reason)
@@ -77,15 +90,17 @@ def _prepare(emb: NoteEmbedder, batch: pa.RecordBatch):
             pre[i] = ("read", err)
         elif nid is None:
             pre[i] = ("check", "null note id")
+    extra = {n: batch.column(n).to_pylist() for n in names if n not in ("note_id", "text", "input_error")}
     usable = [None if i in pre else t for i, t in enumerate(texts)]
     try:
         prep = emb.prepare(usable)
     except Exception:  # isolated note by note in _finish
         prep = None
-    return ids, texts, usable, pre, warnings, prep
+    return ids, texts, usable, pre, warnings, extra, prep
 
 
-def _finish(emb: NoteEmbedder, ids: list, texts: list, usable: list, pre: dict, warnings: Counter, prep) -> Batch:
+def _finish(emb: NoteEmbedder, ids: list, texts: list, usable: list, pre: dict, warnings: Counter, extra: dict,
+            prep) -> Batch:
     try:
         if prep is None:
             raise RuntimeError("prepare failed")
@@ -97,7 +112,7 @@ def _finish(emb: NoteEmbedder, ids: list, texts: list, usable: list, pre: dict, 
         text = texts[i]
         results[i] = NoteResult(reason, text_sha256(text) if isinstance(text, str) else None)
         stages[i] = stage
-    return Batch(ids, texts, results, stages, warnings)
+    return Batch(ids, texts, results, stages, warnings, extra)
 
 
 def _one_by_one(emb: NoteEmbedder, texts: list) -> tuple[list[NoteResult], dict[int, str]]:
@@ -172,21 +187,43 @@ def embed_partition(artifact_path: str, options: EmbedOptions, spec: OutputSpec,
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         emb = embedder(artifact_path, options)
         for b in _embedded(emb, batches):
-            table = build_table(spec, b.ids, b.texts, b.results)
+            files, rows = [], 0
+            for value, idx in b.groups(spec.partition_by):
+                table = build_table(spec, *b.subset(idx))
+                if table.num_rows:
+                    values = {spec.partition_by: value} if spec.partition_by else {}
+                    path, size = write_part(table, target.table_uri, target.prefix, values)
+                    files.append({"path": path, "size": size, "file_rows": table.num_rows,
+                                  "partition_values": json.dumps(values)})
+                    rows += table.num_rows
             errors = b.error_rows()
-            path, size = write_part(table, target.table_uri, target.prefix) if table.num_rows else ("", 0)
             err_path, err_size = ("", 0)
             if errors:
                 err_table = build_errors(target.error_schema, errors, spec.model_id, target.run_id)
                 err_path, err_size = write_part(err_table, target.errors_uri, target.prefix)
             faults.point("task-after-part")
-            counts = _counts(b, table.num_rows)
+            counts = _counts(b, rows)
             _add(counters, counts)
-            yield pa.RecordBatch.from_pylist([{
-                "path": path, "size": size, "err_path": err_path, "err_size": err_size, "err_rows": len(errors),
-                **{k: (json.dumps(v) if isinstance(v, dict) else v) for k, v in counts.items()}, **_where(emb)}])
+            # One metadata row per written file; the batch's counts ride on the first.
+            first = {"err_path": err_path, "err_size": err_size, "err_rows": len(errors),
+                     **{k: (json.dumps(v) if isinstance(v, dict) else v) for k, v in counts.items()}}
+            rest = {**dict.fromkeys(first, 0), "err_path": "", "errors": "{}", "warnings": "{}"}
+            files = files or [{"path": "", "size": 0, "file_rows": 0, "partition_values": "{}"}]
+            yield pa.RecordBatch.from_pylist([{**f, **(first if i == 0 else rest), **_where(emb)}
+                                              for i, f in enumerate(files)])
 
     return run
+
+
+def full_table(spec: OutputSpec, b: Batch) -> pa.Table:
+    """A batch's output rows with the partition column filled in (for Spark-side writers)."""
+    if not spec.partition_by:
+        return build_table(spec, b.ids, b.texts, b.results)
+    tables = []
+    for value, idx in b.groups(spec.partition_by):
+        t = build_table(spec, *b.subset(idx))
+        tables.append(t.append_column(spec.partition_by, pa.array([value] * t.num_rows, pa.string())))
+    return pa.concat_tables(tables).cast(spec.schema)
 
 
 def embed_rows(artifact_path: str, options: EmbedOptions, spec: OutputSpec, counters: dict | None = None,
@@ -196,7 +233,7 @@ def embed_rows(artifact_path: str, options: EmbedOptions, spec: OutputSpec, coun
 
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for b in _embedded(embedder(artifact_path, options), batches):
-            table = build_table(spec, b.ids, b.texts, b.results)
+            table = full_table(spec, b)
             _add(counters, _counts(b, table.num_rows))
             yield from table.to_batches()
 
@@ -211,7 +248,7 @@ def embed_rows_and_errors(artifact_path: str, options: EmbedOptions, spec: Outpu
 
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for b in _embedded(embedder(artifact_path, options), batches):
-            table = build_table(spec, b.ids, b.texts, b.results)
+            table = full_table(spec, b)
             errors = build_errors(error_schema, b.error_rows(), spec.model_id, run_id)
             _add(counters, _counts(b, table.num_rows))
             for t, flag in ((table, False), (errors, True)):

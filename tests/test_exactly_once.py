@@ -156,8 +156,6 @@ def test_signals_to_workers_and_driver_from_outside(notes, tiny_artifact, clean,
 def test_two_jobs_append_to_one_table_at_once(tiny_artifact, clean, tmp_path):
     """Two different inputs appended to the same (new) table at the same moment: both succeed, the
     table is their union, each note once."""
-    from export.synthetic_notes import generate_notes
-
     halves = []
     for i, keep in enumerate((lambda r: r <= 20, lambda r: r > 20)):
         full = write_notes(tmp_path / f"all{i}.csv")
@@ -166,7 +164,6 @@ def test_two_jobs_append_to_one_table_at_once(tiny_artifact, clean, tmp_path):
         with part.open("w", newline="", encoding="utf-8") as f:
             csv.writer(f, quoting=csv.QUOTE_NONNUMERIC).writerows([rows[0]] + [r for r in rows[1:] if keep(int(r[0]))])
         halves.append(part)
-    assert generate_notes  # (same generator as the clean run's input)
     out = tmp_path / "t"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     procs = [subprocess.Popen(job_cmd(h, tiny_artifact, out), cwd=ROOT, env=env, stdout=subprocess.PIPE,
@@ -241,19 +238,43 @@ def test_readers_protocol_compaction_and_vacuum(notes, tiny_artifact, clean, tmp
     assert (proto.min_reader_version, proto.min_writer_version) == (1, 2)
     want = table(clean)
     assert len(pl.read_delta(str(out))) == len(want)
-    try:
-        import duckdb
-        import duckdb_extension_delta
-    except ImportError:
-        pytest.fail("duckdb and duckdb-extension-delta are test dependencies")
-    ext = next(Path(duckdb_extension_delta.__file__).parent.glob("extensions/*/delta.duckdb_extension"))
-    con = duckdb.connect()
-    con.install_extension(str(ext))
-    con.load_extension("delta")
-    n, ids = con.sql(f"SELECT count(*), count(DISTINCT note_id) FROM delta_scan('{out}')").fetchone()
+    n, ids = _duckdb().sql(f"SELECT count(*), count(DISTINCT note_id) FROM delta_scan('{out}')").fetchone()
     assert (n, ids) == (len(want), want.note_id.nunique())
     files_before = len(DeltaTable(str(out)).file_uris())
     assert maintain([str(out), "--compact", "--vacuum", "--retention-hours", "0"]) == 0
     assert len(DeltaTable(str(out)).file_uris()) < files_before
     assert not unreferenced(out) and not orphans & {p.name for p in out.iterdir()}
     assert_same_tables(out, clean)
+
+
+def _duckdb():
+    import duckdb
+    import duckdb_extension_delta
+
+    ext = next(Path(duckdb_extension_delta.__file__).parent.glob("extensions/*/delta.duckdb_extension"))
+    con = duckdb.connect()
+    con.install_extension(str(ext))
+    con.load_extension("delta")
+    return con
+
+
+def test_partitioned_by_category_resumes_and_reads_everywhere(notes, tiny_artifact, clean, tmp_path):
+    """--partition-by CATEGORY: Hive-style folders (values escaped: "Nursing/other", "Discharge summary"),
+    the same rows as the unpartitioned clean run, after a kill and a rerun, in all three readers."""
+    import polars as pl
+
+    out = tmp_path / "t"
+    cmd = job_cmd(notes, tiny_artifact, out, "--partition-by", "CATEGORY")
+    assert run_job(cmd, "driver-after-commit:2").returncode == -signal.SIGKILL
+    again = run_job(cmd)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert DeltaTable(str(out)).metadata().partition_columns == ["CATEGORY"]
+    got = table(out)
+    source = {int(r["ROW_ID"]): r["CATEGORY"] for r in csv.DictReader(notes.open(encoding="utf-8"))}
+    assert all(source[n] == c for n, c in zip(got.note_id, got.CATEGORY))
+    folders = {p.name for p in out.iterdir() if p.is_dir() and p.name != "_delta_log"}
+    assert folders == {f"CATEGORY={c.replace('/', '%2F')}" for c in set(got.CATEGORY)}
+    assert_same_tables(out, clean)
+    per_cat = got.CATEGORY.value_counts().to_dict()
+    assert pl.read_delta(str(out))["CATEGORY"].value_counts().to_pandas().set_index("CATEGORY")["count"].to_dict() == per_cat
+    assert dict(_duckdb().sql(f"SELECT CATEGORY, count(*) FROM delta_scan('{out}') GROUP BY 1").fetchall()) == per_cat
