@@ -37,7 +37,7 @@ def _read_delta_rs(spark: SparkSession, path: str) -> DataFrame:
         from pyspark.sql.pandas.types import from_arrow_schema
 
         return spark.createDataFrame([], from_arrow_schema(pa.schema(dt.schema().to_arrow())))
-    return spark.read.parquet(*files)
+    return spark.read.option("basePath", path).parquet(*files)  # basePath: partition columns from the folders
 
 
 CORRUPT = "_corrupt_record"

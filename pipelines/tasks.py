@@ -6,6 +6,7 @@ never costs its batch.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -91,16 +92,17 @@ def _prepare(emb: NoteEmbedder, batch: pa.RecordBatch):
         elif nid is None:
             pre[i] = ("check", "null note id")
     extra = {n: batch.column(n).to_pylist() for n in names if n not in ("note_id", "text", "input_error")}
+    raw = {i: bytes(t) for i, t in enumerate(batch.column("text").to_pylist()) if isinstance(t, (bytes, bytearray))}
     usable = [None if i in pre else t for i, t in enumerate(texts)]
     try:
         prep = emb.prepare(usable)
     except Exception:  # isolated note by note in _finish
         prep = None
-    return ids, texts, usable, pre, warnings, extra, prep
+    return ids, texts, usable, pre, warnings, extra, raw, prep
 
 
 def _finish(emb: NoteEmbedder, ids: list, texts: list, usable: list, pre: dict, warnings: Counter, extra: dict,
-            prep) -> Batch:
+            raw: dict, prep) -> Batch:
     try:
         if prep is None:
             raise RuntimeError("prepare failed")
@@ -112,6 +114,8 @@ def _finish(emb: NoteEmbedder, ids: list, texts: list, usable: list, pre: dict, 
         text = texts[i]
         results[i] = NoteResult(reason, text_sha256(text) if isinstance(text, str) else None)
         stages[i] = stage
+    for i, data in raw.items():  # binary text: hash the bytes as stored (what incremental mode compares)
+        results[i].text_sha256 = hashlib.sha256(data).hexdigest()
     return Batch(ids, texts, results, stages, warnings, extra)
 
 

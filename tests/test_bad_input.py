@@ -106,9 +106,12 @@ def test_binary_text_column_with_invalid_utf8(tiny_artifact, spark, tmp_path):
 
     pq.write_table(pa.table({"ROW_ID": [1, 2, None], "TEXT": [b"ok note", b"bad \xc3\x28 byte", b"x"]}),
                    tmp_path / "n.parquet")
-    s = run(JobConfig(notes=str(tmp_path / "n.parquet"), model=str(tiny_artifact), out=str(tmp_path / "o")), spark)
+    cfg = JobConfig(notes=str(tmp_path / "n.parquet"), model=str(tiny_artifact), out=str(tmp_path / "o"),
+                    mode="incremental")
+    s = run(cfg, spark)
     assert (s["rows_in"], s["embedded"]) == (3, 2) and s["errors"] == {"check: null note id": 1}
     assert s["warnings"] == {"invalid UTF-8 replaced by U+FFFD": 1}
+    assert run(cfg, spark)["rows_in"] == 0  # the bytes' hash matches on the rerun: nothing is embedded twice
 
 
 def test_a_failing_model_step_costs_only_its_note(tiny_artifact):
