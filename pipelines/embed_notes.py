@@ -138,10 +138,11 @@ def spark_session(master: str | None = None):
 
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     builder = SparkSession.builder.appName("clinlong-embed-notes").config("spark.ui.showConsoleProgress", "true")
-    if master:
+    if master or "PYSPARK_GATEWAY_PORT" not in os.environ:  # python -m (spark-submit sets its own master)
+        master = master or "local[*]"
         builder = builder.master(master)
-    elif "PYSPARK_GATEWAY_PORT" not in os.environ:  # not under spark-submit
-        builder = builder.master("local[*]")
+        if master.startswith("local"):  # a few shuffle partitions for incremental mode's joins, not 200
+            builder = builder.config("spark.sql.shuffle.partitions", str(2 * (os.cpu_count() or 1)))
     return builder.config("spark.sql.execution.arrow.maxRecordsPerBatch", "64").getOrCreate()
 
 
@@ -185,7 +186,8 @@ def run(cfg: JobConfig, spark=None) -> dict:
         notes = notes.repartition(cfg.partitions or spark.sparkContext.defaultParallelism)
     notes = notes.persist(StorageLevel.DISK_ONLY)  # read (and planned) once, reused by every chunk
     n_in = notes.count()
-    chunks = run_plan.n_chunks(n_in, cfg.chunk_notes)
+    # Nothing to embed: no commit at all (an overwrite still commits, to empty the table).
+    chunks = 0 if n_in == 0 and cfg.mode != "overwrite" else run_plan.n_chunks(n_in, cfg.chunk_notes)
     ident["chunks"] = chunks
     rid = cfg.run_id or run_plan.run_id(ident)
     app_id = f"clinlong-{rid}"
@@ -213,7 +215,7 @@ def run(cfg: JobConfig, spark=None) -> dict:
     if first == 0 and totals.notes != n_in:  # a guard, never expected: every row in must be accounted for
         raise RuntimeError(f"rows in {n_in} but tasks accounted for {totals.notes}; the table was not left "
                            f"inconsistent (every chunk commit is whole), rerun to resume")
-    summary = _summary(totals, time.perf_counter() - start, artifact, cfg, _Chunk(chunks - 1, chunks, rid, app_id, ""),
+    summary = _summary(totals, time.perf_counter() - start, artifact, cfg, _Chunk(max(chunks - 1, 0), chunks, rid, app_id, ""),
                        n_in, first)
     if cfg.mode == "incremental":
         summary["stale_rows_deleted"] = _delete_stale(spark, all_notes, cfg, artifact.model_id)
@@ -423,7 +425,9 @@ def format_summary(s: dict) -> str:
     errors = ", ".join(f"{k}: {v}" for k, v in sorted(s["errors"].items())) or "none"
     warnings = ", ".join(f"{k}: {v}" for k, v in sorted(s["warnings"].items()))
     resumed = f" (resumed at chunk {s['chunks_resumed_from']})" if s["chunks_resumed_from"] else ""
-    if s["chunks_resumed_from"] == s["chunks"]:
+    if s["input_rows"] == 0 and s["chunks"] == 0:
+        resumed = f" (nothing to do: no input rows{' left to embed' if s['mode'] == 'incremental' else ''})"
+    elif s["chunks_resumed_from"] == s["chunks"]:
         resumed = (f" (nothing to do: run {s['run_id']} had committed all {s['chunks']} chunk(s); "
                    "pass --run-id to write the same input again)")
     return (f"rows in {s['rows_in']}{resumed}, embedded {s['embedded']}, errors {sum(s['errors'].values())} "
