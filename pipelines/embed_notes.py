@@ -334,7 +334,6 @@ def _write_delta_spark(spark, part, artifact: Artifact, cfg: JobConfig, spec, er
     """One chunk through Spark's Delta writer (Databricks, clusters with delta-spark): output rows and
     errors rows come from one pass (persisted), each write idempotent via txnAppId/txnVersion."""
     from pyspark import StorageLevel
-    from pyspark.sql import functions as F
     from pyspark.sql.pandas.types import from_arrow_schema
 
     from pipelines.tasks import combined_schema, embed_rows_and_errors
@@ -353,15 +352,22 @@ def _write_delta_spark(spark, part, artifact: Artifact, cfg: JobConfig, spec, er
     totals.add([delta])
     mode = "overwrite" if cfg.mode == "overwrite" and ctx.index == 0 else "append"
     info = json.dumps({**summary(), "run_id": ctx.run_id, "chunk": ctx.index, "chunks": ctx.count})
-    for uri, flag, names in ((cfg.errors_path, True, [f.name for f in err_schema]),
-                             (cfg.out, False, [f.name for f in spec.schema])):
-        sel = rows.where(F.col("_error") == F.lit(flag)).select(
-            *[F.col(("err_" if flag else "") + n).alias(n) for n in names])
+    out_rows, error_rows = split_rows(rows, spec.schema, err_schema)
+    for uri, sel, flag in ((cfg.errors_path, error_rows, True), (cfg.out, out_rows, False)):
         parts = [cfg.partition_by] if cfg.partition_by and not flag else []
         (sel.write.format("delta").mode(mode).partitionBy(*parts).option("txnAppId", ctx.app_id).option("txnVersion", ctx.index)
          .option("userMetadata", info).save(uri))
     rows.unpersist()
     return int(spark.sql(f"DESCRIBE HISTORY delta.`{cfg.out}` LIMIT 1").collect()[0]["version"])
+
+
+def split_rows(rows, schema, err_schema):
+    """The combined stream of `tasks.embed_rows_and_errors` as (output rows, errors rows) DataFrames."""
+    from pyspark.sql import functions as F
+
+    return tuple(rows.where(F.col("_error") == F.lit(flag)).select(
+        *[F.col(("err_" if flag else "") + f.name).alias(f.name) for f in names])
+        for flag, names in ((False, schema), (True, err_schema)))
 
 
 def _delete_stale(spark, notes, cfg: JobConfig, model_id: str) -> int:

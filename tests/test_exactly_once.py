@@ -81,33 +81,37 @@ def clean(notes, tiny_artifact, spark, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("fault", [
-    "driver-before-commit:2",       # chunk 1 written, not committed
-    "driver-between-commits:2",     # chunk 1's errors committed, its output not
-    "driver-after-commit:3",        # chunk 2 committed, its leftovers not cleaned
-    "task-after-part:3:{marker}",   # a Python worker dies mid-task; Spark retries the task
-])
-def test_killed_then_rerun_equals_clean_run(fault, notes, tiny_artifact, clean, tmp_path):
+def test_killed_again_and_again_then_equals_clean_run(notes, tiny_artifact, clean, tmp_path):
+    """One table through a chain of kills, each rerun resuming where the last one died: the driver before
+    chunk 1's commit, then between chunk 1's errors-table and output commits, then right after chunk 2's
+    commit (before its leftovers are cleaned), then a Python worker mid-task (Spark retries the task and
+    the run completes). The table then equals a clean run, and one more rerun writes nothing."""
     out = tmp_path / "t"
     cmd = job_cmd(notes, tiny_artifact, out)
-    first = run_job(cmd, fault.format(marker=tmp_path / "fired"))
-    if fault.startswith("task"):
-        assert first.returncode == 0, first.stderr[-3000:]  # survived without a rerun
-        assert (tmp_path / "fired").exists()
-    else:
-        assert first.returncode == -signal.SIGKILL, first.stderr[-3000:]
-        assert DeltaTable(str(out)).version() >= 0  # earlier chunks are committed and readable
-        again = run_job(cmd)
-        assert again.returncode == 0, again.stderr[-3000:]
-        assert "resuming" in again.stderr
-        assert "resumed at chunk" in again.stdout
+    expect_chunks_done = [1, 1, 3]
+    for fault, done in zip(("driver-before-commit:2", "driver-between-commits:1", "driver-after-commit:2"),
+                           expect_chunks_done):
+        proc = run_job(cmd, fault)
+        assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+        assert DeltaTable(str(out)).transaction_version(_app_id(out)) == done - 1  # whole chunks only
+        assert not table(out).duplicated(["note_id", "text_sha256"]).any()
+    errors_txn = DeltaTable(f"{out}_errors").transaction_version(_app_id(out))
+    assert errors_txn >= 1  # chunk 1's errors were committed before the kill between the commits
+    last = run_job(cmd, f"task-after-part:1:{tmp_path / 'fired'}")
+    assert last.returncode == 0 and (tmp_path / "fired").exists(), last.stderr[-3000:]
+    assert "resumed at chunk 3" in last.stdout
     assert_same_tables(out, clean)
-    info = DeltaTable(str(out)).history(1)[0]
-    assert '"chunks": 4' in info["clinlong"]
-    # The same command once more: all chunks are committed, nothing is written twice.
+    assert '"chunks": 4' in DeltaTable(str(out)).history(1)[0]["clinlong"]
     done = run_job(cmd)
     assert done.returncode == 0 and "nothing to do" in done.stdout
     assert_same_tables(out, clean)
+
+
+def _app_id(out: Path) -> str:
+    """The run's Delta app id, as recorded in the commit info of its chunks."""
+    import json
+
+    return "clinlong-" + json.loads(DeltaTable(str(out)).history(1)[0]["clinlong"])["run_id"]
 
 
 def _workers() -> list[int]:

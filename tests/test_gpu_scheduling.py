@@ -5,7 +5,6 @@ with the same vectors as a local run)."""
 from __future__ import annotations
 
 import json
-import os
 import re
 
 import numpy as np

@@ -173,6 +173,34 @@ def test_spark_side_writer_rows_and_counters(notes_csv, tiny_artifact, spark, tm
     assert counters["tokens"].value > counters["rows"].value  # BPE pieces outnumber words
 
 
+def test_spark_side_writer_splits_rows_and_errors(notes_csv, tiny_artifact, spark, tmp_path):
+    """What the delta-spark writer writes to the output and errors tables (as Parquet here: no JARs),
+    partition column included: one pass, then split."""
+    from pyspark.sql.pandas.types import from_arrow_schema, to_arrow_type
+
+    from pipelines.artifact import Artifact
+    from pipelines.embed_notes import split_rows
+    from pipelines.schema import OutputSpec, error_schema, table_schema
+    from pipelines.sources import read_notes, select_notes
+    from pipelines.tasks import combined_schema, embed_rows_and_errors
+
+    art = Artifact.open(tiny_artifact)
+    notes = select_notes(read_notes(spark, str(notes_csv)), "ROW_ID", "TEXT", "long", keep=("CATEGORY",))
+    id_type = to_arrow_type(notes.schema["note_id"].dataType)
+    spec = OutputSpec("note", table_schema("note", id_type, partition_by="CATEGORY"), art.model_id, art.dimension,
+                      partition_by="CATEGORY")
+    errs = error_schema(id_type)
+    rows = notes.mapInArrow(embed_rows_and_errors(str(art.path), EmbedOptions(), spec, errs, "r1"),
+                            from_arrow_schema(combined_schema(spec.schema, errs)))
+    out, errors = split_rows(rows, spec.schema, errs)
+    out.write.partitionBy("CATEGORY").parquet(str(tmp_path / "out"))
+    errors.write.parquet(str(tmp_path / "errors"))
+    got = spark.read.parquet(str(tmp_path / "out")).toPandas()
+    bad = spark.read.parquet(str(tmp_path / "errors")).toPandas()
+    assert len(got) == 9 and got.embedding.notna().all() and set(got.CATEGORY) >= {"ECG"}
+    assert sorted(bad.note_id) == [101, 102] and set(bad.run_id) == {"r1"} and set(bad.stage) == {"check"}
+
+
 def test_delta_spark_writer_without_jars_is_a_clear_error(notes_csv, tiny_artifact, tmp_path, capsys, spark):
     rc = main(["--notes", str(notes_csv), "--model", str(tiny_artifact), "--out", str(tmp_path / "o"),
                "--writer", "delta-spark"])
