@@ -4,17 +4,17 @@
     spark-submit pipelines/embed_notes.py --notes INPUT --model ARTIFACT --out DELTA_PATH [options]
 
 Reading, embedding and writing run in Spark tasks over Arrow batches (`mapInArrow`); the model is
-loaded once per Python worker. Nothing here logs or prints note text.
+loaded once per Python worker. The input is cut into chunks, each committed once under the run's
+Delta transaction id (pipelines.chunks), so a rerun resumes and a finished run is never written twice;
+what a run is and which notes it owes is pipelines.run_plan. Nothing here logs or prints note text.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 import uuid
-from collections import Counter
 from dataclasses import dataclass
 
 if __package__ in (None, ""):  # run as a file by spark-submit
@@ -22,8 +22,8 @@ if __package__ in (None, ""):  # run as a file by spark-submit
 
 from pyspark.accumulators import AccumulatorParam  # noqa: E402
 
-from pipelines import faults  # noqa: E402
 from pipelines.artifact import Artifact, ArtifactError  # noqa: E402
+from pipelines.chunks import Chunk, Totals, write_delta_rs, write_delta_spark  # noqa: E402
 from pipelines.delta_sink import CommitConflict  # noqa: E402
 from pipelines.engine import EmbedOptions  # noqa: E402
 from pipelines.schema import GRANULARITIES  # noqa: E402
@@ -199,56 +199,30 @@ def run(cfg: JobConfig, spark=None) -> dict:
     counters = {k: spark.sparkContext.accumulator(0) for k in ("notes", "embedded", "tokens", "windows", "rows")}
     counters.update(errors=spark.sparkContext.accumulator({}, _CounterParam()),
                     warnings=spark.sparkContext.accumulator({}, _CounterParam()))
-    totals = _Totals()
+    totals = Totals()
     chunked = run_plan.with_chunk(notes, chunks)
     attempt = uuid.uuid4().hex[:8]  # names this driver's files, so it only ever deletes its own
     version = _table_version(cfg.out)
     with JobProgress(spark, counters, cfg.progress_every, total_notes=n_in):
         for c in range(first, chunks):
             part = chunked.where(chunked["_chunk"] == c).drop("_chunk")
-            ctx = _Chunk(c, chunks, rid, app_id, f"{rid}-c{c:05d}-{attempt}")
-            write = _write_delta_spark if writer == "delta-spark" else _write_delta_rs
+            ctx = Chunk(c, chunks, rid, app_id, f"{rid}-c{c:05d}-{attempt}")
+            write = write_delta_spark if writer == "delta-spark" else write_delta_rs
             v = write(spark, part, artifact, cfg, spec, err_schema, ctx, counters, totals,
-                      lambda: _summary(totals, time.perf_counter() - start, artifact, cfg, ctx, n_in, first))
+                      lambda: _summary(totals, time.perf_counter() - start, artifact, cfg, ctx, n_in, first),
+                      gpu_profile(cfg))
             version = v if v is not None else version
     notes.unpersist()
     if first == 0 and totals.notes != n_in:  # a guard, never expected: every row in must be accounted for
         raise RuntimeError(f"rows in {n_in} but tasks accounted for {totals.notes}; the table was not left "
                            f"inconsistent (every chunk commit is whole), rerun to resume")
-    summary = _summary(totals, time.perf_counter() - start, artifact, cfg, _Chunk(max(chunks - 1, 0), chunks, rid, app_id, ""),
+    summary = _summary(totals, time.perf_counter() - start, artifact, cfg, Chunk(max(chunks - 1, 0), chunks, rid, app_id, ""),
                        n_in, first)
     if cfg.mode == "incremental":
         summary["stale_rows_deleted"] = _delete_stale(spark, all_notes, cfg, artifact.model_id)
         version = _table_version(cfg.out)
     summary["version"] = version
     return summary
-
-
-@dataclass(frozen=True)
-class _Chunk:
-    index: int
-    count: int
-    run_id: str
-    app_id: str
-    prefix: str
-
-
-class _Totals:
-    """Counts summed over the metadata rows of the chunks this invocation ran."""
-
-    def __init__(self):
-        self.notes = self.embedded = self.tokens = self.windows = self.rows = 0
-        self.errors, self.warnings, self.devices, self.gpus = Counter(), Counter(), Counter(), Counter()
-
-    def add(self, metas: list[dict]) -> None:
-        for m in metas:
-            for k in ("notes", "embedded", "tokens", "windows", "rows"):
-                setattr(self, k, getattr(self, k) + int(m.get(k) or 0))
-            self.errors.update(json.loads(m.get("errors") or "{}"))
-            self.warnings.update(json.loads(m.get("warnings") or "{}"))
-            if int(m.get("notes") or 0):  # one per batch (a batch's other files carry no counts)
-                self.devices[m.get("device") or "unknown"] += 1
-                self.gpus.update(g for g in (m.get("gpus") or "").split(",") if g)
 
 
 def committed_version(cfg: JobConfig, app_id: str) -> int:
@@ -298,78 +272,6 @@ def _check_outputs(cfg: JobConfig, schema, err_schema) -> None:
             raise InputError(f"{uri} holds a table with another schema; use --mode overwrite or another --out")
 
 
-def _write_delta_rs(spark, part, artifact: Artifact, cfg: JobConfig, spec, err_schema, ctx: _Chunk,
-                    counters: dict, totals: _Totals, summary) -> int | None:
-    """One chunk: executors write Parquet parts into both table folders; the driver commits the errors
-    table, then the output table, each under the transaction id (run, chunk)."""
-    from pipelines.delta_sink import META_SCHEMA, commit, remove_unreferenced
-    from pipelines.tasks import PartTarget, embed_partition
-
-    target = PartTarget(cfg.out, cfg.errors_path, ctx.prefix, ctx.run_id, err_schema)
-    task = embed_partition(str(artifact.path), cfg.options, spec, target, counters)
-    metas = [r.asDict() for r in part.mapInArrow(task, META_SCHEMA, profile=gpu_profile(cfg)).collect()]
-    totals.add(metas)
-    info = {**summary(), "run_id": ctx.run_id, "chunk": ctx.index, "chunks": ctx.count}
-    mode = "overwrite" if cfg.mode == "overwrite" and ctx.index == 0 else "append"
-    faults.point("driver-before-commit")
-    errs = [m for m in metas if m["err_path"]]
-    if errs or mode == "overwrite":
-        commit(cfg.errors_path, errs, err_schema, mode, info, (ctx.app_id, ctx.index),
-               path_key="err_path", size_key="err_size", rows_key="err_rows")
-    faults.point("driver-between-commits")
-    outs = [m for m in metas if m["path"]]
-    version = commit(cfg.out, outs, spec.schema, mode, info, (ctx.app_id, ctx.index), partition_by=cfg.partition_by)
-    faults.point("driver-after-commit")
-    if version is None:
-        _log(f"chunk {ctx.index}: already committed by another attempt of run {ctx.run_id}; its files are discarded")
-    remove_unreferenced(cfg.out, ctx.prefix, {m["path"] for m in outs} if version is not None else set())
-    remove_unreferenced(cfg.errors_path, ctx.prefix, {m["err_path"] for m in errs})
-    _log(f"chunk {ctx.index + 1}/{ctx.count} committed: {sum(m['notes'] for m in metas)} notes"
-         + (f", table version {version}" if version is not None else ""))
-    return version
-
-
-def _write_delta_spark(spark, part, artifact: Artifact, cfg: JobConfig, spec, err_schema, ctx: _Chunk,
-                       counters: dict, totals: _Totals, summary) -> int:
-    """One chunk through Spark's Delta writer (Databricks, clusters with delta-spark): output rows and
-    errors rows come from one pass (persisted), each write idempotent via txnAppId/txnVersion."""
-    from pyspark import StorageLevel
-    from pyspark.sql.pandas.types import from_arrow_schema
-
-    from pipelines.tasks import combined_schema, embed_rows_and_errors
-
-    before = {k: (dict(c.value) if isinstance(c.value, dict) else c.value) for k, c in counters.items()}
-    rows = part.mapInArrow(embed_rows_and_errors(str(artifact.path), cfg.options, spec, err_schema, ctx.run_id, counters),
-                           from_arrow_schema(combined_schema(spec.schema, err_schema)), profile=gpu_profile(cfg))
-    rows = rows.persist(StorageLevel.DISK_ONLY)
-    rows.count()
-    delta = {}
-    for k, c in counters.items():
-        if isinstance(c.value, dict):
-            delta[k] = json.dumps({r: n - before[k].get(r, 0) for r, n in c.value.items() if n - before[k].get(r, 0)})
-        else:
-            delta[k] = c.value - before[k]
-    totals.add([delta])
-    mode = "overwrite" if cfg.mode == "overwrite" and ctx.index == 0 else "append"
-    info = json.dumps({**summary(), "run_id": ctx.run_id, "chunk": ctx.index, "chunks": ctx.count})
-    out_rows, error_rows = split_rows(rows, spec.schema, err_schema)
-    for uri, sel, flag in ((cfg.errors_path, error_rows, True), (cfg.out, out_rows, False)):
-        parts = [cfg.partition_by] if cfg.partition_by and not flag else []
-        (sel.write.format("delta").mode(mode).partitionBy(*parts).option("txnAppId", ctx.app_id).option("txnVersion", ctx.index)
-         .option("userMetadata", info).save(uri))
-    rows.unpersist()
-    return int(spark.sql(f"DESCRIBE HISTORY delta.`{cfg.out}` LIMIT 1").collect()[0]["version"])
-
-
-def split_rows(rows, schema, err_schema):
-    """The combined stream of `tasks.embed_rows_and_errors` as (output rows, errors rows) DataFrames."""
-    from pyspark.sql import functions as F
-
-    return tuple(rows.where(F.col("_error") == F.lit(flag)).select(
-        *[F.col(("err_" if flag else "") + f.name).alias(f.name) for f in names])
-        for flag, names in ((False, schema), (True, err_schema)))
-
-
 def _delete_stale(spark, notes, cfg: JobConfig, model_id: str) -> int:
     """Incremental mode, after the new rows are committed: delete the rows (and error rows) of notes
     whose text changed. Idempotent, so a crash between the two steps is finished by a rerun."""
@@ -411,7 +313,7 @@ class _CounterParam(AccumulatorParam):
         return a
 
 
-def _summary(t: _Totals, seconds: float, artifact: Artifact, cfg: JobConfig, ctx: _Chunk | None,
+def _summary(t: Totals, seconds: float, artifact: Artifact, cfg: JobConfig, ctx: Chunk | None,
              input_rows: int, first_chunk: int) -> dict:
     """What this invocation did: rows in = embedded + errors (by stage and reason), tokens, throughput."""
     return {

@@ -179,7 +179,7 @@ def test_spark_side_writer_splits_rows_and_errors(notes_csv, tiny_artifact, spar
     from pyspark.sql.pandas.types import from_arrow_schema, to_arrow_type
 
     from pipelines.artifact import Artifact
-    from pipelines.embed_notes import split_rows
+    from pipelines.chunks import split_rows
     from pipelines.schema import OutputSpec, error_schema, table_schema
     from pipelines.sources import read_notes, select_notes
     from pipelines.tasks import combined_schema, embed_rows_and_errors
