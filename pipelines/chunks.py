@@ -55,28 +55,28 @@ def write_delta_rs(spark, part, artifact: Artifact, cfg: "JobConfig", spec, err_
                    counters: dict, totals: Totals, summary: Callable[[], dict], profile=None) -> int | None:
     """One chunk: executors write Parquet parts into both table folders; the driver commits the errors
     table, then the output table, each under the transaction id (run, chunk)."""
-    from pipelines.delta_sink import META_SCHEMA, commit, remove_unreferenced
+    from pipelines.delta_sink import META_SCHEMA, WrittenFile, commit, remove_unreferenced
     from pipelines.tasks import PartTarget, embed_partition
 
     target = PartTarget(cfg.out, cfg.errors_path, ctx.prefix, ctx.run_id, err_schema)
     task = embed_partition(str(artifact.path), cfg.options, spec, target, counters)
     metas = [r.asDict() for r in part.mapInArrow(task, META_SCHEMA, profile=profile).collect()]
     totals.add(metas)
-    info = {**summary(), "run_id": ctx.run_id, "chunk": ctx.index, "chunks": ctx.count}
+    info = {**summary(), "chunk": ctx.index}
     mode = "overwrite" if cfg.mode == "overwrite" and ctx.index == 0 else "append"
     faults.point("driver-before-commit")
-    errs = [m for m in metas if m["err_path"]]
+    errs = [WrittenFile(m["err_path"], m["err_size"], m["err_rows"]) for m in metas if m["err_path"]]
     if errs or mode == "overwrite":
-        commit(cfg.errors_path, errs, err_schema, mode, info, (ctx.app_id, ctx.index),
-               path_key="err_path", size_key="err_size", rows_key="err_rows")
+        commit(cfg.errors_path, errs, err_schema, mode, info, (ctx.app_id, ctx.index))
     faults.point("driver-between-commits")
-    outs = [m for m in metas if m["path"]]
+    outs = [WrittenFile(m["path"], m["size"], m["file_rows"], json.loads(m["partition_values"]))
+            for m in metas if m["path"]]
     version = commit(cfg.out, outs, spec.schema, mode, info, (ctx.app_id, ctx.index), partition_by=cfg.partition_by)
     faults.point("driver-after-commit")
     if version is None:
         _log(f"chunk {ctx.index}: already committed by another attempt of run {ctx.run_id}; its files are discarded")
-    remove_unreferenced(cfg.out, ctx.prefix, {m["path"] for m in outs} if version is not None else set())
-    remove_unreferenced(cfg.errors_path, ctx.prefix, {m["err_path"] for m in errs})
+    remove_unreferenced(cfg.out, ctx.prefix, {f.path for f in outs} if version is not None else set())
+    remove_unreferenced(cfg.errors_path, ctx.prefix, {f.path for f in errs})
     _log(f"chunk {ctx.index + 1}/{ctx.count} committed: {sum(m['notes'] for m in metas)} notes"
          + (f", table version {version}" if version is not None else ""))
     return version
@@ -104,7 +104,7 @@ def write_delta_spark(spark, part, artifact: Artifact, cfg: "JobConfig", spec, e
             delta[k] = c.value - before[k]
     totals.add([delta])
     mode = "overwrite" if cfg.mode == "overwrite" and ctx.index == 0 else "append"
-    info = json.dumps({**summary(), "run_id": ctx.run_id, "chunk": ctx.index, "chunks": ctx.count})
+    info = json.dumps({**summary(), "chunk": ctx.index})
     out_rows, error_rows = split_rows(rows, spec.schema, err_schema)
     for uri, sel, flag in ((cfg.errors_path, error_rows, True), (cfg.out, out_rows, False)):
         parts = [cfg.partition_by] if cfg.partition_by and not flag else []

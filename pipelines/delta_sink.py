@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -26,6 +27,16 @@ def partition_dir(values: dict) -> str:
 
     return "/".join(f"{k}={'__HIVE_DEFAULT_PARTITION__' if v is None else quote(str(v), safe=' ')}"
                     for k, v in values.items())
+
+
+@dataclass(frozen=True)
+class WrittenFile:
+    """A Parquet file a task wrote into a table folder: what its Delta add action records."""
+
+    path: str  # relative to the table root
+    size: int
+    rows: int
+    partition_values: dict = field(default_factory=dict)
 
 
 class CommitConflict(Exception):
@@ -93,9 +104,8 @@ def committed_version(table_uri: str, app_id: str) -> int:
     return -1 if v is None else int(v)
 
 
-def commit(table_uri: str, parts: list[dict], schema: pa.Schema, mode: str, info: dict,
-           txn: tuple[str, int] | None = None, path_key: str = "path", size_key: str = "size",
-           rows_key: str = "file_rows", partition_by: str = "") -> int | None:
+def commit(table_uri: str, files: list[WrittenFile], schema: pa.Schema, mode: str, info: dict,
+           txn: tuple[str, int] | None = None, partition_by: str = "") -> int | None:
     """Commit the written files as one table version; return the version, or None when `txn` shows the
     chunk was already committed (by an earlier attempt of this run). Raises CommitConflict."""
     from deltalake import CommitProperties, DeltaTable, Schema, Transaction
@@ -103,8 +113,7 @@ def commit(table_uri: str, parts: list[dict], schema: pa.Schema, mode: str, info
     from deltalake.transaction import AddAction, create_table_with_add_actions
 
     now = int(time.time() * 1000)
-    adds = [AddAction(p[path_key], int(p[size_key]), json.loads(p.get("partition_values") or "{}") if path_key == "path"
-                      else {}, now, True, _stats(int(p[rows_key]))) for p in parts]
+    adds = [AddAction(f.path, f.size, f.partition_values, now, True, _stats(f.rows)) for f in files]
     partitioning = [partition_by] if partition_by else None
     props = CommitProperties(custom_metadata={"clinlong": json.dumps(info)},
                              app_transactions=[Transaction(*txn)] if txn else None)

@@ -24,7 +24,7 @@ from pyspark.accumulators import AccumulatorParam  # noqa: E402
 
 from pipelines.artifact import Artifact, ArtifactError  # noqa: E402
 from pipelines.chunks import Chunk, Totals, write_delta_rs, write_delta_spark  # noqa: E402
-from pipelines.delta_sink import CommitConflict  # noqa: E402
+from pipelines.delta_sink import CommitConflict, committed_version  # noqa: E402
 from pipelines.engine import EmbedOptions  # noqa: E402
 from pipelines.schema import GRANULARITIES  # noqa: E402
 from pipelines.sources import InputError  # noqa: E402
@@ -191,7 +191,7 @@ def run(cfg: JobConfig, spark=None) -> dict:
     ident["chunks"] = chunks
     rid = cfg.run_id or run_plan.run_id(ident)
     app_id = f"clinlong-{rid}"
-    first = committed_version(cfg, app_id) + 1
+    first = committed_version(cfg.out, app_id) + 1
     if first:
         _log(f"run {rid}: chunks 0..{first - 1} of {chunks} were committed by an earlier attempt; resuming")
     _log(f"run {rid}: {n_in} input rows in {chunks} chunk(s) of ~{cfg.chunk_notes or n_in} notes")
@@ -209,27 +209,19 @@ def run(cfg: JobConfig, spark=None) -> dict:
             ctx = Chunk(c, chunks, rid, app_id, f"{rid}-c{c:05d}-{attempt}")
             write = write_delta_spark if writer == "delta-spark" else write_delta_rs
             v = write(spark, part, artifact, cfg, spec, err_schema, ctx, counters, totals,
-                      lambda: _summary(totals, time.perf_counter() - start, artifact, cfg, ctx, n_in, first),
+                      lambda: _summary(totals, time.perf_counter() - start, artifact, cfg, rid, chunks, n_in, first),
                       gpu_profile(cfg))
             version = v if v is not None else version
     notes.unpersist()
     if first == 0 and totals.notes != n_in:  # a guard, never expected: every row in must be accounted for
         raise RuntimeError(f"rows in {n_in} but tasks accounted for {totals.notes}; the table was not left "
                            f"inconsistent (every chunk commit is whole), rerun to resume")
-    summary = _summary(totals, time.perf_counter() - start, artifact, cfg, Chunk(max(chunks - 1, 0), chunks, rid, app_id, ""),
-                       n_in, first)
+    summary = _summary(totals, time.perf_counter() - start, artifact, cfg, rid, chunks, n_in, first)
     if cfg.mode == "incremental":
         summary["stale_rows_deleted"] = _delete_stale(spark, all_notes, cfg, artifact.model_id)
         version = _table_version(cfg.out)
     summary["version"] = version
     return summary
-
-
-def committed_version(cfg: JobConfig, app_id: str) -> int:
-    """The last chunk of this run committed to the output table (-1: none)."""
-    from pipelines.delta_sink import committed_version as committed
-
-    return committed(cfg.out, app_id)
 
 
 def _run_description(cfg: JobConfig, model_id: str) -> dict:
@@ -313,13 +305,12 @@ class _CounterParam(AccumulatorParam):
         return a
 
 
-def _summary(t: Totals, seconds: float, artifact: Artifact, cfg: JobConfig, ctx: Chunk | None,
+def _summary(t: Totals, seconds: float, artifact: Artifact, cfg: JobConfig, run_id: str, chunks: int,
              input_rows: int, first_chunk: int) -> dict:
     """What this invocation did: rows in = embedded + errors (by stage and reason), tokens, throughput."""
     return {
         "rows_in": t.notes, "embedded": t.embedded, "errors": dict(t.errors), "warnings": dict(t.warnings),
-        "input_rows": input_rows, "chunks_resumed_from": first_chunk, "chunks": ctx.count if ctx else None,
-        "run_id": ctx.run_id if ctx else None,
+        "input_rows": input_rows, "chunks_resumed_from": first_chunk, "chunks": chunks, "run_id": run_id,
         "devices": dict(t.devices), "gpu_addresses": dict(t.gpus),
         "rows_written": t.rows, "bpe_tokens": t.tokens, "windows": t.windows, "seconds": round(seconds, 2),
         "notes_per_s": round(t.notes / seconds, 2), "tokens_per_s": round(t.tokens / seconds, 1),

@@ -85,6 +85,11 @@ class NoteResult:
     piece_vectors: np.ndarray | None = None
     n_windows: int = 0
 
+    @classmethod
+    def unusable(cls, reason: str, text) -> "NoteResult":
+        """The result of a text that is not embedded: its reason and, for a string, its hash."""
+        return cls(reason, text_sha256(text) if isinstance(text, str) else None)
+
     @property
     def n_tokens(self) -> int:
         """BPE pieces of the text (special tokens excluded)."""
@@ -214,7 +219,7 @@ class NoteEmbedder:
             offsets.append(len(runs))
             reason = skip_reason(text, self.options.max_chars)
             if reason is not None:
-                results.append(NoteResult(reason, text_sha256(text) if isinstance(text, str) else None))
+                results.append(NoteResult.unusable(reason, text))
                 plans.append(None)
                 continue
             res, plan = self.analyze(text)

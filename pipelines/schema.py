@@ -52,9 +52,6 @@ def table_schema(granularity: str, id_type: pa.DataType, vector_dtype: str = "fl
     return pa.schema([pa.field(n, t) for n, t in fields])
 
 
-ERROR_STAGES = ("read", "check", "embed")
-
-
 def error_schema(id_type: pa.DataType) -> pa.Schema:
     """The errors table: one row per input row that was not embedded. `stage`: read (malformed input
     row), check (unusable id or text), embed (the model step failed on this note alone)."""
@@ -93,11 +90,9 @@ def _vectors(blocks: list[np.ndarray], dim: int, vector_dtype: str = "float32") 
     if vector_dtype == "float16":
         data = flat.astype("<f2").tobytes()
         offsets = np.arange(0, (n + 1) * dim * 2, dim * 2, dtype=np.int32)
-        arr = pa.Array.from_buffers(pa.binary(), n, [None, pa.py_buffer(offsets.tobytes()), pa.py_buffer(data)])
-    else:
-        offsets = np.arange(0, (n + 1) * dim, dim, dtype=np.int32)
-        arr = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat), type=_vector_type())
-    return arr
+        return pa.Array.from_buffers(pa.binary(), n, [None, pa.py_buffer(offsets.tobytes()), pa.py_buffer(data)])
+    offsets = np.arange(0, (n + 1) * dim, dim, dtype=np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat), type=_vector_type())
 
 
 def build_table(spec: OutputSpec, ids: list, texts: list, results: list[NoteResult]) -> pa.Table:

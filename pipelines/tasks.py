@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from . import faults
 from .artifact import Artifact
-from .engine import EmbedOptions, NoteEmbedder, NoteResult, text_sha256
+from .engine import EmbedOptions, NoteEmbedder, NoteResult
 from .schema import OutputSpec, build_errors, build_table
 
 ArrowFn = Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]
@@ -82,7 +82,8 @@ def _decode(texts: list, warnings: Counter) -> list:
 def _prepare(emb: NoteEmbedder, batch: pa.RecordBatch):
     ids = batch.column("note_id").to_pylist()
     warnings: Counter = Counter()
-    texts = _decode(batch.column("text").to_pylist(), warnings)
+    stored = batch.column("text").to_pylist()
+    texts = _decode(stored, warnings)
     names = batch.schema.names
     input_errors = batch.column("input_error").to_pylist() if "input_error" in names else [None] * len(ids)
     pre: dict[int, tuple[str, str]] = {}
@@ -92,7 +93,7 @@ def _prepare(emb: NoteEmbedder, batch: pa.RecordBatch):
         elif nid is None:
             pre[i] = ("check", "null note id")
     extra = {n: batch.column(n).to_pylist() for n in names if n not in ("note_id", "text", "input_error")}
-    raw = {i: bytes(t) for i, t in enumerate(batch.column("text").to_pylist()) if isinstance(t, (bytes, bytearray))}
+    raw = {i: bytes(t) for i, t in enumerate(stored) if isinstance(t, (bytes, bytearray))}
     usable = [None if i in pre else t for i, t in enumerate(texts)]
     try:
         prep = emb.prepare(usable)
@@ -103,16 +104,16 @@ def _prepare(emb: NoteEmbedder, batch: pa.RecordBatch):
 
 def _finish(emb: NoteEmbedder, ids: list, texts: list, usable: list, pre: dict, warnings: Counter, extra: dict,
             raw: dict, prep) -> Batch:
-    try:
-        if prep is None:
-            raise RuntimeError("prepare failed")
-        results = emb.finish(prep)
-        stages: dict[int, str] = {}
-    except Exception:
+    results, stages = None, {}
+    if prep is not None:  # (None: the batch's preparation raised)
+        try:
+            results = emb.finish(prep)
+        except Exception:  # noqa: BLE001 - isolated note by note below
+            results = None
+    if results is None:
         results, stages = _one_by_one(emb, usable)
     for i, (stage, reason) in pre.items():
-        text = texts[i]
-        results[i] = NoteResult(reason, text_sha256(text) if isinstance(text, str) else None)
+        results[i] = NoteResult.unusable(reason, texts[i])
         stages[i] = stage
     for i, data in raw.items():  # binary text: hash the bytes as stored (what incremental mode compares)
         results[i].text_sha256 = hashlib.sha256(data).hexdigest()
@@ -126,8 +127,7 @@ def _one_by_one(emb: NoteEmbedder, texts: list) -> tuple[list[NoteResult], dict[
         try:
             results.append(emb.embed([text])[0])
         except Exception as e:  # noqa: BLE001 - recorded per note, the text never in the reason
-            results.append(NoteResult(f"{type(e).__name__} in the model step",
-                                      text_sha256(text) if isinstance(text, str) else None))
+            results.append(NoteResult.unusable(f"{type(e).__name__} in the model step", text))
             stages[i] = "embed"
     return results, stages
 
@@ -192,14 +192,11 @@ def embed_partition(artifact_path: str, options: EmbedOptions, spec: OutputSpec,
         emb = embedder(artifact_path, options)
         for b in _embedded(emb, batches):
             files, rows = [], 0
-            for value, idx in b.groups(spec.partition_by):
-                table = build_table(spec, *b.subset(idx))
-                if table.num_rows:
-                    values = {spec.partition_by: value} if spec.partition_by else {}
-                    path, size = write_part(table, target.table_uri, target.prefix, values)
-                    files.append({"path": path, "size": size, "file_rows": table.num_rows,
-                                  "partition_values": json.dumps(values)})
-                    rows += table.num_rows
+            for values, table in _tables(spec, b):
+                path, size = write_part(table, target.table_uri, target.prefix, values)
+                files.append({"path": path, "size": size, "file_rows": table.num_rows,
+                              "partition_values": json.dumps(values)})
+                rows += table.num_rows
             errors = b.error_rows()
             err_path, err_size = ("", 0)
             if errors:
@@ -219,19 +216,25 @@ def embed_partition(artifact_path: str, options: EmbedOptions, spec: OutputSpec,
     return run
 
 
+def _tables(spec: OutputSpec, b: Batch) -> Iterator[tuple[dict, pa.Table]]:
+    """A batch's non-empty output tables (file schema: no partition column), one per partition value,
+    each with its partition values ({} when the table is not partitioned)."""
+    for value, idx in b.groups(spec.partition_by):
+        table = build_table(spec, *b.subset(idx))
+        if table.num_rows:
+            yield ({spec.partition_by: value} if spec.partition_by else {}), table
+
+
 def full_table(spec: OutputSpec, b: Batch) -> pa.Table:
     """A batch's output rows with the partition column filled in (for Spark-side writers)."""
     if not spec.partition_by:
         return build_table(spec, b.ids, b.texts, b.results)
-    tables = []
-    for value, idx in b.groups(spec.partition_by):
-        t = build_table(spec, *b.subset(idx))
-        tables.append(t.append_column(spec.partition_by, pa.array([value] * t.num_rows, pa.string())))
-    return pa.concat_tables(tables).cast(spec.schema)
+    tables = [t.append_column(spec.partition_by, pa.array([v[spec.partition_by]] * t.num_rows, pa.string()))
+              for v, t in _tables(spec, b)]
+    return pa.concat_tables(tables).cast(spec.schema) if tables else spec.schema.empty_table()
 
 
-def embed_rows(artifact_path: str, options: EmbedOptions, spec: OutputSpec, counters: dict | None = None,
-               errors_to: list | None = None) -> ArrowFn:
+def embed_rows(artifact_path: str, options: EmbedOptions, spec: OutputSpec, counters: dict | None = None) -> ArrowFn:
     """The output rows themselves (for Spark-side writers and `predict`); `counters` are optional Spark
     accumulators named rows, notes, embedded, tokens, windows, errors and warnings."""
 
