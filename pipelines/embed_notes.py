@@ -11,66 +11,43 @@ what a run is and which notes it owes is pipelines.run_plan. Nothing here logs o
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
 import uuid
-from dataclasses import dataclass
 
 if __package__ in (None, ""):  # run as a file by spark-submit
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pyspark.accumulators import AccumulatorParam  # noqa: E402
-
 from pipelines.artifact import Artifact, ArtifactError  # noqa: E402
-from pipelines.chunks import Chunk, Totals, write_delta_rs, write_delta_spark  # noqa: E402
-from pipelines.delta_sink import CommitConflict, committed_version  # noqa: E402
+from pipelines.config import (DEFAULT_CHUNK_NOTES, DEFAULT_TARGET_FILE_MB, MODES, TASKS_PER_CORE,  # noqa: E402,F401
+                              WRITERS, JobConfig)
+from pipelines.delta_sink import CommitConflict  # noqa: E402
 from pipelines.engine import EmbedOptions  # noqa: E402
 from pipelines.schema import GRANULARITIES  # noqa: E402
-from pipelines.sources import InputError  # noqa: E402
+from pipelines.sources import FORMATS, InputError  # noqa: E402
+from pipelines.storage import StorageError, parse_storage_options  # noqa: E402
+from pipelines.tasks import ModelStepFailed  # noqa: E402
 
-MODES = ("append", "overwrite", "incremental")
-DEFAULT_CHUNK_NOTES = 100_000
-
-
-@dataclass(frozen=True)
-class JobConfig:
-    notes: str
-    model: str
-    out: str
-    id_col: str = "ROW_ID"
-    text_col: str = "TEXT"
-    id_type: str = "auto"
-    input_format: str = "auto"
-    granularity: str = "note"
-    mode: str = "append"
-    partitions: int = 0
-    vector_dtype: str = "float32"
-    writer: str = "auto"
-    progress_every: float = 30.0
-    gpus_per_task: float = 0.0
-    errors_out: str = ""  # default: OUT_errors
-    chunk_notes: int = DEFAULT_CHUNK_NOTES
-    run_id: str = ""  # default: derived from the input, model and options
-    partition_by: str = ""  # an input column carried into the output as its Delta partition column
-    options: EmbedOptions = EmbedOptions()
-
-    @property
-    def errors_path(self) -> str:
-        return self.errors_out or self.out.rstrip("/") + "_errors"
+log = logging.getLogger("clinlong.job")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pipelines.embed_notes",
                                 description="Embed a clinical-note table with Clinical-Longformer into a Delta table.")
-    p.add_argument("--notes", required=True, help="Delta table path, Parquet or CSV path (NOTEEVENTS layout), or table name")
+    p.add_argument("--notes", required=True,
+                   help="catalog table (db.table, catalog.schema.table), or a Delta, Parquet or CSV (NOTEEVENTS layout) "
+                        "path or URI (s3a://, s3://, abfss://, gs://, dbfs:/, /Volumes/..., file:)")
     p.add_argument("--model", required=True, help="native artifact directory written by `python -m export`")
-    p.add_argument("--out", required=True, help="output Delta table path")
+    p.add_argument("--out", required=True, help="output Delta table path or URI (s3://, s3a://, abfss://, gs://, local)")
     p.add_argument("--id-col", default="ROW_ID", help="note id column (default ROW_ID)")
     p.add_argument("--text-col", default="TEXT", help="note text column (default TEXT)")
     p.add_argument("--id-type", choices=("auto", "long", "string"), default="auto",
                    help="auto keeps the id column's type (integers as long); long/string cast it")
-    p.add_argument("--input-format", choices=("auto", "delta", "parquet", "csv", "table"), default="auto")
+    p.add_argument("--input-format", choices=FORMATS, default="auto",
+                   help="auto: a catalog table if one has that name, a Delta table if the path has a Delta log, "
+                        "else CSV or Parquet from the names of its files")
     p.add_argument("--granularity", choices=GRANULARITIES, default="note", help="one row per note, sentence or token")
     p.add_argument("--context", choices=("note", "sentence"), default="note",
                    help="note: the whole note is one sequence (windows past max length); sentence: each sentence alone")
@@ -104,10 +81,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "ResourceProfile on that stage only, so reading stays on CPU tasks")
     p.add_argument("--batch-size", type=int, default=32, help="max sequences per model call")
     p.add_argument("--token-budget", type=int, default=16384, help="max padded tokens per model call")
-    p.add_argument("--partitions", type=int, default=0, help="repartition the input to N tasks (0: keep)")
+    p.add_argument("--partitions", type=int, default=0,
+                   help=f"tasks per chunk of the embedding stage (0: {TASKS_PER_CORE} per core of the cluster), "
+                        "balanced by text length")
+    p.add_argument("--target-file-mb", type=float, default=DEFAULT_TARGET_FILE_MB,
+                   help="size of the Parquet files each task writes (delta-rs writer)")
+    p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="delta-rs storage option (repeatable), beyond the AWS_*/AZURE_*/GOOGLE_* environment variables")
     p.add_argument("--vector-dtype", choices=("float32", "float16"), default="float32",
                    help="float32: array<float>; float16: binary of little-endian halves (half the storage)")
-    p.add_argument("--writer", choices=("auto", "delta-rs", "delta-spark"), default="auto",
+    p.add_argument("--writer", choices=WRITERS, default="auto",
                    help="auto: delta-spark when its JARs are on the classpath, else delta-rs")
     p.add_argument("--master", help="Spark master when run with python -m (default local[*])")
     p.add_argument("--progress-every", type=float, default=30.0,
@@ -126,11 +109,8 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
                      mode=args.mode, partitions=args.partitions,
                      vector_dtype=args.vector_dtype, writer=args.writer, progress_every=args.progress_every,
                      gpus_per_task=args.gpus_per_task, errors_out=args.errors_out, chunk_notes=args.chunk_notes,
-                     run_id=args.run_id, partition_by=args.partition_by, options=opts)
-
-
-def _log(msg: str) -> None:
-    print(f"[embed_notes] {msg}", file=sys.stderr, flush=True)
+                     run_id=args.run_id, partition_by=args.partition_by, target_file_mb=args.target_file_mb,
+                     storage_options=parse_storage_options(args.storage_option), options=opts)
 
 
 def spark_session(master: str | None = None):
@@ -150,40 +130,41 @@ def run(cfg: JobConfig, spark=None) -> dict:
     """Run the job chunk by chunk, each chunk one idempotent commit; return the run's summary (also
     stored in every chunk's Delta commit info, cumulatively)."""
     from pyspark import StorageLevel
+
+    from pipelines.logs import configure
     from pyspark.sql.pandas.types import to_arrow_type
 
-    from pipelines import run_plan
+    from pipelines import run_plan, sources
     from pipelines.progress import JobProgress
     from pipelines.schema import OutputSpec, error_schema, table_schema
-    from pipelines.sources import delta_spark_available, read_notes, select_notes
+    from pipelines.writers import Chunk, Totals, make_writer
 
+    configure()
     start = time.perf_counter()
     artifact = Artifact.open(cfg.model)  # verifies every file's sha256 before any work
     cfg.options.validate(artifact)
     spark = spark or spark_session()
     keep = (cfg.partition_by,) if cfg.partition_by else ()
-    notes = select_notes(read_notes(spark, cfg.notes, cfg.input_format), cfg.id_col, cfg.text_col, cfg.id_type, keep)
+    source = sources.resolve(spark, cfg.notes, cfg.input_format, cfg.storage_options)
+    raw = sources.read(spark, source)
+    notes = sources.select_notes(raw, cfg.id_col, cfg.text_col, cfg.id_type, keep)
     id_type = to_arrow_type(notes.schema["note_id"].dataType)
     spec = OutputSpec(cfg.granularity, table_schema(cfg.granularity, id_type, cfg.vector_dtype, cfg.partition_by),
                       artifact.model_id, artifact.dimension, cfg.options.token_vector, cfg.vector_dtype, cfg.partition_by)
-    err_schema = error_schema(id_type)
-    writer = cfg.writer if cfg.writer != "auto" else ("delta-spark" if delta_spark_available(spark) else "delta-rs")
-    if writer == "delta-spark" and not delta_spark_available(spark):
-        raise InputError("--writer delta-spark needs delta-spark's JARs on the classpath "
-                         "(e.g. --packages io.delta:delta-spark_2.13:4.0.0); or use --writer delta-rs")
-    _check_outputs(cfg, spec.schema, err_schema)
-    _log(f"model {artifact.model_id} (dim {artifact.dimension}), granularity {cfg.granularity}, "
-         f"context {cfg.options.context}, max length {cfg.options.max_length}, mode {cfg.mode}, writer {writer}")
+    writer = make_writer(spark, cfg, str(artifact.path), spec, error_schema(id_type))
+    writer.check_outputs()
+    log.info("model %s (dim %d), input %s (%s), granularity %s, context %s, max length %d, mode %s, writer %s",
+             artifact.model_id, artifact.dimension, source.name, source.kind, cfg.granularity, cfg.options.context,
+             cfg.options.max_length, cfg.mode, writer.name)
 
     all_notes = notes
-    ident = _run_description(cfg, artifact.model_id)
+    ident = _run_description(cfg, artifact.model_id, sources.fingerprint(spark, source, raw))
     if cfg.mode == "incremental":
-        done = run_plan.done_keys([_read_table(spark, cfg.out), _read_table(spark, cfg.errors_path)], artifact.model_id)
+        cols = ["note_id", "text_sha256", "model_id"]
+        done = run_plan.done_keys(writer.read(cfg.out, cols), writer.read(cfg.errors_path, cols + ["stage"]),
+                                  artifact.model_id)
         notes = run_plan.pending(notes, done)
-        ident["tables"] = [_table_version(cfg.out), _table_version(cfg.errors_path)]
-    if cfg.partitions or cfg.gpus_per_task:
-        # A shuffle boundary: reading runs in CPU tasks, only the embedding stage asks for GPUs.
-        notes = notes.repartition(cfg.partitions or spark.sparkContext.defaultParallelism)
+        ident["tables"] = [writer.version(cfg.out), writer.version(cfg.errors_path)]
     notes = notes.persist(StorageLevel.DISK_ONLY)  # read (and planned) once, reused by every chunk
     n_in = notes.count()
     # Nothing to embed: no commit at all (an overwrite still commits, to empty the table).
@@ -191,95 +172,73 @@ def run(cfg: JobConfig, spark=None) -> dict:
     ident["chunks"] = chunks
     rid = cfg.run_id or run_plan.run_id(ident)
     app_id = f"clinlong-{rid}"
-    first = committed_version(cfg.out, app_id) + 1
+    first = writer.committed_version(cfg.out, app_id) + 1
     if first:
-        _log(f"run {rid}: chunks 0..{first - 1} of {chunks} were committed by an earlier attempt; resuming")
-    _log(f"run {rid}: {n_in} input rows in {chunks} chunk(s) of ~{cfg.chunk_notes or n_in} notes")
+        log.info("run %s: chunks 0..%d of %d were committed by an earlier attempt; resuming", rid, first - 1, chunks)
+    tasks = cfg.partitions or TASKS_PER_CORE * spark.sparkContext.defaultParallelism
+    log.info("run %s: %d input rows in %d chunk(s) of ~%d notes, up to %d task(s) per chunk", rid, n_in, chunks,
+             cfg.chunk_notes or n_in, tasks)
 
-    counters = {k: spark.sparkContext.accumulator(0) for k in ("notes", "embedded", "tokens", "windows", "rows")}
-    counters.update(errors=spark.sparkContext.accumulator({}, _CounterParam()),
-                    warnings=spark.sparkContext.accumulator({}, _CounterParam()))
     totals = Totals()
     chunked = run_plan.with_chunk(notes, chunks)
     attempt = uuid.uuid4().hex[:8]  # names this driver's files, so it only ever deletes its own
-    version = _table_version(cfg.out)
-    with JobProgress(spark, counters, cfg.progress_every, total_notes=n_in):
+    version = writer.version(cfg.out)
+
+    def summary(pending: list[dict] = ()) -> dict:
+        """The run so far, with a chunk's counts not yet committed (for that chunk's commit info)."""
+        t = Totals()
+        t.merge(totals)
+        t.add(list(pending))
+        return _summary(t, time.perf_counter() - start, artifact, cfg, rid, chunks, n_in, first)
+
+    with JobProgress(spark, cfg.progress_every, total_notes=n_in) as progress:
         for c in range(first, chunks):
-            part = chunked.where(chunked["_chunk"] == c).drop("_chunk")
+            part = run_plan.balance(chunked.where(chunked["_chunk"] == c).drop("_chunk"), tasks)
             ctx = Chunk(c, chunks, rid, app_id, f"{rid}-c{c:05d}-{attempt}")
-            write = write_delta_spark if writer == "delta-spark" else write_delta_rs
-            v = write(spark, part, artifact, cfg, spec, err_schema, ctx, counters, totals,
-                      lambda: _summary(totals, time.perf_counter() - start, artifact, cfg, rid, chunks, n_in, first),
-                      gpu_profile(cfg))
+            v, counts = writer.write_chunk(part, ctx, summary, gpu_profile(cfg), progress.address)
+            totals.add(counts)
             version = v if v is not None else version
-    notes.unpersist()
     if first == 0 and totals.notes != n_in:  # a guard, never expected: every row in must be accounted for
         raise RuntimeError(f"rows in {n_in} but tasks accounted for {totals.notes}; the table was not left "
                            f"inconsistent (every chunk commit is whole), rerun to resume")
-    summary = _summary(totals, time.perf_counter() - start, artifact, cfg, rid, chunks, n_in, first)
+    result = summary()
     if cfg.mode == "incremental":
-        summary["stale_rows_deleted"] = _delete_stale(spark, all_notes, cfg, artifact.model_id)
-        version = _table_version(cfg.out)
-    summary["version"] = version
-    return summary
+        result.update(_delete_stale(writer, all_notes, notes, cfg, artifact.model_id, rid))
+        version = writer.version(cfg.out)
+    notes.unpersist()
+    result["version"] = version
+    return result
 
 
-def _run_description(cfg: JobConfig, model_id: str) -> dict:
-    """What makes two invocations the same run: input, columns, model, output, result-changing options."""
-    from pipelines.run_plan import RESULT_OPTIONS, input_fingerprint
+def _run_description(cfg: JobConfig, model_id: str, fingerprint: list) -> dict:
+    """What makes two invocations the same run: input data, columns, model, output, result-changing options."""
+    from pipelines.run_plan import RESULT_OPTIONS
 
-    return {"input": input_fingerprint(cfg.notes), "format": cfg.input_format, "id": [cfg.id_col, cfg.id_type],
+    return {"input": fingerprint, "format": cfg.input_format, "id": [cfg.id_col, cfg.id_type],
             "text": cfg.text_col, "model": model_id, "granularity": cfg.granularity, "mode": cfg.mode,
             "vector_dtype": cfg.vector_dtype, "chunk_notes": cfg.chunk_notes, "partition_by": cfg.partition_by,
             "options": {k: getattr(cfg.options, k) for k in RESULT_OPTIONS}}
 
 
-def _table_version(uri: str) -> int | None:
-    from deltalake import DeltaTable
-
-    return DeltaTable(uri).version() if DeltaTable.is_deltatable(uri) else None
-
-
-def _read_table(spark, uri: str):
-    from deltalake import DeltaTable
-
-    from pipelines.sources import read_notes
-
-    return read_notes(spark, uri, "delta") if DeltaTable.is_deltatable(uri) else None
-
-
-def _check_outputs(cfg: JobConfig, schema, err_schema) -> None:
-    """Refuse before any work: a non-Delta folder as output, or a table of another schema to append to."""
-    from pipelines.delta_sink import existing_table_schema
-
-    for uri, want in ((cfg.out, schema), (cfg.errors_path, err_schema)):
-        if "://" in uri:
-            continue
-        existing = existing_table_schema(uri)
-        foreign = existing is None and os.path.isdir(uri) and any(
-            not (e.name.startswith("part-") and ".zstd.parquet" in e.name) for e in os.scandir(uri))
-        if foreign:  # (uncommitted parts of a killed first chunk are ours: the folder is a table in the making)
-            raise InputError(f"{uri} is a non-empty folder but not a Delta table; choose another --out/--errors-out")
-        if existing is not None and cfg.mode != "overwrite" and existing != want:
-            raise InputError(f"{uri} holds a table with another schema; use --mode overwrite or another --out")
-
-
-def _delete_stale(spark, notes, cfg: JobConfig, model_id: str) -> int:
-    """Incremental mode, after the new rows are committed: delete the rows (and error rows) of notes
-    whose text changed. Idempotent, so a crash between the two steps is finished by a rerun."""
-    from deltalake import DeltaTable
+def _delete_stale(writer, notes, pending, cfg: JobConfig, model_id: str, run_id: str) -> dict:
+    """Incremental mode, after the new rows are committed, one merge commit per table and kind: rows
+    (and error rows) of notes whose text changed, and `embed` error rows of earlier runs for notes this
+    run embedded again. Idempotent, so a crash between the steps is finished by a rerun."""
+    from pyspark.sql import functions as F
 
     from pipelines import run_plan
 
-    deleted = 0
-    for uri in (cfg.out, cfg.errors_path):
-        table = _read_table(spark, uri)
-        if table is None:
-            continue
-        keys = run_plan.stale(notes, table, model_id)
-        for predicate in run_plan.delete_predicates(keys, model_id):
-            metrics = DeltaTable(uri).delete(predicate)
-            deleted += int(metrics.get("num_deleted_rows", 0)) if uri == cfg.out else 0
+    cols = ["note_id", "text_sha256", "model_id"]
+    out, errors = writer.read(cfg.out, cols), writer.read(cfg.errors_path, cols + ["stage", "run_id"])
+    deleted = {"stale_rows_deleted": 0, "retried_error_rows_deleted": 0}
+    model = F.lit(model_id).alias("model_id")
+    if out is not None:
+        deleted["stale_rows_deleted"] = writer.delete_matching(cfg.out, run_plan.stale(notes, out, model_id).select("*", model))
+    if errors is not None:
+        writer.delete_matching(cfg.errors_path, run_plan.stale(notes, errors, model_id).select("*", model))
+        retried = run_plan.retried_errors(pending, errors, model_id).select("*", model)
+        deleted["retried_error_rows_deleted"] = writer.delete_matching(
+            cfg.errors_path, retried, f"t.stage = 'embed' AND t.run_id <> '{run_id}'")
     return deleted
 
 
@@ -293,23 +252,12 @@ def gpu_profile(cfg: JobConfig):
     return ResourceProfileBuilder().require(requests).build
 
 
-class _CounterParam(AccumulatorParam):
-    """Spark accumulator of {reason: count} dictionaries."""
-
-    def zero(self, value):
-        return {}
-
-    def addInPlace(self, a, b):
-        for k, v in b.items():
-            a[k] = a.get(k, 0) + v
-        return a
-
-
-def _summary(t: Totals, seconds: float, artifact: Artifact, cfg: JobConfig, run_id: str, chunks: int,
+def _summary(t, seconds: float, artifact: Artifact, cfg: JobConfig, run_id: str, chunks: int,
              input_rows: int, first_chunk: int) -> dict:
     """What this invocation did: rows in = embedded + errors (by stage and reason), tokens, throughput."""
     return {
         "rows_in": t.notes, "embedded": t.embedded, "errors": dict(t.errors), "warnings": dict(t.warnings),
+        "tasks": t.tasks,
         "input_rows": input_rows, "chunks_resumed_from": first_chunk, "chunks": chunks, "run_id": run_id,
         "devices": dict(t.devices), "gpu_addresses": dict(t.gpus),
         "rows_written": t.rows, "bpe_tokens": t.tokens, "windows": t.windows, "seconds": round(seconds, 2),
@@ -318,6 +266,17 @@ def _summary(t: Totals, seconds: float, artifact: Artifact, cfg: JobConfig, run_
         "vector_dtype": cfg.vector_dtype, "precision": cfg.options.precision, "out": cfg.out,
         "errors_out": cfg.errors_path, "mode": cfg.mode,
     }
+
+
+def task_failure(e: BaseException) -> str | None:
+    """The one-line cause of a job that failed because a Spark task kept failing (our ModelStepFailed,
+    found in the Python traceback Spark forwards), or None for other exceptions."""
+    text = str(e)
+    marker = f"{ModelStepFailed.__name__}: "
+    if marker not in text:
+        return None
+    line = text[text.rindex(marker):].splitlines()[0]
+    return f"a Spark task failed after its retries: {line}"
 
 
 def format_summary(s: dict) -> str:
@@ -335,7 +294,8 @@ def format_summary(s: dict) -> str:
             f"BPE tokens {s['bpe_tokens']}, windows {s['windows']}\n"
             f"{s['seconds']} s, {s['notes_per_s']} notes/s, {s['tokens_per_s']} tokens/s\n"
             f"devices: {_counted(s['devices'])}; GPU addresses assigned: {_counted(s['gpu_addresses']) or 'none'}\n"
-            + (f"stale rows deleted: {s['stale_rows_deleted']}\n" if "stale_rows_deleted" in s else "")
+            + (f"stale rows deleted: {s['stale_rows_deleted']}, retried embed errors cleared: "
+               f"{s['retried_error_rows_deleted']}\n" if "stale_rows_deleted" in s else "")
             + f"Delta table {s['out']} version {s['version']}, errors in {s['errors_out']} (model {s['model_id']})")
 
 
@@ -349,12 +309,19 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_args(args)
         spark = spark_session(args.master)
         summary = run(cfg, spark)
-    except (InputError, ArtifactError, ValueError) as e:
+    except (InputError, ArtifactError, StorageError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except CommitConflict as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except Exception as e:  # noqa: BLE001 - a Spark task failed past its retries: one line, then exit 4
+        cause = task_failure(e)
+        if cause is None:
+            raise
+        print(f"error: {cause}; nothing of the failed chunk was committed, committed chunks are kept: "
+              "fix the cause and rerun the same command to resume", file=sys.stderr)
+        return 4
     print(format_summary(summary))
     return 0
 

@@ -2,6 +2,7 @@
 reaches failpoint `name` for the n-th time (default 1) kill itself with SIGKILL — no cleanup, no
 `finally`, exactly as the OOM killer or a lost node would. With a marker path the fault fires once across
 processes (the marker is created first), so a retried Spark task does not die again. Unset: a no-op.
+`CLINLONG_FAULT_RAISE` (see `raise_point`) makes the model step raise instead.
 """
 from __future__ import annotations
 
@@ -28,3 +29,18 @@ def point(name: str) -> None:
         except FileExistsError:
             return
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+class InjectedFault(RuntimeError):
+    """Raised by a raising failpoint (tests only)."""
+
+
+def raise_point(note_ids: list) -> None:
+    """Raising failpoints around the model step: `CLINLONG_FAULT_RAISE=model-call` makes every model call
+    raise (a broken runtime or device); `CLINLONG_FAULT_RAISE=note:ID` makes every call holding note ID
+    raise (a note the model step cannot take). Unset: a no-op."""
+    spec = os.environ.get("CLINLONG_FAULT_RAISE")
+    if not spec:
+        return
+    if spec == "model-call" or (spec.startswith("note:") and spec[5:] in {str(i) for i in note_ids}):
+        raise InjectedFault("injected fault")

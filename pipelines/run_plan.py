@@ -7,29 +7,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 RESULT_OPTIONS = ("context", "max_length", "case_sensitive", "window_overlap", "token_vector", "precision",
                   "max_chars")  # options that change the output; batch sizes and devices do not
-
-
-def input_fingerprint(source: str) -> list:
-    """Names, sizes and modification times of the input's files (a table name stands for itself), so a
-    rerun over the same input is the same run and a changed input is a new one."""
-    from pyarrow import fs
-
-    if "://" in source:
-        filesystem, root = fs.FileSystem.from_uri(source)
-    elif os.path.exists(source):
-        filesystem, root = fs.LocalFileSystem(), os.path.abspath(source)
-    else:
-        return [source]
-    info = filesystem.get_file_info(root)
-    infos = [info] if info.type == fs.FileType.File else filesystem.get_file_info(fs.FileSelector(root, recursive=True))
-    return sorted([i.path[len(root):], i.size, i.mtime_ns] for i in infos if i.type == fs.FileType.File)
 
 
 def run_id(parts: dict) -> str:
@@ -53,9 +36,13 @@ def text_hash(col: str = "text"):
     return F.sha2(F.col(col).cast("binary"), 256)
 
 
-def done_keys(tables: list[DataFrame | None], model_id: str) -> DataFrame | None:
-    """(note_id, text_sha256) already embedded or recorded as errors for `model_id`."""
-    keys = [t.where(F.col("model_id") == model_id).select("note_id", "text_sha256") for t in tables if t is not None]
+def done_keys(output: DataFrame | None, errors: DataFrame | None, model_id: str) -> DataFrame | None:
+    """(note_id, text_sha256) already embedded, or recorded as errors of the input itself (`read`,
+    `check`), for `model_id`. `embed` errors are not done: the next incremental run retries them."""
+    if errors is not None:
+        errors = errors.where(F.col("stage") != "embed")
+    keys = [t.where(F.col("model_id") == model_id).select("note_id", "text_sha256") for t in (output, errors)
+            if t is not None]
     if not keys:
         return None
     out = keys[0]
@@ -76,28 +63,82 @@ def pending(notes: DataFrame, done: DataFrame | None) -> DataFrame:
     return hashed.join(done, _null_safe(hashed, done, "_sha"), "left_anti").drop("_sha")
 
 
-def stale(notes: DataFrame, table: DataFrame, model_id: str) -> list[tuple]:
+def stale(notes: DataFrame, table: DataFrame, model_id: str) -> DataFrame:
     """(note_id, text_sha256) rows of `table` for `model_id` whose note is in the input with another
     text: the old version of a changed note, to delete once the new one is committed."""
     current = notes.select("note_id", text_hash().alias("_sha")).distinct()
     ids = current.select("note_id").distinct()
     rows = table.where(F.col("model_id") == model_id).select("note_id", "text_sha256").distinct()
     rows = rows.join(ids, "note_id", "left_semi")
-    rows = rows.join(current, _null_safe(current, rows, "_sha"), "left_anti")
-    return [(r["note_id"], r["text_sha256"]) for r in rows.collect()]
+    return rows.join(current, _null_safe(current, rows, "_sha"), "left_anti")
 
 
-def delete_predicates(keys: list[tuple], model_id: str, per: int = 200) -> list[str]:
-    """SQL predicates (delta-rs `delete`) matching exactly these (note_id, text_sha256) pairs, `per` a time."""
-    def lit(v) -> str:
-        if v is None:
-            return "NULL"
-        return str(int(v)) if isinstance(v, int) else "'" + str(v).replace("'", "''") + "'"
+def balance(part: DataFrame, tasks: int, overhead_chars: int = 200) -> DataFrame:
+    """`part` in `tasks` partitions of about equal work, by text length rather than row count.
 
-    def pair(k) -> str:
-        nid = "note_id IS NULL" if k[0] is None else f"note_id = {lit(k[0])}"
-        sha = "text_sha256 IS NULL" if k[1] is None else f"text_sha256 = {lit(k[1])}"
-        return f"({nid} AND {sha})"
+    Work is a note's length in characters plus `overhead_chars` (the model's cost grows linearly with
+    length under windowed attention). Heavy notes (each over an eighth of a task's share) are placed
+    first, heaviest first, each on the least-loaded task; the rest are spread over the remaining
+    capacity through a table of slots, by a hash of (note_id, text). Both placements are exact: each
+    task index is written as a value whose Spark hash lands in that partition (`_exact_targets`), so
+    `repartition` puts every note where the plan says, for any number of notes.
+    """
+    if tasks <= 1:
+        return part.repartition(1)
+    cost = F.coalesce(F.length("text"), F.lit(0)) + F.lit(overhead_chars)
+    keyed = part.withColumn("_cost", cost.cast("long")).withColumn("_key", F.xxhash64("note_id", "text"))
+    total = keyed.agg(F.sum("_cost")).first()[0] or 0
+    heavy = (keyed.where(F.col("_cost") * (8 * tasks) >= F.lit(total)).select("_key", "_cost")
+             .orderBy(F.col("_cost").desc()).limit(4 * tasks).collect())
+    placed, slots = plan_tasks(total, [(r["_key"], r["_cost"]) for r in heavy], tasks)
+    exact = _exact_targets(part.sparkSession, tasks)
+    slot = F.element_at(F.array(*[F.lit(exact[t]) for t in slots]),
+                        (F.pmod(F.col("_key"), F.lit(len(slots))) + 1).cast("int"))
+    if placed:
+        lookup = F.create_map(*[F.lit(v) for k, t in placed.items() for v in (k, exact[t])])
+        slot = F.coalesce(lookup[F.col("_key")], slot)
+    return keyed.repartition(tasks, slot.cast("long")).drop("_cost", "_key")  # long: as _exact_targets hashed
 
-    model = f"model_id = {lit(model_id)}"
-    return [f"{model} AND ({' OR '.join(pair(k) for k in keys[i:i + per])})" for i in range(0, len(keys), per)]
+
+def plan_tasks(total: int, heavy: list[tuple[int, int]], tasks: int, slots_per_task: int = 16
+               ) -> tuple[dict[int, int], list[int]]:
+    """Longest-processing-time placement of the heavy (key, cost) notes, and a slot table that gives
+    each task a share of the light notes in proportion to its remaining capacity."""
+    loads = [0] * tasks
+    placed = {}
+    for key, c in sorted(heavy, key=lambda kc: -kc[1]):
+        t = min(range(tasks), key=loads.__getitem__)
+        placed[key] = t
+        loads[t] += c
+    target = total / tasks
+    room = [max(target - load, 0.0) for load in loads]
+    if not sum(room):
+        room = [1.0] * tasks
+    n = tasks * slots_per_task
+    share = [r * n / sum(room) for r in room]
+    counts = [int(s) for s in share]
+    for t in sorted(range(tasks), key=lambda t: counts[t] - share[t])[: n - sum(counts)]:  # largest remainders
+        counts[t] += 1
+    return placed, [t for t in range(tasks) for _ in range(counts[t])]
+
+
+def _exact_targets(spark, tasks: int) -> list[int]:
+    """For each partition index p, a long whose Spark hash partitioning (pmod(murmur3(v), tasks), what
+    `repartition(tasks, col)` uses) is p: found by asking Spark to hash candidates."""
+    found: dict[int, int] = {}
+    n = 32 * tasks
+    while len(found) < tasks:
+        rows = spark.range(n - 32 * tasks, n).select("id", F.pmod(F.hash("id"), F.lit(tasks)).alias("p")).collect()
+        for r in rows:
+            found.setdefault(r["p"], r["id"])
+        n += 32 * tasks
+    return [found[p] for p in range(tasks)]
+
+
+def retried_errors(pending: DataFrame, errors: DataFrame, model_id: str) -> DataFrame:
+    """(note_id, text_sha256) of `embed`-stage error rows for `model_id` whose note this run embeds
+    again: a model-step failure is retried by the next incremental run, and its old row goes once the
+    retry is committed (`read` and `check` rows describe the input itself and stay)."""
+    keys = pending.select("note_id", text_hash().alias("_sha")).distinct()
+    rows = errors.where((F.col("model_id") == model_id) & (F.col("stage") == "embed")).select("note_id", "text_sha256")
+    return rows.join(keys, (rows["note_id"] == keys["note_id"]) & (rows["text_sha256"] == keys["_sha"]), "left_semi")

@@ -1,12 +1,30 @@
-"""Note inputs: a Delta table path, Parquet, CSV (MIMIC-III NOTEEVENTS, multi-line quoted TEXT) or a table name."""
+"""Note inputs as Spark users name them: catalog tables (`db.table`, `catalog.schema.table`), Delta
+tables by path, Parquet or CSV (MIMIC-III NOTEEVENTS, multi-line quoted TEXT) at any URI Spark reads
+(`s3a://`, `s3://`, `abfss://`, `gs://`, `dbfs:/`, `/Volumes/…`, `file:`, local paths).
+
+What an input is, is asked of the catalog, the Delta log and Spark's own filesystem, never guessed from
+the local disk alone; what identifies its data (the run fingerprint) is the Delta version or Spark's
+file listing. Delta tables are read by delta-spark where it is on the classpath, else planned with
+delta-rs (`DeltaTable.to_pyarrow_dataset`, which refuses the reader features it cannot honour, such as
+deletion vectors, instead of returning rows they removed) and read file by file in Spark's executors.
+"""
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import types as T
 
+from .storage import StorageError, delta_rs_uri, is_local, local_path, scheme
+
 ID_TYPES = (T.IntegerType, T.LongType, T.ShortType, T.StringType)
+FORMATS = ("auto", "delta", "parquet", "csv", "table")
+CORRUPT = "_corrupt_record"
+_IDENT = r"(`[^`]+`|[A-Za-z_][\w$]*)"
+TABLE_NAME = re.compile(rf"^{_IDENT}(\.{_IDENT}){{0,2}}$")  # table, db.table, catalog.schema.table
+_READ_BATCH_ROWS = 256  # rows per Arrow batch read from a Delta file (notes are up to megabytes each)
 
 
 class InputError(Exception):
@@ -22,25 +40,201 @@ def delta_spark_available(spark: SparkSession) -> bool:
         return False
 
 
-def is_delta(path: str) -> bool:
-    return (Path(path) / "_delta_log").is_dir() if "://" not in path else False
+@dataclass(frozen=True)
+class Source:
+    """A resolved input: what the user named, how to read it, and the storage options for delta-rs."""
+
+    name: str
+    kind: str  # delta | parquet | csv | table
+    storage_options: dict = field(default_factory=dict, compare=False)
 
 
-def _read_delta_rs(spark: SparkSession, path: str) -> DataFrame:
-    """Plan the read with delta-rs (the table's current files), let Spark's executors read the Parquet."""
+def resolve(spark: SparkSession, name: str, fmt: str = "auto", storage_options: dict | None = None) -> Source:
+    """Decide how to read `name`: the catalog for table names, the Delta log, then Spark's listing."""
+    opts = storage_options or {}
+    if fmt not in FORMATS:
+        raise InputError(f"unknown input format {fmt!r}; use one of {', '.join(FORMATS)}")
+    if fmt != "auto":
+        if fmt == "table" and not _table_exists(spark, name):
+            raise InputError(f"table {name} was not found in Spark's catalog ({_catalog_where(spark)}); "
+                             "pass an existing table name or a path")
+        if fmt == "delta" and not is_delta(spark, name, opts):
+            raise InputError(f"{name} is not a Delta table (no _delta_log); pass --input-format parquet|csv")
+        return Source(name, fmt, opts)
+    local = is_local(name) and Path(local_path(name)).exists()
+    if not local and not scheme(name) and TABLE_NAME.match(name) and _table_exists(spark, name):
+        return Source(name, "table", opts)
+    if is_delta(spark, name, opts):
+        return Source(name, "delta", opts)
+    if not local and not scheme(name) and "/" not in name and "\\" not in name:
+        raise InputError(f"no table or path named {name}: Spark's catalog ({_catalog_where(spark)}) has no such "
+                         "table and no such file exists; pass a table name, a path or a URI")
+    return Source(name, _format_from_listing(spark, name), opts)
+
+
+def is_delta(spark: SparkSession, uri: str, options: dict | None = None) -> bool:
+    """True when `uri` holds a Delta log: asked of Spark's filesystem, else (a scheme Spark has no
+    filesystem for, such as s3a:// without hadoop-aws) of delta-rs."""
+    if is_local(uri):
+        return (Path(local_path(uri)) / "_delta_log").is_dir()
+    try:
+        fs, path = _hadoop(spark, uri)
+    except InputError as spark_says:
+        try:
+            from deltalake import DeltaTable
+
+            return DeltaTable.is_deltatable(delta_rs_uri(uri), options or None)
+        except StorageError:
+            raise spark_says from None
+        except Exception as e:  # noqa: BLE001 - neither could open it: say both, in one line
+            raise InputError(f"{spark_says}; delta-rs could not open it either: {_first_line(e)} (set AWS_*, "
+                             "AZURE_* or GOOGLE_* environment variables or --storage-option KEY=VALUE)") from None
+    try:
+        return bool(fs.exists(spark._jvm.org.apache.hadoop.fs.Path(path, "_delta_log")))
+    except Exception as e:  # noqa: BLE001 - e.g. access denied
+        raise InputError(f"Spark cannot open {uri}: {_java_message(e)}") from None
+
+
+def _hadoop(spark: SparkSession, uri: str):
+    """Spark's own Hadoop filesystem for `uri` and the Path in it; a one-line error when Spark has none."""
+    jvm = spark._jvm
+    try:
+        path = jvm.org.apache.hadoop.fs.Path(uri)
+        return path.getFileSystem(spark._jsc.hadoopConfiguration()), path
+    except Exception as e:  # noqa: BLE001 - py4j wraps the Java exception
+        hint = (" (Spark needs the hadoop-aws JAR for s3a://, e.g. --packages org.apache.hadoop:hadoop-aws:3.4.1)"
+                if scheme(uri) in ("s3a", "s3", "s3n") else "")
+        raise InputError(f"Spark cannot open {uri}: {_java_message(e)}{hint}") from None
+
+
+def _format_from_listing(spark: SparkSession, uri: str) -> str:
+    """csv or parquet, from the name of the path or of the data files under it, as Spark lists them."""
+    fs, path = _hadoop(spark, uri)
+    try:
+        status = fs.getFileStatus(path)
+    except Exception as e:  # noqa: BLE001
+        raise InputError(f"input {uri} does not exist ({_java_message(e)}); pass a Delta, Parquet or CSV path, "
+                         "a URI or a table name") from None
+    names = [path.getName()]
+    if status.isDirectory():
+        files, names = fs.listFiles(path, True), []
+        while files.hasNext() and len(names) < 1000:
+            name = files.next().getPath().getName()
+            if not name.startswith(("_", ".")):
+                names.append(name)
+    for fmt, suffixes in (("csv", (".csv", ".csv.gz", ".csv.bz2")), ("parquet", (".parquet",))):
+        if any(n.lower().endswith(suffixes) for n in names):
+            return fmt
+    raise InputError(f"cannot tell the format of {uri}; pass --input-format delta|parquet|csv")
+
+
+def _table_exists(spark: SparkSession, name: str) -> bool:
+    try:
+        return bool(spark.catalog.tableExists(name))
+    except Exception:  # noqa: BLE001 - an unknown catalog or database: the table is not there
+        return False
+
+
+def _catalog_where(spark: SparkSession) -> str:
+    try:
+        return f"current catalog {spark.catalog.currentCatalog()}, database {spark.catalog.currentDatabase()}"
+    except Exception:  # noqa: BLE001
+        return "the session's catalog"
+
+
+def read(spark: SparkSession, src: Source, columns: list[str] | None = None) -> DataFrame:
+    """The input as a DataFrame (Delta through delta-spark when present, else delta-rs in executors)."""
+    if src.kind == "table":
+        return spark.table(src.name)
+    if src.kind == "delta":
+        if delta_spark_available(spark):
+            return spark.read.format("delta").load(src.name)
+        return read_delta_rs(spark, src.name, src.storage_options, columns)
+    try:
+        return _read_csv(spark, src.name) if src.kind == "csv" else spark.read.parquet(src.name)
+    except Exception as e:  # noqa: BLE001 - AnalysisException: path missing, no filesystem for the scheme
+        raise InputError(f"Spark cannot read {src.name} as {src.kind}: {_java_message(e)}") from None
+
+
+def read_notes(spark: SparkSession, source: str, fmt: str = "auto", storage_options: dict | None = None) -> DataFrame:
+    """Read a note table by name, path or URI; `fmt` is auto, delta, parquet, csv or table."""
+    return read(spark, resolve(spark, source, fmt, storage_options))
+
+
+def read_delta_rs(spark: SparkSession, uri: str, options: dict | None = None,
+                  columns: list[str] | None = None) -> DataFrame:
+    """A Delta table planned by delta-rs on the driver (one version, its files) and read by Spark's
+    executors, one task per few files, through the same delta-rs dataset (partition values included)."""
+    from deltalake import DeltaTable
+    from deltalake.exceptions import DeltaProtocolError
+    from pyspark.sql.pandas.types import from_arrow_schema
+
+    table_uri, opts = delta_rs_uri(uri), dict(options or {})
+    dt = DeltaTable(table_uri, storage_options=opts or None)
+    try:
+        dataset = dt.to_pyarrow_dataset()
+    except DeltaProtocolError as e:
+        raise InputError(f"delta-rs cannot read {uri} faithfully ({_first_line(e)}); read it with delta-spark "
+                         "(a cluster with delta-spark on the classpath) or rewrite it without that feature") from None
+    schema = dataset.schema if columns is None else _select(dataset.schema, columns)
+    spark_schema = from_arrow_schema(schema)
+    paths = [f.path for f in dataset.get_fragments()]
+    if not paths:
+        return spark.createDataFrame([], spark_schema)
+    version, names = dt.version(), schema.names
+    files = spark.createDataFrame([(p,) for p in paths], "path string")
+    files = files.repartition(min(len(paths), 4 * spark.sparkContext.defaultParallelism))
+
+    def scan(batches):
+        import pyarrow.dataset as pds
+        from deltalake import DeltaTable
+
+        ds = DeltaTable(table_uri, version=version, storage_options=opts or None).to_pyarrow_dataset()
+        by_path = {f.path: f for f in ds.get_fragments()}
+        for b in batches:
+            for p in b.column(0).to_pylist():
+                one = pds.FileSystemDataset([by_path[p]], ds.schema, ds.format, ds.filesystem)
+                yield from one.to_batches(columns=names, batch_size=_READ_BATCH_ROWS)
+
+    return files.mapInArrow(scan, spark_schema)
+
+
+def _select(schema, columns: list[str]):
+    import pyarrow as pa
+
+    return pa.schema([schema.field(c) for c in columns if c in schema.names])
+
+
+def fingerprint(spark: SparkSession, src: Source, df: DataFrame) -> list:
+    """What identifies the input's data: a Delta table's version (by path, or by catalog name through
+    delta-spark), else Spark's own listing of its files (names, sizes, modification times). A table that
+    gains rows therefore makes a new run, under any scheme."""
+    if src.kind == "delta":
+        version = _delta_version(spark, src)
+        if version is not None:
+            return ["delta", src.name, version]
+    if src.kind == "table" and delta_spark_available(spark):
+        try:
+            return ["delta", src.name, int(spark.sql(f"DESCRIBE HISTORY {src.name} LIMIT 1").first()["version"])]
+        except Exception:  # noqa: BLE001 - not a Delta table: its files identify it
+            pass
+    files = df.inputFiles()
+    if not files:
+        return [src.kind, src.name, []]
+    listing = (spark.read.format("binaryFile").option("recursiveFileLookup", "true").load(files)
+               .select("path", "length", "modificationTime").collect())
+    return [src.kind, src.name, sorted([r["path"], r["length"], r["modificationTime"].isoformat()] for r in listing)]
+
+
+def _delta_version(spark: SparkSession, src: Source) -> int | None:
     from deltalake import DeltaTable
 
-    dt = DeltaTable(path)
-    files = dt.file_uris()
-    if not files:
-        import pyarrow as pa
-        from pyspark.sql.pandas.types import from_arrow_schema
-
-        return spark.createDataFrame([], from_arrow_schema(pa.schema(dt.schema().to_arrow())))
-    return spark.read.option("basePath", path).parquet(*files)  # basePath: partition columns from the folders
-
-
-CORRUPT = "_corrupt_record"
+    try:
+        return DeltaTable(delta_rs_uri(src.name), storage_options=src.storage_options or None).version()
+    except StorageError:  # dbfs: and the like: Spark's Delta log
+        if delta_spark_available(spark):
+            return int(spark.sql(f"DESCRIBE HISTORY delta.`{src.name}` LIMIT 1").first()["version"])
+        return None
 
 
 def _read_csv(spark: SparkSession, source: str) -> DataFrame:
@@ -55,37 +249,15 @@ def _read_csv(spark: SparkSession, source: str) -> DataFrame:
     return reader().option("columnNameOfCorruptRecord", CORRUPT).schema(schema).csv(source)
 
 
-def read_notes(spark: SparkSession, source: str, fmt: str = "auto") -> DataFrame:
-    """Read a note table; `fmt` is auto, delta, parquet, csv or table."""
-    path = Path(source)
-    local_path = "://" not in source and ("/" in source or "\\" in source or path.suffix)
-    if local_path and not path.exists():
-        raise InputError(f"input {source} does not exist; pass a Delta, Parquet or CSV path or a table name")
-    if fmt == "auto":
-        if is_delta(source):
-            fmt = "delta"
-        elif path.suffix.lower() == ".csv" or (path.is_dir() and any(path.glob("*.csv"))):
-            fmt = "csv"
-        elif path.suffix.lower() == ".parquet" or (path.is_dir() and any(path.glob("*.parquet"))):
-            fmt = "parquet"
-        elif path.exists():
-            raise InputError(f"cannot tell the format of {source}; pass --input-format delta|parquet|csv")
-        elif "/" not in source and "\\" not in source:
-            fmt = "table"
-        else:
-            raise InputError(f"input {source} does not exist; pass a Delta, Parquet or CSV path or a table name")
-    if fmt == "delta":
-        return spark.read.format("delta").load(source) if delta_spark_available(spark) else _read_delta_rs(spark, source)
-    if fmt == "parquet":
-        return spark.read.parquet(source)
-    if fmt == "csv":
-        return _read_csv(spark, source)
-    if fmt == "table":
-        try:
-            return spark.table(source)
-        except Exception:
-            raise InputError(f"table {source} was not found; pass an existing table name or a path") from None
-    raise InputError(f"unknown input format {fmt!r}; use delta, parquet, csv or table")
+def _java_message(e: Exception) -> str:
+    """The first line of a (py4j-wrapped) Java exception's message, without the stack."""
+    java = getattr(e, "java_exception", None)
+    msg = java.toString() if java is not None else str(e)
+    return _first_line(msg)
+
+
+def _first_line(e) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
 
 
 def select_notes(df: DataFrame, id_col: str, text_col: str, id_type: str = "auto", keep: tuple[str, ...] = ()) -> DataFrame:

@@ -1,13 +1,18 @@
-"""What runs inside Spark tasks: Arrow batches of (note_id, text[, input_error]) in; Parquet parts or rows out.
+"""What runs inside Spark tasks: Arrow batches of (note_id, text[, input_error]) in; Parquet files or rows out.
 
-Every input row leaves as output rows or as one errors-table row (stage and reason, never the text): a
-note that makes the model step raise is isolated by re-running the batch note by note, so one bad note
-never costs its batch.
+Every input row leaves as output rows or as one errors-table row (stage and reason, never the text).
+Failures are sorted by whose fault they are. One that belongs to a note is isolated by re-running the
+batch note by note: a note that fails alone becomes an `embed` error row (exception type only) and is
+logged by id. One that does not (out of memory for one sequence, device or runtime errors, or every
+note of a batch failing alone) fails the task, so Spark retries it and the job fails loudly rather
+than recording notes as done.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -17,7 +22,10 @@ import pyarrow as pa
 from . import faults
 from .artifact import Artifact
 from .engine import EmbedOptions, NoteEmbedder, NoteResult
+from .progress import ProgressReporter
 from .schema import OutputSpec, build_errors, build_table
+
+log = logging.getLogger("clinlong.tasks")
 
 ArrowFn = Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]
 
@@ -30,7 +38,9 @@ def embedder(artifact_path: str, options: EmbedOptions) -> NoteEmbedder:
     """The worker's embedder for this artifact, options and device (the GPU Spark assigned this task,
     or the CPU): loaded (and verified) once, then reused across batches and tasks."""
     from .devices import choose_device
+    from .logs import configure
 
+    configure()
     device = choose_device(options.device)
     key = (artifact_path, options, device)
     if key not in _EMBEDDERS:
@@ -102,16 +112,40 @@ def _prepare(emb: NoteEmbedder, batch: pa.RecordBatch):
     return ids, texts, usable, pre, warnings, extra, raw, prep
 
 
+class ModelStepFailed(RuntimeError):
+    """The model step failed for a reason that is not one note's: the task fails and Spark retries it."""
+
+
+def not_the_notes_fault(e: BaseException) -> bool:
+    """Out of memory, device and runtime-session errors: retrying elsewhere may succeed, recording the
+    note would bury it. (The message is inspected, never logged: it could quote input.)"""
+    if isinstance(e, MemoryError):
+        return True
+    kind, module = type(e).__name__, type(e).__module__ or ""
+    if "OutOfMemory" in kind or kind == "AcceleratorError" or module.startswith("onnxruntime"):
+        return True
+    msg = str(e)
+    return any(s in msg for s in ("CUDA", "CUBLAS", "cuDNN", "out of memory", "Failed to allocate", "device-side"))
+
+
+def _fail_task(e: BaseException, what: str) -> ModelStepFailed:
+    return ModelStepFailed(f"{type(e).__name__} {what}; the task fails so that Spark retries it "
+                           "(not recorded as a note error)")
+
+
 def _finish(emb: NoteEmbedder, ids: list, texts: list, usable: list, pre: dict, warnings: Counter, extra: dict,
             raw: dict, prep) -> Batch:
     results, stages = None, {}
     if prep is not None:  # (None: the batch's preparation raised)
         try:
+            faults.raise_point(ids)
             results = emb.finish(prep)
-        except Exception:  # noqa: BLE001 - isolated note by note below
+        except Exception as e:  # noqa: BLE001 - sorted below: the task's fault, or isolated note by note
+            if not_the_notes_fault(e):
+                raise _fail_task(e, "in the model step") from None
             results = None
     if results is None:
-        results, stages = _one_by_one(emb, usable)
+        results, stages = _one_by_one(emb, ids, usable)
     for i, (stage, reason) in pre.items():
         results[i] = NoteResult.unusable(reason, texts[i])
         stages[i] = stage
@@ -120,15 +154,25 @@ def _finish(emb: NoteEmbedder, ids: list, texts: list, usable: list, pre: dict, 
     return Batch(ids, texts, results, stages, warnings, extra)
 
 
-def _one_by_one(emb: NoteEmbedder, texts: list) -> tuple[list[NoteResult], dict[int, str]]:
-    """Re-run a failed batch note by note; a note that fails alone is recorded (exception type only)."""
-    results, stages = [], {}
-    for i, text in enumerate(texts):
+def _one_by_one(emb: NoteEmbedder, ids: list, texts: list) -> tuple[list[NoteResult], dict[int, str]]:
+    """Re-run a failed batch note by note; a note that fails alone is recorded (exception type only) and
+    logged by id. Raises ModelStepFailed when the failure is not a note's: a runtime or device error, or
+    every one of two or more notes failing alone."""
+    results, stages, tried, last = [], {}, 0, None
+    for i, (nid, text) in enumerate(zip(ids, texts)):
+        tried += text is not None
         try:
+            faults.raise_point([nid] if text is not None else [])
             results.append(emb.embed([text])[0])
         except Exception as e:  # noqa: BLE001 - recorded per note, the text never in the reason
+            if not_the_notes_fault(e):
+                raise _fail_task(e, "in the model step") from None
             results.append(NoteResult.unusable(f"{type(e).__name__} in the model step", text))
-            stages[i] = "embed"
+            stages[i], last = "embed", e
+            log.warning("note id %s: %s in the model step; recorded in the errors table (stage embed)",
+                        nid, type(e).__name__)
+    if tried >= 2 and len(stages) == tried:
+        raise _fail_task(last, f"for every one of the {tried} notes of a batch, each run alone") from None
     return results, stages
 
 
@@ -163,57 +207,83 @@ def _counts(b: Batch, rows: int) -> dict:
             "windows": sum(r.n_windows for r in ok), "errors": dict(errors), "warnings": dict(b.warnings)}
 
 
-def _add(counters: dict | None, counts: dict) -> None:
-    if counters:
-        for k, v in counts.items():
-            if k in counters:
-                counters[k].add(v)
-
-
 @dataclass(frozen=True)
 class PartTarget:
-    """Where a task writes: the output and errors tables, file-name prefix (run, chunk, driver attempt)."""
+    """Where a task writes: the output and errors tables, file-name prefix (run, chunk, driver attempt),
+    the file size to aim for, delta-rs storage options, and where progress goes."""
 
     table_uri: str
     errors_uri: str
     prefix: str
     run_id: str
     error_schema: pa.Schema
+    target_bytes: int = 256 << 20
+    storage_options: dict = field(default_factory=dict)
+    chunk: int = 0
+    progress: tuple | None = None  # the driver's JobProgress address
 
 
-def embed_partition(artifact_path: str, options: EmbedOptions, spec: OutputSpec, target: PartTarget,
-                    counters: dict | None = None) -> ArrowFn:
-    """For delta-rs: per input batch one Parquet part in the output table folder and one in the errors
-    table folder (when there are errors), and one metadata row for the driver's commit (and live counts
-    in `counters`, Spark accumulators, for the progress log)."""
-    from .delta_sink import write_part
+def embed_partition(artifact_path: str, options: EmbedOptions, spec: OutputSpec, target: PartTarget) -> ArrowFn:
+    """For delta-rs: the task writes its output and errors rows into files of about the target size
+    (one rolling writer per table and partition value) and returns one metadata row per file written
+    (its Delta add action's fields) plus one row of the task's counts, for the driver's commit."""
+    from .delta_sink import META_SCHEMA, RollingWriter
 
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        from pyspark import TaskContext
+
+        started = time.time()
         emb = embedder(artifact_path, options)
+        progress = ProgressReporter(target.progress, target.chunk)
+
+        def writer(uri: str, schema: pa.Schema, values: dict | None = None) -> RollingWriter:
+            return RollingWriter(uri, schema, target.target_bytes, target.prefix, values, target.storage_options)
+
+        outs: dict[str, RollingWriter] = {}
+        errs = writer(target.errors_uri, target.error_schema)
+        counts = _TaskCounts()
         for b in _embedded(emb, batches):
-            files, rows = [], 0
+            rows = 0
             for values, table in _tables(spec, b):
-                path, size = write_part(table, target.table_uri, target.prefix, values)
-                files.append({"path": path, "size": size, "file_rows": table.num_rows,
-                              "partition_values": json.dumps(values)})
+                key = json.dumps(values, sort_keys=True)
+                if key not in outs:
+                    outs[key] = writer(target.table_uri, spec.file_schema, values or None)
+                outs[key].write(table)
                 rows += table.num_rows
             errors = b.error_rows()
-            err_path, err_size = ("", 0)
             if errors:
-                err_table = build_errors(target.error_schema, errors, spec.model_id, target.run_id)
-                err_path, err_size = write_part(err_table, target.errors_uri, target.prefix)
-            faults.point("task-after-part")
-            counts = _counts(b, rows)
-            _add(counters, counts)
-            # One metadata row per written file; the batch's counts ride on the first.
-            first = {"err_path": err_path, "err_size": err_size, "err_rows": len(errors),
-                     **{k: (json.dumps(v) if isinstance(v, dict) else v) for k, v in counts.items()}}
-            rest = {**dict.fromkeys(first, 0), "err_path": "", "errors": "{}", "warnings": "{}"}
-            files = files or [{"path": "", "size": 0, "file_rows": 0, "partition_values": "{}"}]
-            yield pa.RecordBatch.from_pylist([{**f, **(first if i == 0 else rest), **_where(emb)}
-                                              for i, f in enumerate(files)])
+                errs.write(build_errors(target.error_schema, errors, spec.model_id, target.run_id))
+            c = _counts(b, rows)
+            counts.add(c)
+            progress.add(c["notes"], c["tokens"])
+        files = [("out", f) for w in outs.values() for f in w.close()] + [("err", f) for f in errs.close()]
+        faults.point("task-after-part")
+        progress.send()
+        ctx = TaskContext.get()
+        task = {"task": ctx.partitionId() if ctx else 0, "started": started, "finished": time.time()}
+        metas = [{"table": t, "path": f.path, "size": f.size, "file_rows": f.rows, "stats": f.stats,
+                  "partition_values": json.dumps(f.partition_values), **task} for t, f in files]
+        metas.append({"table": "", **counts.as_row(), **_where(emb), **task})
+        yield pa.RecordBatch.from_pylist(metas, schema=META_SCHEMA)
 
     return run
+
+
+class _TaskCounts:
+    """A task's counts over its batches, as one metadata row."""
+
+    def __init__(self):
+        self.n = Counter()
+        self.errors, self.warnings = Counter(), Counter()
+
+    def add(self, c: dict) -> None:
+        self.n.update({k: c[k] for k in ("rows", "notes", "embedded", "tokens", "windows")})
+        self.errors.update(c["errors"])
+        self.warnings.update(c["warnings"])
+
+    def as_row(self) -> dict:
+        return {**{k: self.n[k] for k in ("rows", "notes", "embedded", "tokens", "windows")},
+                "errors": json.dumps(dict(self.errors)), "warnings": json.dumps(dict(self.warnings))}
 
 
 def _tables(spec: OutputSpec, b: Batch) -> Iterator[tuple[dict, pa.Table]]:
@@ -234,41 +304,54 @@ def full_table(spec: OutputSpec, b: Batch) -> pa.Table:
     return pa.concat_tables(tables).cast(spec.schema) if tables else spec.schema.empty_table()
 
 
-def embed_rows(artifact_path: str, options: EmbedOptions, spec: OutputSpec, counters: dict | None = None) -> ArrowFn:
-    """The output rows themselves (for Spark-side writers and `predict`); `counters` are optional Spark
-    accumulators named rows, notes, embedded, tokens, windows, errors and warnings."""
+def embed_rows(artifact_path: str, options: EmbedOptions, spec: OutputSpec) -> ArrowFn:
+    """The output rows themselves (for the Spark ML stages and `predict`)."""
 
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for b in _embedded(embedder(artifact_path, options), batches):
-            table = full_table(spec, b)
-            _add(counters, _counts(b, table.num_rows))
-            yield from table.to_batches()
+            yield from full_table(spec, b).to_batches()
 
     return run
 
 
 def embed_rows_and_errors(artifact_path: str, options: EmbedOptions, spec: OutputSpec, error_schema: pa.Schema,
-                          run_id: str, counters: dict | None = None) -> ArrowFn:
-    """For Spark-side writers: output rows and errors-table rows in one stream, told apart by `_error`
-    (true on errors rows); the columns are the output schema's followed by the errors table's."""
+                          run_id: str, progress: tuple | None = None, chunk: int = 0) -> ArrowFn:
+    """For Spark-side writers: output rows, errors-table rows and one counts row per batch in one stream,
+    told apart by `_kind` (row, error, meta; the counts as JSON in `_meta`). The columns are the output
+    schema's, then the errors table's prefixed `err_`, then `_kind` and `_meta`. Counts travel as rows,
+    so a re-executed task replaces its counts instead of adding them twice."""
     schema = combined_schema(spec.schema, error_schema)
 
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        for b in _embedded(embedder(artifact_path, options), batches):
+        emb = embedder(artifact_path, options)
+        reporter = ProgressReporter(progress, chunk)
+        for b in _embedded(emb, batches):
             table = full_table(spec, b)
             errors = build_errors(error_schema, b.error_rows(), spec.model_id, run_id)
-            _add(counters, _counts(b, table.num_rows))
-            for t, flag in ((table, False), (errors, True)):
+            counts = {**_counts(b, table.num_rows), **_where(emb)}
+            reporter.add(counts["notes"], counts["tokens"])
+            meta = pa.table({"_meta": [json.dumps(counts)]})
+            for t, kind in ((table, "row"), (errors, "error"), (meta, "meta")):
                 if t.num_rows:
-                    cols = {f.name: (t.column(f.name[4:] if f.name.startswith("err_") else f.name)
-                                     if (f.name.startswith("err_")) == flag else pa.nulls(t.num_rows, f.type))
-                            for f in schema if f.name != "_error"}
-                    cols["_error"] = pa.array([flag] * t.num_rows)
+                    cols = {f.name: (t.column(_source_column(f.name, kind)) if _source_column(f.name, kind) in t.column_names
+                                     else pa.nulls(t.num_rows, f.type)) for f in schema if f.name != "_kind"}
+                    cols["_kind"] = pa.array([kind] * t.num_rows)
                     yield from pa.table(cols, schema=schema).to_batches()
+        reporter.send()
 
     return run
 
 
+def _source_column(name: str, kind: str) -> str:
+    """The column of a `kind` table that fills combined column `name` (none: nulls)."""
+    if kind == "error":
+        return name[4:] if name.startswith("err_") else ""
+    if kind == "meta":
+        return name if name == "_meta" else ""
+    return "" if name.startswith("err_") or name == "_meta" else name
+
+
 def combined_schema(out: pa.Schema, errors: pa.Schema) -> pa.Schema:
-    """Output columns, then the errors table's columns prefixed `err_`, then `_error`."""
-    return pa.schema(list(out) + [pa.field("err_" + f.name, f.type) for f in errors] + [pa.field("_error", pa.bool_())])
+    """Output columns, then the errors table's columns prefixed `err_`, then `_kind` and `_meta`."""
+    return pa.schema(list(out) + [pa.field("err_" + f.name, f.type) for f in errors]
+                     + [pa.field("_kind", pa.string()), pa.field("_meta", pa.string())])

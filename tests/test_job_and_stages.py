@@ -148,29 +148,34 @@ def test_float16_vectors_on_request(notes_csv, tiny_artifact, spark, tmp_path):
         np.testing.assert_allclose(half.astype(np.float32), a, rtol=1e-3, atol=1e-3)
 
 
-def test_spark_side_writer_rows_and_counters(notes_csv, tiny_artifact, spark, tmp_path):
-    """The rows and accumulator counts that the delta-spark writer receives (its JARs are not installable
-    here, so the rows go to Parquet in this test)."""
-    from pyspark.sql.pandas.types import from_arrow_schema, to_arrow_type
+def test_spark_side_writer_counts_come_from_its_rows(notes_csv, tiny_artifact, spark, tmp_path):
+    """The delta-spark writer's counts are rows of the pass it writes (not accumulators): running the pass
+    again, as Spark does when it re-executes a stage, gives the same counts, never twice as many. Its
+    JARs are not installable here, so the writer writes Parquet in this test."""
+    from pyspark.sql.pandas.types import to_arrow_type
 
     from pipelines.artifact import Artifact
-    from pipelines.embed_notes import _CounterParam
-    from pipelines.schema import OutputSpec, table_schema
+    from pipelines.schema import OutputSpec, error_schema, table_schema
     from pipelines.sources import read_notes, select_notes
-    from pipelines.tasks import embed_rows
+    from pipelines.writers import Chunk, DeltaSparkWriter, Totals
 
     art = Artifact.open(tiny_artifact)
     notes = select_notes(read_notes(spark, str(notes_csv)), "ROW_ID", "TEXT", "long")
-    spec = OutputSpec("token", table_schema("token", to_arrow_type(notes.schema["note_id"].dataType)),
-                      art.model_id, art.dimension)
-    counters = {k: spark.sparkContext.accumulator(0) for k in ("notes", "embedded", "tokens", "windows", "rows")}
-    counters["errors"] = spark.sparkContext.accumulator({}, _CounterParam())
-    rows = notes.mapInArrow(embed_rows(str(art.path), EmbedOptions(), spec, counters), from_arrow_schema(spec.schema))
-    rows.write.parquet(str(tmp_path / "rows"))
-    assert counters["notes"].value == 11 and counters["embedded"].value == 9
-    assert counters["errors"].value == {"check: null text": 1, "check: whitespace-only text": 1}
-    assert counters["rows"].value == spark.read.parquet(str(tmp_path / "rows")).count() > 100
-    assert counters["tokens"].value > counters["rows"].value  # BPE pieces outnumber words
+    id_type = to_arrow_type(notes.schema["note_id"].dataType)
+    spec = OutputSpec("token", table_schema("token", id_type), art.model_id, art.dimension)
+    cfg = JobConfig(notes=str(notes_csv), model=str(tiny_artifact), out=str(tmp_path / "rows"), granularity="token")
+    writer = DeltaSparkWriter(spark, cfg, str(art.path), spec, error_schema(id_type), fmt="parquet")
+    ctx = Chunk(0, 1, "r1", "clinlong-r1", "r1-c00000-a")
+    version, counts = writer.write_chunk(notes.repartition(3), ctx, lambda pending: {"chunk_counts": len(pending)})
+    again = writer.embed(notes.repartition(3), ctx)[1]
+    for c in (counts, again):
+        t = Totals()
+        t.add(c)
+        assert t.notes == 11 and t.embedded == 9
+        assert dict(t.errors) == {"check: null text": 1, "check: whitespace-only text": 1}
+        assert t.rows == spark.read.parquet(str(tmp_path / "rows")).count() > 100
+        assert t.tokens > t.rows  # BPE pieces outnumber words
+    assert spark.read.parquet(str(tmp_path / "rows_errors")).count() == 2
 
 
 def test_spark_side_writer_splits_rows_and_errors(notes_csv, tiny_artifact, spark, tmp_path):
@@ -179,7 +184,7 @@ def test_spark_side_writer_splits_rows_and_errors(notes_csv, tiny_artifact, spar
     from pyspark.sql.pandas.types import from_arrow_schema, to_arrow_type
 
     from pipelines.artifact import Artifact
-    from pipelines.chunks import split_rows
+    from pipelines.writers import split_rows
     from pipelines.schema import OutputSpec, error_schema, table_schema
     from pipelines.sources import read_notes, select_notes
     from pipelines.tasks import combined_schema, embed_rows_and_errors
