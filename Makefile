@@ -41,7 +41,7 @@ demo: $(VENV)/.installed
 	$(PY) -m export $(WORK)/demo/checkpoint $(WORK)/demo/artifact --name synthetic-clinical-longformer-tiny
 	$(PY) -m export.synthetic_notes $(WORK)/demo/NOTEEVENTS.csv --n 200
 	$(PY) -m pipelines.embed_notes --notes $(WORK)/demo/NOTEEVENTS.csv --model $(WORK)/demo/artifact \
-		--out $(WORK)/demo/note_embeddings --id-type long --mode overwrite --partitions 2 --master 'local[2]' \
+		--out $(WORK)/demo/note_embeddings --id-type long --mode overwrite --master 'local[2]' \
 		--chunk-notes 100
 	@echo "== the same notes again with --mode incremental: nothing is left to embed"
 	$(PY) -m pipelines.embed_notes --notes $(WORK)/demo/NOTEEVENTS.csv --model $(WORK)/demo/artifact \

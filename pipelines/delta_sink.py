@@ -249,6 +249,21 @@ def delete_matching(table_uri: str, keys: pa.Table, predicate: str, storage_opti
     return int(metrics.get("num_target_rows_deleted", 0))
 
 
+def read_table(table_uri: str, columns: list[str] | None = None, storage_options: dict | None = None) -> pa.Table:
+    """The table's current rows through `DeltaTable.to_pyarrow_dataset`, which refuses reader features it
+    cannot honour (deletion vectors, column mapping) rather than return rows they removed. Files are read
+    with pyarrow's native filesystem, not delta-rs' Python bridge, whose threads make short-lived
+    processes abort at exit ("terminate called without an active exception", delta-io/delta-rs#2184)."""
+    from pyarrow import fs
+
+    dt = open_table(table_uri, storage_options)
+    if dt is None:
+        raise FileNotFoundError(f"no Delta table at {table_uri}")
+    uri = delta_rs_uri(table_uri)
+    native, root = (fs.LocalFileSystem(), uri) if is_local(table_uri) else fs.FileSystem.from_uri(uri)
+    return dt.to_pyarrow_dataset(filesystem=fs.SubTreeFileSystem(root, native)).to_table(columns=columns)
+
+
 def existing_table_schema(table_uri: str, storage_options: dict | None = None) -> pa.Schema | None:
     dt = open_table(table_uri, storage_options)
     return None if dt is None else pa.schema(dt.schema().to_arrow())

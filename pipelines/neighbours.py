@@ -12,7 +12,9 @@ import numpy as np
 
 def nearest(table_path: str, note_id, k: int = 5) -> list[tuple[object, float]]:
     """The k notes closest to `note_id` by cosine similarity of their note vectors."""
-    t = _read(table_path, ["note_id", "embedding"]).to_pandas()
+    from .delta_sink import read_table
+
+    t = read_table(table_path, ["note_id", "embedding"]).to_pandas()
     t = t[t.embedding.notna()]
     ids = t.note_id.astype(str).tolist()
     if str(note_id) not in ids:
@@ -23,16 +25,6 @@ def nearest(table_path: str, note_id, k: int = 5) -> list[tuple[object, float]]:
     sims = m @ q
     order = [i for i in np.argsort(-sims) if ids[i] != str(note_id)][:k]
     return [(t.note_id.iloc[i], float(sims[i])) for i in order]
-
-
-def _read(table_path: str, columns: list[str]):
-    """The table's current files read by pyarrow's own filesystem. `DeltaTable.to_pyarrow_table` goes
-    through delta-rs' Python filesystem bridge, whose threads make a short-lived process abort at exit
-    ("terminate called without an active exception", delta-io/delta-rs#2184; 9 of 10 runs here)."""
-    import pyarrow.dataset as ds
-    from deltalake import DeltaTable
-
-    return ds.dataset(DeltaTable(table_path).file_uris(), format="parquet").to_table(columns=columns)
 
 
 def main(argv: list[str] | None = None) -> int:
