@@ -333,22 +333,26 @@ def embed_rows_and_errors(artifact_path: str, options: EmbedOptions, spec: Outpu
             meta = pa.table({"_meta": [json.dumps(counts)]})
             for t, kind in ((table, "row"), (errors, "error"), (meta, "meta")):
                 if t.num_rows:
-                    cols = {f.name: (t.column(_source_column(f.name, kind)) if _source_column(f.name, kind) in t.column_names
-                                     else pa.nulls(t.num_rows, f.type)) for f in schema if f.name != "_kind"}
-                    cols["_kind"] = pa.array([kind] * t.num_rows)
-                    yield from pa.table(cols, schema=schema).to_batches()
+                    yield from _combined(t, kind, schema).to_batches()
         reporter.send()
 
     return run
 
 
-def _source_column(name: str, kind: str) -> str:
-    """The column of a `kind` table that fills combined column `name` (none: nulls)."""
-    if kind == "error":
-        return name[4:] if name.startswith("err_") else ""
-    if kind == "meta":
-        return name if name == "_meta" else ""
-    return "" if name.startswith("err_") or name == "_meta" else name
+def _combined(t: pa.Table, kind: str, schema: pa.Schema) -> pa.Table:
+    """Output, errors or counts rows (`kind` row, error, meta) in the combined schema: their own columns
+    in place, nulls in the others."""
+    def source(name: str) -> str | None:
+        if kind == "error":
+            return name[4:] if name.startswith("err_") else None
+        if kind == "meta":
+            return name if name == "_meta" else None
+        return None if name.startswith("err_") or name == "_meta" else name
+
+    cols = {f.name: t.column(source(f.name)) if source(f.name) else pa.nulls(t.num_rows, f.type)
+            for f in schema if f.name != "_kind"}
+    cols["_kind"] = pa.array([kind] * t.num_rows)
+    return pa.table(cols, schema=schema)
 
 
 def combined_schema(out: pa.Schema, errors: pa.Schema) -> pa.Schema:

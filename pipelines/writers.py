@@ -249,7 +249,7 @@ class DeltaSparkWriter(Writer):
         return self.version(self.cfg.out), counts
 
     def delete_matching(self, uri, keys, condition=""):
-        view = f"clinlong_keys_{abs(hash(uri)) % 10**8}"
+        view = "clinlong_delete_keys"
         keys.createOrReplaceTempView(view)
         before = self.version(uri)
         self.spark.sql(f"MERGE INTO delta.`{uri}` t USING {view} s ON {KEY_MATCH}"
