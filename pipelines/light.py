@@ -42,7 +42,7 @@ class EmbeddingsPipeline:
         if isinstance(data, str):
             data = [data]
         if isinstance(data, (list, tuple)):
-            return self._in_process(list(range(len(data))), list(data), granularity, options)
+            data = pd.DataFrame({text_col: list(data)})
         if isinstance(data, pd.DataFrame):
             if text_col not in data.columns:
                 raise ValueError(f"the DataFrame has no {text_col!r} column; pass text_col=")
@@ -65,8 +65,11 @@ class EmbeddingsPipeline:
         if isinstance(data, SparkDataFrame):
             from pyspark.sql import functions as F
 
-            note_id = F.col(id_col) if id_col else F.monotonically_increasing_id()
-            return self._spark(data.select(note_id.alias("note_id"), F.col(text_col).alias("text")), granularity, options)
+            if not id_col:  # row positions (monotonically_increasing_id) change when Spark re-evaluates
+                raise ValueError("a Spark DataFrame needs id_col= naming a column that identifies each row, "
+                                 "so that output rows can be joined back to it")
+            return self._spark(data.select(F.col(id_col).alias("note_id"), F.col(text_col).alias("text")),
+                               granularity, options)
         raise TypeError(f"predict takes a string, a list of strings, a pandas or a Spark DataFrame, not {type(data).__name__}")
 
     def _in_process(self, ids: list, texts: list, granularity: str, options: EmbedOptions,

@@ -135,6 +135,28 @@ def test_onnxruntime_backend_refuses_reduced_precision(artifact):
         NoteEmbedder(artifact, EmbedOptions(precision="bf16", backend="onnxruntime"))
 
 
+def test_predict_on_more_texts_than_the_in_process_limit_runs_in_spark(tiny_artifact, spark, monkeypatch):
+    """A list longer than IN_PROCESS_LIMIT goes through Spark, as the README says (it used to run
+    in-process whatever its length); a Spark DataFrame needs an id column (row positions from
+    monotonically_increasing_id change when Spark re-evaluates)."""
+    import pipelines
+    from pipelines.light import IN_PROCESS_LIMIT, EmbeddingsPipeline
+
+    p = pipelines.load(str(tiny_artifact))
+    texts = [f"Note {i}. Pt. stable." for i in range(IN_PROCESS_LIMIT + 1)]
+    few = p.predict(texts[:3], output_level="document")
+
+    def in_process(*a, **k):
+        raise AssertionError("ran in-process")
+
+    monkeypatch.setattr(EmbeddingsPipeline, "_in_process", in_process)
+    many = p.predict(texts, output_level="document").sort_values("note_id")
+    assert many.note_id.tolist() == list(range(len(texts)))
+    np.testing.assert_allclose(np.stack(many.embedding[:3]), np.stack(few.embedding), atol=1e-6)
+    with pytest.raises(ValueError, match="id_col"):
+        p.predict(spark.createDataFrame([("a",)], "text string"))
+
+
 def test_predict_on_many_texts_shows_a_progress_bar(tiny_artifact, capsys):
     import pipelines
 
