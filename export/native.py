@@ -63,8 +63,8 @@ def write_weights(encoder: LongformerEncoder, out: Path) -> None:
 
 def write_onnx(encoder: LongformerEncoder, ckpt: Checkpoint, out: Path, opset: int = OPSET) -> None:
     """Export the encoder with dynamic batch and sequence axes."""
-    seqs = parity_sequences(ckpt.tokenizer, (600,), ckpt.encoder_config.max_length)
-    example = torch.from_numpy(next(iter(seqs.values())) if seqs else [ckpt.tokenizer.bos_token_id])[None].repeat(2, 1)
+    length = min(600, ckpt.encoder_config.max_length)  # an example past one window where the model allows
+    example = torch.from_numpy(parity_sequences(ckpt.tokenizer, (length,), length)[length])[None].repeat(2, 1)
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence", max=ckpt.encoder_config.max_length)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")

@@ -1,7 +1,8 @@
 """Atomic directory writes: build the artifact beside OUT, rename it into place at the end.
 
 A failed, interrupted or disk-full export leaves no OUT (or the previous OUT untouched with
---overwrite). Staging folders are named `.NAME.partial-PID-XXXX`; those left by a killed process
+--overwrite; a kill between the two renames of an overwrite is repaired by the next export, which
+puts the previous OUT back before anything else). Staging folders are named `.NAME.partial-PID-XXXX`; those left by a killed process
 (its pid no longer alive) are removed the next time anything is exported to the same OUT.
 """
 from __future__ import annotations
@@ -31,13 +32,24 @@ def _pid_alive(pid: int) -> bool:
 
 
 def remove_stale_partials(out: Path) -> None:
+    """Clean up after killed exports. A killed process's staging folders are deleted, except where it
+    died between its two renames (OUT moved aside, the new copy not yet in place): then OUT is missing
+    and the copy it moved aside (`-old-`) is renamed back, so no kill ever loses the previous artifact."""
+    stale = []
     for p in out.parent.glob(f".{out.name}.partial-*"):
         try:
             pid = int(p.name.rsplit(".partial-", 1)[1].split("-")[0])
         except ValueError:
             continue
         if not _pid_alive(pid):
-            shutil.rmtree(p, ignore_errors=True)
+            stale.append(p)
+    moved_aside = [p for p in stale if "-old-" in p.name]
+    if not out.exists() and moved_aside:
+        newest = max(moved_aside, key=lambda p: p.stat().st_mtime)
+        newest.rename(out)
+        stale.remove(newest)
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def disk_full_cause(exc: BaseException) -> OSError | None:

@@ -219,6 +219,22 @@ def test_max_positions_that_do_not_fit(tiny_checkpoint, tmp_path, capsys):
     _assert_refused(capsys, tmp_path, [str(ck), str(tmp_path / "out")], "even")
 
 
+def test_checkpoint_with_fewer_than_600_positions_exports(tiny_checkpoint, tmp_path):
+    """A Longformer with 512 positions (514 embeddings): the ONNX export's example used to be built from
+    a list with torch.from_numpy and crashed with a traceback."""
+    ck = _broken_copy(tiny_checkpoint, tmp_path / "ck")
+    cfg = json.loads((ck / "config.json").read_text())
+    (ck / "config.json").write_text(json.dumps({**cfg, "max_position_embeddings": 514, "attention_window": [256, 256]}))
+    state = torch.load(ck / "pytorch_model.bin", weights_only=True)
+    key = "longformer.embeddings.position_embeddings.weight"
+    state[key] = state[key][:514].clone()
+    torch.save(state, ck / "pytorch_model.bin")
+    assert main([str(ck), str(tmp_path / "out")]) == 0
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["max_length"] == 512
+    assert json.loads((tmp_path / "out" / "parity.json").read_text())["passed"]
+
+
 def test_hub_id_unreachable_is_a_clear_error(tmp_path, capsys):
     _assert_refused(capsys, tmp_path, ["no-such-org/no-such-model", str(tmp_path / "out")], "local directory")
     _assert_refused(capsys, tmp_path, [str(tmp_path / "nowhere"), str(tmp_path / "out")], "does not exist")
@@ -275,6 +291,23 @@ def test_stale_partial_of_a_killed_export_is_removed(tiny_checkpoint, tmp_path):
     (stale / "encoder.onnx").write_bytes(b"half")
     run([str(tiny_checkpoint), str(tmp_path / "out")])
     assert not stale.exists() and (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_kill_between_the_renames_of_an_overwrite_keeps_the_previous_artifact(tiny_checkpoint, tiny_artifact,
+                                                                             tmp_path):
+    """An overwrite moves OUT aside, then renames the new copy in. Killed in between, OUT was missing and
+    the next export deleted the moved-aside copy as a stale partial; now it is put back first."""
+    from export.staging import remove_stale_partials
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    out = tmp_path / "out"
+    shutil.copytree(tiny_artifact, tmp_path / f".out.partial-{dead.pid}-old-xyz")  # OUT, moved aside
+    half = tmp_path / f".out.partial-{dead.pid}-abc"  # the new copy, never renamed in
+    half.mkdir()
+    remove_stale_partials(out)
+    assert (out / "manifest.json").read_bytes() == (tiny_artifact / "manifest.json").read_bytes()
+    assert not half.exists() and not list(tmp_path.glob(".out.partial-*"))
 
 
 # --- base size (the real Clinical-Longformer dimensions) -------------------------------------
