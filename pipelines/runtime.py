@@ -131,7 +131,7 @@ def plan_batches(lengths: Sequence[int], token_budget: int = DEFAULT_TOKEN_BUDGE
     batches, current = [], []
     for i in order:
         if current and (bucket[i] != bucket[current[0]] or len(current) + 1 > batch_size
-                        or (len(current) + 1) * lengths[current[0]] > token_budget):
+                        or (len(current) + 1) * bucket[current[0]] > token_budget):
             batches.append(current)
             current = []
         current.append(i)

@@ -214,3 +214,17 @@ def test_span_means_of_a_long_note_need_no_float64_copy_of_its_pieces():
     want = [r.piece_vectors[a:b].mean(axis=0) for a, b in zip(pieces, np.append(pieces[1:], n))]
     np.testing.assert_allclose(got[:-1], np.stack(want), atol=1e-5)
     assert not got[-1].any()
+
+
+def test_plan_batches_budgets_padded_tokens():
+    """The token budget counts padded tokens (lengths rounded up to the window multiple), as documented;
+    it used to count the longest member's unpadded length."""
+    from pipelines.runtime import plan_batches
+
+    lengths = [300] * 10 + [20] * 7
+    batches = plan_batches(lengths, token_budget=2048, batch_size=32, multiple=256)
+    assert sorted(i for b in batches for i in b) == list(range(17))
+    for b in batches:
+        padded = -(-max(lengths[i] for i in b) // 256) * 256
+        assert len(b) * padded <= 2048, (b, padded)
+    assert [len(b) for b in batches] == [4, 4, 2, 7]
