@@ -9,6 +9,8 @@ import numpy as np
 import pyarrow as pa
 from pyspark.sql import types as T
 
+from .schema import MAX_LIST_VALUES
+
 DOCUMENT, TOKEN, WORD_EMBEDDINGS, SENTENCE_EMBEDDINGS = "document", "token", "word_embeddings", "sentence_embeddings"
 
 ANNOTATION = T.StructType([
@@ -47,6 +49,8 @@ def annotations_array(rows: list[list[tuple]], vectors: np.ndarray | None = None
     """
     flat = [a for row in rows for a in row]
     n = len(flat)
+    if n * dim > MAX_LIST_VALUES:
+        raise OverflowError(f"{n} annotations of {dim} values overflow one Arrow array's int32 offsets")
     if vectors is None:
         emb = pa.array([[]] * n, pa.list_(pa.float32()))
     else:

@@ -6,6 +6,9 @@ drives `--mode incremental`. Notes that cannot be embedded go to the errors tabl
 id, text hash, stage and reason, never the text.
 
 Vectors are written as Arrow list<float32> built from one flat buffer per batch: no per-element Python.
+Arrow lists (and Spark's arrays, which map to them) have int32 offsets, so one array holds at most
+MAX_LIST_VALUES floats (or bytes, for float16 vectors): a batch whose rows would hold more is built as
+several chunks, each under the limit (a 10,000-note batch at token granularity reaches it).
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from dataclasses import dataclass
 from .engine import NoteResult
 
 GRANULARITIES = ("note", "sentence", "token")
+MAX_LIST_VALUES = 2**31 - 1  # values one Arrow list<…> / binary array can hold (int32 offsets)
 VECTOR_DTYPES = ("float32", "float16")
 
 
@@ -87,6 +91,8 @@ class OutputSpec:
 def _vectors(blocks: list[np.ndarray], dim: int, vector_dtype: str = "float32") -> pa.Array:
     flat = np.concatenate(blocks).astype(np.float32, copy=False).reshape(-1) if blocks else np.zeros(0, np.float32)
     n = len(flat) // dim if dim else 0
+    if len(flat) * (2 if vector_dtype == "float16" else 1) > MAX_LIST_VALUES:
+        raise OverflowError(f"{n} vectors of {dim} overflow one Arrow array's int32 offsets; build them in chunks")
     if vector_dtype == "float16":
         data = flat.astype("<f2").tobytes()
         offsets = np.arange(0, (n + 1) * dim * 2, dim * 2, dtype=np.int32)
@@ -97,7 +103,29 @@ def _vectors(blocks: list[np.ndarray], dim: int, vector_dtype: str = "float32") 
 
 def build_table(spec: OutputSpec, ids: list, texts: list, results: list[NoteResult]) -> pa.Table:
     """Rows of one Arrow batch of notes at the requested granularity (embedded notes only: the others
-    go to the errors table)."""
+    go to the errors table), in chunks that each hold at most MAX_LIST_VALUES vector values."""
+    chunks = _value_chunks(spec, results)
+    if len(chunks) == 1:
+        return _build(spec, ids, texts, results)
+    return pa.concat_tables([_build(spec, ids[a:b], texts[a:b], results[a:b]) for a, b in chunks])
+
+
+def _value_chunks(spec: OutputSpec, results: list[NoteResult]) -> list[tuple[int, int]]:
+    """[a, b) ranges of notes whose rows hold at most MAX_LIST_VALUES vector values each."""
+    per_row = spec.dim * (2 if spec.vector_dtype == "float16" else 1)
+    chunks, start, total = [], 0, 0
+    for i, r in enumerate(results):
+        if r.skip_reason is not None:
+            continue
+        rows = 1 if spec.granularity == "note" else len(r.sentences if spec.granularity == "sentence" else r.tokens)
+        if total and total + rows * per_row > MAX_LIST_VALUES:
+            chunks.append((start, i))
+            start, total = i, 0
+        total += rows * per_row
+    return chunks + [(start, len(results))]
+
+
+def _build(spec: OutputSpec, ids: list, texts: list, results: list[NoteResult]) -> pa.Table:
     granularity, model_id, dim, schema = spec.granularity, spec.model_id, spec.dim, spec.file_schema
     if granularity == "note":
         keep = [(i, r) for i, r in zip(ids, results) if r.skip_reason is None]

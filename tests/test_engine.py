@@ -228,3 +228,41 @@ def test_plan_batches_budgets_padded_tokens():
         padded = -(-max(lengths[i] for i in b) // 256) * 256
         assert len(b) * padded <= 2048, (b, padded)
     assert [len(b) for b in batches] == [4, 4, 2, 7]
+
+
+def test_batches_past_int32_list_offsets_are_built_in_chunks(tiny_artifact, monkeypatch):
+    """Arrow lists (and Spark arrays) have int32 offsets: 3M token rows x 768 floats in one array wrapped
+    to a negative offset. Batches whose vectors exceed the limit now come out in chunks under it, and the
+    stages split an Arrow batch until its annotations fit."""
+    import pyarrow as pa
+
+    import pipelines.annotation as annotation
+    import pipelines.schema as schema
+    from pipelines.artifact import Artifact
+    from pipelines.stages._base import map_batch
+
+    art = Artifact.open(tiny_artifact)
+    emb = NoteEmbedder(art, EmbedOptions())
+    texts = [f"Pt. {i} is stable. Continue ASA q.d. and follow up in clinic." for i in range(12)]
+    results = emb.embed(texts)
+    spec = schema.OutputSpec("token", schema.table_schema("token", pa.int64()), art.model_id, art.dimension)
+    whole = schema.build_table(spec, list(range(12)), texts, results)
+    limit = 40 * art.dimension  # a 40-row limit stands in for 2**31 values
+    monkeypatch.setattr(schema, "MAX_LIST_VALUES", limit)
+    monkeypatch.setattr(annotation, "MAX_LIST_VALUES", limit)
+    with pytest.raises(OverflowError):
+        schema._vectors([np.zeros((41, art.dimension), np.float32)], art.dimension)
+    chunked = schema.build_table(spec, list(range(12)), texts, results)
+    assert chunked.equals(whole) and chunked.column("embedding").num_chunks > 1
+    assert all(len(c.values) <= limit for c in chunked.column("embedding").chunks)
+
+    rows = [[("word_embeddings", 0, 1, "x", {})] * 15 for _ in range(8)]  # 120 annotations in 8 rows
+
+    def fn(batch):
+        ids = batch.column("id").to_pylist()
+        return annotation.annotations_array([rows[i] for i in ids], np.ones((15 * len(ids), art.dimension)),
+                                            art.dimension)
+
+    parts = list(map_batch(pa.record_batch({"id": list(range(8))}), fn, ["id"], "emb"))
+    assert [p.num_rows for p in parts] == [2, 2, 2, 2]
+    assert [i for p in parts for i in p.column("id").to_pylist()] == list(range(8))

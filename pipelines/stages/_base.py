@@ -14,6 +14,23 @@ from pyspark.sql import types as T
 from ..annotation import ANNOTATIONS, ARROW_ANNOTATIONS
 
 
+def map_batch(batch: pa.RecordBatch, fn: Callable[[pa.RecordBatch], pa.Array], keep: list[str], out: str):
+    """`batch`'s `keep` columns and the annotation column `fn` computes, as one or more batches: a batch
+    whose annotations would overflow one Arrow array (int32 offsets; Spark's Arrow batches hold 10,000
+    rows by default) is split in halves until each part fits."""
+    try:
+        col = fn(batch)
+    except OverflowError:
+        if batch.num_rows < 2:
+            raise
+        half = batch.num_rows // 2
+        yield from map_batch(batch.slice(0, half), fn, keep, out)
+        yield from map_batch(batch.slice(half), fn, keep, out)
+        return
+    assert col.type == ARROW_ANNOTATIONS
+    yield pa.RecordBatch.from_arrays([batch.column(n) for n in keep] + [col], names=keep + [out])
+
+
 class AnnotatorStage(Transformer, DefaultParamsReadable, DefaultParamsWritable):
     """A Transformer with Spark NLP's `setInputCols`/`setOutputCol` surface, saved with Spark ML persistence."""
 
@@ -49,10 +66,7 @@ class AnnotatorStage(Transformer, DefaultParamsReadable, DefaultParamsWritable):
 
         def run(batches):
             for batch in batches:
-                col = fn(batch)
-                assert col.type == ARROW_ANNOTATIONS
-                arrays = [batch.column(n) for n in keep] + [col]
-                yield pa.RecordBatch.from_arrays(arrays, names=keep + [out])
+                yield from map_batch(batch, fn, keep, out)
 
         result = df.mapInArrow(run, schema)
         return result.withColumn(out, F.col(out).alias(out, metadata=self._column_metadata()))
