@@ -8,15 +8,13 @@ within a token budget: little padding and bounded memory, whatever the mix of no
 from __future__ import annotations
 
 import os
-import threading
+import sys
 from collections.abc import Sequence
 
 import numpy as np
 
 from .artifact import Artifact
 
-_MODELS: dict[tuple, object] = {}
-_LOCK = threading.Lock()
 
 DEFAULT_TOKEN_BUDGET = 16384
 DEFAULT_BATCH_SIZE = 32
@@ -86,8 +84,6 @@ class _TorchModel:
         self.dtype = getattr(torch, self._DTYPES[precision])
         self.device = torch.device(device)
         self.model = model.eval().to(self.device, self.dtype)
-        if self.device.type == "cpu":
-            torch.set_num_threads(threads)
         self.torch = torch
 
     def __call__(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -101,22 +97,26 @@ class _TorchModel:
             return out.float().cpu().numpy()
 
 
-def model_for(artifact: Artifact, precision: str = "fp32", backend: str = "auto", threads: int | None = None,
-              device: str = "cpu"):
-    """The process-wide model of this artifact, precision and device, created on first use
-    (one model per worker per device)."""
+def load_model(artifact: Artifact, precision: str = "fp32", backend: str = "auto", threads: int | None = None,
+               device: str = "cpu"):
+    """A model of this artifact for this precision and device (ONNX Runtime or torch). Callers cache it:
+    the process's one cache is `pipelines.tasks.embedder`, keyed by the artifact's model_id."""
     if device != "cpu" and backend == "auto":
         backend = "torch"
     backend = resolve_backend(backend, precision)
     if device != "cpu" and backend != "torch":
         raise ValueError("GPUs run the torch backend; use --backend auto or torch with --device cuda")
     threads = threads or task_threads()
-    key = (str(artifact.path.resolve()), backend, precision, threads, device)
-    with _LOCK:
-        if key not in _MODELS:
-            _MODELS[key] = _OrtModel(artifact, threads) if backend == "onnxruntime" else \
-                _TorchModel(artifact, threads, precision, device)
-        return _MODELS[key]
+    return _OrtModel(artifact, threads) if backend == "onnxruntime" else _TorchModel(artifact, threads, precision, device)
+
+
+def set_task_threads(threads: int | None = None) -> int:
+    """Give torch's CPU kernels the task's cores (ONNX Runtime sessions take theirs when created); called
+    where a Spark task or an in-process call starts, never as a side effect of building a model."""
+    threads = threads or task_threads()
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
+    return threads
 
 
 def plan_batches(lengths: Sequence[int], token_budget: int = DEFAULT_TOKEN_BUDGET,
@@ -148,7 +148,7 @@ class Encoder:
                  precision: str = "fp32", backend: str = "auto", device: str = "cpu"):
         self.artifact = artifact
         self.device = device
-        self.model = model_for(artifact, precision, backend, threads, device)
+        self.model = load_model(artifact, precision, backend, threads, device)
         self.pad_id = artifact.token_id("pad")
         self.multiple = int(artifact.manifest.get("pad_multiple", 1))
         self.token_budget = token_budget

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -31,21 +32,29 @@ ArrowFn = Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]
 
 REPLACED_UTF8 = "invalid UTF-8 replaced by U+FFFD"
 
-_EMBEDDERS: dict[tuple, NoteEmbedder] = {}
+_EMBEDDERS: dict[tuple, NoteEmbedder] = {}  # the process's one model cache
+_EMBEDDERS_LOCK = threading.Lock()
 
 
 def embedder(artifact_path: str, options: EmbedOptions) -> NoteEmbedder:
     """The worker's embedder for this artifact, options and device (the GPU Spark assigned this task,
-    or the CPU): loaded (and verified) once, then reused across batches and tasks."""
+    or the CPU), and the task's threads set. Keyed by the artifact's model_id, read from its manifest on
+    every call: an artifact re-exported in place is a new model, never the old one under the new id.
+    A model is verified (sha256 of every file) and loaded once, then reused across batches and tasks."""
     from .devices import choose_device
     from .logs import configure
+    from .runtime import set_task_threads
 
     configure()
     device = choose_device(options.device)
-    key = (artifact_path, options, device)
-    if key not in _EMBEDDERS:
-        _EMBEDDERS[key] = NoteEmbedder(Artifact.open(artifact_path), options, device=device)
-    return _EMBEDDERS[key]
+    threads = set_task_threads()
+    art = Artifact.open(artifact_path, verify=False)
+    key = (art.model_id, options, device, threads)
+    with _EMBEDDERS_LOCK:
+        if key not in _EMBEDDERS:
+            art.verify()
+            _EMBEDDERS[key] = NoteEmbedder(art, options, threads=threads, device=device)
+        return _EMBEDDERS[key]
 
 
 @dataclass

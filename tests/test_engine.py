@@ -266,3 +266,26 @@ def test_batches_past_int32_list_offsets_are_built_in_chunks(tiny_artifact, monk
     parts = list(map_batch(pa.record_batch({"id": list(range(8))}), fn, ["id"], "emb"))
     assert [p.num_rows for p in parts] == [2, 2, 2, 2]
     assert [i for p in parts for i in p.column("id").to_pylist()] == list(range(8))
+
+
+def test_model_cache_follows_the_artifact_not_its_path(tiny_checkpoint, tiny_artifact, tmp_path):
+    """An artifact re-exported in place (export --overwrite) is a new model for a long-lived worker: the
+    process's one model cache is keyed by model_id (it used to be keyed by path, so the old weights kept
+    serving rows labelled with the new model_id)."""
+    import shutil
+
+    from export.__main__ import run as export
+    from export.synthetic import write_synthetic_checkpoint
+    from pipelines.tasks import embedder
+
+    path = tmp_path / "model"
+    shutil.copytree(tiny_artifact, path)
+    first = embedder(str(path), EmbedOptions())
+    before = first.embed(["Pt. is stable."])[0].note_vector()
+    other = write_synthetic_checkpoint(tmp_path / "ck2", "tiny", seed=1)
+    export([str(other), str(path), "--overwrite", "--name", "tiny-clinical-longformer"])
+    second = embedder(str(path), EmbedOptions())
+    assert second is not first and second.artifact.model_id != first.artifact.model_id
+    after = second.embed(["Pt. is stable."])[0].note_vector()
+    assert not np.allclose(before, after)
+    assert embedder(str(path), EmbedOptions()) is second  # and cached again
