@@ -8,6 +8,7 @@ synthetic checkpoint (the real Clinical-Longformer dimensions), MIMIC-III-like m
 from __future__ import annotations
 
 import argparse
+import logging
 import json
 import os
 import sys
@@ -19,8 +20,7 @@ import numpy as np
 from benchmarks.measure import WorkerMemory, flops_per_token, gemm_peak, machine, peak_rss_mb, rss_mb
 
 
-def _log(msg: str) -> None:
-    print(f"[benchmarks] {msg}", file=sys.stderr, flush=True)
+log = logging.getLogger("clinlong.benchmarks")
 
 
 def ensure_artifact(work: Path) -> tuple[Path, Path]:
@@ -30,10 +30,10 @@ def ensure_artifact(work: Path) -> tuple[Path, Path]:
 
     ckpt, art = work / "checkpoint-base", work / "artifact-base"
     if not (ckpt / "config.json").exists():
-        _log("writing the base-size synthetic checkpoint")
+        log.info("writing the base-size synthetic checkpoint")
         write_synthetic_checkpoint(ckpt, "base", seed=0)
     if not (art / "manifest.json").exists():
-        _log("exporting it (parity check included)")
+        log.info("exporting it (parity check included)")
         export([str(ckpt), str(art), "--overwrite", "--name", "synthetic-clinical-longformer-base"])
     return ckpt, art
 
@@ -209,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plot", help="PNG path (default: next to --json, else WORK/benchmark.png)")
     p.add_argument("--work", default="work/bench", help="folder for the checkpoint, artifact, notes and outputs")
     args = p.parse_args(argv)
+    from pipelines.logs import configure
+
+    configure()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     cores = os.cpu_count() or 1
@@ -220,19 +223,19 @@ def main(argv: list[str] | None = None) -> int:
     fpt = flops_per_token(cfg)
     notes_path, texts = write_notes(work, n_notes, n_long)
     peaks = {prec: gemm_peak(prec, cores) for prec in ("fp32", "bf16")}
-    _log(f"{n_notes} notes; GEMM peak fp32 {peaks['fp32']:.0f}, bf16 {peaks['bf16']:.0f} GFLOP/s on {cores} threads")
+    log.info(f"{n_notes} notes; GEMM peak fp32 {peaks['fp32']:.0f}, bf16 {peaks['bf16']:.0f} GFLOP/s on {cores} threads")
 
     from benchmarks.baseline import tokens_processed
 
     runs = []
-    _log("baseline: Spark pandas UDF + Hugging Face LongformerModel, fp32")
+    log.info("baseline: Spark pandas UDF + Hugging Face LongformerModel, fp32")
     secs, rss = run_baseline(notes_path, ckpt, work / "baseline.parquet", cores)
     base_tokens = tokens_processed(str(ckpt), texts)
     runs.append({"name": "baseline_pandas_udf_hf_fp32", "precision": "fp32", "notes": n_notes, "bpe_tokens": base_tokens,
                  "wall_s": secs, "peak_rss_mb_per_worker": rss})
     job_tables = {}
     for prec in ("fp32", "bf16"):
-        _log(f"our job, note granularity into Delta, {prec}")
+        log.info(f"our job, note granularity into Delta, {prec}")
         out = work / f"delta-{prec}"
         secs, rss, summary = run_ours(notes_path, art, out, cores, prec)
         job_tables[prec] = out
@@ -241,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
                      "peak_rss_mb_per_worker": rss})
     heavy = {}
     for prec in ("fp32", "bf16"):
-        _log(f"our heavy step alone, {prec}")
+        log.info(f"our heavy step alone, {prec}")
         secs, tokens, out = heavy_step(art, texts, prec, cores)
         heavy[prec] = out
         runs.append({"name": f"ours_heavy_step_{prec}", "precision": prec, "notes": n_notes, "bpe_tokens": tokens,
@@ -262,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         r["fraction_of_peak"] = round(r["gflops"] / peaks[r["precision"]], 3)
         if r["precision"] == "bf16":
             r["cosine_to_fp32_min"] = round(token_cos if "heavy" in r["name"] else note_cos, 6)
-    _log("scaling and memory")
+    log.info("scaling and memory")
     result = {
         "machine": machine(), "threads": cores, "quick": args.quick,
         "flops_per_token": fpt,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 import sys
 import time
@@ -9,8 +10,7 @@ import time
 from .errors import ExportError
 
 
-def _log(msg: str) -> None:
-    print(f"[export] {msg}", file=sys.stderr, flush=True)
+log = logging.getLogger("clinlong.export")
 
 
 def _on_signal(signum, _frame):
@@ -41,12 +41,15 @@ def run(argv: list[str] | None = None) -> dict:
     from .parity import Tolerance, format_report
     from .staging import staged_directory
 
+    from pipelines.logs import configure
+
+    configure()
     args = build_parser().parse_args(argv)
     start = time.perf_counter()
-    _log(f"reading checkpoint {args.checkpoint}")
+    log.info(f"reading checkpoint {args.checkpoint}")
     ckpt = read_checkpoint(args.checkpoint)
     ec = ckpt.encoder_config
-    _log(f"longformer: {ec.num_hidden_layers} layers, hidden {ec.hidden_size}, max length {ec.max_length}, "
+    log.info(f"longformer: {ec.num_hidden_layers} layers, hidden {ec.hidden_size}, max length {ec.max_length}, "
          f"windows {sorted(set(ec.attention_window))}, weights {ckpt.weights_file}")
     name = args.name or ckpt.name
     tol = Tolerance(args.atol, args.min_cosine)
@@ -61,7 +64,7 @@ def run(argv: list[str] | None = None) -> dict:
 
             target = staging / "sparknlp" if args.format == "all" else staging
             result["sparknlp"] = write_sparknlp(ckpt, target, tol, _log)
-    _log(f"wrote {Path(args.out).resolve()} in {time.perf_counter() - start:.1f} s"
+    log.info(f"wrote {Path(args.out).resolve()} in {time.perf_counter() - start:.1f} s"
          + (f" (model_id {result['manifest']['model_id']})" if "manifest" in result else ""))
     return result
 

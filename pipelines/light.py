@@ -74,19 +74,21 @@ class EmbeddingsPipeline:
 
     def _in_process(self, ids: list, texts: list, granularity: str, options: EmbedOptions,
                     progress: bool | None = None) -> pd.DataFrame:
-        from .progress import ProgressBar
+        from tqdm.auto import tqdm
+
         from .tasks import embedder
 
         emb = embedder(str(self.artifact.path), options)
         id_type = pa.array(ids).type if ids else pa.int64()
         spec = self._spec(granularity, id_type, options)
-        bar = ProgressBar(len(texts)) if (progress if progress is not None else len(texts) >= PROGRESS_FROM) else None
+        show = progress if progress is not None else len(texts) >= PROGRESS_FROM
+        bar = tqdm(total=len(texts), desc="[predict]", unit=" notes", disable=not show)  # counts only, no text
         tables = []
         for i in range(0, max(len(texts), 1), CHUNK):
             chunk_ids, chunk_texts = ids[i:i + CHUNK], texts[i:i + CHUNK]
             tables.append(build_table(spec, chunk_ids, chunk_texts, emb.embed(chunk_texts)))
-            if bar:
-                bar.update(len(chunk_texts))
+            bar.update(len(chunk_texts))
+        bar.close()
         return pa.concat_tables(tables).to_pandas()
 
     def _spec(self, granularity: str, id_type: pa.DataType, options: EmbedOptions) -> OutputSpec:

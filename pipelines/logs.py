@@ -21,10 +21,14 @@ class _Stderr(logging.StreamHandler):
 
 
 class SafeFormatter(logging.Formatter):
-    """`[clinlong] message`; an attached exception shows as its type alone."""
+    """`[part] message` (the logger's name below `clinlong`); an attached exception shows as its type alone."""
 
     def __init__(self):
-        super().__init__("[clinlong] %(message)s")
+        super().__init__("[%(part)s] %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        record.part = record.name.removeprefix(ROOT + ".") or ROOT
+        return super().format(record)
 
     def formatException(self, ei) -> str:
         return f"({ei[0].__name__ if ei and ei[0] else 'exception'}; details withheld: they may quote input)"

@@ -1,11 +1,10 @@
-"""Progress for long runs, without note text: periodic driver logs of notes/s, tokens/s and ETA for Spark
-jobs (fed by the tasks while they run), and a one-line progress bar for in-process `predict`."""
+"""Progress of Spark jobs, without note text: periodic driver logs of notes/s, tokens/s and ETA, fed by
+the tasks while they run. (In-process `predict` draws a tqdm bar.)"""
 from __future__ import annotations
 
 import json
 import logging
 import socket
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -135,25 +134,3 @@ class ProgressReporter:
             self._sock.sendto(json.dumps({"chunk": self.chunk, **where, **self.counts}).encode(), tuple(self.address))
         except OSError:
             pass
-
-
-class ProgressBar:
-    """`[predict] 48/200 notes |#####     | 12.3 notes/s ETA 12 s` on stderr, redrawn in place."""
-
-    def __init__(self, total: int, label: str = "predict", stream=None, width: int = 30):
-        self.total, self.label, self.width = total, label, width
-        self.stream = stream or sys.stderr
-        self.done = 0
-        self.start = time.perf_counter()
-
-    def update(self, n: int) -> None:
-        self.done += n
-        elapsed = time.perf_counter() - self.start
-        rate = self.done / elapsed if elapsed > 0 else 0.0
-        filled = int(self.width * self.done / max(self.total, 1))
-        eta = (self.total - self.done) / rate if rate else 0.0
-        self.stream.write(f"\r[{self.label}] {self.done}/{self.total} notes |{'#' * filled}{' ' * (self.width - filled)}| "
-                          f"{rate:.1f} notes/s ETA {eta:.0f} s")
-        if self.done >= self.total:
-            self.stream.write("\n")
-        self.stream.flush()

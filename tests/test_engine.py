@@ -164,7 +164,7 @@ def test_predict_on_many_texts_shows_a_progress_bar(tiny_artifact, capsys):
                                                      output_level="document")
     assert len(out) == 40
     err = capsys.readouterr().err
-    assert "[predict] 40/40 notes" in err and "notes/s" in err and "Pt. stable" not in err
+    assert "[predict]" in err and "40/40" in err and "notes/s" in err and "Pt. stable" not in err
 
 
 def test_fused_attention_equals_the_exported_form(tiny_checkpoint):
