@@ -37,16 +37,16 @@ JAVA_CHECK = @java -version 2>&1 | grep -Eq 'version "(1[7-9]|[2-9][0-9])' || { 
 demo: $(VENV)/.installed
 	$(JAVA_CHECK)
 	rm -rf $(WORK)/demo && mkdir -p $(WORK)/demo
-	$(PY) -m export.synthetic $(WORK)/demo/checkpoint --size tiny
-	$(PY) -m export $(WORK)/demo/checkpoint $(WORK)/demo/artifact --name synthetic-clinical-longformer-tiny
-	$(PY) -m export.synthetic_notes $(WORK)/demo/NOTEEVENTS.csv --n 200
-	$(PY) -m pipelines.embed_notes --notes $(WORK)/demo/NOTEEVENTS.csv --model $(WORK)/demo/artifact \
+	$(PY) -m clinlong.export.synthetic $(WORK)/demo/checkpoint --size tiny
+	$(PY) -m clinlong.export $(WORK)/demo/checkpoint $(WORK)/demo/artifact --name synthetic-clinical-longformer-tiny
+	$(PY) -m clinlong.export.synthetic_notes $(WORK)/demo/NOTEEVENTS.csv --n 200
+	$(PY) -m clinlong.pipelines.embed_notes --notes $(WORK)/demo/NOTEEVENTS.csv --model $(WORK)/demo/artifact \
 		--out $(WORK)/demo/note_embeddings --id-type long --mode overwrite --master 'local[2]' \
 		--chunk-notes 100
 	@echo "== the same notes again with --mode incremental: nothing is left to embed"
-	$(PY) -m pipelines.embed_notes --notes $(WORK)/demo/NOTEEVENTS.csv --model $(WORK)/demo/artifact \
+	$(PY) -m clinlong.pipelines.embed_notes --notes $(WORK)/demo/NOTEEVENTS.csv --model $(WORK)/demo/artifact \
 		--out $(WORK)/demo/note_embeddings --id-type long --mode incremental --master 'local[2]' --progress-every 0
-	$(PY) -m pipelines.neighbours $(WORK)/demo/note_embeddings --note-id 1 --k 5 --notes $(WORK)/demo/NOTEEVENTS.csv
+	$(PY) -m clinlong.pipelines.neighbours $(WORK)/demo/note_embeddings --note-id 1 --k 5 --notes $(WORK)/demo/NOTEEVENTS.csv
 
 test: $(VENV)/.installed
 	$(JAVA_CHECK)

@@ -1,4 +1,4 @@
-"""`python -m benchmarks [--quick] [--json OUT]`: our job against the pandas-UDF baseline, side by side.
+"""`python -m clinlong.benchmarks [--quick] [--json OUT]`: our job against the pandas-UDF baseline, side by side.
 
 One run, one machine, one process tree: the baseline (Spark pandas UDF around Hugging Face
 LongformerModel, fp32), our job at note granularity into Delta at fp32 and bf16, our heavy step alone,
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.measure import WorkerMemory, flops_per_token, gemm_peak, machine, peak_rss_mb, rss_mb
+from clinlong.benchmarks.measure import WorkerMemory, flops_per_token, gemm_peak, machine, peak_rss_mb, rss_mb
 
 
 log = logging.getLogger("clinlong.benchmarks")
@@ -25,8 +25,8 @@ log = logging.getLogger("clinlong.benchmarks")
 
 def ensure_artifact(work: Path) -> tuple[Path, Path]:
     """The base-size synthetic checkpoint and its exported artifact (built once, reused)."""
-    from export.__main__ import run as export
-    from export.synthetic import write_synthetic_checkpoint
+    from clinlong.export.__main__ import run as export
+    from clinlong.export.synthetic import write_synthetic_checkpoint
 
     ckpt, art = work / "checkpoint-base", work / "artifact-base"
     if not (ckpt / "config.json").exists():
@@ -45,7 +45,7 @@ def write_notes(work: Path, n: int, long_notes: int) -> tuple[Path, list[str]]:
 
     import pandas as pd
 
-    from export.synthetic_notes import generate_notes
+    from clinlong.export.synthetic_notes import generate_notes
 
     pool = generate_notes(20 * n, seed=7)
     longs = [x for x in pool if x.category == "Discharge summary" and len(x.text) > 9000][:long_notes]
@@ -70,7 +70,7 @@ def _spark(cores: int):
 
 
 def run_baseline(notes: Path, ckpt: Path, out: Path, cores: int) -> tuple[float, float]:
-    from benchmarks.baseline import embed_udf
+    from clinlong.benchmarks.baseline import embed_udf
 
     spark = _spark(cores)
     try:
@@ -85,8 +85,8 @@ def run_baseline(notes: Path, ckpt: Path, out: Path, cores: int) -> tuple[float,
 
 
 def run_ours(notes: Path, art: Path, out: Path, cores: int, precision: str) -> tuple[float, float, dict]:
-    from pipelines.embed_notes import JobConfig, run
-    from pipelines.engine import EmbedOptions
+    from clinlong.pipelines.jobs.embed_notes import JobConfig, run
+    from clinlong.pipelines.core.engine import EmbedOptions
 
     spark = _spark(cores)
     try:
@@ -103,8 +103,8 @@ def run_ours(notes: Path, art: Path, out: Path, cores: int, precision: str) -> t
 def heavy_step(art: Path, texts: list[str], precision: str, threads: int) -> tuple[float, int, list[np.ndarray]]:
     """Our encoder alone on pre-tokenized, token-budget batches (tokenization excluded). Tokens are the
     notes' useful tokens (BPE pieces + <s>, </s>), as for every run; window overlaps are overhead."""
-    from pipelines.artifact import Artifact
-    from pipelines.engine import EmbedOptions, NoteEmbedder
+    from clinlong.pipelines.core.artifact import Artifact
+    from clinlong.pipelines.core.engine import EmbedOptions, NoteEmbedder
 
     emb = NoteEmbedder(Artifact.open(art, verify=False), EmbedOptions(precision=precision), threads=threads)
     analyzed = [emb.analyze(t) for t in texts]
@@ -117,8 +117,8 @@ def heavy_step(art: Path, texts: list[str], precision: str, threads: int) -> tup
 
 def scaling(art: Path, threads: int, repeat: int) -> dict:
     """Seconds and memory per note at 512..4096 tokens; the fitted exponent of time against length."""
-    from pipelines.artifact import Artifact
-    from pipelines.runtime import Encoder
+    from clinlong.pipelines.core.artifact import Artifact
+    from clinlong.pipelines.core.runtime import Encoder
 
     encoder = Encoder(Artifact.open(art, verify=False), threads=threads)
     rng = np.random.default_rng(0)
@@ -139,9 +139,9 @@ def _timed(fn) -> float:
 
 def memory_stream(art: Path, threads: int, chunks: int) -> dict:
     """RSS after each chunk of a stream of fresh notes through one embedder: it must not grow."""
-    from export.synthetic_notes import generate_notes
-    from pipelines.artifact import Artifact
-    from pipelines.engine import NoteEmbedder
+    from clinlong.export.synthetic_notes import generate_notes
+    from clinlong.pipelines.core.artifact import Artifact
+    from clinlong.pipelines.core.engine import NoteEmbedder
 
     emb = NoteEmbedder(Artifact.open(art, verify=False), threads=threads)
     rss = []
@@ -203,13 +203,13 @@ def format_table(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m clinlong.benchmarks", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="fewer notes and repeats; under 5 minutes on 2 cores")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--plot", help="PNG path (default: next to --json, else WORK/benchmark.png)")
     p.add_argument("--work", default="work/bench", help="folder for the checkpoint, artifact, notes and outputs")
     args = p.parse_args(argv)
-    from pipelines.logs import configure
+    from clinlong.pipelines.core.logs import configure
 
     configure()
     work = Path(args.work)
@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     peaks = {prec: gemm_peak(prec, cores) for prec in ("fp32", "bf16")}
     log.info(f"{n_notes} notes; GEMM peak fp32 {peaks['fp32']:.0f}, bf16 {peaks['bf16']:.0f} GFLOP/s on {cores} threads")
 
-    from benchmarks.baseline import tokens_processed
+    from clinlong.benchmarks.baseline import tokens_processed
 
     runs = []
     log.info("baseline: Spark pandas UDF + Hugging Face LongformerModel, fp32")

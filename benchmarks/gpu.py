@@ -1,7 +1,7 @@
-"""`python -m benchmarks.gpu`: the heavy step on a CUDA GPU (fp16, bf16), against the GPU's measured GEMM
+"""`python -m clinlong.benchmarks.gpu`: the heavy step on a CUDA GPU (fp16, bf16), against the GPU's measured GEMM
 peak, with GPU memory and the projection for all of MIMIC-III NOTEEVENTS.
 
-    python -m benchmarks.gpu [--work work/bench] [--notes 200] [--json OUT]
+    python -m clinlong.benchmarks.gpu [--work work/bench] [--notes 200] [--json OUT]
 """
 from __future__ import annotations
 
@@ -17,13 +17,13 @@ MIMIC_TOKENS = 1.0e9  # on the order of a billion BPE tokens (about 4 GB of text
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from benchmarks.__main__ import ensure_artifact
-    from benchmarks.measure import flops_per_token, gemm_peak
-    from export.synthetic_notes import generate_notes
-    from pipelines.artifact import Artifact
-    from pipelines.engine import EmbedOptions, NoteEmbedder
+    from clinlong.benchmarks.__main__ import ensure_artifact
+    from clinlong.benchmarks.measure import flops_per_token, gemm_peak
+    from clinlong.export.synthetic_notes import generate_notes
+    from clinlong.pipelines.core.artifact import Artifact
+    from clinlong.pipelines.core.engine import EmbedOptions, NoteEmbedder
 
-    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m clinlong.benchmarks.gpu", description=__doc__.splitlines()[0])
     p.add_argument("--work", default="work/bench")
     p.add_argument("--notes", type=int, default=200)
     p.add_argument("--json")

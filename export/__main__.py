@@ -1,4 +1,4 @@
-"""`python -m export CHECKPOINT OUT [--format native|sparknlp|all] [--overwrite]`."""
+"""`python -m clinlong.export CHECKPOINT OUT [--format native|sparknlp|all] [--overwrite]`."""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +7,7 @@ import signal
 import sys
 import time
 
-from .errors import ExportError
+from clinlong.export.errors import ExportError
 
 
 log = logging.getLogger("clinlong.export")
@@ -18,7 +18,7 @@ def _on_signal(signum, _frame):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m export",
+    p = argparse.ArgumentParser(prog="python -m clinlong.export",
                                 description="Turn a Hugging Face Longformer checkpoint into verified model artifacts.")
     p.add_argument("checkpoint", help="local checkpoint directory, or a hub id where the hub is reachable")
     p.add_argument("out", help="artifact directory to create")
@@ -36,12 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
 def run(argv: list[str] | None = None) -> dict:
     from pathlib import Path
 
-    from .checkpoint import read_checkpoint
-    from .native import write_native
-    from .parity import Tolerance, format_report
-    from .staging import staged_directory
+    from clinlong.export.checkpoint import read_checkpoint
+    from clinlong.export.native import write_native
+    from clinlong.export.parity import Tolerance, format_report
+    from clinlong.export.staging import staged_directory
 
-    from pipelines.logs import configure
+    from clinlong.pipelines.core.logs import configure
 
     configure()
     args = build_parser().parse_args(argv)
@@ -50,22 +50,22 @@ def run(argv: list[str] | None = None) -> dict:
     ckpt = read_checkpoint(args.checkpoint)
     ec = ckpt.encoder_config
     log.info(f"longformer: {ec.num_hidden_layers} layers, hidden {ec.hidden_size}, max length {ec.max_length}, "
-         f"windows {sorted(set(ec.attention_window))}, weights {ckpt.weights_file}")
+             f"windows {sorted(set(ec.attention_window))}, weights {ckpt.weights_file}")
     name = args.name or ckpt.name
     tol = Tolerance(args.atol, args.min_cosine)
     result: dict = {}
     with staged_directory(args.out, args.overwrite) as staging:
         if args.format in ("native", "all"):
-            manifest, report = write_native(ckpt, staging, name, tol, _log)
+            manifest, report = write_native(ckpt, staging, name, tol, log.info)
             result.update(manifest=manifest, report=report)
             print(format_report(report))
         if args.format in ("sparknlp", "all"):
-            from .sparknlp import write_sparknlp
+            from clinlong.export.sparknlp import write_sparknlp
 
             target = staging / "sparknlp" if args.format == "all" else staging
-            result["sparknlp"] = write_sparknlp(ckpt, target, tol, _log)
+            result["sparknlp"] = write_sparknlp(ckpt, target, tol, log.info)
     log.info(f"wrote {Path(args.out).resolve()} in {time.perf_counter() - start:.1f} s"
-         + (f" (model_id {result['manifest']['model_id']})" if "manifest" in result else ""))
+             + (f" (model_id {result['manifest']['model_id']})" if "manifest" in result else ""))
     return result
 
 

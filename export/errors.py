@@ -2,4 +2,4 @@
 
 
 class ExportError(Exception):
-    """Raised for bad input to the export; `python -m export` prints it as one line and exits 2."""
+    """Raised for bad input to the export; `python -m clinlong.export` prints it as one line and exits 2."""

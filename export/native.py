@@ -13,11 +13,11 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import Checkpoint, _sha256
-from .encoder import LongformerEncoder
-from .errors import ExportError
-from .parity import Tolerance, check_parity, parity_sequences
-from .synthetic_notes import generate_notes
+from clinlong.export.checkpoint import Checkpoint, _sha256
+from clinlong.pipelines.core.model import LongformerEncoder
+from clinlong.export.errors import ExportError
+from clinlong.export.parity import Tolerance, check_parity, parity_sequences
+from clinlong.export.synthetic_notes import generate_notes
 
 FORMAT = "clinlong-native"
 FORMAT_VERSION = 1

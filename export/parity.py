@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import Checkpoint
-from .synthetic_notes import generate_notes
+from clinlong.export.checkpoint import Checkpoint
+from clinlong.export.synthetic_notes import generate_notes
 
 PARITY_LENGTHS = (1, 2, 7, 255, 256, 257, 511, 512, 513, 1500, 4096)
 # Batches mix short and long sequences so the padded positions of each are exercised.

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import Checkpoint
-from .errors import ExportError
-from .parity import PARITY_LENGTHS, Tolerance, _compare, parity_sequences, reference_model
+from clinlong.export.checkpoint import Checkpoint
+from clinlong.export.errors import ExportError
+from clinlong.export.parity import PARITY_LENGTHS, Tolerance, _compare, parity_sequences, reference_model
 
 REPORT_FILE = "sparknlp_parity.json"
 

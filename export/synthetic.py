@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .synthetic_notes import generate_notes
+from clinlong.export.synthetic_notes import generate_notes
 
 # config.json of yikuan8/Clinical-Longformer (LongformerForMaskedLM).
 CLINICAL_LONGFORMER_CONFIG = {
@@ -121,7 +121,7 @@ def write_synthetic_checkpoint(out: str | Path, size: str = "tiny", seed: int = 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m export.synthetic",
+    p = argparse.ArgumentParser(prog="python -m clinlong.export.synthetic",
                                 description="Write a random-weight Clinical-Longformer-layout checkpoint.")
     p.add_argument("out", help="directory to create")
     p.add_argument("--size", choices=("tiny", "base"), default="tiny")

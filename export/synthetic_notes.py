@@ -218,7 +218,7 @@ def write_noteevents_csv(path: str | Path, n: int, seed: int = 0) -> Path:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m export.synthetic_notes",
+    p = argparse.ArgumentParser(prog="python -m clinlong.export.synthetic_notes",
                                 description="Write synthetic MIMIC-III-style notes as NOTEEVENTS.csv.")
     p.add_argument("out", help="CSV path to write")
     p.add_argument("--n", type=int, default=200, help="number of notes (default 200)")

@@ -78,7 +78,8 @@ def standalone_cluster(workdir: Path, workers: list[dict]):
 
 
 def project_zip(dest: Path) -> Path:
-    """The project's packages as a zip for --py-files."""
+    """The project's packages as a zip for --py-files, laid out as installed: clinlong/export, clinlong/pipelines
+    (`clinlong` itself is a namespace package, as in the wheel)."""
     import zipfile
 
     root = Path(__file__).resolve().parents[1]
@@ -86,5 +87,5 @@ def project_zip(dest: Path) -> Path:
         for pkg in ("export", "pipelines"):
             for f in (root / pkg).rglob("*"):
                 if f.is_file() and "__pycache__" not in f.parts:
-                    z.write(f, f.relative_to(root))
+                    z.write(f, Path("clinlong") / f.relative_to(root))
     return dest

@@ -15,14 +15,14 @@ os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
-    from export.synthetic import write_synthetic_checkpoint
+    from clinlong.export.synthetic import write_synthetic_checkpoint
 
     return write_synthetic_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-clinical-longformer", "tiny", seed=0)
 
 
 @pytest.fixture(scope="session")
 def tiny_artifact(tiny_checkpoint, tmp_path_factory) -> Path:
-    from export.__main__ import run
+    from clinlong.export.__main__ import run
 
     out = tmp_path_factory.mktemp("artifacts") / "tiny"
     run([str(tiny_checkpoint), str(out)])
@@ -63,7 +63,7 @@ def write_test_notes(path: Path, long_note_pieces: int = 0) -> Path:
     """A small NOTEEVENTS.csv: synthetic notes, a planted fake name, bad rows, a duplicate id."""
     import csv
 
-    from export.synthetic_notes import NOTEEVENTS_COLUMNS, generate_notes
+    from clinlong.export.synthetic_notes import NOTEEVENTS_COLUMNS, generate_notes
 
     notes = generate_notes(8, seed=21)
     # Texts cut to ~2,500 BPE pieces so that one Hugging Face run holds each note (windows: test_engine.py).

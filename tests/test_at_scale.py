@@ -21,14 +21,14 @@ import numpy as np
 import pytest
 from deltalake import DeltaTable
 
-from pipelines.embed_notes import JobConfig, main, run
+from clinlong.pipelines.jobs.embed_notes import JobConfig, main, run
 from tests.conftest import ROOT
 
 BUCKET = "clinlong-notes"
 
 
 def job(args: list[str], env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "pipelines.embed_notes", *args]
+    cmd = [sys.executable, "-m", "clinlong.pipelines.embed_notes", *args]
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
 
@@ -42,7 +42,7 @@ def add_actions(uri: str) -> dict:
 
 def short_notes(path: Path, n: int, seed: int = 3, chars: int = 240) -> Path:
     """n synthetic multi-line notes, cut short so that thousands run in seconds on the tiny model."""
-    from export.synthetic_notes import generate_notes
+    from clinlong.export.synthetic_notes import generate_notes
 
     with path.open("w", newline="", encoding="utf-8") as f:
         w = csv.writer(f, quoting=csv.QUOTE_NONNUMERIC)
@@ -57,7 +57,7 @@ def short_notes(path: Path, n: int, seed: int = 3, chars: int = 240) -> Path:
 # ---------------------------------------------------------------------------------------------- units
 
 def test_plan_tasks_places_heavy_notes_first_and_fills_by_capacity():
-    from pipelines.run_plan import plan_tasks
+    from clinlong.pipelines.delta.run_plan import plan_tasks
 
     heavy = [(1, 1000), (2, 400), (3, 390)]
     total = 1000 + 400 + 390 + 2010  # 2,010 of light notes
@@ -77,7 +77,7 @@ def test_balance_puts_each_note_where_planned(spark):
     task gets few others, and the number of tasks is exactly the one asked for."""
     from pyspark.sql import functions as F
 
-    from pipelines.run_plan import balance
+    from clinlong.pipelines.delta.run_plan import balance
 
     rows = [(i, "short note text " * (1 + i % 5)) for i in range(600)] + [(10_000, "x" * 40_000)]
     df = spark.createDataFrame(rows, "note_id long, text string")
@@ -96,7 +96,7 @@ def test_rolling_writer_files_are_within_twice_the_target(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipelines.delta_sink import RollingWriter
+    from clinlong.pipelines.core.files import RollingWriter
 
     schema = pa.schema([("note_id", pa.int64()), ("v", pa.list_(pa.float32()))])
     rng = np.random.default_rng(0)
@@ -115,7 +115,7 @@ def test_rolling_writer_files_are_within_twice_the_target(tmp_path):
 
 
 def test_storage_uris_and_refusals():
-    from pipelines.storage import StorageError, delta_rs_uri, parse_storage_options
+    from clinlong.pipelines.core.storage import StorageError, delta_rs_uri, parse_storage_options
 
     assert delta_rs_uri("s3a://bucket/notes/emb") == "s3://bucket/notes/emb"
     assert delta_rs_uri("file:///tmp/x") == "/tmp/x" and delta_rs_uri("abfss://c@a.dfs.core.windows.net/t").startswith("abfss://")
@@ -129,7 +129,7 @@ def test_storage_uris_and_refusals():
 def test_inputs_resolve_as_spark_users_name_them(spark, tmp_path):
     """Dotted names are tables, dotted files are files, URIs are asked of Spark, and every failure says
     what failed in one line."""
-    from pipelines.sources import InputError, fingerprint, resolve
+    from clinlong.pipelines.spark.sources import InputError, fingerprint, resolve
 
     notes = short_notes(tmp_path / "notes.v2.csv", 5)
     assert resolve(spark, str(notes)).kind == "csv"
@@ -155,7 +155,7 @@ def test_delta_input_with_deletion_vectors_is_refused_not_misread(spark, tmp_pat
     from deltalake import write_deltalake
     from deltalake.table import TableFeatures
 
-    from pipelines.sources import InputError, read_notes
+    from clinlong.pipelines.spark.sources import InputError, read_notes
 
     uri = str(tmp_path / "dv")
     write_deltalake(uri, pa.table({"ROW_ID": [1, 2], "TEXT": ["a", "b"]}))
@@ -170,8 +170,9 @@ def test_delta_log_transactions_read_through_spark(spark, tmp_path):
     works wherever Spark opens the table): commits, then a checkpoint, then more commits."""
     import pyarrow as pa
 
-    from pipelines.delta_sink import RollingWriter, commit
-    from pipelines.writers import delta_log_txn
+    from clinlong.pipelines.core.files import RollingWriter
+    from clinlong.pipelines.delta.sink import commit
+    from clinlong.pipelines.delta.writers import delta_log_txn
 
     uri = str(tmp_path / "t")
     schema = pa.schema([("note_id", pa.int64())])
@@ -261,7 +262,7 @@ def test_object_store_in_and_out(s3, tiny_artifact, spark, tmp_path):
     assert more.returncode == 0 and "rows in 10" in more.stdout and "embedded 10" in more.stdout, more.stderr[-3000:]
     assert DeltaTable(f"s3://{BUCKET}/emb").to_pandas().note_id.nunique() == 60
 
-    from pipelines.sources import InputError, resolve
+    from clinlong.pipelines.spark.sources import InputError, resolve
 
     # Spark here has no s3a filesystem (no hadoop-aws JAR) and delta-rs finds no Delta log: one line saying so.
     with pytest.raises(InputError, match=rf"Spark cannot open s3a://{BUCKET}/NOTEEVENTS/: .*hadoop-aws"):
@@ -273,7 +274,7 @@ def test_object_store_in_and_out(s3, tiny_artifact, spark, tmp_path):
 HIVE_SCRIPT = r'''
 import json, sys
 from pyspark.sql import SparkSession
-from pipelines.embed_notes import JobConfig, run
+from clinlong.pipelines.jobs.embed_notes import JobConfig, run
 tmp, notes_csv, model = sys.argv[1:4]
 spark = (SparkSession.builder.master("local[2]").config("spark.sql.catalogImplementation", "hive")
          .config("spark.sql.warehouse.dir", f"{tmp}/warehouse").config("spark.ui.enabled", "false")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from deltalake import DeltaTable
 
-from pipelines.embed_notes import JobConfig, format_summary, main, run
+from clinlong.pipelines.jobs.embed_notes import JobConfig, format_summary, main, run
 from tests.conftest import PHI_MARKER, hf_reference
 
 EMOJI = "Pt reports pain 😣 8/10 👍🏽, smiles 🙂. Plan: ice."
@@ -78,7 +78,7 @@ def test_every_row_is_embedded_or_recorded(swept, capsys):
 
 
 def test_long_and_non_latin_notes_equal_hugging_face(swept, tiny_artifact, tiny_checkpoint):
-    from pipelines.artifact import Artifact
+    from clinlong.pipelines.core.artifact import Artifact
 
     _, table, _ = swept
     tok = Artifact.open(tiny_artifact).tokenizer
@@ -93,7 +93,7 @@ def test_long_and_non_latin_notes_equal_hugging_face(swept, tiny_artifact, tiny_
 
 
 def test_token_offsets_of_non_latin_text(tiny_artifact):
-    from pipelines import load
+    from clinlong.pipelines import load
 
     for text in (EMOJI, CJK, RTL):
         t = load(str(tiny_artifact)).predict(text, output_level="token")
@@ -119,8 +119,8 @@ def test_a_failing_model_step_costs_only_its_note(tiny_artifact):
     batch is re-run note by note, and only the marked note is recorded (stage embed, exception type)."""
     import pyarrow as pa
 
-    from pipelines.engine import EmbedOptions
-    from pipelines.tasks import _embedded, embedder
+    from clinlong.pipelines.core.engine import EmbedOptions
+    from clinlong.pipelines.spark.tasks import _embedded, embedder
 
     emb = embedder(str(tiny_artifact), EmbedOptions())
     bad = emb.artifact.tokenizer.encode("zebra").ids[1]

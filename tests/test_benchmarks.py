@@ -1,4 +1,4 @@
-"""`python -m benchmarks --quick` runs in CI: its figures are printed, never asserted as times."""
+"""`python -m clinlong.benchmarks --quick` runs in CI: its figures are printed, never asserted as times."""
 from __future__ import annotations
 
 import json
@@ -13,14 +13,14 @@ from tests.conftest import ROOT
 
 
 def test_flops_formula_gives_clinical_longformers_189_mflop():
-    from benchmarks.measure import flops_per_token
-    from export.synthetic import CLINICAL_LONGFORMER_CONFIG
+    from clinlong.benchmarks.measure import flops_per_token
+    from clinlong.export.synthetic import CLINICAL_LONGFORMER_CONFIG
 
     assert abs(flops_per_token(CLINICAL_LONGFORMER_CONFIG) / 1e6 - 188.8) < 0.1
 
 
 def test_plan_batches_adds_no_padding_beyond_the_window_multiple():
-    from pipelines.runtime import plan_batches
+    from clinlong.pipelines.core.runtime import plan_batches
 
     lengths = [4096, 3000, 2900, 300, 257, 256, 200, 10, 9, 1]
     batches = plan_batches(lengths, token_budget=10_000, batch_size=4, multiple=256)
@@ -34,7 +34,7 @@ def test_plan_batches_adds_no_padding_beyond_the_window_multiple():
 def test_benchmark_quick_reports_every_figure(tmp_path, capsys):
     out = tmp_path / "bench.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYSPARK_PYTHON": sys.executable}
-    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--json", str(out),
+    proc = subprocess.run([sys.executable, "-m", "clinlong.benchmarks", "--quick", "--json", str(out),
                            "--work", str(ROOT / "work" / "bench")], capture_output=True, text=True, env=env,
                           cwd=ROOT, timeout=1500)
     with capsys.disabled():  # the figures, for the CI log

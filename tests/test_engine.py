@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipelines.artifact import Artifact, ArtifactError
-from pipelines.engine import EmbedOptions, NoteEmbedder
-from pipelines.windows import assign_pieces, window_plan
+from clinlong.pipelines.core.artifact import Artifact, ArtifactError
+from clinlong.pipelines.core.engine import EmbedOptions, NoteEmbedder
+from clinlong.pipelines.core.windows import assign_pieces, window_plan
 from tests.conftest import hf_reference
 
 
@@ -16,7 +16,7 @@ def artifact(tiny_artifact):
 
 
 def test_long_note_windows_equal_hf_on_the_chosen_window(artifact, tiny_checkpoint):
-    from export.synthetic_notes import generate_notes
+    from clinlong.export.synthetic_notes import generate_notes
 
     text = "\n\n".join(n.text for n in generate_notes(12, seed=4))
     max_len, overlap = 1024, 256
@@ -34,7 +34,7 @@ def test_long_note_windows_equal_hf_on_the_chosen_window(artifact, tiny_checkpoi
 
 
 def test_one_megabyte_note_runs_through_windows(artifact):
-    from export.synthetic_notes import generate_notes
+    from clinlong.export.synthetic_notes import generate_notes
 
     notes = generate_notes(400, seed=8)
     text = ""
@@ -75,12 +75,12 @@ def test_altered_artifact_is_refused(tiny_artifact, tmp_path):
         f.write(" ")
     with pytest.raises(ArtifactError, match="sha256"):
         Artifact.open(bad)
-    with pytest.raises(ArtifactError, match="python -m export"):
+    with pytest.raises(ArtifactError, match="python -m clinlong.export"):
         Artifact.open(tmp_path)
 
 
 def test_predict_in_process_equals_spark(tiny_artifact, spark):
-    import pipelines
+    from clinlong import pipelines
 
     p = pipelines.load(str(tiny_artifact))
     texts = ["Pt. is stable. He takes ASA q.d.", "IMPRESSION: No acute process."]
@@ -101,11 +101,11 @@ def test_predict_in_process_equals_spark(tiny_artifact, spark):
 def test_pretrained_names_resolve_under_clinlong_models(tiny_artifact, tmp_path, monkeypatch):
     import shutil
 
-    import pipelines
-    from pipelines.stages import LongformerEmbeddings
+    from clinlong import pipelines
+    from clinlong.pipelines.spark.stages import LongformerEmbeddings
 
     monkeypatch.setenv("CLINLONG_MODELS", str(tmp_path))
-    with pytest.raises(ArtifactError, match="python -m export yikuan8/Clinical-Longformer"):
+    with pytest.raises(ArtifactError, match="python -m clinlong.export yikuan8/Clinical-Longformer"):
         pipelines.load("en.embed.longformer.clinical")
     shutil.copytree(tiny_artifact, tmp_path / "clinical_longformer_en")
     assert pipelines.load("en.embed.longformer.clinical").artifact.dimension == 64
@@ -116,7 +116,7 @@ def test_pretrained_names_resolve_under_clinlong_models(tiny_artifact, tmp_path,
 @pytest.mark.parametrize("precision,tol", [("fp32", 1e-5), ("bf16", None)])
 def test_torch_backend_matches_onnx(artifact, precision, tol):
     """The torch runtime (shared export.encoder definition + exported weights) against ONNX Runtime."""
-    from export.synthetic_notes import generate_notes
+    from clinlong.export.synthetic_notes import generate_notes
 
     texts = [n.text for n in generate_notes(6, seed=12)]
     ref = NoteEmbedder(artifact).embed(texts)
@@ -139,8 +139,8 @@ def test_predict_on_more_texts_than_the_in_process_limit_runs_in_spark(tiny_arti
     """A list longer than IN_PROCESS_LIMIT goes through Spark, as the README says (it used to run
     in-process whatever its length); a Spark DataFrame needs an id column (row positions from
     monotonically_increasing_id change when Spark re-evaluates)."""
-    import pipelines
-    from pipelines.light import IN_PROCESS_LIMIT, EmbeddingsPipeline
+    from clinlong import pipelines
+    from clinlong.pipelines.spark.light import IN_PROCESS_LIMIT, EmbeddingsPipeline
 
     p = pipelines.load(str(tiny_artifact))
     texts = [f"Note {i}. Pt. stable." for i in range(IN_PROCESS_LIMIT + 1)]
@@ -158,7 +158,7 @@ def test_predict_on_more_texts_than_the_in_process_limit_runs_in_spark(tiny_arti
 
 
 def test_predict_on_many_texts_shows_a_progress_bar(tiny_artifact, capsys):
-    import pipelines
+    from clinlong import pipelines
 
     out = pipelines.load(str(tiny_artifact)).predict([f"Note {i}. Pt. stable." for i in range(40)],
                                                      output_level="document")
@@ -172,8 +172,8 @@ def test_fused_attention_equals_the_exported_form(tiny_checkpoint):
     padding included (no NaN from fully masked rows)."""
     import torch
 
-    from export.checkpoint import read_checkpoint
-    from export.encoder import LongformerEncoder
+    from clinlong.export.checkpoint import read_checkpoint
+    from clinlong.pipelines.core.model import LongformerEncoder
 
     ckpt = read_checkpoint(str(tiny_checkpoint))
     plain, fused = LongformerEncoder(ckpt.encoder_config), LongformerEncoder(ckpt.encoder_config, fused_attention=True)
@@ -195,7 +195,7 @@ def test_span_means_of_a_long_note_need_no_float64_copy_of_its_pieces():
     cumulative sum of every piece vector (which took ~1.5 GB for a 1M-character base-size note)."""
     import tracemalloc
 
-    from pipelines.engine import NoteResult
+    from clinlong.pipelines.core.engine import NoteResult
 
     rng = np.random.default_rng(0)
     n, dim = 200_000, 64
@@ -219,7 +219,7 @@ def test_span_means_of_a_long_note_need_no_float64_copy_of_its_pieces():
 def test_plan_batches_budgets_padded_tokens():
     """The token budget counts padded tokens (lengths rounded up to the window multiple), as documented;
     it used to count the longest member's unpadded length."""
-    from pipelines.runtime import plan_batches
+    from clinlong.pipelines.core.runtime import plan_batches
 
     lengths = [300] * 10 + [20] * 7
     batches = plan_batches(lengths, token_budget=2048, batch_size=32, multiple=256)
@@ -236,10 +236,10 @@ def test_batches_past_int32_list_offsets_are_built_in_chunks(tiny_artifact, monk
     stages split an Arrow batch until its annotations fit."""
     import pyarrow as pa
 
-    import pipelines.annotation as annotation
-    import pipelines.schema as schema
-    from pipelines.artifact import Artifact
-    from pipelines.stages._base import map_batch
+    import clinlong.pipelines.spark.annotation as annotation
+    import clinlong.pipelines.core.schema as schema
+    from clinlong.pipelines.core.artifact import Artifact
+    from clinlong.pipelines.spark.stages._base import map_batch
 
     art = Artifact.open(tiny_artifact)
     emb = NoteEmbedder(art, EmbedOptions())
@@ -274,9 +274,9 @@ def test_model_cache_follows_the_artifact_not_its_path(tiny_checkpoint, tiny_art
     serving rows labelled with the new model_id)."""
     import shutil
 
-    from export.__main__ import run as export
-    from export.synthetic import write_synthetic_checkpoint
-    from pipelines.tasks import embedder
+    from clinlong.export.__main__ import run as export
+    from clinlong.export.synthetic import write_synthetic_checkpoint
+    from clinlong.pipelines.spark.tasks import embedder
 
     path = tmp_path / "model"
     shutil.copytree(tiny_artifact, path)

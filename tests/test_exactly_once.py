@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from deltalake import DeltaTable
 
-from pipelines.embed_notes import JobConfig, run
+from clinlong.pipelines.jobs.embed_notes import JobConfig, run
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
@@ -26,7 +26,7 @@ CHUNK = "12"
 def write_notes(path: Path, n: int = 40, seed: int = 5, edit: dict | None = None) -> Path:
     """n synthetic notes (cut short: the tiny model is fast, the process kills are the point), every
     fifth one whitespace-only so that most chunks also hold errors-table rows."""
-    from export.synthetic_notes import generate_notes
+    from clinlong.export.synthetic_notes import generate_notes
 
     with path.open("w", newline="", encoding="utf-8") as f:
         w = csv.writer(f, quoting=csv.QUOTE_NONNUMERIC)
@@ -38,7 +38,7 @@ def write_notes(path: Path, n: int = 40, seed: int = 5, edit: dict | None = None
 
 
 def job_cmd(notes: Path, model: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "pipelines.embed_notes", "--notes", str(notes), "--model", str(model),
+    return [sys.executable, "-m", "clinlong.pipelines.embed_notes", "--notes", str(notes), "--model", str(model),
             "--out", str(out), "--id-type", "long", "--chunk-notes", CHUNK, "--progress-every", "0",
             "--master", "local[2,4]", *extra]  # local[N,F]: Spark retries a failed task up to F times
 
@@ -230,7 +230,7 @@ def test_readers_protocol_compaction_and_vacuum(notes, tiny_artifact, clean, tmp
     Databricks and delta-spark read; compaction keeps the rows; vacuum removes a killed run's orphans."""
     import polars as pl
 
-    from pipelines.maintain import main as maintain
+    from clinlong.pipelines.delta.maintain import main as maintain
 
     out = tmp_path / "t"
     cmd = job_cmd(notes, tiny_artifact, out)

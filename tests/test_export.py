@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from export.__main__ import main, run
-from export.parity import PARITY_LENGTHS
-from export.synthetic import CLINICAL_LONGFORMER_CONFIG, config_for
+from clinlong.export.__main__ import main, run
+from clinlong.export.parity import PARITY_LENGTHS
+from clinlong.export.synthetic import CLINICAL_LONGFORMER_CONFIG, config_for
 from tests.conftest import ROOT, hf_reference
 
 REAL_LAYOUT = {"config.json", "pytorch_model.bin", "vocab.json", "merges.txt",
@@ -27,7 +27,7 @@ REAL_LAYOUT = {"config.json", "pytorch_model.bin", "vocab.json", "merges.txt",
 
 def _export_cli(*args: str, **kw) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "export", *args], capture_output=True, text=True, env=env, **kw)
+    return subprocess.run([sys.executable, "-m", "clinlong.export", *args], capture_output=True, text=True, env=env, **kw)
 
 
 def _error_line(capsys) -> str:
@@ -60,7 +60,7 @@ def test_base_config_is_clinical_longformers():
 
 
 def test_synthetic_notes_look_like_mimic():
-    from export.synthetic_notes import generate_notes
+    from clinlong.export.synthetic_notes import generate_notes
 
     notes = generate_notes(300, seed=3)
     cats = {n.category for n in notes}
@@ -128,7 +128,7 @@ def test_tokenizer_json_encodes_like_the_checkpoint(tiny_artifact, tiny_checkpoi
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer
 
-    from export.synthetic_notes import generate_notes
+    from clinlong.export.synthetic_notes import generate_notes
 
     ours = Tokenizer.from_file(str(tiny_artifact / "tokenizer.json"))
     theirs = AutoTokenizer.from_pretrained(str(tiny_checkpoint))
@@ -270,7 +270,7 @@ def test_disk_full_leaves_nothing(tiny_checkpoint, tmp_path):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_interrupted_export_leaves_nothing(tiny_checkpoint, tmp_path, sig):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "export", str(tiny_checkpoint), str(tmp_path / "out")],
+    proc = subprocess.Popen([sys.executable, "-m", "clinlong.export", str(tiny_checkpoint), str(tmp_path / "out")],
                             stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.time() + 120
     while not list(tmp_path.glob(".out.partial-*/tokenizer.json")) and time.time() < deadline:
@@ -297,7 +297,7 @@ def test_kill_between_the_renames_of_an_overwrite_keeps_the_previous_artifact(ti
                                                                              tmp_path):
     """An overwrite moves OUT aside, then renames the new copy in. Killed in between, OUT was missing and
     the next export deleted the moved-aside copy as a stale partial; now it is put back first."""
-    from export.staging import remove_stale_partials
+    from clinlong.export.staging import remove_stale_partials
 
     dead = subprocess.Popen(["true"])
     dead.wait()
@@ -314,7 +314,7 @@ def test_kill_between_the_renames_of_an_overwrite_keeps_the_previous_artifact(ti
 
 @pytest.mark.slow
 def test_base_size_parity(tmp_path):
-    from export.synthetic import write_synthetic_checkpoint
+    from clinlong.export.synthetic import write_synthetic_checkpoint
 
     ck = write_synthetic_checkpoint(tmp_path / "base", "base", seed=1)
     start = time.perf_counter()

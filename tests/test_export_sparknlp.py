@@ -44,7 +44,7 @@ print(json.dumps({"inputs": inputs, "outputs": outputs, "diffs": diffs}))
 
 def _sparknlp_python() -> Path:
     python = SPARKNLP_VENV / "bin" / "python"
-    probe = [str(python), "-c", "import tensorflow, tf_keras, transformers, torch, export"]
+    probe = [str(python), "-c", "import tensorflow, tf_keras, transformers, torch, clinlong.export"]
     if python.exists() and subprocess.run(probe, capture_output=True).returncode == 0:
         return python
     venv.create(SPARKNLP_VENV, with_pip=True, clear=True)
@@ -57,7 +57,7 @@ def test_sparknlp_savedmodel_loads_with_parity_and_assets(tiny_checkpoint, tmp_p
     python = _sparknlp_python()
     out = tmp_path / "sparknlp"
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    proc = subprocess.run([str(python), "-m", "export", str(tiny_checkpoint), str(out), "--format", "sparknlp"],
+    proc = subprocess.run([str(python), "-m", "clinlong.export", str(tiny_checkpoint), str(out), "--format", "sparknlp"],
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "saved_model.pb").exists() and (out / "variables").is_dir()
@@ -85,7 +85,7 @@ def test_sparknlp_savedmodel_loads_with_parity_and_assets(tiny_checkpoint, tmp_p
 def test_sparknlp_without_tensorflow_is_a_clear_error(tiny_checkpoint, tmp_path, capsys):
     if subprocess.run([sys.executable, "-c", "import tensorflow"], capture_output=True).returncode == 0:
         pytest.skip("TensorFlow is installed in this environment")
-    from export.__main__ import main
+    from clinlong.export.__main__ import main
 
     assert main([str(tiny_checkpoint), str(tmp_path / "out"), "--format", "sparknlp"]) == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]

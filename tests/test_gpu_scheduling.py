@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from deltalake import DeltaTable
 
-from pipelines.devices import choose_device, gpu_token_budget
+from clinlong.pipelines.core.devices import choose_device, gpu_token_budget
 from tests.cluster import project_zip, standalone_cluster
 from tests.conftest import ROOT, write_test_notes
 from tests.test_standalone_cluster import _submit
@@ -34,8 +34,8 @@ def test_gpu_token_budget_scales_with_free_memory():
 
 def test_out_of_memory_splits_the_batch_and_loses_nothing(tiny_artifact):
     """A model that fails batches of more than two sequences: the runtime halves them and retries."""
-    from pipelines.artifact import Artifact
-    from pipelines.runtime import Encoder
+    from clinlong.pipelines.core.artifact import Artifact
+    from clinlong.pipelines.core.runtime import Encoder
 
     enc = Encoder(Artifact.open(tiny_artifact), batch_size=8)
     real = enc.model

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from deltalake import DeltaTable
 
-from pipelines.embed_notes import JobConfig, format_summary, main, run
-from pipelines.engine import EmbedOptions
+from clinlong.pipelines.jobs.embed_notes import JobConfig, format_summary, main, run
+from clinlong.pipelines.core.engine import EmbedOptions
 from tests.conftest import PHI_MARKER, write_test_notes
 
 
@@ -90,10 +90,10 @@ def test_stages_pipeline_schema_metadata_persistence(tiny_artifact, spark, tmp_p
     from pyspark.ml import Pipeline, PipelineModel
     from sparknlp.annotation import Annotation
 
-    from pipelines import (DocumentAssembler, EmbeddingsFinisher, LongformerEmbeddings, SentenceDetector,
+    from clinlong.pipelines import (DocumentAssembler, EmbeddingsFinisher, LongformerEmbeddings, SentenceDetector,
                            SentenceEmbeddings, Tokenizer)
-    from pipelines.engine import NoteEmbedder
-    from pipelines.artifact import Artifact
+    from clinlong.pipelines.core.engine import NoteEmbedder
+    from clinlong.pipelines.core.artifact import Artifact
 
     text = "HISTORY OF PRESENT ILLNESS:\nPt. is stable. He takes ASA q.d.\n1. Aspirin 81 mg"
     df = spark.createDataFrame([(1, text), (2, None), (3, "  ")], "id long, text string")
@@ -154,10 +154,10 @@ def test_spark_side_writer_counts_come_from_its_rows(notes_csv, tiny_artifact, s
     JARs are not installable here, so the writer writes Parquet in this test."""
     from pyspark.sql.pandas.types import to_arrow_type
 
-    from pipelines.artifact import Artifact
-    from pipelines.schema import OutputSpec, error_schema, table_schema
-    from pipelines.sources import read_notes, select_notes
-    from pipelines.writers import Chunk, DeltaSparkWriter, Totals
+    from clinlong.pipelines.core.artifact import Artifact
+    from clinlong.pipelines.core.schema import OutputSpec, error_schema, table_schema
+    from clinlong.pipelines.spark.sources import read_notes, select_notes
+    from clinlong.pipelines.delta.writers import Chunk, DeltaSparkWriter, Totals
 
     art = Artifact.open(tiny_artifact)
     notes = select_notes(read_notes(spark, str(notes_csv)), "ROW_ID", "TEXT", "long")
@@ -183,11 +183,11 @@ def test_spark_side_writer_splits_rows_and_errors(notes_csv, tiny_artifact, spar
     partition column included: one pass, then split."""
     from pyspark.sql.pandas.types import from_arrow_schema, to_arrow_type
 
-    from pipelines.artifact import Artifact
-    from pipelines.writers import split_rows
-    from pipelines.schema import OutputSpec, error_schema, table_schema
-    from pipelines.sources import read_notes, select_notes
-    from pipelines.tasks import combined_schema, embed_rows_and_errors
+    from clinlong.pipelines.core.artifact import Artifact
+    from clinlong.pipelines.delta.writers import split_rows
+    from clinlong.pipelines.core.schema import OutputSpec, error_schema, table_schema
+    from clinlong.pipelines.spark.sources import read_notes, select_notes
+    from clinlong.pipelines.spark.tasks import combined_schema, embed_rows_and_errors
 
     art = Artifact.open(tiny_artifact)
     notes = select_notes(read_notes(spark, str(notes_csv)), "ROW_ID", "TEXT", "long", keep=("CATEGORY",))

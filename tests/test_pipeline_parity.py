@@ -17,7 +17,7 @@ import pytest
 from deltalake import DeltaTable
 from transformers import AutoTokenizer
 
-from pipelines.text import detect_sentences, tokenize
+from clinlong.pipelines.core.text import detect_sentences, tokenize
 from tests.conftest import PHI_MARKER, ROOT, hf_reference, write_test_notes
 
 ATOL = 1e-4  # the export's tolerance for the tiny size

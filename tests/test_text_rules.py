@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipelines.text import detect_sentences, lowercase_keep_offsets, tokenize
-from pipelines.windows import assign_pieces, window_plan, window_starts
+from clinlong.pipelines.core.text import detect_sentences, lowercase_keep_offsets, tokenize
+from clinlong.pipelines.core.windows import assign_pieces, window_plan, window_starts
 
 NOTE = """HISTORY OF PRESENT ILLNESS:
 Pt. is a 67 y/o M seen by Dr. [**Last Name (STitle) 1234**] on [**2101-3-4**]. He takes ASA q.d. and 2.5 mg IV. Repeat labs

@@ -12,11 +12,11 @@ import pyarrow as pa
 from pyspark.ml.param import Param, Params, TypeConverters
 from pyspark.sql import DataFrame
 
-from ..annotation import WORD_EMBEDDINGS, annotations_array, column_metadata
-from ..artifact import Artifact
-from ..engine import EmbedOptions
-from ..registry import resolve
-from ._base import AnnotatorStage
+from clinlong.pipelines.spark.annotation import WORD_EMBEDDINGS, annotations_array, column_metadata
+from clinlong.pipelines.core.artifact import Artifact
+from clinlong.pipelines.core.engine import EmbedOptions
+from clinlong.pipelines.core.registry import resolve
+from clinlong.pipelines.spark.stages._base import AnnotatorStage
 
 
 class LongformerEmbeddings(AnnotatorStage):
@@ -101,7 +101,7 @@ class LongformerEmbeddings(AnnotatorStage):
         doc_col, tok_col = self.getInputCols()[:2]
 
         def embed(batch: pa.RecordBatch) -> pa.Array:
-            from ..tasks import embedder
+            from clinlong.pipelines.spark.tasks import embedder
 
             emb = embedder(path, opts)
             docs = batch.column(doc_col).to_pylist()

@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from dataclasses import dataclass
 
-from .engine import NoteResult
+from clinlong.pipelines.core.engine import NoteResult
 
 GRANULARITIES = ("note", "sentence", "token")
 MAX_LIST_VALUES = 2**31 - 1  # values one Arrow list<…> / binary array can hold (int32 offsets)

@@ -5,7 +5,7 @@ from pyspark.ml.param import Param, Params, TypeConverters
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
-from ._base import AnnotatorStage
+from clinlong.pipelines.spark.stages._base import AnnotatorStage
 
 
 class EmbeddingsFinisher(AnnotatorStage):

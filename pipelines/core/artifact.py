@@ -1,4 +1,4 @@
-"""The one reader of model artifacts written by `python -m export` (the pipeline never imports export)."""
+"""The one reader of model artifacts written by `python -m clinlong.export` (the pipeline never imports export)."""
 from __future__ import annotations
 
 import hashlib
@@ -34,7 +34,7 @@ class Artifact:
         mf = path / "manifest.json"
         if not mf.is_file():
             raise ArtifactError(f"{path} is not a model artifact (no manifest.json); "
-                                "create one with: python -m export CHECKPOINT OUT")
+                                "create one with: python -m clinlong.export CHECKPOINT OUT")
         manifest = json.loads(mf.read_text())
         fmt = (manifest.get("format"), manifest.get("format_version"))
         if fmt != SUPPORTED_FORMAT:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .engine import EmbedOptions
+from clinlong.pipelines.core.engine import EmbedOptions
 
 MODES = ("append", "overwrite", "incremental")
 WRITERS = ("auto", "delta-rs", "delta-spark")

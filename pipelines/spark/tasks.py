@@ -20,11 +20,19 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from . import faults
-from .artifact import Artifact
-from .engine import EmbedOptions, NoteEmbedder, NoteResult
-from .progress import ProgressReporter
-from .schema import OutputSpec, build_errors, build_table
+from clinlong.pipelines.core import faults
+from clinlong.pipelines.core.artifact import Artifact
+from clinlong.pipelines.core.engine import EmbedOptions, NoteEmbedder, NoteResult
+from clinlong.pipelines.spark.progress import ProgressReporter
+from clinlong.pipelines.core.schema import OutputSpec, build_errors, build_table
+
+# What a task returns to the driver: one row per file it wrote (table "out" or "err") and one of its counts
+# (table ""), with the task's partition and clock times.
+META_SCHEMA = pa.schema([(n, pa.string()) for n in ("table", "path")] + [("size", pa.int64()), ("file_rows", pa.int64())]
+                        + [(n, pa.string()) for n in ("partition_values", "stats")]
+                        + [(n, pa.int64()) for n in ("notes", "embedded", "rows", "tokens", "windows")]
+                        + [(n, pa.string()) for n in ("errors", "warnings", "device", "gpus")]
+                        + [("task", pa.int64()), ("started", pa.float64()), ("finished", pa.float64())])
 
 log = logging.getLogger("clinlong.tasks")
 
@@ -41,9 +49,9 @@ def embedder(artifact_path: str, options: EmbedOptions) -> NoteEmbedder:
     or the CPU), and the task's threads set. Keyed by the artifact's model_id, read from its manifest on
     every call: an artifact re-exported in place is a new model, never the old one under the new id.
     A model is verified (sha256 of every file) and loaded once, then reused across batches and tasks."""
-    from .devices import choose_device
-    from .logs import configure
-    from .runtime import set_task_threads
+    from clinlong.pipelines.core.devices import choose_device
+    from clinlong.pipelines.core.logs import configure
+    from clinlong.pipelines.core.runtime import set_task_threads
 
     configure()
     device = choose_device(options.device)
@@ -203,7 +211,7 @@ def _embedded(emb: NoteEmbedder, batches: Iterator[pa.RecordBatch]) -> Iterator[
 
 def _where(emb: NoteEmbedder) -> dict:
     """The device this task's model ran on and the GPU addresses Spark assigned the task."""
-    from .devices import assigned_gpus
+    from clinlong.pipelines.core.devices import assigned_gpus
 
     return {"device": emb.device, "gpus": ",".join(assigned_gpus())}
 
@@ -236,7 +244,7 @@ def embed_partition(artifact_path: str, options: EmbedOptions, spec: OutputSpec,
     """For delta-rs: the task writes its output and errors rows into files of about the target size
     (one rolling writer per table and partition value) and returns one metadata row per file written
     (its Delta add action's fields) plus one row of the task's counts, for the driver's commit."""
-    from .delta_sink import META_SCHEMA, RollingWriter
+    from clinlong.pipelines.core.files import RollingWriter
 
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         from pyspark import TaskContext

@@ -20,11 +20,11 @@ import pyarrow as pa
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from . import faults
-from .config import JobConfig
-from .schema import OutputSpec
-from .sources import InputError, delta_spark_available, read_delta_rs
-from .storage import StorageError, delta_rs_uri, is_local, local_path
+from clinlong.pipelines.core import faults
+from clinlong.pipelines.core.config import JobConfig
+from clinlong.pipelines.core.schema import OutputSpec
+from clinlong.pipelines.spark.sources import InputError, delta_spark_available, read_delta_rs
+from clinlong.pipelines.core.storage import StorageError, delta_rs_uri, is_local, local_path
 
 log = logging.getLogger("clinlong.job")
 
@@ -137,12 +137,12 @@ class DeltaRsWriter(Writer):
                 raise InputError(str(e)) from None
 
     def committed_version(self, uri: str, app_id: str) -> int:
-        from .delta_sink import committed_version
+        from clinlong.pipelines.delta.sink import committed_version
 
         return committed_version(uri, app_id, self.options)
 
     def version(self, uri: str) -> int | None:
-        from .delta_sink import open_table
+        from clinlong.pipelines.delta.sink import open_table
 
         dt = open_table(uri, self.options)
         return None if dt is None else dt.version()
@@ -151,15 +151,16 @@ class DeltaRsWriter(Writer):
         return None if self.version(uri) is None else read_delta_rs(self.spark, uri, self.options, columns)
 
     def existing_schema(self, uri: str) -> pa.Schema | None:
-        from .delta_sink import existing_table_schema
+        from clinlong.pipelines.delta.sink import existing_table_schema
 
         return existing_table_schema(uri, self.options)
 
     def write_chunk(self, part, ctx, summary, profile=None, progress=None):
         from pyspark.sql.pandas.types import from_arrow_schema
 
-        from .delta_sink import META_SCHEMA, WrittenFile, commit, remove_unreferenced
-        from .tasks import PartTarget, embed_partition
+        from clinlong.pipelines.core.files import WrittenFile, remove_unreferenced
+        from clinlong.pipelines.delta.sink import commit
+        from clinlong.pipelines.spark.tasks import META_SCHEMA, PartTarget, embed_partition
 
         cfg = self.cfg
         target = PartTarget(cfg.out, cfg.errors_path, ctx.prefix, ctx.run_id, self.err_schema,
@@ -190,7 +191,7 @@ class DeltaRsWriter(Writer):
         return version, counts
 
     def delete_matching(self, uri, keys, condition=""):
-        from .delta_sink import delete_matching
+        from clinlong.pipelines.delta.sink import delete_matching
 
         predicate = KEY_MATCH + (f" AND {condition}" if condition else "")
         return delete_matching(uri, keys.toArrow(), predicate, self.options, {"operation": "clinlong delete"})
@@ -228,7 +229,7 @@ class DeltaSparkWriter(Writer):
         from pyspark import StorageLevel
         from pyspark.sql.pandas.types import from_arrow_schema
 
-        from .tasks import combined_schema, embed_rows_and_errors
+        from clinlong.pipelines.spark.tasks import combined_schema, embed_rows_and_errors
 
         fn = embed_rows_and_errors(self.artifact_path, self.cfg.options, self.spec, self.err_schema, ctx.run_id,
                                    progress, ctx.index)

@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 from pyspark.sql import types as T
 
-from .schema import MAX_LIST_VALUES
+from clinlong.pipelines.core.schema import MAX_LIST_VALUES
 
 DOCUMENT, TOKEN, WORD_EMBEDDINGS, SENTENCE_EMBEDDINGS = "document", "token", "word_embeddings", "sentence_embeddings"
 

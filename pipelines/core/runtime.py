@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .artifact import Artifact
+from clinlong.pipelines.core.artifact import Artifact
 
 
 DEFAULT_TOKEN_BUDGET = 16384
@@ -75,7 +75,7 @@ class _TorchModel:
         import torch
         from safetensors.torch import load_file
 
-        from export.encoder import EncoderConfig, LongformerEncoder
+        from clinlong.pipelines.core.model import EncoderConfig, LongformerEncoder
 
         cfg = artifact.encoder_config
         cfg["attention_window"] = tuple(cfg["attention_window"])

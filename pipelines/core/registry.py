@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .artifact import ArtifactError
+from clinlong.pipelines.core.artifact import ArtifactError
 
 # nlu-style references and Spark NLP-style (name, lang) pairs that mean the same artifact.
 ALIASES = {
@@ -29,5 +29,5 @@ def resolve(name: str = "clinical_longformer", lang: str = "en") -> Path:
             return candidate
     raise ArtifactError(
         f"model {name!r} ({lang}) is not in {root}. Export it there: "
-        f"python -m export yikuan8/Clinical-Longformer {root / f'{name}_{lang}'} "
+        f"python -m clinlong.export yikuan8/Clinical-Longformer {root / f'{name}_{lang}'} "
         f"(or a local checkpoint directory), or set CLINLONG_MODELS to the folder that holds it")

@@ -17,7 +17,7 @@ from pathlib import Path
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import types as T
 
-from .storage import StorageError, delta_rs_uri, is_local, local_path, scheme
+from clinlong.pipelines.core.storage import StorageError, delta_rs_uri, is_local, local_path, scheme
 
 ID_TYPES = (T.IntegerType, T.LongType, T.ShortType, T.StringType)
 FORMATS = ("auto", "delta", "parquet", "csv", "table")

@@ -11,10 +11,10 @@ from dataclasses import replace
 import pandas as pd
 import pyarrow as pa
 
-from .artifact import Artifact
-from .engine import EmbedOptions
-from .registry import resolve
-from .schema import OutputSpec, build_table, table_schema
+from clinlong.pipelines.core.artifact import Artifact
+from clinlong.pipelines.core.engine import EmbedOptions
+from clinlong.pipelines.core.registry import resolve
+from clinlong.pipelines.core.schema import OutputSpec, build_table, table_schema
 
 OUTPUT_LEVELS = {"token": "token", "sentence": "sentence", "document": "note", "note": "note"}
 IN_PROCESS_LIMIT = 256  # texts answered without Spark
@@ -76,7 +76,7 @@ class EmbeddingsPipeline:
                     progress: bool | None = None) -> pd.DataFrame:
         from tqdm.auto import tqdm
 
-        from .tasks import embedder
+        from clinlong.pipelines.spark.tasks import embedder
 
         emb = embedder(str(self.artifact.path), options)
         id_type = pa.array(ids).type if ids else pa.int64()
@@ -98,7 +98,7 @@ class EmbeddingsPipeline:
     def _spark(self, sdf, granularity: str, options: EmbedOptions):
         from pyspark.sql.pandas.types import from_arrow_schema, to_arrow_type
 
-        from .tasks import embed_rows
+        from clinlong.pipelines.spark.tasks import embed_rows
 
         spec = self._spec(granularity, to_arrow_type(sdf.schema["note_id"].dataType), options)
         return sdf.mapInArrow(embed_rows(str(self.artifact.path), options, spec), from_arrow_schema(spec.schema))

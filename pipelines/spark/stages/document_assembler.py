@@ -5,8 +5,8 @@ import pyarrow as pa
 from pyspark.ml.param import Param, Params, TypeConverters
 from pyspark.sql import DataFrame
 
-from ..annotation import DOCUMENT, annotations_array, column_metadata
-from ._base import AnnotatorStage
+from clinlong.pipelines.spark.annotation import DOCUMENT, annotations_array, column_metadata
+from clinlong.pipelines.spark.stages._base import AnnotatorStage
 
 
 class DocumentAssembler(AnnotatorStage):

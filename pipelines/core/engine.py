@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .artifact import Artifact
-from .runtime import DEFAULT_BATCH_SIZE, DEFAULT_TOKEN_BUDGET, Encoder, resolve_backend
-from .text import Span, detect_sentences, lowercase_keep_offsets, tokenize
-from .windows import DEFAULT_OVERLAP, assign_pieces, window_plan
+from clinlong.pipelines.core.artifact import Artifact
+from clinlong.pipelines.core.runtime import DEFAULT_BATCH_SIZE, DEFAULT_TOKEN_BUDGET, Encoder, resolve_backend
+from clinlong.pipelines.core.text import Span, detect_sentences, lowercase_keep_offsets, tokenize
+from clinlong.pipelines.core.windows import DEFAULT_OVERLAP, assign_pieces, window_plan
 
 CONTEXTS = ("note", "sentence")
 TOKEN_VECTORS = ("first", "mean")
@@ -164,7 +164,7 @@ def _gpu_budget(artifact: Artifact, device: str, precision: str) -> int:
     """Token budget sized from the GPU's free memory (see devices.gpu_token_budget)."""
     import torch
 
-    from .devices import gpu_token_budget
+    from clinlong.pipelines.core.devices import gpu_token_budget
 
     free, _ = torch.cuda.mem_get_info(torch.device(device))
     cfg = artifact.encoder_config
@@ -186,7 +186,7 @@ class NoteEmbedder:
 
     def __init__(self, artifact: Artifact, options: EmbedOptions = EmbedOptions(), threads: int | None = None,
                  device: str | None = None):
-        from .devices import choose_device
+        from clinlong.pipelines.core.devices import choose_device
 
         self.artifact = artifact
         self.options = options.validate(artifact)

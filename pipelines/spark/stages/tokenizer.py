@@ -4,9 +4,9 @@ from __future__ import annotations
 import pyarrow as pa
 from pyspark.sql import DataFrame
 
-from ..annotation import TOKEN, annotations_array, column_metadata
-from ..text import tokenize
-from ._base import AnnotatorStage
+from clinlong.pipelines.spark.annotation import TOKEN, annotations_array, column_metadata
+from clinlong.pipelines.core.text import tokenize
+from clinlong.pipelines.spark.stages._base import AnnotatorStage
 
 
 class Tokenizer(AnnotatorStage):

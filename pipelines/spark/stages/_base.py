@@ -11,7 +11,7 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from ..annotation import ANNOTATIONS, ARROW_ANNOTATIONS
+from clinlong.pipelines.spark.annotation import ANNOTATIONS, ARROW_ANNOTATIONS
 
 
 def map_batch(batch: pa.RecordBatch, fn: Callable[[pa.RecordBatch], pa.Array], keep: list[str], out: str):

@@ -4,9 +4,9 @@ from __future__ import annotations
 import pyarrow as pa
 from pyspark.sql import DataFrame
 
-from ..annotation import DOCUMENT, annotations_array, column_metadata
-from ..text import detect_sentences
-from ._base import AnnotatorStage
+from clinlong.pipelines.spark.annotation import DOCUMENT, annotations_array, column_metadata
+from clinlong.pipelines.core.text import detect_sentences
+from clinlong.pipelines.spark.stages._base import AnnotatorStage
 
 
 class SentenceDetector(AnnotatorStage):

@@ -1,0 +1,71 @@
+"""Table upkeep for the job's Delta outputs (delta-rs; Databricks users run OPTIMIZE / VACUUM instead).
+
+    python -m clinlong.pipelines.maintain TABLE [--compact] [--vacuum] [--retention-hours H] [--dry-run]
+
+--compact rewrites small files into ~target-size files (one commit, data unchanged, safe next to
+appending jobs). --vacuum deletes files no table version within the retention references: files that
+older versions removed, and orphans that killed runs wrote but never committed. Keep the retention
+longer than any job runs (default 168 h), or a vacuum could delete a running job's uncommitted files:
+a retention below the table's minimum (`delta.deletedFileRetentionDuration`, 7 days unless set) is
+refused unless --force is given.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def compact(table_uri: str, target_mb: int = 256) -> dict:
+    """Merge small files; return delta-rs' metrics (files added/removed)."""
+    from deltalake import DeltaTable
+
+    return DeltaTable(table_uri).optimize.compact(target_size=target_mb * 1024 * 1024)
+
+
+def vacuum(table_uri: str, retention_hours: int = 168, dry_run: bool = False, force: bool = False) -> list[str]:
+    """Delete unreferenced files older than the retention, including never-committed orphans (full
+    vacuum). The table's minimum retention is enforced unless `force`."""
+    from deltalake import DeltaTable
+
+    return DeltaTable(table_uri).vacuum(retention_hours=retention_hours, dry_run=dry_run,
+                                        enforce_retention_duration=not force, full=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m clinlong.pipelines.maintain", description=__doc__.split("\n\n")[0])
+    p.add_argument("table", help="Delta table path (the job's --out or its _errors table)")
+    p.add_argument("--compact", action="store_true", help="merge small files")
+    p.add_argument("--target-mb", type=int, default=256, help="compaction target file size")
+    p.add_argument("--vacuum", action="store_true", help="delete unreferenced and orphan files")
+    p.add_argument("--retention-hours", type=int, default=168, help="vacuum keeps files removed more recently")
+    p.add_argument("--dry-run", action="store_true", help="vacuum: list, do not delete")
+    p.add_argument("--force", action="store_true",
+                   help="vacuum: allow a retention below the table's minimum (only when no job is writing to it)")
+    args = p.parse_args(argv)
+    from deltalake import DeltaTable
+
+    if not DeltaTable.is_deltatable(args.table):
+        print(f"error: {args.table} is not a Delta table", file=sys.stderr)
+        return 2
+    if not (args.compact or args.vacuum):
+        p.error("choose --compact and/or --vacuum")
+    if args.compact:
+        m = compact(args.table, args.target_mb)
+        print(f"compacted: {m.get('numFilesRemoved', 0)} files into {m.get('numFilesAdded', 0)}")
+    if args.vacuum:
+        try:
+            files = vacuum(args.table, args.retention_hours, args.dry_run, args.force)
+        except Exception as e:  # noqa: BLE001 - delta-rs refuses a retention below the table's minimum
+            if "retention" not in str(e).lower():
+                raise
+            print(f"error: --retention-hours {args.retention_hours} is below the table's minimum retention; a "
+                  "vacuum that short can delete files a running job has not committed yet. Pass --force only "
+                  "when no job writes to the table", file=sys.stderr)
+            return 2
+        print(f"vacuum{' (dry run)' if args.dry_run else ''}: {len(files)} unreferenced files"
+              f"{' listed' if args.dry_run else ' deleted'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

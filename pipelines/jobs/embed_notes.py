@@ -1,0 +1,329 @@
+"""The batch job: embed a note table into a Delta table.
+
+    python -m clinlong.pipelines.embed_notes --notes INPUT --model ARTIFACT --out DELTA_PATH [options]
+    spark-submit pipelines/embed_notes.py --notes INPUT --model ARTIFACT --out DELTA_PATH [options]
+
+Reading, embedding and writing run in Spark tasks over Arrow batches (`mapInArrow`); the model is
+loaded once per Python worker. The input is cut into chunks, each committed once under the run's
+Delta transaction id (pipelines.delta.writers), so a rerun resumes and a finished run is never written
+twice; what a run is and which notes it owes is pipelines.delta.run_plan. Nothing here logs or prints
+note text.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+import uuid
+
+from clinlong.pipelines.core.artifact import Artifact, ArtifactError
+from clinlong.pipelines.core.config import (DEFAULT_CHUNK_NOTES, DEFAULT_TARGET_FILE_MB, MODES,  # noqa: F401
+                                            TASKS_PER_CORE, WRITERS, JobConfig)
+from clinlong.pipelines.delta.sink import CommitConflict
+from clinlong.pipelines.core.engine import EmbedOptions
+from clinlong.pipelines.core.schema import GRANULARITIES
+from clinlong.pipelines.spark.sources import FORMATS, InputError
+from clinlong.pipelines.core.storage import StorageError, parse_storage_options
+from clinlong.pipelines.spark.tasks import ModelStepFailed
+
+log = logging.getLogger("clinlong.job")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m clinlong.pipelines.embed_notes",
+                                description="Embed a clinical-note table with Clinical-Longformer into a Delta table.")
+    p.add_argument("--notes", required=True,
+                   help="catalog table (db.table, catalog.schema.table), or a Delta, Parquet or CSV (NOTEEVENTS layout) "
+                        "path or URI (s3a://, s3://, abfss://, gs://, dbfs:/, /Volumes/..., file:)")
+    p.add_argument("--model", required=True, help="native artifact directory written by `python -m clinlong.export`")
+    p.add_argument("--out", required=True, help="output Delta table path or URI (s3://, s3a://, abfss://, gs://, local)")
+    p.add_argument("--id-col", default="ROW_ID", help="note id column (default ROW_ID)")
+    p.add_argument("--text-col", default="TEXT", help="note text column (default TEXT)")
+    p.add_argument("--id-type", choices=("auto", "long", "string"), default="auto",
+                   help="auto keeps the id column's type (integers as long); long/string cast it")
+    p.add_argument("--input-format", choices=FORMATS, default="auto",
+                   help="auto: a catalog table if one has that name, a Delta table if the path has a Delta log, "
+                        "else CSV or Parquet from the names of its files")
+    p.add_argument("--granularity", choices=GRANULARITIES, default="note", help="one row per note, sentence or token")
+    p.add_argument("--context", choices=("note", "sentence"), default="note",
+                   help="note: the whole note is one sequence (windows past max length); sentence: each sentence alone")
+    p.add_argument("--max-length", type=int, default=4096, help="BPE pieces per sequence incl. <s>, </s> (<= 4096)")
+    p.add_argument("--case-insensitive", action="store_true", help="lowercase text before BPE (offsets stay original)")
+    p.add_argument("--token-vector", choices=("first", "mean"), default="first",
+                   help="token granularity: vector of the token's first BPE piece (default) or mean of its pieces")
+    p.add_argument("--window-overlap", type=int, default=512, help="pieces shared by consecutive windows (default 512)")
+    p.add_argument("--mode", choices=MODES, default="append",
+                   help="append; overwrite (the first chunk replaces the table); incremental: embed only notes whose "
+                        "(id, text sha256) is not yet in OUT for this model, then drop rows of notes whose text changed")
+    p.add_argument("--errors-out", default="",
+                   help="Delta table of input rows that were not embedded (id, text hash, stage, reason); default OUT_errors")
+    p.add_argument("--chunk-notes", type=int, default=DEFAULT_CHUNK_NOTES,
+                   help="commit every ~N notes (a crash loses at most the chunk in flight; rerun resumes); 0: one commit")
+    p.add_argument("--run-id", default="",
+                   help="name of this run in Delta's transaction ids (default: derived from input, model and options, "
+                        "so rerunning the same command resumes it and a finished run is not written twice)")
+    p.add_argument("--partition-by", default="",
+                   help="input column (e.g. CATEGORY) carried into the output table as its Delta partition column")
+    p.add_argument("--max-note-chars", type=int, default=EmbedOptions.max_chars,
+                   help="longer texts are recorded in the errors table instead of embedded")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="compute precision: fp32 (the export's parity), bf16 (AMX on recent Xeons), fp16")
+    p.add_argument("--backend", choices=("auto", "onnxruntime", "torch"), default="auto",
+                   help="auto: onnxruntime for fp32 on CPUs, torch for bf16/fp16 and on GPUs")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: the GPU Spark assigned the task when CUDA is usable, else the CPU")
+    p.add_argument("--gpus-per-task", type=float, default=0.0,
+                   help="GPUs the embedding stage's tasks ask for (fractions share a GPU); > 0 puts a "
+                        "ResourceProfile on that stage only, so reading stays on CPU tasks")
+    p.add_argument("--batch-size", type=int, default=32, help="max sequences per model call")
+    p.add_argument("--token-budget", type=int, default=16384, help="max padded tokens per model call")
+    p.add_argument("--partitions", type=int, default=0,
+                   help=f"tasks per chunk of the embedding stage (0: {TASKS_PER_CORE} per core of the cluster), "
+                        "balanced by text length")
+    p.add_argument("--target-file-mb", type=float, default=DEFAULT_TARGET_FILE_MB,
+                   help="size of the Parquet files each task writes (delta-rs writer)")
+    p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="delta-rs storage option (repeatable), beyond the AWS_*/AZURE_*/GOOGLE_* environment variables")
+    p.add_argument("--vector-dtype", choices=("float32", "float16"), default="float32",
+                   help="float32: array<float>; float16: binary of little-endian halves (half the storage)")
+    p.add_argument("--writer", choices=WRITERS, default="auto",
+                   help="auto: delta-spark when its JARs are on the classpath, else delta-rs")
+    p.add_argument("--master", help="Spark master when run with python -m (default local[*])")
+    p.add_argument("--progress-every", type=float, default=30.0,
+                   help="seconds between progress logs (notes/s, tokens/s, ETA); 0 turns them off")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> JobConfig:
+    opts = EmbedOptions(context=args.context, max_length=args.max_length, case_sensitive=not args.case_insensitive,
+                        window_overlap=args.window_overlap, token_vector=args.token_vector,
+                        token_budget=args.token_budget, batch_size=args.batch_size,
+                        precision=args.precision, backend=args.backend, device=args.device,
+                        max_chars=args.max_note_chars)
+    return JobConfig(notes=args.notes, model=args.model, out=args.out, id_col=args.id_col, text_col=args.text_col,
+                     id_type=args.id_type, input_format=args.input_format, granularity=args.granularity,
+                     mode=args.mode, partitions=args.partitions,
+                     vector_dtype=args.vector_dtype, writer=args.writer, progress_every=args.progress_every,
+                     gpus_per_task=args.gpus_per_task, errors_out=args.errors_out, chunk_notes=args.chunk_notes,
+                     run_id=args.run_id, partition_by=args.partition_by, target_file_mb=args.target_file_mb,
+                     storage_options=parse_storage_options(args.storage_option), options=opts)
+
+
+def spark_session(master: str | None = None):
+    from pyspark.sql import SparkSession
+
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    builder = SparkSession.builder.appName("clinlong-embed-notes").config("spark.ui.showConsoleProgress", "true")
+    if master or "PYSPARK_GATEWAY_PORT" not in os.environ:  # python -m (spark-submit sets its own master)
+        master = master or "local[*]"
+        builder = builder.master(master)
+        if master.startswith("local"):  # a few shuffle partitions for incremental mode's joins, not 200
+            builder = builder.config("spark.sql.shuffle.partitions", str(2 * (os.cpu_count() or 1)))
+    return builder.config("spark.sql.execution.arrow.maxRecordsPerBatch", "64").getOrCreate()
+
+
+def run(cfg: JobConfig, spark=None) -> dict:
+    """Run the job chunk by chunk, each chunk one idempotent commit; return the run's summary (also
+    stored in every chunk's Delta commit info, cumulatively)."""
+    from pyspark import StorageLevel
+
+    from clinlong.pipelines.core.logs import configure
+    from pyspark.sql.pandas.types import to_arrow_type
+
+    from clinlong.pipelines.delta import run_plan
+    from clinlong.pipelines.spark import sources
+    from clinlong.pipelines.spark.progress import JobProgress
+    from clinlong.pipelines.core.schema import OutputSpec, error_schema, table_schema
+    from clinlong.pipelines.delta.writers import Chunk, Totals, make_writer
+
+    configure()
+    start = time.perf_counter()
+    artifact = Artifact.open(cfg.model)  # verifies every file's sha256 before any work
+    cfg.options.validate(artifact)
+    spark = spark or spark_session()
+    keep = (cfg.partition_by,) if cfg.partition_by else ()
+    source = sources.resolve(spark, cfg.notes, cfg.input_format, cfg.storage_options)
+    raw = sources.read(spark, source)
+    notes = sources.select_notes(raw, cfg.id_col, cfg.text_col, cfg.id_type, keep)
+    id_type = to_arrow_type(notes.schema["note_id"].dataType)
+    spec = OutputSpec(cfg.granularity, table_schema(cfg.granularity, id_type, cfg.vector_dtype, cfg.partition_by),
+                      artifact.model_id, artifact.dimension, cfg.options.token_vector, cfg.vector_dtype, cfg.partition_by)
+    writer = make_writer(spark, cfg, str(artifact.path), spec, error_schema(id_type))
+    writer.check_outputs()
+    log.info("model %s (dim %d), input %s (%s), granularity %s, context %s, max length %d, mode %s, writer %s",
+             artifact.model_id, artifact.dimension, source.name, source.kind, cfg.granularity, cfg.options.context,
+             cfg.options.max_length, cfg.mode, writer.name)
+
+    all_notes = notes
+    ident = _run_description(cfg, artifact.model_id, sources.fingerprint(spark, source, raw))
+    if cfg.mode == "incremental":
+        cols = ["note_id", "text_sha256", "model_id"]
+        done = run_plan.done_keys(writer.read(cfg.out, cols), writer.read(cfg.errors_path, cols + ["stage"]),
+                                  artifact.model_id)
+        notes = run_plan.pending(notes, done)
+        ident["tables"] = [writer.version(cfg.out), writer.version(cfg.errors_path)]
+    notes = notes.persist(StorageLevel.DISK_ONLY)  # read (and planned) once, reused by every chunk
+    n_in = notes.count()
+    # Nothing to embed: no commit at all (an overwrite still commits, to empty the table).
+    chunks = 0 if n_in == 0 and cfg.mode != "overwrite" else run_plan.n_chunks(n_in, cfg.chunk_notes)
+    ident["chunks"] = chunks
+    rid = cfg.run_id or run_plan.run_id(ident)
+    app_id = f"clinlong-{rid}"
+    first = writer.committed_version(cfg.out, app_id) + 1
+    if first:
+        log.info("run %s: chunks 0..%d of %d were committed by an earlier attempt; resuming", rid, first - 1, chunks)
+    tasks = cfg.partitions or TASKS_PER_CORE * spark.sparkContext.defaultParallelism
+    log.info("run %s: %d input rows in %d chunk(s) of ~%d notes, up to %d task(s) per chunk", rid, n_in, chunks,
+             cfg.chunk_notes or n_in, tasks)
+
+    totals = Totals()
+    chunked = run_plan.with_chunk(notes, chunks)
+    attempt = uuid.uuid4().hex[:8]  # names this driver's files, so it only ever deletes its own
+    version = writer.version(cfg.out)
+
+    def summary(pending: list[dict] = ()) -> dict:
+        """The run so far, with a chunk's counts not yet committed (for that chunk's commit info)."""
+        t = Totals()
+        t.merge(totals)
+        t.add(list(pending))
+        return _summary(t, time.perf_counter() - start, artifact, cfg, rid, chunks, n_in, first)
+
+    with JobProgress(spark, cfg.progress_every, total_notes=n_in) as progress:
+        for c in range(first, chunks):
+            part = run_plan.balance(chunked.where(chunked["_chunk"] == c).drop("_chunk"), tasks)
+            ctx = Chunk(c, chunks, rid, app_id, f"{rid}-c{c:05d}-{attempt}")
+            v, counts = writer.write_chunk(part, ctx, summary, gpu_profile(cfg), progress.address)
+            totals.add(counts)
+            version = v if v is not None else version
+    if first == 0 and totals.notes != n_in:  # a guard, never expected: every row in must be accounted for
+        raise RuntimeError(f"rows in {n_in} but tasks accounted for {totals.notes}; the table was not left "
+                           f"inconsistent (every chunk commit is whole), rerun to resume")
+    result = summary()
+    if cfg.mode == "incremental":
+        result.update(_delete_stale(writer, all_notes, notes, cfg, artifact.model_id, rid))
+        version = writer.version(cfg.out)
+    notes.unpersist()
+    result["version"] = version
+    return result
+
+
+def _run_description(cfg: JobConfig, model_id: str, fingerprint: list) -> dict:
+    """What makes two invocations the same run: input data, columns, model, output, result-changing options."""
+    from clinlong.pipelines.delta.run_plan import RESULT_OPTIONS
+
+    return {"input": fingerprint, "format": cfg.input_format, "id": [cfg.id_col, cfg.id_type],
+            "text": cfg.text_col, "model": model_id, "granularity": cfg.granularity, "mode": cfg.mode,
+            "vector_dtype": cfg.vector_dtype, "chunk_notes": cfg.chunk_notes, "partition_by": cfg.partition_by,
+            "options": {k: getattr(cfg.options, k) for k in RESULT_OPTIONS}}
+
+
+def _delete_stale(writer, notes, pending, cfg: JobConfig, model_id: str, run_id: str) -> dict:
+    """Incremental mode, after the new rows are committed, one merge commit per table and kind: rows
+    (and error rows) of notes whose text changed, and `embed` error rows of earlier runs for notes this
+    run embedded again. Idempotent, so a crash between the steps is finished by a rerun."""
+    from pyspark.sql import functions as F
+
+    from clinlong.pipelines.delta import run_plan
+
+    cols = ["note_id", "text_sha256", "model_id"]
+    out, errors = writer.read(cfg.out, cols), writer.read(cfg.errors_path, cols + ["stage", "run_id"])
+    deleted = {"stale_rows_deleted": 0, "retried_error_rows_deleted": 0}
+    model = F.lit(model_id).alias("model_id")
+    if out is not None:
+        deleted["stale_rows_deleted"] = writer.delete_matching(cfg.out, run_plan.stale(notes, out, model_id).select("*", model))
+    if errors is not None:
+        writer.delete_matching(cfg.errors_path, run_plan.stale(notes, errors, model_id).select("*", model))
+        retried = run_plan.retried_errors(pending, errors, model_id).select("*", model)
+        deleted["retried_error_rows_deleted"] = writer.delete_matching(
+            cfg.errors_path, retried, f"t.stage = 'embed' AND t.run_id <> '{run_id}'")
+    return deleted
+
+
+def gpu_profile(cfg: JobConfig):
+    """Stage-level scheduling: a task ResourceProfile asking for GPUs on the embedding stage alone."""
+    if not cfg.gpus_per_task:
+        return None
+    from pyspark.resource import ResourceProfileBuilder, TaskResourceRequests
+
+    requests = TaskResourceRequests().cpus(1).resource("gpu", cfg.gpus_per_task)
+    return ResourceProfileBuilder().require(requests).build
+
+
+def _summary(t, seconds: float, artifact: Artifact, cfg: JobConfig, run_id: str, chunks: int,
+             input_rows: int, first_chunk: int) -> dict:
+    """What this invocation did: rows in = embedded + errors (by stage and reason), tokens, throughput."""
+    return {
+        "rows_in": t.notes, "embedded": t.embedded, "errors": dict(t.errors), "warnings": dict(t.warnings),
+        "tasks": t.tasks,
+        "input_rows": input_rows, "chunks_resumed_from": first_chunk, "chunks": chunks, "run_id": run_id,
+        "devices": dict(t.devices), "gpu_addresses": dict(t.gpus),
+        "rows_written": t.rows, "bpe_tokens": t.tokens, "windows": t.windows, "seconds": round(seconds, 2),
+        "notes_per_s": round(t.notes / seconds, 2), "tokens_per_s": round(t.tokens / seconds, 1),
+        "model_id": artifact.model_id, "granularity": cfg.granularity, "context": cfg.options.context,
+        "vector_dtype": cfg.vector_dtype, "precision": cfg.options.precision, "out": cfg.out,
+        "errors_out": cfg.errors_path, "mode": cfg.mode,
+    }
+
+
+def task_failure(e: BaseException) -> str | None:
+    """The one-line cause of a job that failed because a Spark task kept failing (our ModelStepFailed,
+    found in the Python traceback Spark forwards), or None for other exceptions."""
+    text = str(e)
+    marker = f"{ModelStepFailed.__name__}: "
+    if marker not in text:
+        return None
+    line = text[text.rindex(marker):].splitlines()[0]
+    return f"a Spark task failed after its retries: {line}"
+
+
+def format_summary(s: dict) -> str:
+    errors = ", ".join(f"{k}: {v}" for k, v in sorted(s["errors"].items())) or "none"
+    warnings = ", ".join(f"{k}: {v}" for k, v in sorted(s["warnings"].items()))
+    resumed = f" (resumed at chunk {s['chunks_resumed_from']})" if s["chunks_resumed_from"] else ""
+    if s["input_rows"] == 0 and s["chunks"] == 0:
+        resumed = f" (nothing to do: no input rows{' left to embed' if s['mode'] == 'incremental' else ''})"
+    elif s["chunks_resumed_from"] == s["chunks"]:
+        resumed = (f" (nothing to do: run {s['run_id']} had committed all {s['chunks']} chunk(s); "
+                   "pass --run-id to write the same input again)")
+    return (f"rows in {s['rows_in']}{resumed}, embedded {s['embedded']}, errors {sum(s['errors'].values())} "
+            f"({errors}){'; warnings: ' + warnings if warnings else ''}\n"
+            f"rows written {s['rows_written']} ({s['granularity']} granularity, {s['context']} context), "
+            f"BPE tokens {s['bpe_tokens']}, windows {s['windows']}\n"
+            f"{s['seconds']} s, {s['notes_per_s']} notes/s, {s['tokens_per_s']} tokens/s\n"
+            f"devices: {_counted(s['devices'])}; GPU addresses assigned: {_counted(s['gpu_addresses']) or 'none'}\n"
+            + (f"stale rows deleted: {s['stale_rows_deleted']}, retried embed errors cleared: "
+               f"{s['retried_error_rows_deleted']}\n" if "stale_rows_deleted" in s else "")
+            + f"Delta table {s['out']} version {s['version']}, errors in {s['errors_out']} (model {s['model_id']})")
+
+
+def _counted(counts: dict) -> str:
+    return ", ".join(f"{k} x{v}" for k, v in sorted(counts.items()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+        spark = spark_session(args.master)
+        summary = run(cfg, spark)
+    except (InputError, ArtifactError, StorageError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except CommitConflict as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    except Exception as e:  # noqa: BLE001 - a Spark task failed past its retries: one line, then exit 4
+        cause = task_failure(e)
+        if cause is None:
+            raise
+        print(f"error: {cause}; nothing of the failed chunk was committed, committed chunks are kept: "
+              "fix the cause and rerun the same command to resume", file=sys.stderr)
+        return 4
+    print(format_summary(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""The Spark layer: ML stages, Arrow task functions, sources, progress, the one-liner `load()`."""

@@ -1,0 +1,93 @@
+"""The layers of the tree: core (no Spark) < spark < delta < jobs, export above the core only; no module
+imports upward or in a cycle; `import clinlong.pipelines` and the core import no Spark."""
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import ROOT
+
+RANK = {"core": 0, "spark": 1, "delta": 2, "jobs": 3}
+
+
+def _modules() -> dict[str, Path]:
+    mods = {}
+    for folder, pkg in (("pipelines", "clinlong.pipelines"), ("export", "clinlong.export"),
+                        ("benchmarks", "clinlong.benchmarks")):
+        for f in (ROOT / folder).rglob("*.py"):
+            rel = f.relative_to(ROOT / folder).with_suffix("")
+            parts = [p for p in rel.parts if p != "__init__"]
+            mods[".".join([pkg, *parts])] = f
+    return mods
+
+
+def _imports(path: Path) -> set[str]:
+    """Every clinlong module a file imports, at module level or inside functions."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("clinlong"):
+            found.add(node.module)
+            found.update(f"{node.module}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("clinlong"))
+    return found
+
+
+def _layer(mod: str) -> tuple[str, int]:
+    parts = mod.split(".")
+    if parts[1] == "pipelines":
+        return "pipelines", RANK.get(parts[2], 4) if len(parts) > 2 else 4  # entry points sit on top
+    return parts[1], {"export": 5, "benchmarks": 6}[parts[1]]
+
+
+def test_no_module_imports_upward():
+    mods = _modules()
+    upward = []
+    for mod, path in mods.items():
+        _, rank = _layer(mod)
+        for target in _imports(path):
+            if target not in mods:
+                continue  # a name imported from a module
+            if mod.startswith("clinlong.pipelines") and target.startswith(("clinlong.export", "clinlong.benchmarks")):
+                upward.append((mod, target))  # the pipeline never imports conversion code
+            elif mod.startswith("clinlong.export") and target.startswith("clinlong.pipelines") \
+                    and not target.startswith("clinlong.pipelines.core"):
+                upward.append((mod, target))  # export uses the core only (the one model definition)
+            elif _layer(target)[0] == "pipelines" and mod.startswith("clinlong.pipelines") and _layer(target)[1] > rank:
+                upward.append((mod, target))
+    assert not upward, upward
+
+
+def test_no_import_cycles():
+    mods = _modules()
+    graph = {m: {t for t in _imports(p) if t in mods and t != m} for m, p in mods.items()}
+    # a package's __init__ importing nothing of its children keeps parents out of cycles
+    seen, stack, cycles = set(), [], []
+
+    def visit(m):
+        if m in stack:
+            cycles.append(stack[stack.index(m):] + [m])
+            return
+        if m in seen:
+            return
+        seen.add(m)
+        stack.append(m)
+        for t in graph[m]:
+            visit(t)
+        stack.pop()
+
+    for m in graph:
+        visit(m)
+    assert not cycles, cycles[:3]
+
+
+def test_the_core_and_the_package_import_no_spark():
+    code = ("import sys; import clinlong.pipelines, clinlong.pipelines.core.engine, clinlong.pipelines.core.runtime, "
+            "clinlong.pipelines.core.schema, clinlong.pipelines.core.files, clinlong.pipelines.core.config; "
+            "from clinlong.pipelines import load; "
+            "assert not [m for m in sys.modules if m.startswith(('pyspark', 'torch', 'transformers'))], "
+            "sorted(m for m in sys.modules if m.startswith(('pyspark', 'torch', 'transformers')))[:5]")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
+    assert proc.returncode == 0, proc.stderr[-2000:]
