@@ -132,6 +132,42 @@ def test_stages_pipeline_schema_metadata_persistence(tiny_artifact, spark, tmp_p
     assert loaded.getDimension() == 64 and loaded.getMaxSentenceLength() == 4096 and loaded.getCaseSensitive()
 
 
+def test_stages_check_declared_input_types_and_keep_their_params(tiny_artifact, tiny_checkpoint, spark, tmp_path):
+    """Each stage declares the annotator type of each input column and refuses another; transform changes
+    no Param; a saved LongformerEmbeddings records its artifact's model_id and refuses a different artifact
+    at that path when loaded."""
+    import shutil
+
+    from clinlong.export.__main__ import run as export
+    from clinlong.export.synthetic import write_synthetic_checkpoint
+    from clinlong.pipelines import DocumentAssembler, LongformerEmbeddings, SentenceDetector, SentenceEmbeddings, Tokenizer
+
+    df = spark.createDataFrame([(1, "Pt. is stable. ASA q.d.")], "id long, text string")
+    docs = DocumentAssembler().setInputCol("text").setOutputCol("document").transform(df)
+    sents = SentenceDetector().setInputCols(["document"]).setOutputCol("sentence").transform(docs)
+    toks = Tokenizer().setInputCols(["sentence"]).setOutputCol("token").transform(sents)
+    with pytest.raises(ValueError, match="input column 'token' holds token, not document"):
+        Tokenizer().setInputCols(["token"]).setOutputCol("t2").transform(toks)
+    with pytest.raises(ValueError, match="input column 'text' holds no annotations, not document"):
+        SentenceDetector().setInputCols(["text"]).transform(toks)
+    path = tmp_path / "model"
+    shutil.copytree(tiny_artifact, path)
+    emb = LongformerEmbeddings().setModelPath(str(path)).setInputCols(["document", "token"])
+    with pytest.raises(ValueError, match="holds document, not token"):
+        LongformerEmbeddings().setModelPath(str(path)).setInputCols(["document", "sentence"]).transform(toks)
+    vecs = emb.transform(toks)
+    pool = SentenceEmbeddings().setInputCols(["sentence", "embeddings"])
+    pooled = pool.transform(vecs)
+    assert pooled.schema["sentence_embeddings"].metadata["dimension"] == 64
+    assert not pool.isSet(pool.dimension) and not pool.isSet(pool.storageRef)  # no Param changed in transform
+    emb.write().overwrite().save(str(tmp_path / "stage"))
+    assert LongformerEmbeddings.load(str(tmp_path / "stage")).getOrDefault("modelId") == emb.getStorageRef()
+    other = write_synthetic_checkpoint(tmp_path / "ck2", "tiny", seed=1)
+    export([str(other), str(path), "--overwrite"])
+    with pytest.raises(ValueError, match="was built with model tiny-clinical-longformer@"):
+        LongformerEmbeddings.load(str(tmp_path / "stage"))
+
+
 def test_float16_vectors_on_request(notes_csv, tiny_artifact, spark, tmp_path):
     base = dict(notes=str(notes_csv), model=str(tiny_artifact), id_type="long")
     run(JobConfig(out=str(tmp_path / "f32"), **base), spark)

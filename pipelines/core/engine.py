@@ -15,27 +15,40 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from clinlong.pipelines.core.artifact import Artifact
-from clinlong.pipelines.core.runtime import DEFAULT_BATCH_SIZE, DEFAULT_TOKEN_BUDGET, Encoder, resolve_backend
+from clinlong.pipelines.core.devices import DEVICES
+from clinlong.pipelines.core.options import option
+from clinlong.pipelines.core.runtime import (BACKENDS, DEFAULT_BATCH_SIZE, DEFAULT_TOKEN_BUDGET, PRECISIONS, Encoder,
+                                             resolve_backend)
 from clinlong.pipelines.core.text import Span, detect_sentences, lowercase_keep_offsets, tokenize
 from clinlong.pipelines.core.windows import DEFAULT_OVERLAP, assign_pieces, window_plan
 
 CONTEXTS = ("note", "sentence")
+MAX_LENGTH = 4096  # Clinical-Longformer's positions; the default max length everywhere
 TOKEN_VECTORS = ("first", "mean")
 
 
 @dataclass(frozen=True)
 class EmbedOptions:
-    context: str = "note"
-    max_length: int = 4096
-    case_sensitive: bool = True
-    window_overlap: int = DEFAULT_OVERLAP
-    token_vector: str = "first"
-    token_budget: int = DEFAULT_TOKEN_BUDGET
-    batch_size: int = DEFAULT_BATCH_SIZE
-    precision: str = "fp32"
-    backend: str = "auto"
-    device: str = "auto"  # auto | cpu | cuda: see pipelines.devices
-    max_chars: int = 1_000_000  # longer texts are recorded, not embedded (a 10 MB "note" is a misfiled blob)
+    """How notes are embedded; each field is also the job's command-line option of the same name."""
+
+    context: str = option("note", "note: the whole note is one sequence (windows past the max length); "
+                          "sentence: each sentence alone (Spark NLP's behaviour)", choices=CONTEXTS)
+    max_length: int = option(MAX_LENGTH, "BPE pieces per sequence, <s> and </s> included (at most the model's)")
+    case_sensitive: bool = option(True, "lowercase text before BPE (offsets stay in the original text)",
+                                  flag="--case-insensitive", negate=True)
+    window_overlap: int = option(DEFAULT_OVERLAP, "pieces shared by consecutive windows of long notes")
+    token_vector: str = option("first", "token vector: its first BPE piece (Spark NLP) or the mean of its pieces",
+                               choices=TOKEN_VECTORS)
+    token_budget: int = option(DEFAULT_TOKEN_BUDGET, "max padded tokens per model call")
+    batch_size: int = option(DEFAULT_BATCH_SIZE, "max sequences per model call")
+    precision: str = option("fp32", "compute precision: fp32 (the export's parity), bf16 (AMX/AVX512-BF16 CPUs, "
+                            "GPUs), fp16", choices=PRECISIONS)
+    backend: str = option("auto", "auto: onnxruntime for fp32 on CPUs, torch for bf16/fp16 and on GPUs",
+                          choices=BACKENDS)
+    device: str = option("auto", "auto: the GPU Spark assigned the task when CUDA is usable, else the CPU",
+                         choices=DEVICES)
+    max_chars: int = option(1_000_000, "longer texts go to the errors table (a 10 MB 'note' is a misfiled blob)",
+                            flag="--max-note-chars")
 
     def validate(self, artifact: Artifact) -> "EmbedOptions":
         if self.context not in CONTEXTS:

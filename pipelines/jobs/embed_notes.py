@@ -19,96 +19,27 @@ import time
 import uuid
 
 from clinlong.pipelines.core.artifact import Artifact, ArtifactError
-from clinlong.pipelines.core.config import (DEFAULT_CHUNK_NOTES, DEFAULT_TARGET_FILE_MB, MODES,  # noqa: F401
-                                            TASKS_PER_CORE, WRITERS, JobConfig)
+from clinlong.pipelines.core.config import TASKS_PER_CORE, JobConfig
 from clinlong.pipelines.delta.sink import CommitConflict
-from clinlong.pipelines.core.engine import EmbedOptions
-from clinlong.pipelines.core.schema import GRANULARITIES
-from clinlong.pipelines.spark.sources import FORMATS, InputError
-from clinlong.pipelines.core.storage import StorageError, parse_storage_options
+from clinlong.pipelines.core.options import add_arguments, from_arguments
+from clinlong.pipelines.core.storage import StorageError
+from clinlong.pipelines.spark.sources import InputError
 from clinlong.pipelines.spark.tasks import ModelStepFailed
 
 log = logging.getLogger("clinlong.job")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line, generated from JobConfig's and EmbedOptions' fields (their defaults, choices, help)."""
     p = argparse.ArgumentParser(prog="python -m clinlong.pipelines.embed_notes",
                                 description="Embed a clinical-note table with Clinical-Longformer into a Delta table.")
-    p.add_argument("--notes", required=True,
-                   help="catalog table (db.table, catalog.schema.table), or a Delta, Parquet or CSV (NOTEEVENTS layout) "
-                        "path or URI (s3a://, s3://, abfss://, gs://, dbfs:/, /Volumes/..., file:)")
-    p.add_argument("--model", required=True, help="native artifact directory written by `python -m clinlong.export`")
-    p.add_argument("--out", required=True, help="output Delta table path or URI (s3://, s3a://, abfss://, gs://, local)")
-    p.add_argument("--id-col", default="ROW_ID", help="note id column (default ROW_ID)")
-    p.add_argument("--text-col", default="TEXT", help="note text column (default TEXT)")
-    p.add_argument("--id-type", choices=("auto", "long", "string"), default="auto",
-                   help="auto keeps the id column's type (integers as long); long/string cast it")
-    p.add_argument("--input-format", choices=FORMATS, default="auto",
-                   help="auto: a catalog table if one has that name, a Delta table if the path has a Delta log, "
-                        "else CSV or Parquet from the names of its files")
-    p.add_argument("--granularity", choices=GRANULARITIES, default="note", help="one row per note, sentence or token")
-    p.add_argument("--context", choices=("note", "sentence"), default="note",
-                   help="note: the whole note is one sequence (windows past max length); sentence: each sentence alone")
-    p.add_argument("--max-length", type=int, default=4096, help="BPE pieces per sequence incl. <s>, </s> (<= 4096)")
-    p.add_argument("--case-insensitive", action="store_true", help="lowercase text before BPE (offsets stay original)")
-    p.add_argument("--token-vector", choices=("first", "mean"), default="first",
-                   help="token granularity: vector of the token's first BPE piece (default) or mean of its pieces")
-    p.add_argument("--window-overlap", type=int, default=512, help="pieces shared by consecutive windows (default 512)")
-    p.add_argument("--mode", choices=MODES, default="append",
-                   help="append; overwrite (the first chunk replaces the table); incremental: embed only notes whose "
-                        "(id, text sha256) is not yet in OUT for this model, then drop rows of notes whose text changed")
-    p.add_argument("--errors-out", default="",
-                   help="Delta table of input rows that were not embedded (id, text hash, stage, reason); default OUT_errors")
-    p.add_argument("--chunk-notes", type=int, default=DEFAULT_CHUNK_NOTES,
-                   help="commit every ~N notes (a crash loses at most the chunk in flight; rerun resumes); 0: one commit")
-    p.add_argument("--run-id", default="",
-                   help="name of this run in Delta's transaction ids (default: derived from input, model and options, "
-                        "so rerunning the same command resumes it and a finished run is not written twice)")
-    p.add_argument("--partition-by", default="",
-                   help="input column (e.g. CATEGORY) carried into the output table as its Delta partition column")
-    p.add_argument("--max-note-chars", type=int, default=EmbedOptions.max_chars,
-                   help="longer texts are recorded in the errors table instead of embedded")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
-                   help="compute precision: fp32 (the export's parity), bf16 (AMX on recent Xeons), fp16")
-    p.add_argument("--backend", choices=("auto", "onnxruntime", "torch"), default="auto",
-                   help="auto: onnxruntime for fp32 on CPUs, torch for bf16/fp16 and on GPUs")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="auto: the GPU Spark assigned the task when CUDA is usable, else the CPU")
-    p.add_argument("--gpus-per-task", type=float, default=0.0,
-                   help="GPUs the embedding stage's tasks ask for (fractions share a GPU); > 0 puts a "
-                        "ResourceProfile on that stage only, so reading stays on CPU tasks")
-    p.add_argument("--batch-size", type=int, default=32, help="max sequences per model call")
-    p.add_argument("--token-budget", type=int, default=16384, help="max padded tokens per model call")
-    p.add_argument("--partitions", type=int, default=0,
-                   help=f"tasks per chunk of the embedding stage (0: {TASKS_PER_CORE} per core of the cluster), "
-                        "balanced by text length")
-    p.add_argument("--target-file-mb", type=float, default=DEFAULT_TARGET_FILE_MB,
-                   help="size of the Parquet files each task writes (delta-rs writer)")
-    p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="delta-rs storage option (repeatable), beyond the AWS_*/AZURE_*/GOOGLE_* environment variables")
-    p.add_argument("--vector-dtype", choices=("float32", "float16"), default="float32",
-                   help="float32: array<float>; float16: binary of little-endian halves (half the storage)")
-    p.add_argument("--writer", choices=WRITERS, default="auto",
-                   help="auto: delta-spark when its JARs are on the classpath, else delta-rs")
-    p.add_argument("--master", help="Spark master when run with python -m (default local[*])")
-    p.add_argument("--progress-every", type=float, default=30.0,
-                   help="seconds between progress logs (notes/s, tokens/s, ETA); 0 turns them off")
+    add_arguments(p, JobConfig)
+    p.add_argument("--master", help="Spark master when run with python -m (default local[*]; spark-submit sets its own)")
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> JobConfig:
-    opts = EmbedOptions(context=args.context, max_length=args.max_length, case_sensitive=not args.case_insensitive,
-                        window_overlap=args.window_overlap, token_vector=args.token_vector,
-                        token_budget=args.token_budget, batch_size=args.batch_size,
-                        precision=args.precision, backend=args.backend, device=args.device,
-                        max_chars=args.max_note_chars)
-    return JobConfig(notes=args.notes, model=args.model, out=args.out, id_col=args.id_col, text_col=args.text_col,
-                     id_type=args.id_type, input_format=args.input_format, granularity=args.granularity,
-                     mode=args.mode, partitions=args.partitions,
-                     vector_dtype=args.vector_dtype, writer=args.writer, progress_every=args.progress_every,
-                     gpus_per_task=args.gpus_per_task, errors_out=args.errors_out, chunk_notes=args.chunk_notes,
-                     run_id=args.run_id, partition_by=args.partition_by, target_file_mb=args.target_file_mb,
-                     storage_options=parse_storage_options(args.storage_option), options=opts)
+    return from_arguments(JobConfig, args)
 
 
 def spark_session(master: str | None = None):

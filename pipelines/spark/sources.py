@@ -17,10 +17,10 @@ from pathlib import Path
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import types as T
 
+from clinlong.pipelines.core.config import INPUT_FORMATS
 from clinlong.pipelines.core.storage import StorageError, delta_rs_uri, is_local, local_path, scheme
 
 ID_TYPES = (T.IntegerType, T.LongType, T.ShortType, T.StringType)
-FORMATS = ("auto", "delta", "parquet", "csv", "table")
 CORRUPT = "_corrupt_record"
 _IDENT = r"(`[^`]+`|[A-Za-z_][\w$]*)"
 TABLE_NAME = re.compile(rf"^{_IDENT}(\.{_IDENT}){{0,2}}$")  # table, db.table, catalog.schema.table
@@ -52,8 +52,8 @@ class Source:
 def resolve(spark: SparkSession, name: str, fmt: str = "auto", storage_options: dict | None = None) -> Source:
     """Decide how to read `name`: the catalog for table names, the Delta log, then Spark's listing."""
     opts = storage_options or {}
-    if fmt not in FORMATS:
-        raise InputError(f"unknown input format {fmt!r}; use one of {', '.join(FORMATS)}")
+    if fmt not in INPUT_FORMATS:
+        raise InputError(f"unknown input format {fmt!r}; use one of {', '.join(INPUT_FORMATS)}")
     if fmt != "auto":
         if fmt == "table" and not _table_exists(spark, name):
             raise InputError(f"table {name} was not found in Spark's catalog ({_catalog_where(spark)}); "

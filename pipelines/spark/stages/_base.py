@@ -11,7 +11,7 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from clinlong.pipelines.spark.annotation import ANNOTATIONS, ARROW_ANNOTATIONS
+from clinlong.pipelines.spark.annotation import ANNOTATIONS, ARROW_ANNOTATIONS, column_metadata
 
 
 def map_batch(batch: pa.RecordBatch, fn: Callable[[pa.RecordBatch], pa.Array], keep: list[str], out: str):
@@ -31,8 +31,35 @@ def map_batch(batch: pa.RecordBatch, fn: Callable[[pa.RecordBatch], pa.Array], k
     yield pa.RecordBatch.from_arrays([batch.column(n) for n in keep] + [col], names=keep + [out])
 
 
+class HasStorageRef(Params):
+    """Spark NLP's `storageRef`: which embeddings a vector column holds (defaults to the model_id)."""
+
+    storageRef = Param(Params._dummy(), "storageRef", "embeddings reference", TypeConverters.toString)
+
+    def setStorageRef(self, value: str):
+        return self._set(storageRef=value)
+
+
+class HasDimension(Params):
+    """Spark NLP's `dimension`: the vector size of an embeddings column."""
+
+    dimension = Param(Params._dummy(), "dimension", "vector size", TypeConverters.toInt)
+
+    def setDimension(self, value: int):
+        return self._set(dimension=value)
+
+    def getDimension(self) -> int:
+        return self.getOrDefault(self.dimension)
+
+
 class AnnotatorStage(Transformer, DefaultParamsReadable, DefaultParamsWritable):
-    """A Transformer with Spark NLP's `setInputCols`/`setOutputCol` surface, saved with Spark ML persistence."""
+    """A Transformer with Spark NLP's `setInputCols`/`setOutputCol` surface, saved with Spark ML persistence.
+
+    Like Spark NLP's annotators, each stage declares the annotator type(s) each input column must hold
+    (`inputAnnotatorTypes`, checked against the columns' metadata) and the type it outputs."""
+
+    inputAnnotatorTypes: tuple[tuple[str, ...], ...] = ()
+    outputAnnotatorType = ""
 
     inputCols = Param(Params._dummy(), "inputCols", "input annotation columns", TypeConverters.toListString)
     outputCol = Param(Params._dummy(), "outputCol", "output annotation column", TypeConverters.toString)
@@ -51,15 +78,26 @@ class AnnotatorStage(Transformer, DefaultParamsReadable, DefaultParamsWritable):
         return self.getOrDefault(self.outputCol)
 
     def _check_inputs(self, df: DataFrame) -> None:
-        for c in self.getInputCols():
+        cols = self.getInputCols()
+        types = self.inputAnnotatorTypes
+        if len(types) == 1:  # one declaration for every input column (EmbeddingsFinisher)
+            types = types * len(cols)
+        for c, allowed in zip(cols, types or [()] * len(cols)):
             if c not in df.columns:
                 raise ValueError(f"{type(self).__name__}: input column {c!r} is missing; columns are {df.columns}")
+            found = (df.schema[c].metadata or {}).get("annotatorType")
+            if allowed and found not in allowed:
+                raise ValueError(f"{type(self).__name__}: input column {c!r} holds {found or 'no annotations'}, "
+                                 f"not {' or '.join(allowed)}; pass setInputCols(...) a column of that type")
 
     def _column_metadata(self) -> dict:
-        raise NotImplementedError
+        """Spark NLP's metadata of the output column (embeddings stages add dimension and storage ref)."""
+        return column_metadata(self.outputAnnotatorType)
 
-    def _map_batches(self, df: DataFrame, fn: Callable[[pa.RecordBatch], pa.Array]) -> DataFrame:
-        """Append `outputCol` computed by `fn` from each Arrow batch (no per-row UDF)."""
+    def _map_batches(self, df: DataFrame, fn: Callable[[pa.RecordBatch], pa.Array],
+                     metadata: dict | None = None) -> DataFrame:
+        """Append `outputCol` computed by `fn` from each Arrow batch (no per-row UDF), with `metadata`
+        (default: the stage's column metadata) on the new column."""
         out = self.getOutputCol()
         schema = T.StructType([f for f in df.schema.fields if f.name != out] + [T.StructField(out, ANNOTATIONS)])
         keep = [f.name for f in df.schema.fields if f.name != out]
@@ -69,4 +107,4 @@ class AnnotatorStage(Transformer, DefaultParamsReadable, DefaultParamsWritable):
                 yield from map_batch(batch, fn, keep, out)
 
         result = df.mapInArrow(run, schema)
-        return result.withColumn(out, F.col(out).alias(out, metadata=self._column_metadata()))
+        return result.withColumn(out, F.col(out).alias(out, metadata=metadata or self._column_metadata()))

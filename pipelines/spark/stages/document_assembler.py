@@ -5,13 +5,15 @@ import pyarrow as pa
 from pyspark.ml.param import Param, Params, TypeConverters
 from pyspark.sql import DataFrame
 
-from clinlong.pipelines.spark.annotation import DOCUMENT, annotations_array, column_metadata
+from clinlong.pipelines.spark.annotation import DOCUMENT, annotations_array
 from clinlong.pipelines.spark.stages._base import AnnotatorStage
 
 
 class DocumentAssembler(AnnotatorStage):
     """Null, empty or whitespace-only text gives an empty annotation array (nothing to embed)."""
 
+    inputAnnotatorTypes = ()
+    outputAnnotatorType = DOCUMENT
     inputCol = Param(Params._dummy(), "inputCol", "raw text column", TypeConverters.toString)
 
     def __init__(self):
@@ -26,9 +28,6 @@ class DocumentAssembler(AnnotatorStage):
 
     def getInputCols(self) -> list[str]:
         return [self.getInputCol()]
-
-    def _column_metadata(self) -> dict:
-        return column_metadata(DOCUMENT)
 
     def _transform(self, df: DataFrame) -> DataFrame:
         self._check_inputs(df)

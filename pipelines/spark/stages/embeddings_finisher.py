@@ -5,10 +5,13 @@ from pyspark.ml.param import Param, Params, TypeConverters
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
+from clinlong.pipelines.spark.annotation import SENTENCE_EMBEDDINGS, WORD_EMBEDDINGS
 from clinlong.pipelines.spark.stages._base import AnnotatorStage
 
 
 class EmbeddingsFinisher(AnnotatorStage):
+    inputAnnotatorTypes = ((WORD_EMBEDDINGS, SENTENCE_EMBEDDINGS),)
+    outputAnnotatorType = ""
     outputCols = Param(Params._dummy(), "outputCols", "output columns, one per input", TypeConverters.toListString)
     outputAsVector = Param(Params._dummy(), "outputAsVector", "array<vector> instead of array<array<float>>",
                            TypeConverters.toBoolean)

@@ -4,6 +4,11 @@ Each annotation of the first input column is encoded and run as one sequence, so
 `document` column gives note context (every token sees its neighbours across sentences; notes past
 maxSentenceLength run as overlapping windows) and feeding `sentence` gives Spark NLP's per-sentence
 behaviour. A token's vector is its first BPE piece's.
+
+Saved with Spark ML persistence, the stage records the artifact's path and its `model_id`, and loading
+it refuses an artifact whose model_id differs (one re-exported in place, or another model at that
+path). The artifact itself is not copied into the saved stage (unlike Spark NLP's models): keep it at
+that path on every executor, or `setModelPath` after loading.
 """
 from __future__ import annotations
 
@@ -12,29 +17,42 @@ import pyarrow as pa
 from pyspark.ml.param import Param, Params, TypeConverters
 from pyspark.sql import DataFrame
 
-from clinlong.pipelines.spark.annotation import WORD_EMBEDDINGS, annotations_array, column_metadata
 from clinlong.pipelines.core.artifact import Artifact
-from clinlong.pipelines.core.engine import EmbedOptions
+from clinlong.pipelines.core.engine import MAX_LENGTH, EmbedOptions
 from clinlong.pipelines.core.registry import resolve
-from clinlong.pipelines.spark.stages._base import AnnotatorStage
+from clinlong.pipelines.spark.annotation import DOCUMENT, TOKEN, WORD_EMBEDDINGS, annotations_array, column_metadata
+from clinlong.pipelines.spark.stages._base import AnnotatorStage, HasDimension, HasStorageRef
 
 
-class LongformerEmbeddings(AnnotatorStage):
+class LongformerEmbeddings(AnnotatorStage, HasDimension, HasStorageRef):
+    inputAnnotatorTypes = ((DOCUMENT,), (TOKEN,))
+    outputAnnotatorType = WORD_EMBEDDINGS
     modelPath = Param(Params._dummy(), "modelPath", "native artifact directory", TypeConverters.toString)
+    modelId = Param(Params._dummy(), "modelId", "the artifact's model_id (checked when a saved stage is loaded)",
+                    TypeConverters.toString)
     caseSensitive = Param(Params._dummy(), "caseSensitive", "keep case before BPE", TypeConverters.toBoolean)
-    maxSentenceLength = Param(Params._dummy(), "maxSentenceLength", "max BPE pieces per sequence (<= 4096)",
+    maxSentenceLength = Param(Params._dummy(), "maxSentenceLength", f"max BPE pieces per sequence (<= {MAX_LENGTH})",
                               TypeConverters.toInt)
     batchSize = Param(Params._dummy(), "batchSize", "max sequences per model call", TypeConverters.toInt)
-    dimension = Param(Params._dummy(), "dimension", "vector size", TypeConverters.toInt)
-    storageRef = Param(Params._dummy(), "storageRef", "embeddings reference (defaults to the model_id)",
-                       TypeConverters.toString)
     tokenVector = Param(Params._dummy(), "tokenVector", "first (Spark NLP) or mean of the token's pieces",
                         TypeConverters.toString)
 
     def __init__(self):
         super().__init__()
         self._setDefault(inputCols=["document", "token"], outputCol="embeddings", caseSensitive=True,
-                         maxSentenceLength=4096, batchSize=8, tokenVector="first")
+                         maxSentenceLength=MAX_LENGTH, batchSize=8, tokenVector="first")
+
+    @classmethod
+    def load(cls, path: str) -> "LongformerEmbeddings":
+        """Spark ML persistence's load, refusing an artifact other than the one the stage was saved with."""
+        stage = super().load(path)
+        if stage.isSet(stage.modelPath) and stage.isSet(stage.modelId):
+            found = Artifact.open(stage.getOrDefault(stage.modelPath), verify=False).model_id
+            if found != stage.getOrDefault(stage.modelId):
+                raise ValueError(f"the saved LongformerEmbeddings at {path} was built with model "
+                                 f"{stage.getOrDefault(stage.modelId)}, but {stage.getOrDefault(stage.modelPath)} now "
+                                 f"holds {found}; put that artifact back there or call setModelPath on another copy")
+        return stage
 
     @classmethod
     def pretrained(cls, name: str = "clinical_longformer", lang: str = "en") -> "LongformerEmbeddings":
@@ -43,7 +61,7 @@ class LongformerEmbeddings(AnnotatorStage):
 
     def setModelPath(self, path: str):
         art = Artifact.open(path)
-        return self._set(modelPath=str(art.path.resolve()), dimension=art.dimension)
+        return self._set(modelPath=str(art.path.resolve()), modelId=art.model_id, dimension=art.dimension)
 
     def setCaseSensitive(self, value: bool):
         return self._set(caseSensitive=value)
@@ -52,8 +70,8 @@ class LongformerEmbeddings(AnnotatorStage):
         return self.getOrDefault(self.caseSensitive)
 
     def setMaxSentenceLength(self, value: int):
-        if not 3 <= value <= 4096:
-            raise ValueError(f"maxSentenceLength must be between 3 and 4096, got {value}")
+        if not 3 <= value <= MAX_LENGTH:
+            raise ValueError(f"maxSentenceLength must be between 3 and {MAX_LENGTH}, got {value}")
         return self._set(maxSentenceLength=value)
 
     def getMaxSentenceLength(self) -> int:
@@ -64,15 +82,6 @@ class LongformerEmbeddings(AnnotatorStage):
 
     def getBatchSize(self) -> int:
         return self.getOrDefault(self.batchSize)
-
-    def setStorageRef(self, value: str):
-        return self._set(storageRef=value)
-
-    def setDimension(self, value: int):
-        return self._set(dimension=value)
-
-    def getDimension(self) -> int:
-        return self.getOrDefault(self.dimension)
 
     def setTokenVector(self, value: str):
         return self._set(tokenVector=value)

@@ -4,18 +4,17 @@ from __future__ import annotations
 import pyarrow as pa
 from pyspark.sql import DataFrame
 
-from clinlong.pipelines.spark.annotation import DOCUMENT, annotations_array, column_metadata
+from clinlong.pipelines.spark.annotation import DOCUMENT, annotations_array
 from clinlong.pipelines.core.text import detect_sentences
 from clinlong.pipelines.spark.stages._base import AnnotatorStage
 
 
 class SentenceDetector(AnnotatorStage):
+    inputAnnotatorTypes = ((DOCUMENT,),)
+    outputAnnotatorType = DOCUMENT
     def __init__(self):
         super().__init__()
         self._setDefault(inputCols=["document"], outputCol="sentence")
-
-    def _column_metadata(self) -> dict:
-        return column_metadata(DOCUMENT)
 
     def _transform(self, df: DataFrame) -> DataFrame:
         self._check_inputs(df)

@@ -10,14 +10,15 @@ import pyarrow as pa
 from pyspark.ml.param import Param, Params, TypeConverters
 from pyspark.sql import DataFrame
 
-from clinlong.pipelines.spark.annotation import SENTENCE_EMBEDDINGS, annotations_array, column_metadata
-from clinlong.pipelines.spark.stages._base import AnnotatorStage
+from clinlong.pipelines.spark.annotation import (DOCUMENT, SENTENCE_EMBEDDINGS, WORD_EMBEDDINGS, annotations_array,
+                                                 column_metadata)
+from clinlong.pipelines.spark.stages._base import AnnotatorStage, HasDimension, HasStorageRef
 
 
-class SentenceEmbeddings(AnnotatorStage):
+class SentenceEmbeddings(AnnotatorStage, HasDimension, HasStorageRef):
+    inputAnnotatorTypes = ((DOCUMENT,), (WORD_EMBEDDINGS,))
+    outputAnnotatorType = SENTENCE_EMBEDDINGS
     poolingStrategy = Param(Params._dummy(), "poolingStrategy", "AVERAGE or SUM", TypeConverters.toString)
-    dimension = Param(Params._dummy(), "dimension", "vector size", TypeConverters.toInt)
-    storageRef = Param(Params._dummy(), "storageRef", "embeddings reference", TypeConverters.toString)
 
     def __init__(self):
         super().__init__()
@@ -29,19 +30,18 @@ class SentenceEmbeddings(AnnotatorStage):
             raise ValueError(f"poolingStrategy must be AVERAGE or SUM, got {value!r}")
         return self._set(poolingStrategy=value)
 
-    def _column_metadata(self) -> dict:
-        return column_metadata(SENTENCE_EMBEDDINGS, self.getOrDefault(self.dimension) or None,
-                               self.getOrDefault(self.storageRef) or None)
+    def _column_metadata(self, dim: int = 0, ref: str = "") -> dict:
+        return column_metadata(SENTENCE_EMBEDDINGS, dim or self.getOrDefault(self.dimension) or None,
+                               ref or self.getOrDefault(self.storageRef) or None)
 
     def _transform(self, df: DataFrame) -> DataFrame:
         self._check_inputs(df)
         span_col, emb_col = self.getInputCols()[:2]
         meta = df.schema[emb_col].metadata or {}
-        if not self.isSet(self.dimension) and meta.get("dimension"):
-            self._set(dimension=int(meta["dimension"]))
-        if not self.isSet(self.storageRef) and meta.get("ref"):
-            self._set(storageRef=meta["ref"])
-        dim, average = self.getOrDefault(self.dimension), self.getOrDefault(self.poolingStrategy) == "AVERAGE"
+        # Unset dimension and storageRef come from the embeddings column, for this call only (no Param changes).
+        dim = self.getOrDefault(self.dimension) if self.isSet(self.dimension) else int(meta.get("dimension") or 0)
+        ref = self.getOrDefault(self.storageRef) if self.isSet(self.storageRef) else meta.get("ref", "")
+        average = self.getOrDefault(self.poolingStrategy) == "AVERAGE"
 
         def pool(batch: pa.RecordBatch) -> pa.Array:
             rows, vectors = [], []
@@ -61,4 +61,4 @@ class SentenceEmbeddings(AnnotatorStage):
             flat = np.stack(vectors) if vectors else np.zeros((0, dim), np.float32)
             return annotations_array(rows, flat, dim)
 
-        return self._map_batches(df, pool)
+        return self._map_batches(df, pool, self._column_metadata(dim, ref))

@@ -4,18 +4,17 @@ from __future__ import annotations
 import pyarrow as pa
 from pyspark.sql import DataFrame
 
-from clinlong.pipelines.spark.annotation import TOKEN, annotations_array, column_metadata
+from clinlong.pipelines.spark.annotation import DOCUMENT, TOKEN, annotations_array
 from clinlong.pipelines.core.text import tokenize
 from clinlong.pipelines.spark.stages._base import AnnotatorStage
 
 
 class Tokenizer(AnnotatorStage):
+    inputAnnotatorTypes = ((DOCUMENT,),)
+    outputAnnotatorType = TOKEN
     def __init__(self):
         super().__init__()
         self._setDefault(inputCols=["sentence"], outputCol="token")
-
-    def _column_metadata(self) -> dict:
-        return column_metadata(TOKEN)
 
     def _transform(self, df: DataFrame) -> DataFrame:
         self._check_inputs(df)

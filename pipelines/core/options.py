@@ -1,0 +1,58 @@
+"""One definition of each option: a dataclass field carries its default, its choices and its help, and
+the command line is generated from the fields (`add_arguments`, `from_arguments`), so no default or
+choice list is restated anywhere else."""
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from dataclasses import MISSING, Field, field, fields, is_dataclass
+
+
+def option(default=MISSING, help: str = "", *, choices: tuple | None = None, flag: str | None = None,
+           negate: bool = False, repeat: Callable | None = None, default_factory=MISSING) -> Field:
+    """A dataclass field that is also a command-line option: `flag` overrides `--field-name`; `negate` makes a
+    true default a `--flag` that turns it off; `repeat` makes a repeatable option whose strings it parses."""
+    meta = {"help": help, "choices": choices, "flag": flag, "negate": negate, "repeat": repeat}
+    return field(default=default, default_factory=default_factory, metadata={"option": meta})
+
+
+def _nested(f: Field):
+    return f.default if f.default is not MISSING and is_dataclass(f.default) else None
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
+    """One argparse option per `option` field of `cls` (and of nested option dataclasses)."""
+    for f in fields(cls):
+        if _nested(f) is not None:
+            add_arguments(parser, type(f.default))
+            continue
+        meta = f.metadata.get("option")
+        if meta is None:
+            continue
+        flag = meta["flag"] or "--" + f.name.replace("_", "-")
+        kw: dict = {"dest": f.name, "help": meta["help"]}
+        if f.default is MISSING and f.default_factory is MISSING:
+            kw["required"] = True
+        elif meta["repeat"] is not None:
+            kw.update(action="append", default=[], metavar="KEY=VALUE")
+        elif isinstance(f.default, bool):
+            kw.update(action="store_false" if meta["negate"] else "store_true", default=f.default)
+        else:
+            kw.update(type=type(f.default), default=f.default, choices=meta["choices"])
+            if meta["choices"] is None:
+                kw["metavar"] = flag.lstrip("-").upper().replace("-", "_")
+            kw["help"] += f" (default: {f.default if f.default != '' else 'none'})"
+        parser.add_argument(flag, **kw)
+
+
+def from_arguments(cls, args: argparse.Namespace):
+    """An instance of `cls` from parsed arguments (nested option dataclasses included)."""
+    values = {}
+    for f in fields(cls):
+        if _nested(f) is not None:
+            values[f.name] = from_arguments(type(f.default), args)
+        elif "option" in f.metadata and hasattr(args, f.name):
+            value = getattr(args, f.name)
+            repeat = f.metadata["option"]["repeat"]
+            values[f.name] = repeat(value) if repeat is not None else value
+    return cls(**values)
