@@ -21,7 +21,7 @@ export PATH := $(JAVA_HOME)/bin:$(PATH)
 endif
 endif
 
-.PHONY: demo test clean
+.PHONY: demo test test-fast clean
 
 $(VENV)/.installed: pyproject.toml
 	@test -n "$(PYTHON)" || { echo "error: Python 3.10-3.12 is required (python3.11 recommended)"; exit 1; }
@@ -48,9 +48,15 @@ demo: $(VENV)/.installed
 		--out $(WORK)/demo/note_embeddings --id-type long --mode incremental --master 'local[2]' --progress-every 0
 	$(PY) -m clinlong.pipelines.neighbours $(WORK)/demo/note_embeddings --note-id 1 --k 5 --notes $(WORK)/demo/NOTEEVENTS.csv
 
+# Two pytest workers, one test file each at a time (most tests wait on JVMs, subprocesses and disks).
 test: $(VENV)/.installed
 	$(JAVA_CHECK)
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile
+
+# The inner loop: everything not marked slow.
+test-fast: $(VENV)/.installed
+	$(JAVA_CHECK)
+	$(PY) -m pytest -m "not slow" -n 2 --dist loadfile
 
 clean:
 	rm -rf $(WORK) .pytest_cache
