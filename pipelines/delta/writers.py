@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -110,8 +111,6 @@ class Writer:
         """Refuse before any work: a non-Delta folder as output, or a table of another schema to append to."""
         for uri, want in ((self.cfg.out, self.spec.schema), (self.cfg.errors_path, self.err_schema)):
             if is_local(uri):
-                import os
-
                 path = local_path(uri)
                 foreign = not os.path.isdir(os.path.join(path, "_delta_log")) and os.path.isdir(path) and any(
                     not (e.name.startswith("part-") and ".zstd.parquet" in e.name) for e in os.scandir(path))
