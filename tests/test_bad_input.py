@@ -141,6 +141,38 @@ def test_a_failing_model_step_costs_only_its_note(tiny_artifact):
     assert b.error_rows()[0][2] == "embed" and b.results[0].note_vector() is not None
 
 
+def test_failures_that_are_not_a_notes_fail_the_task(tiny_artifact):
+    """Out of memory for one sequence, ONNX Runtime and CUDA errors are not a note's fault: the batch is not
+    buried as error rows, the task fails (Spark retries it) with the exception's type, never its message."""
+    import pyarrow as pa
+    from onnxruntime.capi.onnxruntime_pybind11_state import Fail
+
+    from clinlong.pipelines.core.engine import EmbedOptions
+    from clinlong.pipelines.spark.tasks import ModelStepFailed, _embedded, embedder, not_the_notes_fault
+
+    class OutOfMemoryError(RuntimeError):
+        pass
+
+    for e in (MemoryError("one sequence of 4096 tokens does not fit"), OutOfMemoryError("CUDA out of memory"),
+              Fail("session broken"), RuntimeError("CUDA error: an illegal memory access")):
+        assert not_the_notes_fault(e), e
+    assert not not_the_notes_fault(ValueError("bad token")) and not not_the_notes_fault(RuntimeError("kernel"))
+    emb = embedder(str(tiny_artifact), EmbedOptions())
+    real = emb.encoder
+
+    def oom(runs, *a, **k):
+        raise MemoryError("one sequence of 9 tokens does not fit on cpu; secret text")
+
+    emb.encoder = oom
+    try:
+        batch = pa.RecordBatch.from_pydict({"note_id": [1, 2], "text": ["fine", "also fine"]})
+        with pytest.raises(ModelStepFailed, match="^MemoryError in the model step") as info:
+            list(_embedded(emb, iter([batch])))
+    finally:
+        emb.encoder = real
+    assert "secret" not in str(info.value) and info.value.__cause__ is None
+
+
 def test_job_level_errors_name_the_fix(tiny_artifact, tmp_path, capsys, spark):
     import shutil
 
