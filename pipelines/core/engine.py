@@ -1,7 +1,7 @@
 """From note texts to piece, token, sentence and note vectors: the computation every front-end shares
 (the Spark job, the Spark ML stages and the in-process `predict`).
 
-Definitions (design.md): in note context the whole note is BPE-encoded once, as the checkpoint's
+Definitions (the README's "Definitions"): in note context the whole note is BPE-encoded once, as the checkpoint's
 tokenizer does (<s> ... </s>), and run as one sequence (windows past the max length, see windows.py);
 in sentence context each sentence is encoded and run alone. A token's vector is that of its first
 BPE piece (or the mean of its pieces); sentence and note vectors are the mean of the pieces inside the

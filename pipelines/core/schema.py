@@ -1,4 +1,4 @@
-"""Output table schemas (design.md's column contract) and the Arrow builders that fill them.
+"""Output table schemas (the README's output-table contract) and the Arrow builders that fill them.
 
 Beyond the contract's columns: `text_sha256` at every granularity, which keeps notes that share an id
 apart (each input row is embedded and kept; identical duplicate rows give identical output rows) and

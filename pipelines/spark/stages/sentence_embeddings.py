@@ -1,7 +1,7 @@
 """SentenceEmbeddings: [sentence or document, word_embeddings] → `sentence_embeddings` per span.
 
 Spark NLP's behaviour: the AVERAGE (or SUM) of the token vectors inside each span. (The job and
-`predict` compute design.md's piece-level means instead; see README.)
+`predict` compute the piece-level means the README defines instead.)
 """
 from __future__ import annotations
 
