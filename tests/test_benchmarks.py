@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -30,12 +31,39 @@ def test_plan_batches_adds_no_padding_beyond_the_window_multiple():
         assert len(b) <= 4 and len(b) * max(lengths[i] for i in b) <= 10_000 or len(b) == 1
 
 
+@pytest.fixture(scope="module")
+def bench_work(tmp_path_factory):
+    """The benchmark's folder with the base-size (real Clinical-Longformer config) synthetic checkpoint
+    exported once in this run: the export's parity is tested below, then the benchmark reuses it."""
+    from clinlong.benchmarks.__main__ import ensure_artifact
+
+    work = tmp_path_factory.mktemp("bench")
+    start = time.perf_counter()
+    ensure_artifact(work)
+    print(f"\nbase checkpoint and export {time.perf_counter() - start:.1f} s")
+    return work
+
+
 @pytest.mark.slow
-def test_benchmark_quick_reports_every_figure(tmp_path, capsys):
+def test_base_size_parity(bench_work):
+    """The real Clinical-Longformer dimensions: 12 layers, hidden 768, windows 512, at every parity length."""
+    from clinlong.export.parity import PARITY_LENGTHS
+
+    art = bench_work / "artifact-base"
+    report = json.loads((art / "parity.json").read_text())
+    manifest = json.loads((art / "manifest.json").read_text())
+    print(f"base export: max|diff| {report['max_abs_diff']:.2e}, min cosine {report['min_cosine']:.7f}")
+    assert report["passed"] and report["max_abs_diff"] <= 1e-3 and report["min_cosine"] >= 0.99999
+    assert {r["length"] for r in report["results"]} == set(PARITY_LENGTHS)
+    assert manifest["dimension"] == 768 and manifest["attention_windows"] == [512] * 12
+
+
+@pytest.mark.slow
+def test_benchmark_quick_reports_every_figure(bench_work, tmp_path, capsys):
     out = tmp_path / "bench.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYSPARK_PYTHON": sys.executable}
     proc = subprocess.run([sys.executable, "-m", "clinlong.benchmarks", "--quick", "--json", str(out),
-                           "--work", str(ROOT / "work" / "bench")], capture_output=True, text=True, env=env,
+                           "--work", str(bench_work)], capture_output=True, text=True, env=env,
                           cwd=ROOT, timeout=1500)
     with capsys.disabled():  # the figures, for the CI log
         print("\n" + proc.stdout)

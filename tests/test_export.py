@@ -308,20 +308,3 @@ def test_kill_between_the_renames_of_an_overwrite_keeps_the_previous_artifact(ti
     remove_stale_partials(out)
     assert (out / "manifest.json").read_bytes() == (tiny_artifact / "manifest.json").read_bytes()
     assert not half.exists() and not list(tmp_path.glob(".out.partial-*"))
-
-
-# --- base size (the real Clinical-Longformer dimensions) -------------------------------------
-
-@pytest.mark.slow
-def test_base_size_parity(tmp_path):
-    from clinlong.export.synthetic import write_synthetic_checkpoint
-
-    ck = write_synthetic_checkpoint(tmp_path / "base", "base", seed=1)
-    start = time.perf_counter()
-    result = run([str(ck), str(tmp_path / "art")])
-    report = result["report"]
-    print(f"base export {time.perf_counter() - start:.1f} s, max|diff| {report['max_abs_diff']:.2e}, "
-          f"min cosine {report['min_cosine']:.7f}")
-    assert report["passed"] and report["max_abs_diff"] <= 1e-3 and report["min_cosine"] >= 0.99999
-    assert {r["length"] for r in report["results"]} == set(PARITY_LENGTHS)
-    assert result["manifest"]["dimension"] == 768 and result["manifest"]["attention_windows"] == [512] * 12
