@@ -8,8 +8,8 @@ synthetic checkpoint (the real Clinical-Longformer dimensions), MIMIC-III-like m
 from __future__ import annotations
 
 import argparse
-import logging
 import json
+import logging
 import os
 import sys
 import time
@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 
 from clinlong.benchmarks.measure import WorkerMemory, flops_per_token, gemm_peak, machine, peak_rss_mb, rss_mb
-
 
 log = logging.getLogger("clinlong.benchmarks")
 
@@ -85,8 +84,8 @@ def run_baseline(notes: Path, ckpt: Path, out: Path, cores: int) -> tuple[float,
 
 
 def run_ours(notes: Path, art: Path, out: Path, cores: int, precision: str) -> tuple[float, float, dict]:
-    from clinlong.pipelines.jobs.embed_notes import JobConfig, run
     from clinlong.pipelines.core.engine import EmbedOptions
+    from clinlong.pipelines.jobs.embed_notes import JobConfig, run
 
     spark = _spark(cores)
     try:

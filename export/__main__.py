@@ -9,7 +9,6 @@ import time
 
 from clinlong.export.errors import ExportError
 
-
 log = logging.getLogger("clinlong.export")
 
 
@@ -40,7 +39,6 @@ def run(argv: list[str] | None = None) -> dict:
     from clinlong.export.native import write_native
     from clinlong.export.parity import Tolerance, format_report
     from clinlong.export.staging import staged_directory
-
     from clinlong.pipelines.core.logs import configure
 
     configure()

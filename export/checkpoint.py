@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from clinlong.pipelines.core.model import EncoderConfig
 from clinlong.export.errors import ExportError
+from clinlong.pipelines.core.model import EncoderConfig
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")

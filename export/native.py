@@ -7,17 +7,17 @@ import io
 import json
 import time
 import warnings
-from dataclasses import asdict
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from clinlong.export.checkpoint import Checkpoint, _sha256
-from clinlong.pipelines.core.model import LongformerEncoder
 from clinlong.export.errors import ExportError
 from clinlong.export.parity import Tolerance, check_parity, parity_sequences
 from clinlong.export.synthetic_notes import generate_notes
+from clinlong.pipelines.core.model import LongformerEncoder
 
 FORMAT = "clinlong-native"
 FORMAT_VERSION = 1

@@ -236,8 +236,8 @@ def test_batches_past_int32_list_offsets_are_built_in_chunks(tiny_artifact, monk
     stages split an Arrow batch until its annotations fit."""
     import pyarrow as pa
 
-    import clinlong.pipelines.spark.annotation as annotation
     import clinlong.pipelines.core.schema as schema
+    import clinlong.pipelines.spark.annotation as annotation
     from clinlong.pipelines.core.artifact import Artifact
     from clinlong.pipelines.spark.stages._base import map_batch
 

@@ -139,8 +139,8 @@ def test_tokenizer_json_encodes_like_the_checkpoint(tiny_artifact, tiny_checkpoi
 
 def test_safetensors_bare_keys_and_tokenizer_json(tiny_checkpoint, tiny_artifact, tmp_path):
     """model.safetensors with bare LongformerModel keys and a tokenizer.json alone export to the same model."""
-    from safetensors.torch import save_file
     import onnxruntime as ort
+    from safetensors.torch import save_file
 
     ck = tmp_path / "bare"
     ck.mkdir()

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from deltalake import DeltaTable
 
-from clinlong.pipelines.jobs.embed_notes import JobConfig, format_summary, main, run
 from clinlong.pipelines.core.engine import EmbedOptions
+from clinlong.pipelines.jobs.embed_notes import JobConfig, format_summary, main, run
 from tests.conftest import PHI_MARKER, write_test_notes
 
 
@@ -90,10 +90,16 @@ def test_stages_pipeline_schema_metadata_persistence(tiny_artifact, spark, tmp_p
     from pyspark.ml import Pipeline, PipelineModel
     from sparknlp.annotation import Annotation
 
-    from clinlong.pipelines import (DocumentAssembler, EmbeddingsFinisher, LongformerEmbeddings, SentenceDetector,
-                           SentenceEmbeddings, Tokenizer)
-    from clinlong.pipelines.core.engine import NoteEmbedder
+    from clinlong.pipelines import (
+        DocumentAssembler,
+        EmbeddingsFinisher,
+        LongformerEmbeddings,
+        SentenceDetector,
+        SentenceEmbeddings,
+        Tokenizer,
+    )
     from clinlong.pipelines.core.artifact import Artifact
+    from clinlong.pipelines.core.engine import NoteEmbedder
 
     text = "HISTORY OF PRESENT ILLNESS:\nPt. is stable. He takes ASA q.d.\n1. Aspirin 81 mg"
     df = spark.createDataFrame([(1, text), (2, None), (3, "  ")], "id long, text string")
@@ -140,7 +146,13 @@ def test_stages_check_declared_input_types_and_keep_their_params(tiny_artifact, 
 
     from clinlong.export.__main__ import run as export
     from clinlong.export.synthetic import write_synthetic_checkpoint
-    from clinlong.pipelines import DocumentAssembler, LongformerEmbeddings, SentenceDetector, SentenceEmbeddings, Tokenizer
+    from clinlong.pipelines import (
+        DocumentAssembler,
+        LongformerEmbeddings,
+        SentenceDetector,
+        SentenceEmbeddings,
+        Tokenizer,
+    )
 
     df = spark.createDataFrame([(1, "Pt. is stable. ASA q.d.")], "id long, text string")
     docs = DocumentAssembler().setInputCol("text").setOutputCol("document").transform(df)
@@ -192,8 +204,8 @@ def test_spark_side_writer_counts_come_from_its_rows(notes_csv, tiny_artifact, s
 
     from clinlong.pipelines.core.artifact import Artifact
     from clinlong.pipelines.core.schema import OutputSpec, error_schema, table_schema
-    from clinlong.pipelines.spark.sources import read_notes, select_notes
     from clinlong.pipelines.delta.writers import Chunk, DeltaSparkWriter, Totals
+    from clinlong.pipelines.spark.sources import read_notes, select_notes
 
     art = Artifact.open(tiny_artifact)
     notes = select_notes(read_notes(spark, str(notes_csv)), "ROW_ID", "TEXT", "long")
@@ -220,8 +232,8 @@ def test_spark_side_writer_splits_rows_and_errors(notes_csv, tiny_artifact, spar
     from pyspark.sql.pandas.types import from_arrow_schema, to_arrow_type
 
     from clinlong.pipelines.core.artifact import Artifact
-    from clinlong.pipelines.delta.writers import split_rows
     from clinlong.pipelines.core.schema import OutputSpec, error_schema, table_schema
+    from clinlong.pipelines.delta.writers import split_rows
     from clinlong.pipelines.spark.sources import read_notes, select_notes
     from clinlong.pipelines.spark.tasks import combined_schema, embed_rows_and_errors
 

@@ -17,8 +17,14 @@ import numpy as np
 from clinlong.pipelines.core.artifact import Artifact
 from clinlong.pipelines.core.devices import DEVICES
 from clinlong.pipelines.core.options import option
-from clinlong.pipelines.core.runtime import (BACKENDS, DEFAULT_BATCH_SIZE, DEFAULT_TOKEN_BUDGET, PRECISIONS, Encoder,
-                                             resolve_backend)
+from clinlong.pipelines.core.runtime import (
+    BACKENDS,
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_TOKEN_BUDGET,
+    PRECISIONS,
+    Encoder,
+    resolve_backend,
+)
 from clinlong.pipelines.core.text import Span, detect_sentences, lowercase_keep_offsets, tokenize
 from clinlong.pipelines.core.windows import DEFAULT_OVERLAP, assign_pieces, window_plan
 

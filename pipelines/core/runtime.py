@@ -15,7 +15,6 @@ import numpy as np
 
 from clinlong.pipelines.core.artifact import Artifact
 
-
 DEFAULT_TOKEN_BUDGET = 16384
 DEFAULT_BATCH_SIZE = 32
 PRECISIONS = ("fp32", "bf16", "fp16")

@@ -12,10 +12,10 @@ several chunks, each under the limit (a 10,000-note batch at token granularity r
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pyarrow as pa
-
-from dataclasses import dataclass
 
 from clinlong.pipelines.core.engine import NoteResult
 

@@ -17,6 +17,7 @@ import pyarrow as pa
 from clinlong.pipelines.core.files import WrittenFile
 from clinlong.pipelines.core.storage import delta_rs_uri, is_local
 
+
 class CommitConflict(Exception):
     """Another writer changed the table in a way this commit cannot be reconciled with."""
 

@@ -24,8 +24,8 @@ from pyspark.sql import functions as F
 from clinlong.pipelines.core import faults
 from clinlong.pipelines.core.config import JobConfig
 from clinlong.pipelines.core.schema import OutputSpec
-from clinlong.pipelines.spark.sources import InputError, delta_spark_available, read_delta_rs
 from clinlong.pipelines.core.storage import StorageError, delta_rs_uri, is_local, local_path
+from clinlong.pipelines.spark.sources import InputError, delta_spark_available, read_delta_rs
 
 log = logging.getLogger("clinlong.job")
 

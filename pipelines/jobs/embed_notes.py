@@ -20,9 +20,9 @@ import uuid
 
 from clinlong.pipelines.core.artifact import Artifact, ArtifactError
 from clinlong.pipelines.core.config import TASKS_PER_CORE, JobConfig
-from clinlong.pipelines.delta.sink import CommitConflict
 from clinlong.pipelines.core.options import add_arguments, from_arguments
 from clinlong.pipelines.core.storage import StorageError
+from clinlong.pipelines.delta.sink import CommitConflict
 from clinlong.pipelines.spark.sources import InputError
 from clinlong.pipelines.spark.tasks import ModelStepFailed
 
@@ -59,15 +59,14 @@ def run(cfg: JobConfig, spark=None) -> dict:
     """Run the job chunk by chunk, each chunk one idempotent commit; return the run's summary (also
     stored in every chunk's Delta commit info, cumulatively)."""
     from pyspark import StorageLevel
-
-    from clinlong.pipelines.core.logs import configure
     from pyspark.sql.pandas.types import to_arrow_type
 
+    from clinlong.pipelines.core.logs import configure
+    from clinlong.pipelines.core.schema import OutputSpec, error_schema, table_schema
     from clinlong.pipelines.delta import run_plan
+    from clinlong.pipelines.delta.writers import Chunk, Totals, make_writer
     from clinlong.pipelines.spark import sources
     from clinlong.pipelines.spark.progress import JobProgress
-    from clinlong.pipelines.core.schema import OutputSpec, error_schema, table_schema
-    from clinlong.pipelines.delta.writers import Chunk, Totals, make_writer
 
     configure()
     start = time.perf_counter()

@@ -23,8 +23,8 @@ import pyarrow as pa
 from clinlong.pipelines.core import faults
 from clinlong.pipelines.core.artifact import Artifact
 from clinlong.pipelines.core.engine import EmbedOptions, NoteEmbedder, NoteResult
-from clinlong.pipelines.spark.progress import ProgressReporter
 from clinlong.pipelines.core.schema import OutputSpec, build_errors, build_table
+from clinlong.pipelines.spark.progress import ProgressReporter
 
 # What a task returns to the driver: one row per file it wrote (table "out" or "err") and one of its counts
 # (table ""), with the task's partition and clock times.

@@ -10,8 +10,13 @@ import pyarrow as pa
 from pyspark.ml.param import Param, Params, TypeConverters
 from pyspark.sql import DataFrame
 
-from clinlong.pipelines.spark.annotation import (DOCUMENT, SENTENCE_EMBEDDINGS, WORD_EMBEDDINGS, annotations_array,
-                                                 column_metadata)
+from clinlong.pipelines.spark.annotation import (
+    DOCUMENT,
+    SENTENCE_EMBEDDINGS,
+    WORD_EMBEDDINGS,
+    annotations_array,
+    column_metadata,
+)
 from clinlong.pipelines.spark.stages._base import AnnotatorStage, HasDimension, HasStorageRef
 
 

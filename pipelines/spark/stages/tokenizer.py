@@ -4,8 +4,8 @@ from __future__ import annotations
 import pyarrow as pa
 from pyspark.sql import DataFrame
 
-from clinlong.pipelines.spark.annotation import DOCUMENT, TOKEN, annotations_array
 from clinlong.pipelines.core.text import tokenize
+from clinlong.pipelines.spark.annotation import DOCUMENT, TOKEN, annotations_array
 from clinlong.pipelines.spark.stages._base import AnnotatorStage
 
 
