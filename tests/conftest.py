@@ -78,3 +78,13 @@ def write_test_notes(path: Path, long_note_pieces: int = 0) -> Path:
         w.writerow(NOTEEVENTS_COLUMNS)
         w.writerows(rows)
     return path
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Figures tests recorded with `record_property("ci_figures", text)` (the quick benchmark's), printed at
+    the end of the run so they reach the CI log, also from pytest-xdist workers."""
+    for rep in terminalreporter.stats.get("passed", []):
+        text = dict(getattr(rep, "user_properties", ())).get("ci_figures")
+        if text and rep.when == "call":
+            terminalreporter.write_sep("=", f"figures from {rep.nodeid}")
+            terminalreporter.write_line(text)

@@ -59,14 +59,13 @@ def test_base_size_parity(bench_work):
 
 
 @pytest.mark.slow
-def test_benchmark_quick_reports_every_figure(bench_work, tmp_path, capsys):
+def test_benchmark_quick_reports_every_figure(bench_work, tmp_path, record_property):
     out = tmp_path / "bench.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYSPARK_PYTHON": sys.executable}
     proc = subprocess.run([sys.executable, "-m", "clinlong.benchmarks", "--quick", "--json", str(out),
                            "--work", str(bench_work)], capture_output=True, text=True, env=env,
                           cwd=ROOT, timeout=1500)
-    with capsys.disabled():  # the figures, for the CI log
-        print("\n" + proc.stdout)
+    record_property("ci_figures", proc.stdout)  # printed at the end of the run (conftest), for the CI log
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     names = [r["name"] for r in result["runs"]]
