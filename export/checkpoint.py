@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 
 from clinlong.export.errors import ExportError
-from clinlong.pipelines.core.model import EncoderConfig
+from clinlong.pipelines.core.artifact import file_sha256
+from clinlong.pipelines.core.model import EncoderConfig, encoder_state
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
@@ -32,14 +33,6 @@ class Checkpoint:
     @property
     def name(self) -> str:
         return self.path.name
-
-
-def _sha256(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def resolve(source: str) -> Path:
@@ -128,9 +121,9 @@ def _read_tokenizer(path: Path):
 
 
 def _check_shapes(ec: EncoderConfig, state: dict[str, torch.Tensor], tokenizer) -> None:
-    prefix = "longformer." if any(k.startswith("longformer.") for k in state) else ""
-    pos = state.get(f"{prefix}embeddings.position_embeddings.weight")
-    words = state.get(f"{prefix}embeddings.word_embeddings.weight")
+    state = encoder_state(state)
+    pos = state.get("embeddings.position_embeddings.weight")
+    words = state.get("embeddings.word_embeddings.weight")
     if pos is None or words is None:
         raise ExportError("the weights lack Longformer embeddings (embeddings.position_embeddings / word_embeddings); "
                           "pass a Longformer checkpoint")
@@ -159,6 +152,6 @@ def read_checkpoint(source: str) -> Checkpoint:
     h = hashlib.sha256()
     for name in sorted({"config.json", weights_file, *TOKENIZER_FILES}):
         if (path / name).is_file():
-            h.update(f"{name}:{_sha256(path / name)}\n".encode())
+            h.update(f"{name}:{file_sha256(path / name)}\n".encode())
     return Checkpoint(path=path, config=cfg, encoder_config=ec, state_dict=state, tokenizer=tokenizer,
                       weights_file=weights_file, sha256=h.hexdigest())

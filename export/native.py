@@ -13,16 +13,16 @@ from pathlib import Path
 
 import torch
 
-from clinlong.export.checkpoint import Checkpoint, _sha256
+from clinlong.export.checkpoint import Checkpoint
 from clinlong.export.errors import ExportError
 from clinlong.export.parity import Tolerance, check_parity, parity_sequences
 from clinlong.export.synthetic_notes import generate_notes
+from clinlong.pipelines.core.artifact import (MANIFEST_FILE, ONNX_FILE, PARITY_FILE, TOKENIZER_FILE, WEIGHTS_FILE,
+                                              file_sha256)
 from clinlong.pipelines.core.model import LongformerEncoder
 
 FORMAT = "clinlong-native"
 FORMAT_VERSION = 1
-ONNX_FILE, TOKENIZER_FILE, PARITY_FILE, MANIFEST_FILE = "encoder.onnx", "tokenizer.json", "parity.json", "manifest.json"
-WEIGHTS_FILE = "encoder.safetensors"  # the same weights for the torch runtime (bf16/fp16, AMX)
 OPSET = 18
 
 # Strings that stress byte-level BPE beyond the synthetic notes (no real patient data).
@@ -94,7 +94,7 @@ def _special_tokens(tok) -> dict[str, dict]:
 
 def write_manifest(ckpt: Checkpoint, out: Path, name: str, report: dict) -> dict:
     ec = ckpt.encoder_config
-    files = {f.name: _sha256(f) for f in sorted(out.iterdir()) if f.is_file() and f.name != MANIFEST_FILE}
+    files = {f.name: file_sha256(f) for f in sorted(out.iterdir()) if f.is_file() and f.name != MANIFEST_FILE}
     content = hashlib.sha256("".join(f"{k}:{v}\n" for k, v in files.items()).encode()).hexdigest()
     manifest = {
         "format": FORMAT,

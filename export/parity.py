@@ -16,6 +16,7 @@ import torch
 
 from clinlong.export.checkpoint import Checkpoint
 from clinlong.export.synthetic_notes import generate_notes
+from clinlong.pipelines.core.model import encoder_state
 
 PARITY_LENGTHS = (1, 2, 7, 255, 256, 257, 511, 512, 513, 1500, 4096)
 # Batches mix short and long sequences so the padded positions of each are exercised.
@@ -33,10 +34,7 @@ def reference_model(ckpt: Checkpoint):
     from transformers import LongformerConfig, LongformerModel
 
     model = LongformerModel(LongformerConfig(**ckpt.config), add_pooling_layer=False)
-    state = ckpt.state_dict
-    if any(k.startswith("longformer.") for k in state):
-        state = {k[len("longformer."):]: v for k, v in state.items() if k.startswith("longformer.")}
-    missing, _ = model.load_state_dict(state, strict=False)
+    missing, _ = model.load_state_dict(encoder_state(ckpt.state_dict), strict=False)
     missing = [k for k in missing if not k.endswith("position_ids")]
     if missing:
         raise KeyError(f"checkpoint lacks {len(missing)} LongformerModel weights, e.g. {missing[:3]}")

@@ -14,10 +14,16 @@ class ArtifactError(Exception):
     """The artifact is missing, incomplete or altered; the message says how to fix it."""
 
 
-def _sha256(path: Path) -> str:
+# The artifact's files: written by export (clinlong.export.native), read here.
+ONNX_FILE, TOKENIZER_FILE, PARITY_FILE, MANIFEST_FILE = "encoder.onnx", "tokenizer.json", "parity.json", "manifest.json"
+WEIGHTS_FILE = "encoder.safetensors"  # the same weights for the torch runtime (bf16/fp16, GPUs)
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    """The hex sha256 of a file's bytes, read in chunks (checkpoint hashes, manifest digests, verification)."""
     h = hashlib.sha256()
     with path.open("rb") as f:
-        while block := f.read(1 << 22):
+        while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
 
@@ -31,7 +37,7 @@ class Artifact:
     def open(cls, path: str | Path, verify: bool = True) -> "Artifact":
         """Read the manifest; with `verify`, check every file's sha256 against it."""
         path = Path(path).expanduser()
-        mf = path / "manifest.json"
+        mf = path / MANIFEST_FILE
         if not mf.is_file():
             raise ArtifactError(f"{path} is not a model artifact (no manifest.json); "
                                 "create one with: python -m clinlong.export CHECKPOINT OUT")
@@ -49,7 +55,7 @@ class Artifact:
             f = self.path / name
             if not f.is_file():
                 raise ArtifactError(f"artifact file {f} is missing; re-export the artifact")
-            if _sha256(f) != digest:
+            if file_sha256(f) != digest:
                 raise ArtifactError(f"artifact file {f} fails its sha256 check (corrupt or altered); re-export the artifact")
 
     @property
@@ -74,7 +80,7 @@ class Artifact:
 
     @property
     def encoder_config(self) -> dict:
-        """The encoder's config for the torch runtime (fields of export.encoder.EncoderConfig)."""
+        """The encoder's config for the torch runtime (fields of core.model.EncoderConfig)."""
         return dict(self.manifest["torch"]["encoder_config"])
 
     def token_id(self, name: str) -> int:

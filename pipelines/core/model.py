@@ -224,9 +224,7 @@ class LongformerEncoder(nn.Module):
     def load_hf_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Load a LongformerModel or LongformerForMaskedLM state dict (`longformer.` prefix);
         global-attention projections, pooler and LM head are not part of the encoder."""
-        prefix = "longformer."
-        if any(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        state = encoder_state(state)
         own = self.state_dict()
         missing = sorted(k for k in own if k not in state)
         if missing:
@@ -235,3 +233,14 @@ class LongformerEncoder(nn.Module):
             if tuple(state[k].shape) != tuple(v.shape):
                 raise ValueError(f"weight {k} has shape {tuple(state[k].shape)}, config expects {tuple(v.shape)}")
         self.load_state_dict({k: state[k] for k in own}, strict=True)
+
+
+HF_PREFIX = "longformer."  # LongformerForMaskedLM's prefix of the LongformerModel weights
+
+
+def encoder_state(state: dict) -> dict:
+    """A LongformerModel state dict from a LongformerForMaskedLM one (its `longformer.` weights, unprefixed);
+    a state dict without the prefix is returned as it is."""
+    if any(k.startswith(HF_PREFIX) for k in state):
+        return {k[len(HF_PREFIX):]: v for k, v in state.items() if k.startswith(HF_PREFIX)}
+    return state

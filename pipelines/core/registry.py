@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from clinlong.pipelines.core.artifact import ArtifactError
+from clinlong.pipelines.core.artifact import MANIFEST_FILE, ArtifactError
 
 # nlu-style references and Spark NLP-style (name, lang) pairs that mean the same artifact.
 ALIASES = {
@@ -21,11 +21,11 @@ def resolve(name: str = "clinical_longformer", lang: str = "en") -> Path:
     """The artifact directory for `name`: DIR/name_lang or DIR/name, or a clear error that says what to do."""
     if name in ALIASES:
         name, lang = ALIASES[name]
-    if Path(name).expanduser().is_dir() and (Path(name).expanduser() / "manifest.json").exists():
+    if Path(name).expanduser().is_dir() and (Path(name).expanduser() / MANIFEST_FILE).exists():
         return Path(name).expanduser()
     root = models_dir()
     for candidate in (root / f"{name}_{lang}", root / name):
-        if (candidate / "manifest.json").is_file():
+        if (candidate / MANIFEST_FILE).is_file():
             return candidate
     raise ArtifactError(
         f"model {name!r} ({lang}) is not in {root}. Export it there: "
