@@ -79,10 +79,15 @@ class JobProgress:
 
     def __enter__(self) -> "JobProgress":
         if self.every > 0:
-            self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            self._sock.bind((_driver_host(self.spark), 0))
-            self._sock.settimeout(0.5)
-            threading.Thread(target=self._receive, daemon=True, name="clinlong-progress-in").start()
+            try:
+                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                sock.bind((_driver_host(self.spark), 0))
+                sock.settimeout(0.5)
+                self._sock = sock
+                threading.Thread(target=self._receive, daemon=True, name="clinlong-progress-in").start()
+            except OSError:  # no address to listen on: counts then come only from finished chunks' logs
+                logging.getLogger("clinlong.progress").warning("live task counts are off: cannot listen on the "
+                                                               "driver's address")
             self._thread.start()
         return self
 
