@@ -94,33 +94,33 @@ def run(cfg: JobConfig, spark=None) -> dict:
                                   artifact.model_id)
         notes = run_plan.pending(notes, done)
         ident["tables"] = [writer.version(cfg.out), writer.version(cfg.errors_path)]
-    notes = notes.persist(StorageLevel.DISK_ONLY)  # read (and planned) once, reused by every chunk
-    n_in = notes.count()
-    # Nothing to embed: no commit at all (an overwrite still commits, to empty the table).
-    chunks = 0 if n_in == 0 and cfg.mode != "overwrite" else run_plan.n_chunks(n_in, cfg.chunk_notes)
-    ident["chunks"] = chunks
-    rid = cfg.run_id or run_plan.run_id(ident)
-    app_id = f"clinlong-{rid}"
-    first = writer.committed_version(cfg.out, app_id) + 1
-    if first:
-        log.info("run %s: chunks 0..%d of %d were committed by an earlier attempt; resuming", rid, first - 1, chunks)
-    tasks = cfg.partitions or TASKS_PER_CORE * spark.sparkContext.defaultParallelism
-    log.info("run %s: %d input rows in %d chunk(s) of ~%d notes, up to %d task(s) per chunk", rid, n_in, chunks,
-             cfg.chunk_notes or n_in, tasks)
+    with JobProgress(spark, cfg.progress_every) as progress:  # from the read on: a big input shows progress too
+        notes = notes.persist(StorageLevel.DISK_ONLY)  # read (and planned) once, reused by every chunk
+        n_in = progress.total_notes = notes.count()
+        # Nothing to embed: no commit at all (an overwrite still commits, to empty the table).
+        chunks = 0 if n_in == 0 and cfg.mode != "overwrite" else run_plan.n_chunks(n_in, cfg.chunk_notes)
+        ident["chunks"] = chunks
+        rid = cfg.run_id or run_plan.run_id(ident)
+        app_id = f"clinlong-{rid}"
+        first = writer.committed_version(cfg.out, app_id) + 1
+        if first:
+            log.info("run %s: chunks 0..%d of %d were committed by an earlier attempt; resuming", rid, first - 1, chunks)
+        tasks = cfg.partitions or TASKS_PER_CORE * spark.sparkContext.defaultParallelism
+        log.info("run %s: %d input rows in %d chunk(s) of ~%d notes, up to %d task(s) per chunk", rid, n_in, chunks,
+                 cfg.chunk_notes or n_in, tasks)
 
-    totals = Totals()
-    chunked = run_plan.with_chunk(notes, chunks)
-    attempt = uuid.uuid4().hex[:8]  # names this driver's files, so it only ever deletes its own
-    version = writer.version(cfg.out)
+        totals = Totals()
+        chunked = run_plan.with_chunk(notes, chunks)
+        attempt = uuid.uuid4().hex[:8]  # names this driver's files, so it only ever deletes its own
+        version = writer.version(cfg.out)
 
-    def summary(pending: list[dict] = ()) -> dict:
-        """The run so far, with a chunk's counts not yet committed (for that chunk's commit info)."""
-        t = Totals()
-        t.merge(totals)
-        t.add(list(pending))
-        return _summary(t, time.perf_counter() - start, artifact, cfg, rid, chunks, n_in, first)
+        def summary(pending: list[dict] = ()) -> dict:
+            """The run so far, with a chunk's counts not yet committed (for that chunk's commit info)."""
+            t = Totals()
+            t.merge(totals)
+            t.add(list(pending))
+            return _summary(t, time.perf_counter() - start, artifact, cfg, rid, chunks, n_in, first)
 
-    with JobProgress(spark, cfg.progress_every, total_notes=n_in) as progress:
         for c in range(first, chunks):
             part = run_plan.balance(chunked.where(chunked["_chunk"] == c).drop("_chunk"), tasks)
             ctx = Chunk(c, chunks, rid, app_id, f"{rid}-c{c:05d}-{attempt}")
