@@ -1,6 +1,7 @@
 """What a run is and which notes it owes: the run id behind Delta's transaction identifiers, the
-chunk each note belongs to, and for `--mode incremental` the notes still to embed and the rows that
-a changed text has made stale. Pure planning over Spark DataFrames; nothing here writes.
+chunk each note belongs to, how a chunk is spread over tasks of equal work, and for `--mode
+incremental` the notes still to embed and the rows that a changed text (or a retried model-step
+failure) has made stale. Pure planning over Spark DataFrames; nothing here writes.
 """
 from __future__ import annotations
 
