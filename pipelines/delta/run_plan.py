@@ -123,9 +123,14 @@ def plan_tasks(total: int, heavy: list[tuple[int, int]], tasks: int, slots_per_t
     return placed, [t for t in range(tasks) for _ in range(counts[t])]
 
 
+_EXACT_TARGETS: dict[int, list[int]] = {}  # by task count: Spark's hash is fixed, so once per process
+
+
 def _exact_targets(spark, tasks: int) -> list[int]:
     """For each partition index p, a long whose Spark hash partitioning (pmod(murmur3(v), tasks), what
-    `repartition(tasks, col)` uses) is p: found by asking Spark to hash candidates."""
+    `repartition(tasks, col)` uses) is p: found by asking Spark to hash candidates, once per task count."""
+    if tasks in _EXACT_TARGETS:
+        return _EXACT_TARGETS[tasks]
     found: dict[int, int] = {}
     n = 32 * tasks
     while len(found) < tasks:
@@ -133,7 +138,8 @@ def _exact_targets(spark, tasks: int) -> list[int]:
         for r in rows:
             found.setdefault(r["p"], r["id"])
         n += 32 * tasks
-    return [found[p] for p in range(tasks)]
+    _EXACT_TARGETS[tasks] = [found[p] for p in range(tasks)]
+    return _EXACT_TARGETS[tasks]
 
 
 def retried_errors(pending: DataFrame, errors: DataFrame, model_id: str) -> DataFrame:

@@ -26,6 +26,7 @@ from clinlong.pipelines.core.config import JobConfig
 from clinlong.pipelines.core.schema import OutputSpec
 from clinlong.pipelines.core.storage import StorageError, delta_rs_uri, is_local, local_path
 from clinlong.pipelines.spark.sources import InputError, delta_spark_available, read_delta_rs
+from clinlong.pipelines.spark.tasks import COUNT_KEYS
 
 log = logging.getLogger("clinlong.job")
 
@@ -53,7 +54,7 @@ class Totals:
 
     def add(self, counts: list[dict]) -> None:
         for m in counts:
-            for k in ("notes", "embedded", "tokens", "windows", "rows"):
+            for k in COUNT_KEYS:
                 setattr(self, k, getattr(self, k) + int(m.get(k) or 0))
             self.errors.update(_as_dict(m.get("errors")))
             self.warnings.update(_as_dict(m.get("warnings")))
@@ -61,9 +62,8 @@ class Totals:
             self.devices[m.get("device") or "unknown"] += 1
             self.gpus.update(g for g in (m.get("gpus") or "").split(",") if g)
 
-
     def merge(self, other: "Totals") -> None:
-        for k in ("notes", "embedded", "tokens", "windows", "rows", "tasks"):
+        for k in (*COUNT_KEYS, "tasks"):
             setattr(self, k, getattr(self, k) + getattr(other, k))
         for k in ("errors", "warnings", "devices", "gpus"):
             getattr(self, k).update(getattr(other, k))
@@ -97,7 +97,7 @@ class Writer:
     def existing_schema(self, uri: str) -> pa.Schema | None:
         raise NotImplementedError
 
-    def write_chunk(self, part: DataFrame, ctx: Chunk, summary: Callable[[], dict], profile=None,
+    def write_chunk(self, part: DataFrame, ctx: Chunk, summary: Callable[[list[dict]], dict], profile=None,
                     progress: tuple | None = None) -> tuple[int | None, list[dict]]:
         """Embed and commit one chunk; return (output table version or None, the tasks' counts)."""
         raise NotImplementedError

@@ -34,6 +34,8 @@ META_SCHEMA = pa.schema([(n, pa.string()) for n in ("table", "path")] + [("size"
                         + [(n, pa.string()) for n in ("errors", "warnings", "device", "gpus")]
                         + [("task", pa.int64()), ("started", pa.float64()), ("finished", pa.float64())])
 
+COUNT_KEYS = ("rows", "notes", "embedded", "tokens", "windows")  # the summed figures of a counts row
+
 log = logging.getLogger("clinlong.tasks")
 
 ArrowFn = Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]
@@ -294,12 +296,12 @@ class _TaskCounts:
         self.errors, self.warnings = Counter(), Counter()
 
     def add(self, c: dict) -> None:
-        self.n.update({k: c[k] for k in ("rows", "notes", "embedded", "tokens", "windows")})
+        self.n.update({k: c[k] for k in COUNT_KEYS})
         self.errors.update(c["errors"])
         self.warnings.update(c["warnings"])
 
     def as_row(self) -> dict:
-        return {**{k: self.n[k] for k in ("rows", "notes", "embedded", "tokens", "windows")},
+        return {**{k: self.n[k] for k in COUNT_KEYS},
                 "errors": json.dumps(dict(self.errors)), "warnings": json.dumps(dict(self.warnings))}
 
 
