@@ -17,13 +17,13 @@ from clinlong.export.checkpoint import Checkpoint
 from clinlong.export.errors import ExportError
 from clinlong.export.parity import Tolerance, check_parity, parity_sequences
 from clinlong.export.synthetic_notes import generate_notes
-from clinlong.pipelines.core.artifact import (MANIFEST_FILE, ONNX_FILE, PARITY_FILE, TOKENIZER_FILE, WEIGHTS_FILE,
-                                              file_sha256)
+from clinlong.pipelines.core.artifact import (MANIFEST_FILE, ONNX_FILE, PARITY_FILE, SUPPORTED_FORMAT, TOKENIZER_FILE,
+                                              WEIGHTS_FILE, file_sha256)
 from clinlong.pipelines.core.model import LongformerEncoder
+from clinlong.pipelines.core.packing import positions
 
-FORMAT = "clinlong-native"
-FORMAT_VERSION = 1
 OPSET = 18
+ONNX_INPUTS = ("input_ids", "position_ids")  # packed rows: positions restart at each sequence
 
 # Strings that stress byte-level BPE beyond the synthetic notes (no real patient data).
 _TOKENIZER_PROBES = ["", " ", "  leading spaces", "Pt. c/o SOB; HR 110s.\n\n\tTabs\r\nCRLF", "[**2101-3-4**]",
@@ -62,16 +62,18 @@ def write_weights(encoder: LongformerEncoder, out: Path) -> None:
 
 
 def write_onnx(encoder: LongformerEncoder, ckpt: Checkpoint, out: Path, opset: int = OPSET) -> None:
-    """Export the encoder with dynamic batch and sequence axes."""
+    """Export the encoder with dynamic batch and row-length axes; inputs are packed rows (input_ids and
+    position_ids, see core.packing), so a row may be longer than one sequence's max length."""
     length = min(600, ckpt.encoder_config.max_length)  # an example past one window where the model allows
     example = torch.from_numpy(parity_sequences(ckpt.tokenizer, (length,), length)[length])[None].repeat(2, 1)
-    batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence", max=ckpt.encoder_config.max_length)
+    pos = torch.from_numpy(positions([length], ckpt.encoder_config.pad_token_id))[None].repeat(2, 1)
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("row_length")
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            encoder, (example, torch.ones_like(example)), str(out / ONNX_FILE),
-            input_names=["input_ids", "attention_mask"], output_names=["last_hidden_state"],
-            dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}},
+            encoder, (example, pos), str(out / ONNX_FILE),
+            input_names=list(ONNX_INPUTS), output_names=["last_hidden_state"],
+            dynamic_shapes={name: {0: batch, 1: seq} for name in ONNX_INPUTS},
             opset_version=opset, dynamo=True, external_data=False, verbose=False,
         )
 
@@ -97,8 +99,8 @@ def write_manifest(ckpt: Checkpoint, out: Path, name: str, report: dict) -> dict
     files = {f.name: file_sha256(f) for f in sorted(out.iterdir()) if f.is_file() and f.name != MANIFEST_FILE}
     content = hashlib.sha256("".join(f"{k}:{v}\n" for k, v in files.items()).encode()).hexdigest()
     manifest = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format": SUPPORTED_FORMAT[0],
+        "format_version": SUPPORTED_FORMAT[1],
         "name": name,
         "model_id": f"{name}@{content[:12]}",
         "architecture": "LongformerModel",
@@ -112,7 +114,7 @@ def write_manifest(ckpt: Checkpoint, out: Path, name: str, report: dict) -> dict
         "special_tokens": _special_tokens(ckpt.tokenizer),
         "case_sensitive": True,
         "global_attention": False,
-        "onnx": {"file": ONNX_FILE, "opset": OPSET, "inputs": ["input_ids", "attention_mask"],
+        "onnx": {"file": ONNX_FILE, "opset": OPSET, "inputs": list(ONNX_INPUTS), "packed": True,
                  "outputs": ["last_hidden_state"], "dtype": "float32"},
         "tokenizer": TOKENIZER_FILE,
         "torch": {"file": WEIGHTS_FILE, "encoder_config": asdict(ec), "dtype": "float32"},

@@ -1,8 +1,9 @@
 """Parity of the exported ONNX encoder against Hugging Face `LongformerModel` (fp32).
 
 The reference runs each sequence alone, unpadded, through the real transformers implementation;
-the candidate runs the ONNX file in batches that mix lengths (so padding is exercised). Every
-real token is compared: max absolute difference and cosine similarity.
+the candidate runs the ONNX file on packed rows (core.packing) that mix lengths, in one call whose
+shorter rows are padded, so both sequence boundaries and padding are exercised. Every real token is
+compared: max absolute difference and cosine similarity.
 """
 from __future__ import annotations
 
@@ -17,10 +18,11 @@ import torch
 from clinlong.export.checkpoint import Checkpoint
 from clinlong.export.synthetic_notes import generate_notes
 from clinlong.pipelines.core.model import encoder_state
+from clinlong.pipelines.core.packing import packed_rows
 
 PARITY_LENGTHS = (1, 2, 7, 255, 256, 257, 511, 512, 513, 1500, 4096)
-# Batches mix short and long sequences so the padded positions of each are exercised.
-PARITY_BATCHES = ((1, 2, 7, 255, 256, 257), (511, 512, 513, 1500), (4096, 7))
+# Rows pack short and long sequences end to end; the shorter rows are padded to the longest.
+PARITY_ROWS = ((1, 2, 7, 255, 256, 257), (511, 512, 513, 1500), (4096, 7))
 
 
 @dataclass(frozen=True)
@@ -89,52 +91,44 @@ def check_parity(onnx_path: str | Path, ckpt: Checkpoint, tol: Tolerance = Toler
     log(f"reference: transformers LongformerModel on {len(seqs)} lengths ({time.perf_counter() - start:.1f} s)")
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    pad = ckpt.tokenizer.pad_token_id
-    rows, batches = [], []
-    for b, batch in enumerate(PARITY_BATCHES):
-        batch = [n for n in batch if n in seqs]
-        if not batch:
-            continue
-        batches.append(batch)
-        width = max(batch)
-        ids = np.full((len(batch), width), pad, dtype=np.int64)
-        mask = np.zeros((len(batch), width), dtype=np.int64)
-        for i, n in enumerate(batch):
-            ids[i, :n], mask[i, :n] = seqs[n], 1
-        out = session.run(["last_hidden_state"], {"input_ids": ids, "attention_mask": mask})[0]
-        for i, n in enumerate(batch):
-            diff, cos = _compare(reference[n], out[i, :n])
-            ok = diff <= tol.max_abs_diff and cos >= tol.min_cosine and np.isfinite(out[i, :n]).all()
-            rows.append({"length": n, "batch": len(batches) - 1, "padded_to": width,
-                         "max_abs_diff": diff, "min_cosine": cos, "passed": bool(ok)})
+    pad, padding_idx = ckpt.tokenizer.pad_token_id, ckpt.encoder_config.pad_token_id
+    lengths = sorted(seqs)
+    rows = [[lengths.index(n) for n in row if n in seqs] for row in PARITY_ROWS]
+    rows = [r for r in rows if r]
+    ids, pos, spans = packed_rows([seqs[n] for n in lengths], rows, pad, padding_idx)
+    out = session.run(["last_hidden_state"], {"input_ids": ids, "position_ids": pos})[0]
+    results = []
+    for r, row in enumerate(rows):
+        for i, (first, n) in zip(row, spans[r]):
+            got = out[r, first:first + n]
+            diff, cos = _compare(reference[lengths[i]], got)
+            ok = diff <= tol.max_abs_diff and cos >= tol.min_cosine and np.isfinite(got).all()
+            results.append({"length": n, "row": r, "row_length": ids.shape[1], "max_abs_diff": diff,
+                            "min_cosine": cos, "passed": bool(ok)})
     torch_rows = []
     if torch_encoder is not None:
         batch = [n for n in TORCH_CHECK_LENGTHS if n in seqs]
-        width = max(batch)
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, n in enumerate(batch):
-            ids[i, :n], mask[i, :n] = torch.from_numpy(seqs[n]), 1
+        t_ids, t_pos, t_spans = packed_rows([seqs[n] for n in batch], [list(range(len(batch)))], pad, padding_idx)
         with torch.inference_mode():
-            out = torch_encoder(ids, mask).numpy()
-        for i, n in enumerate(batch):
-            diff, cos = _compare(reference[n], out[i, :n])
+            t_out = torch_encoder(torch.from_numpy(t_ids), torch.from_numpy(t_pos)).numpy()[0]
+        for n, (first, _) in zip(batch, t_spans[0]):
+            diff, cos = _compare(reference[n], t_out[first:first + n])
             torch_rows.append({"length": n, "max_abs_diff": diff, "min_cosine": cos,
                                "passed": bool(diff <= tol.max_abs_diff and cos >= tol.min_cosine)})
-    seen = {r["length"] for r in rows}
+    seen = {r["length"] for r in results}
     if seen != set(seqs):  # every parity length must have been checked
         raise AssertionError(f"parity lengths not checked: {sorted(set(seqs) - seen)}")
     return {
-        "passed": all(r["passed"] for r in rows + torch_rows),
+        "passed": all(r["passed"] for r in results + torch_rows),
         "tolerance": asdict(tol),
         "reference": f"transformers {transformers.__version__} LongformerModel, fp32, each sequence alone",
-        "candidate": f"ONNX on onnxruntime {ort.__version__} CPUExecutionProvider, batches mixing lengths",
+        "candidate": f"ONNX on onnxruntime {ort.__version__} CPUExecutionProvider, packed rows mixing lengths",
         "lengths_skipped_over_max_length": [n for n in PARITY_LENGTHS if n > max_len],
-        "batches": batches,
-        "results": sorted(rows, key=lambda r: r["length"]),
-        "max_abs_diff": max(r["max_abs_diff"] for r in rows),
-        "min_cosine": min(r["min_cosine"] for r in rows),
-        "torch": {"candidate": "export.encoder.LongformerEncoder in torch fp32 (the torch runtime's module)",
+        "rows": [[lengths[i] for i in row] for row in rows],
+        "results": sorted(results, key=lambda r: r["length"]),
+        "max_abs_diff": max(r["max_abs_diff"] for r in results),
+        "min_cosine": min(r["min_cosine"] for r in results),
+        "torch": {"candidate": "core.model.LongformerEncoder in torch fp32 (the torch runtime's module), one packed row",
                   "results": torch_rows},
         "seconds": round(time.perf_counter() - start, 2),
     }
@@ -142,9 +136,9 @@ def check_parity(onnx_path: str | Path, ckpt: Checkpoint, tol: Tolerance = Toler
 
 def format_report(report: dict) -> str:
     """The parity report as a small table for terminals."""
-    lines = [f"{'length':>7} {'batch':>5} {'padded':>6} {'max|diff|':>10} {'min cos':>10}  ok"]
+    lines = [f"{'length':>7} {'row':>5} {'row len':>7} {'max|diff|':>10} {'min cos':>10}  ok"]
     for r in report["results"]:
-        lines.append(f"{r['length']:>7} {r['batch']:>5} {r['padded_to']:>6} {r['max_abs_diff']:>10.2e} "
+        lines.append(f"{r['length']:>7} {r['row']:>5} {r['row_length']:>7} {r['max_abs_diff']:>10.2e} "
                      f"{r['min_cosine']:>10.7f}  {'yes' if r['passed'] else 'NO'}")
     t = report["tolerance"]
     lines.append(f"overall: max|diff| {report['max_abs_diff']:.2e} (tolerance {t['max_abs_diff']:.0e}), "

@@ -21,10 +21,12 @@ import numpy as np
 import pytest
 from deltalake import DeltaTable
 
+from clinlong.pipelines.core.engine import EmbedOptions
 from clinlong.pipelines.jobs.embed_notes import JobConfig, main, run
 from tests.conftest import ROOT
 
 BUCKET = "clinlong-notes"
+FP32 = EmbedOptions(precision="fp32")  # runs compared across layouts at 1e-5 (bf16 differs by its rounding)
 
 
 def job(args: list[str], env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -240,10 +242,10 @@ def test_object_store_in_and_out(s3, tiny_artifact, spark, tmp_path):
     table = pcsv.read_csv(local)
     write_deltalake(f"s3://{BUCKET}/notes", table.slice(0, 50))
     ref = tmp_path / "ref"
-    run(JobConfig(notes=str(local), model=str(tiny_artifact), out=str(ref), id_type="long"), spark)
+    run(JobConfig(notes=str(local), model=str(tiny_artifact), out=str(ref), id_type="long", options=FP32), spark)
 
     args = ["--notes", f"s3a://{BUCKET}/notes", "--model", str(tiny_artifact), "--out", f"s3a://{BUCKET}/emb",
-            "--id-type", "long", "--master", "local[2]", "--progress-every", "0"]
+            "--id-type", "long", "--master", "local[2]", "--progress-every", "0", "--precision", "fp32"]
     first = job(args + ["--mode", "incremental"], s3)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "rows in 50" in first.stdout and "embedded 50" in first.stdout
@@ -353,7 +355,7 @@ def test_a_note_that_failed_once_is_embedded_by_the_next_incremental_run(tiny_ar
     notes = short_notes(tmp_path / "n.csv", 30)
     out = tmp_path / "emb"
     args = ["--notes", str(notes), "--model", str(tiny_artifact), "--out", str(out), "--id-type", "long",
-            "--mode", "incremental", "--master", "local[2,4]", "--progress-every", "0"]
+            "--mode", "incremental", "--master", "local[2,4]", "--progress-every", "0", "--precision", "fp32"]
     first = job(args, {"CLINLONG_FAULT_RAISE": "note:7",
                        "CLINLONG_FAULTPOINT": f"task-after-part:1:{tmp_path / 'killed'}"})
     assert first.returncode == 0, first.stderr[-3000:]
@@ -370,7 +372,7 @@ def test_a_note_that_failed_once_is_embedded_by_the_next_incremental_run(tiny_ar
     assert DeltaTable(f"{out}_errors").to_pandas().empty
     got = DeltaTable(str(out)).to_pandas().sort_values("note_id")
     ref = tmp_path / "ref"
-    run(JobConfig(notes=str(notes), model=str(tiny_artifact), out=str(ref), id_type="long"), spark)
+    run(JobConfig(notes=str(notes), model=str(tiny_artifact), out=str(ref), id_type="long", options=FP32), spark)
     want = DeltaTable(str(ref)).to_pandas().sort_values("note_id")
     assert got.note_id.tolist() == list(range(1, 31))
     np.testing.assert_allclose(np.stack(got.embedding), np.stack(want.embedding), atol=1e-5)

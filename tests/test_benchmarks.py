@@ -20,17 +20,6 @@ def test_flops_formula_gives_clinical_longformers_189_mflop():
     assert abs(flops_per_token(CLINICAL_LONGFORMER_CONFIG) / 1e6 - 188.8) < 0.1
 
 
-def test_plan_batches_adds_no_padding_beyond_the_window_multiple():
-    from clinlong.pipelines.core.runtime import plan_batches
-
-    lengths = [4096, 3000, 2900, 300, 257, 256, 200, 10, 9, 1]
-    batches = plan_batches(lengths, token_budget=10_000, batch_size=4, multiple=256)
-    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
-    for b in batches:
-        assert len({-(-lengths[i] // 256) for i in b}) == 1  # one length bucket per batch
-        assert len(b) <= 4 and len(b) * max(lengths[i] for i in b) <= 10_000 or len(b) == 1
-
-
 @pytest.fixture(scope="module")
 def bench_work(tmp_path_factory):
     """The benchmark's folder with the base-size (real Clinical-Longformer config) synthetic checkpoint

@@ -40,7 +40,7 @@ def write_notes(path: Path, n: int = 40, seed: int = 5, edit: dict | None = None
 def job_cmd(notes: Path, model: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "clinlong.pipelines.embed_notes", "--notes", str(notes), "--model", str(model),
             "--out", str(out), "--id-type", "long", "--chunk-notes", CHUNK, "--progress-every", "0",
-            "--master", "local[2,4]", *extra]  # local[N,F]: Spark retries a failed task up to F times
+            "--master", "local[2,4]", "--precision", "fp32", *extra]  # local[N,F]: Spark retries a failed task up to F times
 
 
 def run_job(cmd: list[str], fault: str = "", timeout: float = 300) -> subprocess.CompletedProcess:

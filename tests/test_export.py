@@ -19,6 +19,7 @@ import torch
 from clinlong.export.__main__ import main, run
 from clinlong.export.parity import PARITY_LENGTHS
 from clinlong.export.synthetic import CLINICAL_LONGFORMER_CONFIG, config_for
+from clinlong.pipelines.core.packing import packed_rows
 from tests.conftest import ROOT, hf_reference
 
 REAL_LAYOUT = {"config.json", "pytorch_model.bin", "vocab.json", "merges.txt",
@@ -96,7 +97,8 @@ def test_tiny_parity_report_meets_1e_4(tiny_artifact):
     assert {r["length"] for r in report["results"]} == set(PARITY_LENGTHS)
     assert all(r["max_abs_diff"] <= 1e-4 for r in report["results"]), report["results"]
     assert report["min_cosine"] >= 0.99999
-    assert any(len(b) > 1 and min(b) < max(b) for b in report["batches"])  # padding exercised
+    assert any(len(r) > 3 for r in report["rows"])  # sequences of many lengths share a row
+    assert len({sum(r) for r in report["rows"]}) > 1  # the shorter rows were padded
     assert len(report["torch"]["results"]) == 3 and all(r["max_abs_diff"] <= 1e-4 for r in report["torch"]["results"])
 
 
@@ -114,14 +116,14 @@ def test_onnx_has_dynamic_axes_and_matches_hf_independently(tiny_artifact, tiny_
     rng = np.random.default_rng(5)
     lengths = [3000, 300, 1]
     seqs = [[0, *rng.integers(4, 2000, n - 2).tolist(), 2] if n > 1 else [0] for n in lengths]
-    ids = np.ones((3, 3000), np.int64)
-    mask = np.zeros((3, 3000), np.int64)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)], mask[i, : len(s)] = s, 1
-    out = session.run(None, {"input_ids": ids, "attention_mask": mask})[0]
-    for i, s in enumerate(seqs):
-        ref = hf_reference(tiny_checkpoint, s)
-        assert np.abs(out[i, : len(s)] - ref).max() <= 1e-4
+    # Row 0: the 3,000-token sequence; row 1: the others packed end to end, then padding.
+    ids, pos, spans = packed_rows([np.asarray(s) for s in seqs], [[0], [1, 2]], pad_id=1, padding_idx=1)
+    assert ids.shape == (2, 3000) and pos[1, 300] == 2 and pos[1, 301] == 1  # second sequence, then padding
+    out = session.run(None, {"input_ids": ids, "position_ids": pos})[0]
+    for r, row in enumerate([[0], [1, 2]]):
+        for i, (start, n) in zip(row, spans[r]):
+            ref = hf_reference(tiny_checkpoint, seqs[i])
+            assert np.abs(out[r, start:start + n] - ref).max() <= 1e-4
 
 
 def test_tokenizer_json_encodes_like_the_checkpoint(tiny_artifact, tiny_checkpoint):
@@ -152,7 +154,7 @@ def test_safetensors_bare_keys_and_tokenizer_json(tiny_checkpoint, tiny_artifact
     run([str(ck), str(tmp_path / "art")])
     assert json.loads((tmp_path / "art" / "manifest.json").read_text())["source"]["weights_file"] == "model.safetensors"
     ids = np.array([[0, 100, 200, 300, 2]], np.int64)
-    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    feeds = {"input_ids": ids, "position_ids": np.arange(2, 7)[None]}
     a = ort.InferenceSession(str(tiny_artifact / "encoder.onnx")).run(None, feeds)[0]
     b = ort.InferenceSession(str(tmp_path / "art" / "encoder.onnx")).run(None, feeds)[0]
     np.testing.assert_allclose(a, b, atol=1e-6)

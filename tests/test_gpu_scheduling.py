@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from deltalake import DeltaTable
 
-from clinlong.pipelines.core.devices import choose_device, gpu_token_budget
+from clinlong.pipelines.core.devices import MAX_GPU_ROW_TOKENS, choose_device, gpu_token_budget
 from tests.cluster import project_zip, standalone_cluster
 from tests.conftest import ROOT, write_test_notes
 from tests.test_standalone_cluster import _submit
@@ -27,13 +27,16 @@ def test_device_choice_outside_tasks():
 
 
 def test_gpu_token_budget_scales_with_free_memory():
-    small = gpu_token_budget(8 << 30, 768, 12, 256)
-    big = gpu_token_budget(80 << 30, 768, 12, 256)
+    small = gpu_token_budget(8 << 30, 768, 3072, 12, 256, kernel="blocks", cap=10**9)
+    big = gpu_token_budget(80 << 30, 768, 3072, 12, 256, kernel="blocks", cap=10**9)
     assert 10_000 < small < big and abs(big / small - 10) < 0.1
+    # The fused kernels hold no scores: the row is as long as the cap allows on a large GPU.
+    assert gpu_token_budget(80 << 30, 768, 3072, 12, 256) == MAX_GPU_ROW_TOKENS
+    assert gpu_token_budget(1 << 30, 768, 3072, 12, 256) < MAX_GPU_ROW_TOKENS
 
 
 def test_out_of_memory_splits_the_batch_and_loses_nothing(tiny_artifact):
-    """A model that fails batches of more than two sequences: the runtime halves them and retries."""
+    """A model that fails rows packing more than two sequences: the runtime halves them and retries."""
     from clinlong.pipelines.core.artifact import Artifact
     from clinlong.pipelines.core.runtime import Encoder
 
@@ -41,11 +44,11 @@ def test_out_of_memory_splits_the_batch_and_loses_nothing(tiny_artifact):
     real = enc.model
     calls = []
 
-    def flaky(ids, mask):
-        calls.append(len(ids))
-        if len(ids) > 2:
+    def flaky(ids, positions):
+        calls.append(int((positions == enc.padding_idx + 1).sum()))  # sequences in the row
+        if calls[-1] > 2:
             raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real(ids, mask)
+        return real(ids, positions)
 
     enc.model = flaky
     seqs = [np.array([0, *range(10, 10 + n), 2]) for n in (5, 6, 7, 8, 9, 5, 6)]
@@ -79,7 +82,7 @@ def test_gpu_resource_goes_to_the_embedding_stage_only(tiny_artifact, tmp_path, 
     assert proc.returncode == 0, proc.stderr[-4000:]
     # The runtime followed the assigned address: GPU 0 was given to every embedding task; without CUDA
     # here the model ran on the CPU.
-    assert re.search(r"devices: cpu x\d+; GPU addresses assigned: 0 x\d+", proc.stdout), proc.stdout
+    assert re.search(r"devices: cpu \w+ x\d+; GPU addresses assigned: 0 x\d+", proc.stdout), proc.stdout
     # Spark's own record: the embedding stage ran under a profile asking for a GPU per task, the
     # reading stage under the default profile (no GPU).
     log = [json.loads(line) for f in events.rglob("*") if f.is_file() for line in f.read_text().splitlines()]

@@ -108,7 +108,8 @@ def test_stages_pipeline_schema_metadata_persistence(tiny_artifact, spark, tmp_p
         SentenceDetector().setInputCols(["document"]).setOutputCol("sentence"),
         Tokenizer().setInputCols(["sentence"]).setOutputCol("token"),
         LongformerEmbeddings().setModelPath(str(tiny_artifact)).setInputCols(["document", "token"])
-        .setOutputCol("embeddings").setCaseSensitive(True).setMaxSentenceLength(4096).setBatchSize(4),
+        .setOutputCol("embeddings").setCaseSensitive(True).setMaxSentenceLength(4096).setBatchSize(4)
+        .setPrecision("fp32"),
         SentenceEmbeddings().setInputCols(["sentence", "embeddings"]).setOutputCol("sentence_embeddings"),
         EmbeddingsFinisher().setInputCols(["embeddings"]).setOutputCols(["vectors"]),
     ])
@@ -123,7 +124,7 @@ def test_stages_pipeline_schema_metadata_persistence(tiny_artifact, spark, tmp_p
     rows = {r["id"]: r for r in out.collect()}
     assert rows[2]["embeddings"] == [] and rows[3]["token"] == []
     # Token vectors equal the engine's (note context, first piece) for the same note.
-    res = NoteEmbedder(art).embed([text])[0]
+    res = NoteEmbedder(art, EmbedOptions(precision="fp32")).embed([text])[0]
     got = np.array([a["embeddings"] for a in rows[1]["embeddings"]])
     assert [(a["begin"], a["end"]) for a in rows[1]["embeddings"]] == [(b, e) for b, e, _ in res.tokens]
     np.testing.assert_allclose(got, res.token_vectors(), atol=1e-6)

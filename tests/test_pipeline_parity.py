@@ -74,7 +74,7 @@ def test_spark_submit_parity(granularity, context, notes_csv, tiny_artifact, tin
     out = tmp_path / "table"
     proc = _spark_submit("--notes", str(notes_csv), "--model", str(tiny_artifact), "--out", str(out),
                          "--granularity", granularity, "--context", context, "--id-type", "long",
-                         "--partitions", "2")
+                         "--partitions", "2", "--precision", "fp32")  # the parity contract is fp32's
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert PHI_MARKER not in proc.stdout + proc.stderr
     assert "rows in 11, embedded 9, errors 2" in proc.stdout

@@ -34,7 +34,7 @@ def test_standalone_cluster_matches_local(tiny_artifact, tmp_path):
     notes = write_test_notes(tmp_path / "NOTEEVENTS.csv")
     zipped = project_zip(tmp_path / "clinlong.zip")
     job = [str(ROOT / "pipelines" / "embed_notes.py"), "--notes", str(notes), "--model", str(tiny_artifact),
-           "--id-type", "long", "--partitions", "4"]
+           "--id-type", "long", "--partitions", "4", "--precision", "fp32"]
     local = _submit("local[2]", job + ["--out", str(tmp_path / "local")], str(zipped))
     assert local.returncode == 0, local.stderr[-3000:]
     with standalone_cluster(tmp_path / "cluster", [{"cores": 1}, {"cores": 1}]) as master:

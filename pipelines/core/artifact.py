@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-SUPPORTED_FORMAT = ("clinlong-native", 1)
+SUPPORTED_FORMAT = ("clinlong-native", 2)  # 2: packed rows (input_ids, position_ids)
 
 
 class ArtifactError(Exception):
@@ -44,7 +44,8 @@ class Artifact:
         manifest = json.loads(mf.read_text())
         fmt = (manifest.get("format"), manifest.get("format_version"))
         if fmt != SUPPORTED_FORMAT:
-            raise ArtifactError(f"{path} has artifact format {fmt}, this pipeline reads {SUPPORTED_FORMAT}; re-export it")
+            raise ArtifactError(f"{path} has artifact format {fmt}, this pipeline reads {SUPPORTED_FORMAT}; "
+                                "re-export it: python -m clinlong.export CHECKPOINT OUT --overwrite")
         art = cls(path, manifest)
         if verify:
             art.verify()

@@ -1,7 +1,21 @@
 """Which device a Spark task may use: the GPU addresses Spark assigned it, never a hard-coded GPU 0."""
 from __future__ import annotations
 
+import functools
+
 DEVICES = ("auto", "cpu", "cuda")
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of CPUs that compute bf16 natively
+
+
+@functools.cache
+def cpu_bf16_flags() -> tuple[str, ...]:
+    """The bf16 instruction-set flags this CPU reports (Linux /proc/cpuinfo; empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return ()
+    return tuple(f for f in BF16_CPU_FLAGS if f in flags)
 
 
 def assigned_gpus() -> list[str]:
@@ -51,9 +65,16 @@ def choose_device(device: str = "auto") -> str:
     return "cpu"  # auto without an assigned GPU: do not take a GPU the scheduler did not give
 
 
-def gpu_token_budget(free_bytes: int, hidden: int, heads: int, one_sided: int, layers_alive: int = 2,
-                     dtype_bytes: int = 2, fraction: float = 0.6) -> int:
-    """Tokens per batch that fit in `fraction` of free GPU memory: per token, the attention scores of
-    one layer (heads x 3 x one_sided, fp32 softmax) and a few hidden-size activations per live layer."""
-    per_token = heads * 3 * one_sided * 4 + layers_alive * 8 * hidden * dtype_bytes
-    return max(512, int(free_bytes * fraction // per_token))
+MAX_GPU_ROW_TOKENS = 65536  # one packed row per model call: enough to fill an H100, bounded latency
+
+
+def gpu_token_budget(free_bytes: int, hidden: int, intermediate: int, heads: int, one_sided: int,
+                     dtype_bytes: int = 2, fraction: float = 0.6, kernel: str = "varlen",
+                     cap: int = MAX_GPU_ROW_TOKENS) -> int:
+    """Tokens per packed row that fit in `fraction` of free GPU memory: per token, the activations of
+    about two layers alive at once and the fp32 output; the blocks kernel adds its fp32 scores
+    (heads x 3 x one_sided), which the fused kernels never materialise."""
+    per_token = 2 * (8 * hidden + intermediate) * dtype_bytes + 4 * hidden
+    if kernel == "blocks":
+        per_token += heads * 3 * one_sided * 4
+    return max(512, min(cap, int(free_bytes * fraction // per_token)))

@@ -21,9 +21,12 @@ from clinlong.pipelines.core.runtime import (
     BACKENDS,
     DEFAULT_BATCH_SIZE,
     DEFAULT_TOKEN_BUDGET,
+    KERNEL_CHOICES,
     PRECISIONS,
     Encoder,
     resolve_backend,
+    resolve_kernel,
+    resolve_precision,
 )
 from clinlong.pipelines.core.text import Span, detect_sentences, lowercase_keep_offsets, tokenize
 from clinlong.pipelines.core.windows import DEFAULT_OVERLAP, assign_pieces, window_plan
@@ -47,10 +50,13 @@ class EmbedOptions:
                                choices=TOKEN_VECTORS)
     token_budget: int = option(DEFAULT_TOKEN_BUDGET, "max padded tokens per model call")
     batch_size: int = option(DEFAULT_BATCH_SIZE, "max sequences per model call")
-    precision: str = option("fp32", "compute precision: fp32 (the export's parity), bf16 (AMX/AVX512-BF16 CPUs, "
-                            "GPUs), fp16", choices=PRECISIONS)
+    precision: str = option("auto", "compute precision. auto: bf16 on GPUs and on CPUs with bf16 hardware "
+                            "(AVX512-BF16, AMX), else fp32; fp32 is the export's parity", choices=PRECISIONS)
     backend: str = option("auto", "auto: onnxruntime for fp32 on CPUs, torch for bf16/fp16 and on GPUs",
                           choices=BACKENDS)
+    attention_kernel: str = option("auto", "sliding-window attention over packed sequences. auto: varlen (flash "
+                                   "attention) on GPUs, blocks (the ONNX graph's form) on CPUs; flex: FlexAttention",
+                                   choices=KERNEL_CHOICES)
     device: str = option("auto", "auto: the GPU Spark assigned the task when CUDA is usable, else the CPU",
                          choices=DEVICES)
     max_chars: int = option(1_000_000, "longer texts go to the errors table (a 10 MB 'note' is a misfiled blob)",
@@ -63,7 +69,9 @@ class EmbedOptions:
             raise ValueError(f"token vector must be one of {TOKEN_VECTORS}, got {self.token_vector!r}")
         if not 3 <= self.max_length <= artifact.max_length:
             raise ValueError(f"max length must be between 3 and the model's {artifact.max_length}, got {self.max_length}")
-        resolve_backend(self.backend, self.precision)
+        resolve_backend(self.backend, "fp32" if self.precision == "auto" else self.precision)
+        if self.attention_kernel not in KERNEL_CHOICES:
+            raise ValueError(f"attention kernel must be one of {KERNEL_CHOICES}, got {self.attention_kernel!r}")
         if not 0 <= self.window_overlap < self.max_length - 2:
             raise ValueError(f"window overlap must be in [0, {self.max_length - 2}), got {self.window_overlap}")
         return self
@@ -179,7 +187,7 @@ class NoteResult:
         return np.where(counts[:, None] > 0, means, first)
 
 
-def _gpu_budget(artifact: Artifact, device: str, precision: str) -> int:
+def _gpu_budget(artifact: Artifact, device: str, precision: str, kernel: str) -> int:
     """Token budget sized from the GPU's free memory (see devices.gpu_token_budget)."""
     import torch
 
@@ -187,8 +195,9 @@ def _gpu_budget(artifact: Artifact, device: str, precision: str) -> int:
 
     free, _ = torch.cuda.mem_get_info(torch.device(device))
     cfg = artifact.encoder_config
-    return gpu_token_budget(free, cfg["hidden_size"], cfg["num_attention_heads"], max(cfg["attention_window"]) // 2,
-                            dtype_bytes=4 if precision == "fp32" else 2)
+    return gpu_token_budget(free, cfg["hidden_size"], cfg["intermediate_size"], cfg["num_attention_heads"],
+                            max(cfg["attention_window"]) // 2, dtype_bytes=4 if precision == "fp32" else 2,
+                            kernel=resolve_kernel(kernel, device))
 
 
 @dataclass
@@ -212,11 +221,12 @@ class NoteEmbedder:
         self.tokenizer = artifact.tokenizer
         self.bos, self.eos = artifact.token_id("bos"), artifact.token_id("eos")
         self.device = device or choose_device(options.device)
+        self.precision = resolve_precision(options.precision, self.device, options.backend)
         budget = options.token_budget
         if self.device.startswith("cuda") and budget == DEFAULT_TOKEN_BUDGET:
-            budget = _gpu_budget(artifact, self.device, options.precision)
-        self.encoder = Encoder(artifact, budget, options.batch_size, threads, options.precision,
-                               options.backend, self.device)
+            budget = _gpu_budget(artifact, self.device, self.precision, options.attention_kernel)
+        self.encoder = Encoder(artifact, budget, options.batch_size, threads, self.precision,
+                               options.backend, self.device, options.attention_kernel)
 
     def _pieces(self, text: str, begin: int, end: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         enc = self.tokenizer.encode(text[begin:end], add_special_tokens=False)

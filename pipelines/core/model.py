@@ -11,12 +11,16 @@ expressions of the input's shape. Parameter names equal Hugging Face's, so its s
 """
 from __future__ import annotations
 
+import functools
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from clinlong.pipelines.core.packing import KERNELS
 
 
 @dataclass(frozen=True)
@@ -76,25 +80,58 @@ class Embeddings(nn.Module):
         self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
         self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.padding_idx = cfg.pad_token_id
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        # RoBERTa positions: count non-pad tokens, offset by the padding index (as Hugging Face).
-        not_pad = input_ids.ne(self.padding_idx).to(torch.int64)
-        position_ids = torch.cumsum(not_pad, dim=1) * not_pad + self.padding_idx
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         x = (self.word_embeddings(input_ids) + self.position_embeddings(position_ids)
              + self.token_type_embeddings.weight[0])
         return self.LayerNorm(x)
 
 
-class SlidingWindowSelfAttention(nn.Module):
-    """Multi-head attention of each token over the `one_sided` tokens on either side of it."""
 
-    def __init__(self, cfg: EncoderConfig, window: int, fused: bool = False):
+
+@dataclass
+class Segments:
+    """Which packed sequence each token belongs to, computed once per forward and shared by all layers.
+
+    `segment` (B, L): 1, 2, ... for the sequences of a row, 0 for padding; `starts`/`max_length` (varlen
+    kernel only): cumulative token offsets of the runs of equal (row, segment) over the flattened batch."""
+
+    segment: torch.Tensor
+    starts: torch.Tensor | None = None
+    max_length: int = 0
+
+
+def segments_of(position_ids: torch.Tensor, padding_idx: int, with_starts: bool = False) -> Segments:
+    """Segments from RoBERTa positions: a sequence starts where its first position (padding_idx + 1)
+    appears, padding carries padding_idx. Nothing else is needed to pack sequences into a row."""
+    valid = position_ids.ne(padding_idx)
+    segment = torch.cumsum(position_ids.eq(padding_idx + 1).to(torch.int64), dim=1) * valid.to(torch.int64)
+    if not with_starts:
+        return Segments(segment)
+    bsz, length = segment.shape
+    key = (segment + torch.arange(bsz, device=segment.device)[:, None] * (length + 1)).reshape(-1)
+    change = torch.ones_like(key, dtype=torch.bool)
+    change[1:] = key[1:] != key[:-1]
+    starts = torch.cat([torch.nonzero(change).reshape(-1), key.new_tensor([key.numel()])]).to(torch.int32)
+    return Segments(segment, starts, int((starts[1:] - starts[:-1]).max()))
+
+
+class SlidingWindowSelfAttention(nn.Module):
+    """Multi-head attention of each token over the `one_sided` tokens on either side of it, within its
+    own packed sequence.
+
+    Kernels: `blocks`, the explicit form that ONNX traces (query blocks of `one_sided` tokens against
+    the three key blocks around them); `flex`, FlexAttention with a block mask "same sequence and
+    |i - j| <= one_sided" (GPUs under torch.compile; also runs eagerly on CPUs, which the tests use);
+    `varlen`, flash attention over the flattened sequences with a window (CUDA only)."""
+
+    def __init__(self, cfg: EncoderConfig, window: int, kernel: str = "blocks"):
         super().__init__()
-        self.fused = fused  # PyTorch's fused SDPA kernel (GPUs); the ONNX export uses the explicit form
         if window <= 0 or window % 2:
             raise ValueError(f"attention window must be a positive even number, got {window}")
+        if kernel not in KERNELS:
+            raise ValueError(f"attention kernel must be one of {KERNELS}, got {kernel!r}")
+        self.kernel = kernel
         self.num_heads = cfg.num_attention_heads
         self.head_dim = cfg.hidden_size // cfg.num_attention_heads
         self.one_sided = window // 2
@@ -108,43 +145,72 @@ class SlidingWindowSelfAttention(nn.Module):
         c = torch.arange(3 * b)[None, :]
         self.register_buffer("band", (c - b - r).abs() <= b, persistent=False)
 
-    def _blocks3(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, H, n*b, d) -> (B, H, n, 3b, d): for each block, the previous, own and next block."""
+    def _blocks3(self, x: torch.Tensor, value=0) -> torch.Tensor:
+        """(..., n*b, d) -> (..., n, 3b, d): for each block, the previous, own and next block."""
         b = self.one_sided
-        bsz, h, length, d = x.shape
+        *lead, length, d = x.shape
         n = length // b
-        padded = F.pad(x, (0, 0, b, b))
-        blocks = padded.reshape(bsz, h, n + 2, b, d)
-        return torch.cat([blocks[:, :, :-2], blocks[:, :, 1:-1], blocks[:, :, 2:]], dim=3)
+        blocks = F.pad(x, (0, 0, b, b), value=value).reshape(*lead, n + 2, b, d)
+        return torch.cat([blocks[..., :-2, :, :], blocks[..., 1:-1, :, :], blocks[..., 2:, :, :]], dim=-2)
 
-    def forward(self, hidden: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
-        """hidden: (B, L, D) with L a multiple of the block size; key_valid: (B, L) bool."""
+    def forward(self, hidden: torch.Tensor, segments: Segments, masks: dict) -> torch.Tensor:
+        """hidden: (B, L, D), L a multiple of the block size for `blocks`; `masks` caches what layers
+        with the same window share (the band mask or the block mask)."""
         bsz, length, dim = hidden.shape
-        b, h, d = self.one_sided, self.num_heads, self.head_dim
+        h, d = self.num_heads, self.head_dim
+        q = self.query(hidden).reshape(bsz, length, h, d)
+        k = self.key(hidden).reshape(bsz, length, h, d)
+        v = self.value(hidden).reshape(bsz, length, h, d)
+        scale = 1.0 / math.sqrt(d)
+        if self.kernel == "varlen":
+            from torch.nn.attention.varlen import varlen_attn
+
+            flat = (lambda t: t.reshape(bsz * length, h, d))
+            ctx = varlen_attn(flat(q), flat(k), flat(v), segments.starts, segments.starts, segments.max_length,
+                              segments.max_length, scale=scale, window_size=(self.one_sided, self.one_sided))
+            return ctx.reshape(bsz, length, dim)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, L, d)
+        if self.kernel == "flex":
+            key = ("flex", self.one_sided)
+            if key not in masks:
+                masks[key] = _flex_block_mask(segments.segment, self.one_sided)
+            ctx = _flex_attention()(q, k, v, block_mask=masks[key], scale=scale)
+            return ctx.transpose(1, 2).reshape(bsz, length, dim)
+        b = self.one_sided
         n = length // b
-
-        def heads(t: torch.Tensor) -> torch.Tensor:
-            return t.reshape(bsz, length, h, d).transpose(1, 2)  # (B, H, L, d)
-
-        q = heads(self.query(hidden) / math.sqrt(d)).reshape(bsz, h, n, b, d)
-        k = self._blocks3(heads(self.key(hidden)))
-        v = self._blocks3(heads(self.value(hidden)))
-        valid = F.pad(key_valid, (b, b)).reshape(bsz, n + 2, b)
-        valid = torch.cat([valid[:, :-2], valid[:, 1:-1], valid[:, 2:]], dim=2)  # (B, n, 3b)
-        allowed = self.band[None, None] & valid[:, :, None, :]  # (B, n, b, 3b)
-        if self.fused:
-            # An additive mask of the dtype's minimum (not a boolean one) keeps fully masked padding rows
-            # finite: a NaN there would reach real tokens through the next layer's keys.
-            bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device)
-            bias = bias.masked_fill(~allowed, torch.finfo(q.dtype).min)[:, None]
-            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
-            return ctx.reshape(bsz, h, length, d).transpose(1, 2).reshape(bsz, length, dim)
-        scores = torch.matmul(q, k.transpose(-1, -2))  # (B, H, n, b, 3b)
-        # masked_fill with the dtype's minimum (not -inf) keeps fully masked padding rows finite.
-        scores = scores.masked_fill(~allowed[:, None], torch.finfo(scores.dtype).min)
-        probs = torch.softmax(scores, dim=-1)
-        ctx = torch.matmul(probs, v)  # (B, H, n, b, d)
+        key = ("blocks", b)
+        if key not in masks:
+            seg_q = segments.segment.reshape(bsz, n, b)
+            seg_k = self._blocks3(segments.segment[..., None]).reshape(bsz, n, 3 * b)  # outside: 0, as padding
+            masks[key] = (self.band[None, None] & (seg_q[..., :, None] == seg_k[..., None, :]))[:, None]
+        q = (q * scale).reshape(bsz, h, n, b, d)
+        scores = torch.matmul(q, self._blocks3(k).transpose(-1, -2))  # (B, H, n, b, 3b)
+        # The dtype's minimum (not -inf) keeps fully masked rows finite (padding sees padding anyway).
+        scores = scores.masked_fill(~masks[key], torch.finfo(scores.dtype).min)
+        ctx = torch.matmul(torch.softmax(scores, dim=-1), self._blocks3(v))  # (B, H, n, b, d)
         return ctx.reshape(bsz, h, length, d).transpose(1, 2).reshape(bsz, length, dim)
+
+
+def _flex_block_mask(segment: torch.Tensor, one_sided: int):
+    """FlexAttention's block mask: same sequence (padding with padding) and |i - j| <= one_sided."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def same_sequence_in_window(b, h, q_idx, kv_idx):
+        return (segment[b, q_idx] == segment[b, kv_idx]) & ((q_idx - kv_idx).abs() <= one_sided)
+
+    bsz, length = segment.shape
+    return create_block_mask(same_sequence_in_window, bsz, None, length, length, device=segment.device)
+
+
+@functools.cache
+def _flex_attention():
+    """FlexAttention, compiled where a GPU runs it (eager on CPUs: correct, dense, for tests)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if not torch.cuda.is_available():
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        return flex_attention
+    return torch.compile(flex_attention, dynamic=False)
 
 
 class _DenseLayerNorm(nn.Module):
@@ -160,13 +226,13 @@ class _DenseLayerNorm(nn.Module):
 
 
 class _Attention(nn.Module):
-    def __init__(self, cfg: EncoderConfig, window: int, fused: bool = False):
+    def __init__(self, cfg: EncoderConfig, window: int, kernel: str):
         super().__init__()
-        setattr(self, "self", SlidingWindowSelfAttention(cfg, window, fused))
+        setattr(self, "self", SlidingWindowSelfAttention(cfg, window, kernel))
         self.output = _DenseLayerNorm(cfg.hidden_size, cfg.hidden_size, cfg.layer_norm_eps)
 
-    def forward(self, hidden: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
-        return self.output(getattr(self, "self")(hidden, key_valid), hidden)
+    def forward(self, hidden: torch.Tensor, segments: Segments, masks: dict) -> torch.Tensor:
+        return self.output(getattr(self, "self")(hidden, segments, masks), hidden)
 
 
 class _Intermediate(nn.Module):
@@ -182,43 +248,54 @@ class _Intermediate(nn.Module):
 
 
 class Layer(nn.Module):
-    def __init__(self, cfg: EncoderConfig, window: int, fused: bool = False):
+    def __init__(self, cfg: EncoderConfig, window: int, kernel: str = "blocks"):
         super().__init__()
-        self.attention = _Attention(cfg, window, fused)
+        self.attention = _Attention(cfg, window, kernel)
         self.intermediate = _Intermediate(cfg)
         self.output = _DenseLayerNorm(cfg.intermediate_size, cfg.hidden_size, cfg.layer_norm_eps)
 
-    def forward(self, hidden: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
-        attn = self.attention(hidden, key_valid)
+    def forward(self, hidden: torch.Tensor, segments: Segments, masks: dict) -> torch.Tensor:
+        attn = self.attention(hidden, segments, masks)
         return self.output(self.intermediate(attn), attn)
 
 
 class _Stack(nn.Module):
-    def __init__(self, cfg: EncoderConfig, fused: bool = False):
+    def __init__(self, cfg: EncoderConfig, kernel: str = "blocks"):
         super().__init__()
-        self.layer = nn.ModuleList(Layer(cfg, w, fused) for w in cfg.attention_window)
+        self.layer = nn.ModuleList(Layer(cfg, w, kernel) for w in cfg.attention_window)
 
 
 class LongformerEncoder(nn.Module):
-    """`last_hidden_state` of Hugging Face `LongformerModel` with local attention only."""
+    """`last_hidden_state` of Hugging Face `LongformerModel` with local attention only, for rows that
+    pack several sequences end to end.
 
-    def __init__(self, cfg: EncoderConfig, fused_attention: bool = False):
+    Inputs: `input_ids` (B, L) and `position_ids` (B, L), the RoBERTa positions of each packed
+    sequence (padding_idx + 1, + 2, ... from its first token; padding_idx on padding). Each sequence's
+    vectors equal those of the sequence run alone: positions restart, attention never crosses a
+    sequence. `position_ids_for` builds them for a row."""
+
+    def __init__(self, cfg: EncoderConfig, kernel: str = "blocks"):
         super().__init__()
         if len(cfg.attention_window) != cfg.num_hidden_layers:
             raise ValueError(f"{len(cfg.attention_window)} attention windows for {cfg.num_hidden_layers} layers")
         self.config = cfg
+        self.kernel = kernel
         self.embeddings = Embeddings(cfg)
-        self.encoder = _Stack(cfg, fused_attention)
+        self.encoder = _Stack(cfg, kernel)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         length = input_ids.shape[1]
-        multiple = self.config.pad_multiple
-        pad = (multiple - length % multiple) % multiple
-        ids = F.pad(input_ids, (0, pad), value=self.config.pad_token_id)
-        key_valid = F.pad(attention_mask, (0, pad), value=0) > 0
-        hidden = self.embeddings(ids)
+        pad_id = self.config.pad_token_id
+        if self.kernel == "blocks":  # whole blocks per row: padding at the row's end only
+            multiple = self.config.pad_multiple
+            pad = (multiple - length % multiple) % multiple
+            input_ids = F.pad(input_ids, (0, pad), value=pad_id)
+            position_ids = F.pad(position_ids, (0, pad), value=pad_id)
+        segments = segments_of(position_ids, pad_id, with_starts=self.kernel == "varlen")
+        hidden = self.embeddings(input_ids, position_ids)
+        masks: dict = {}
         for layer in self.encoder.layer:
-            hidden = layer(hidden, key_valid)
+            hidden = layer(hidden, segments, masks)
         return hidden[:, :length]
 
     def load_hf_state_dict(self, state: dict[str, torch.Tensor]) -> None:

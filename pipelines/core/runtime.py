@@ -1,9 +1,10 @@
-"""The model runtime inside Spark tasks: one model per Python worker, token-budget batches.
+"""The model runtime inside Spark tasks: one model per Python worker, packed rows of a token budget.
 
 Two backends run the same encoder: ONNX Runtime on `encoder.onnx` (fp32) and torch on the exported
-weights with `export.encoder` (the one shared definition; fp32, bf16, fp16 — bf16 uses AMX where the
-CPU has it). Sequences are sorted by length and packed so that batch size x padded length stays
-within a token budget: little padding and bounded memory, whatever the mix of note lengths.
+weights with core.model (the one shared definition; fp32, bf16, fp16; bf16 uses AVX512-BF16 or AMX
+where the CPU has them, and is then `auto`'s choice). Sequences are packed end to end into rows
+(core.packing) with their own positions; attention stays inside each sequence (on GPUs through a
+fused windowed kernel), so a call costs the tokens it holds and no sequence is padded to a block.
 """
 from __future__ import annotations
 
@@ -14,10 +15,14 @@ from collections.abc import Sequence
 import numpy as np
 
 from clinlong.pipelines.core.artifact import Artifact
+from clinlong.pipelines.core.devices import cpu_bf16_flags
+from clinlong.pipelines.core.packing import KERNELS, pack, packed_rows
+
+KERNEL_CHOICES = ("auto", *KERNELS)
 
 DEFAULT_TOKEN_BUDGET = 16384
 DEFAULT_BATCH_SIZE = 32
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 BACKENDS = ("auto", "onnxruntime", "torch")
 
 
@@ -36,9 +41,25 @@ def task_threads() -> int:
     return os.cpu_count() or 1
 
 
+def resolve_precision(precision: str, device: str, backend: str = "auto") -> str:
+    """auto: bf16 on GPUs (fp16 where a GPU lacks bf16) and on CPUs with bf16 hardware (AVX512-BF16 or
+    AMX), fp32 on other CPUs and with the onnxruntime backend (fp32 kernels)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision != "auto":
+        return precision
+    if backend == "onnxruntime":
+        return "fp32"
+    if device.startswith("cuda"):
+        import torch
+
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_bf16_flags() else "fp32"
+
+
 def resolve_backend(backend: str, precision: str) -> str:
     """auto: onnxruntime for fp32, torch for bf16/fp16 (ONNX Runtime's CPU kernels are fp32)."""
-    if precision not in PRECISIONS:
+    if precision not in PRECISIONS[1:]:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -50,6 +71,8 @@ def resolve_backend(backend: str, precision: str) -> str:
 
 
 class _OrtModel:
+    row_multiple = 1  # the graph pads each row to whole attention blocks itself
+
     def __init__(self, artifact: Artifact, threads: int):
         import onnxruntime as ort
 
@@ -59,18 +82,30 @@ class _OrtModel:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.session = ort.InferenceSession(str(artifact.onnx_path), opts, providers=["CPUExecutionProvider"])
 
-    def __call__(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        return self.session.run(["last_hidden_state"], {"input_ids": ids, "attention_mask": mask})[0]
+    def __call__(self, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        return self.session.run(["last_hidden_state"], {"input_ids": ids, "position_ids": positions})[0]
 
 
 def _is_oom(e: BaseException) -> bool:
     return isinstance(e, MemoryError) or "out of memory" in str(e).lower()
 
 
+def resolve_kernel(kernel: str, device: str) -> str:
+    """auto: flash attention over the packed sequences (`varlen`) on GPUs, the blocked form on CPUs."""
+    if kernel == "auto":
+        return "varlen" if device.startswith("cuda") else "blocks"
+    if kernel not in KERNELS:
+        raise ValueError(f"attention kernel must be one of {KERNEL_CHOICES}, got {kernel!r}")
+    if kernel == "varlen" and not device.startswith("cuda"):
+        raise ValueError("the varlen attention kernel runs on CUDA GPUs only; use --attention-kernel blocks or flex")
+    return kernel
+
+
 class _TorchModel:
     _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+    FLEX_ROW_MULTIPLE = 4096  # compiled FlexAttention sees few row lengths, so it compiles a few times, not per batch
 
-    def __init__(self, artifact: Artifact, threads: int, precision: str, device: str = "cpu"):
+    def __init__(self, artifact: Artifact, threads: int, precision: str, device: str = "cpu", kernel: str = "auto"):
         import torch
         from safetensors.torch import load_file
 
@@ -78,35 +113,42 @@ class _TorchModel:
 
         cfg = artifact.encoder_config
         cfg["attention_window"] = tuple(cfg["attention_window"])
-        model = LongformerEncoder(EncoderConfig(**cfg), fused_attention=device.startswith("cuda"))
+        self.kernel = resolve_kernel(kernel, device)
+        model = LongformerEncoder(EncoderConfig(**cfg), kernel=self.kernel)
         model.load_state_dict(load_file(str(artifact.torch_weights_path)), strict=True)
         self.dtype = getattr(torch, self._DTYPES[precision])
         self.device = torch.device(device)
         self.model = model.eval().to(self.device, self.dtype)
+        self.row_multiple = self.FLEX_ROW_MULTIPLE if self.kernel == "flex" and self.device.type == "cuda" else 1
         self.torch = torch
 
-    def __call__(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    def __call__(self, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
         torch = self.torch
         cuda = self.device.type == "cuda"
         with torch.inference_mode():
-            t_ids, t_mask = torch.from_numpy(ids), torch.from_numpy(mask)
+            t_ids, t_pos = torch.from_numpy(ids), torch.from_numpy(positions)
             if cuda:  # pinned host memory, asynchronous copies
-                t_ids, t_mask = t_ids.pin_memory(), t_mask.pin_memory()
-            out = self.model(t_ids.to(self.device, non_blocking=cuda), t_mask.to(self.device, non_blocking=cuda))
+                t_ids, t_pos = t_ids.pin_memory(), t_pos.pin_memory()
+            out = self.model(t_ids.to(self.device, non_blocking=cuda), t_pos.to(self.device, non_blocking=cuda))
             return out.float().cpu().numpy()
 
 
 def load_model(artifact: Artifact, precision: str = "fp32", backend: str = "auto", threads: int | None = None,
-               device: str = "cpu"):
+               device: str = "cpu", kernel: str = "auto"):
     """A model of this artifact for this precision and device (ONNX Runtime or torch). Callers cache it:
     the process's one cache is `pipelines.tasks.embedder`, keyed by the artifact's model_id."""
     if device != "cpu" and backend == "auto":
         backend = "torch"
+    precision = resolve_precision(precision, device, backend)
     backend = resolve_backend(backend, precision)
     if device != "cpu" and backend != "torch":
         raise ValueError("GPUs run the torch backend; use --backend auto or torch with --device cuda")
     threads = threads or task_threads()
-    return _OrtModel(artifact, threads) if backend == "onnxruntime" else _TorchModel(artifact, threads, precision, device)
+    if backend == "onnxruntime":
+        if kernel not in ("auto", "blocks"):
+            raise ValueError(f"the ONNX graph has the blocks attention kernel; {kernel} runs with --backend torch")
+        return _OrtModel(artifact, threads)
+    return _TorchModel(artifact, threads, precision, device, kernel)
 
 
 def set_task_threads(threads: int | None = None) -> int:
@@ -118,68 +160,46 @@ def set_task_threads(threads: int | None = None) -> int:
     return threads
 
 
-def plan_batches(lengths: Sequence[int], token_budget: int = DEFAULT_TOKEN_BUDGET,
-                 batch_size: int = DEFAULT_BATCH_SIZE, multiple: int = 1) -> list[list[int]]:
-    """Indices of sequences grouped into batches, longest first.
-
-    A batch holds sequences of the same length bucket (lengths rounded up to `multiple`, the length
-    the encoder pads to anyway), so no padding beyond the window multiple is added; each batch stays
-    within `batch_size` sequences and `token_budget` padded tokens."""
-    bucket = [-(-n // multiple) * multiple for n in lengths]
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batches, current = [], []
-    for i in order:
-        if current and (bucket[i] != bucket[current[0]] or len(current) + 1 > batch_size
-                        or (len(current) + 1) * bucket[current[0]] > token_budget):
-            batches.append(current)
-            current = []
-        current.append(i)
-    if current:
-        batches.append(current)
-    return batches
-
-
 class Encoder:
-    """Runs id sequences through the artifact's encoder and returns one (n, dim) float32 array each."""
+    """Runs id sequences through the artifact's encoder and returns one (n, dim) float32 array each.
+
+    Sequences are packed end to end into one row per model call (core.packing): at most `token_budget`
+    tokens and `batch_size` sequences, longest first, so a call costs the tokens it holds, whatever the
+    mix of lengths, and memory stays bounded."""
 
     def __init__(self, artifact: Artifact, token_budget: int = DEFAULT_TOKEN_BUDGET,
                  batch_size: int = DEFAULT_BATCH_SIZE, threads: int | None = None,
-                 precision: str = "fp32", backend: str = "auto", device: str = "cpu"):
+                 precision: str = "fp32", backend: str = "auto", device: str = "cpu", kernel: str = "auto"):
         self.artifact = artifact
         self.device = device
-        self.model = load_model(artifact, precision, backend, threads, device)
+        self.model = load_model(artifact, precision, backend, threads, device, kernel)
         self.pad_id = artifact.token_id("pad")
-        self.multiple = int(artifact.manifest.get("pad_multiple", 1))
+        self.padding_idx = int(artifact.encoder_config["pad_token_id"])  # RoBERTa's position padding index
         self.token_budget = token_budget
         self.batch_size = batch_size
+        self.row_multiple = getattr(self.model, "row_multiple", 1)
 
     def __call__(self, sequences: Sequence[np.ndarray]) -> list[np.ndarray]:
         out: list[np.ndarray | None] = [None] * len(sequences)
-        lengths = [len(s) for s in sequences]
-        for batch in plan_batches(lengths, self.token_budget, self.batch_size, self.multiple):
-            width = max(lengths[i] for i in batch)
-            ids = np.full((len(batch), width), self.pad_id, dtype=np.int64)
-            mask = np.zeros((len(batch), width), dtype=np.int64)
-            for row, i in enumerate(batch):
-                ids[row, : lengths[i]] = sequences[i]
-                mask[row, : lengths[i]] = 1
-            for rows, hidden in self._run_splitting(batch, ids, mask):
-                for k, r in enumerate(rows):
-                    out[batch[r]] = hidden[k, : lengths[batch[r]]]
+        for row in pack([len(s) for s in sequences], self.token_budget, self.batch_size):
+            for i, hidden in self._run_splitting(sequences, row):
+                out[i] = hidden
         return out  # type: ignore[return-value]
 
-    def _run_splitting(self, batch: list[int], ids: np.ndarray, mask: np.ndarray, rows: list[int] | None = None):
-        """Run rows of a batch; on out-of-memory split it in halves and retry, so no sequence is lost.
+    def _run_splitting(self, sequences: Sequence[np.ndarray], row: list[int]) -> list[tuple[int, np.ndarray]]:
+        """Run one packed row; on out-of-memory split its sequences in halves and retry, so none is lost.
         A single sequence that does not fit fails the task (Spark retries it) with a clear error."""
-        rows = list(range(len(batch))) if rows is None else rows
+        used = sum(len(sequences[i]) for i in row)
+        multiple = self.row_multiple
+        ids, pos, spans = packed_rows(sequences, [row], self.pad_id, self.padding_idx, -(-used // multiple) * multiple)
         try:
-            return [(rows, self.model(ids[rows], mask[rows]))]
+            hidden = self.model(ids, pos)[0]
         except Exception as e:
             if not _is_oom(e):
                 raise
-            if len(rows) == 1:
-                raise MemoryError(f"one sequence of {int(mask[rows[0]].sum())} tokens does not fit on {self.device}; "
+            if len(row) == 1:
+                raise MemoryError(f"one sequence of {used} tokens does not fit on {self.device}; "
                                   "lower --max-length or use a larger device") from None
-            half = len(rows) // 2
-            return (self._run_splitting(batch, ids, mask, rows[:half])
-                    + self._run_splitting(batch, ids, mask, rows[half:]))
+            half = len(row) // 2
+            return self._run_splitting(sequences, row[:half]) + self._run_splitting(sequences, row[half:])
+        return [(i, hidden[s:s + n]) for i, (s, n) in zip(row, spans[0])]

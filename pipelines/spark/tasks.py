@@ -212,10 +212,11 @@ def _embedded(emb: NoteEmbedder, batches: Iterator[pa.RecordBatch]) -> Iterator[
 
 
 def _where(emb: NoteEmbedder) -> dict:
-    """The device this task's model ran on and the GPU addresses Spark assigned the task."""
+    """The device (and the precision `auto` chose there) this task's model ran on, and the GPU addresses
+    Spark assigned the task."""
     from clinlong.pipelines.core.devices import assigned_gpus
 
-    return {"device": emb.device, "gpus": ",".join(assigned_gpus())}
+    return {"device": f"{emb.device} {emb.precision}", "gpus": ",".join(assigned_gpus())}
 
 
 def _counts(b: Batch, rows: int) -> dict:

@@ -36,11 +36,13 @@ class LongformerEmbeddings(AnnotatorStage, HasDimension, HasStorageRef):
     batchSize = Param(Params._dummy(), "batchSize", "max sequences per model call", TypeConverters.toInt)
     tokenVector = Param(Params._dummy(), "tokenVector", "first (Spark NLP) or mean of the token's pieces",
                         TypeConverters.toString)
+    precision = Param(Params._dummy(), "precision", "auto (bf16 on GPUs and bf16 CPUs, else fp32), fp32, bf16 or fp16", TypeConverters.toString)
 
     def __init__(self):
         super().__init__()
         self._setDefault(inputCols=["document", "token"], outputCol="embeddings", caseSensitive=True,
-                         maxSentenceLength=MAX_LENGTH, batchSize=8, tokenVector="first")
+                         maxSentenceLength=MAX_LENGTH, batchSize=8, tokenVector="first",
+                         precision=EmbedOptions.precision)
 
     @classmethod
     def load(cls, path: str) -> "LongformerEmbeddings":
@@ -83,6 +85,12 @@ class LongformerEmbeddings(AnnotatorStage, HasDimension, HasStorageRef):
     def getBatchSize(self) -> int:
         return self.getOrDefault(self.batchSize)
 
+    def setPrecision(self, value: str):
+        return self._set(precision=value)
+
+    def getPrecision(self) -> str:
+        return self.getOrDefault(self.precision)
+
     def setTokenVector(self, value: str):
         return self._set(tokenVector=value)
 
@@ -97,7 +105,8 @@ class LongformerEmbeddings(AnnotatorStage, HasDimension, HasStorageRef):
     def options(self) -> EmbedOptions:
         return EmbedOptions(context="note", max_length=self.getMaxSentenceLength(),
                             case_sensitive=self.getCaseSensitive(), batch_size=self.getBatchSize(),
-                            token_vector=self.getOrDefault(self.tokenVector))
+                            token_vector=self.getOrDefault(self.tokenVector),
+                            precision=self.getPrecision())
 
     def _column_metadata(self) -> dict:
         return column_metadata(WORD_EMBEDDINGS, self._artifact().dimension, self.getStorageRef())
