@@ -22,19 +22,52 @@ from clinlong.benchmarks.measure import WorkerMemory, flops_per_token, gemm_peak
 log = logging.getLogger("clinlong.benchmarks")
 
 
-def ensure_artifact(work: Path) -> tuple[Path, Path]:
-    """The base-size synthetic checkpoint and its exported artifact (built once, reused)."""
+def ensure_artifact(work: Path, size: str = "base") -> tuple[Path, Path]:
+    """A synthetic checkpoint (base: the real Clinical-Longformer dimensions) and its exported artifact,
+    built once and reused while the artifact's format is the one this pipeline reads."""
     from clinlong.export.__main__ import run as export
     from clinlong.export.synthetic import write_synthetic_checkpoint
+    from clinlong.pipelines.core.artifact import MANIFEST_FILE, SUPPORTED_FORMAT
 
-    ckpt, art = work / "checkpoint-base", work / "artifact-base"
+    ckpt, art = work / f"checkpoint-{size}", work / f"artifact-{size}"
     if not (ckpt / "config.json").exists():
-        log.info("writing the base-size synthetic checkpoint")
-        write_synthetic_checkpoint(ckpt, "base", seed=0)
-    if not (art / "manifest.json").exists():
+        log.info("writing the %s-size synthetic checkpoint", size)
+        write_synthetic_checkpoint(ckpt, size, seed=0)
+    manifest = json.loads((art / MANIFEST_FILE).read_text()) if (art / MANIFEST_FILE).exists() else {}
+    if (manifest.get("format"), manifest.get("format_version")) != SUPPORTED_FORMAT:
         log.info("exporting it (parity check included)")
-        export([str(ckpt), str(art), "--overwrite", "--name", "synthetic-clinical-longformer-base"])
+        export([str(ckpt), str(art), "--overwrite", "--name", f"synthetic-clinical-longformer-{size}"])
     return ckpt, art
+
+
+def short_mix(n: int) -> list[str]:
+    """n notes of the short MIMIC-III categories (ECG, nursing, radiology, physician): where packing pays."""
+    from clinlong.export.synthetic_notes import generate_notes
+
+    return [x.text for x in generate_notes(20 * n, seed=8) if x.category != "Discharge summary"][:n]
+
+
+def short_note_mix(ckpt: Path, art: Path, n: int, threads: int) -> dict:
+    """Our heavy step against Hugging Face eager (fp32, length-sorted batches) on short notes, in process."""
+    import torch
+
+    from clinlong.benchmarks.gpu import hf_run
+    from clinlong.pipelines.core.artifact import Artifact
+    from clinlong.pipelines.core.engine import EmbedOptions, NoteEmbedder
+
+    texts = short_mix(n)
+    prepared = NoteEmbedder(Artifact.open(art, verify=False), EmbedOptions(precision="fp32"), threads=threads).prepare(texts)
+    tokens = sum(len(r) for r in prepared.runs)
+    torch.set_num_threads(threads)
+    hf_seconds, _ = hf_run(ckpt, prepared.runs, "cpu", "fp32", sort=True)
+    hf_tps = tokens / hf_seconds
+    result = {"notes": n, "bpe_tokens": tokens, "mean_tokens_per_note": round(tokens / n, 1),
+              "hf_eager_sorted_fp32_tokens_per_s": round(hf_tps, 1)}
+    for prec in ("fp32", "bf16"):
+        secs, useful, _ = heavy_step(art, texts, prec, threads)
+        result[f"ours_heavy_step_{prec}_tokens_per_s"] = round(useful / secs, 1)
+        result[f"ours_heavy_step_{prec}_x_hf"] = round(useful / secs / hf_tps, 2)
+    return result
 
 
 def write_notes(work: Path, n: int, long_notes: int) -> tuple[Path, list[str]]:
@@ -190,6 +223,15 @@ def format_table(result: dict) -> str:
     p = result["gemm_peak_gflops"]
     lines.append(f"GEMM peak ({result['threads']} threads): fp32 {p['fp32']:.0f} GFLOP/s, bf16 {p['bf16']:.0f} GFLOP/s; "
                  f"{result['flops_per_token'] / 1e6:.1f} MFLOP per token")
+    sm = result["short_note_mix"]
+    lines.append(f"short-note mix ({sm['notes']} notes, {sm['mean_tokens_per_note']} tokens each): Hugging Face eager fp32 "
+                 f"{sm['hf_eager_sorted_fp32_tokens_per_s']:.0f} tok/s; our heavy step fp32 "
+                 f"{sm['ours_heavy_step_fp32_tokens_per_s']:.0f} ({sm['ours_heavy_step_fp32_x_hf']}x), bf16 "
+                 f"{sm['ours_heavy_step_bf16_tokens_per_s']:.0f} ({sm['ours_heavy_step_bf16_x_hf']}x)")
+    mc = result["machine"]
+    lines.append(f"machine: {mc['cpu']}, {mc['cores']} cores; bf16 hardware: "
+                 f"{', '.join(k for k in ('avx512_bf16', 'amx_bf16') if mc[k]) or 'none'} -> precision auto = "
+                 f"{mc['precision_auto']}")
     s = result["scaling"]
     lines.append("scaling (fp32 heavy step): " + ", ".join(f"{r['tokens']}: {r['seconds']:.2f} s" for r in s["per_length"])
                  + f"; fitted exponent {s['fitted_exponent']}")
@@ -264,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
         r["fraction_of_peak"] = round(r["gflops"] / peaks[r["precision"]], 3)
         if r["precision"] == "bf16":
             r["cosine_to_fp32_min"] = round(token_cos if "heavy" in r["name"] else note_cos, 6)
+    log.info("short-note mix: our heavy step against Hugging Face eager")
+    short = short_note_mix(ckpt, art, 24 if args.quick else 120, cores)
     log.info("scaling and memory")
     result = {
         "machine": machine(), "threads": cores, "quick": args.quick,
@@ -272,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         "gemm_peak_gflops": {k: round(v, 1) for k, v in peaks.items()},
         "runs": runs,
         "cosine_bf16_vs_fp32": {"per_token_min": round(token_cos, 6), "per_note_min": round(note_cos, 6)},
+        "short_note_mix": short,
         "scaling": scaling(art, cores, 1 if args.quick else 3),
         "memory_stream": memory_stream(art, cores, 4 if args.quick else 12),
     }

@@ -1,17 +1,102 @@
-"""`python -m clinlong.benchmarks.gpu`: the heavy step on a CUDA GPU (fp16, bf16), against the GPU's measured GEMM
-peak, with GPU memory and the projection for all of MIMIC-III NOTEEVENTS.
+"""`python -m clinlong.benchmarks.gpu`: the heavy step on a GPU against Hugging Face, in one run on the same notes.
 
-    python -m clinlong.benchmarks.gpu [--work work/bench] [--notes 200] [--json OUT]
+Rows: Hugging Face `LongformerModel` eager with 8-row batches in table order (the pandas-UDF habit) and
+with length-sorted batches; ours with the model step alone per precision and attention kernel (varlen,
+flex); ours with preparation (checks, BPE, windows) overlapped on the host's cores, as the Spark task
+runs it. Each row: tokens/s, useful TFLOP/s, fraction of the GEMM peak measured in the same run, GPU
+memory, projected hours for MIMIC-III's ~1e9 tokens, and for ours the minimum cosine to Hugging Face
+fp32 on a sample of notes. Needs torch, transformers, onnx and onnxruntime (for the export), no Spark.
+
+    python -m clinlong.benchmarks.gpu [--work work/bench] [--notes 400] [--json OUT]
+    python -m clinlong.benchmarks.gpu --device cpu --size tiny --notes 20   # a smoke run without a GPU
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import time
 from pathlib import Path
 
+import numpy as np
+
 MIMIC_NOTES = 2_083_180
 MIMIC_TOKENS = 1.0e9  # on the order of a billion BPE tokens (about 4 GB of text)
+NOTES_PER_BATCH = 64  # the job's Arrow batch of notes (spark.sql.execution.arrow.maxRecordsPerBatch)
+HF_SORTED_TOKENS = 32768  # Hugging Face's length-sorted batches: at most this many padded tokens
+KERNELS = ("varlen", "flex")
+
+
+class _Clock:
+    """Wall seconds of a block, the device synchronised at both ends."""
+
+    def __init__(self, device: str):
+        import torch
+
+        self.sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+    def __enter__(self):
+        self.sync()
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.sync()
+        self.seconds = time.perf_counter() - self.start
+
+
+def _hf_batches(lengths: list[int], sort: bool) -> list[list[int]]:
+    """8-row batches in table order, or length-sorted batches of at most HF_SORTED_TOKENS padded tokens."""
+    if not sort:
+        return [list(range(i, min(i + 8, len(lengths)))) for i in range(0, len(lengths), 8)]
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches, current = [], []
+    for i in order:
+        if current and (len(current) + 1) * lengths[current[0]] > HF_SORTED_TOKENS:
+            batches.append(current)
+            current = []
+        current.append(i)
+    return batches + ([current] if current else [])
+
+
+def hf_run(ckpt: Path, sequences: list[np.ndarray], device: str, precision: str, sort: bool) -> tuple[float, list]:
+    """Hugging Face LongformerModel eager on the sequences (each note's windows as the pipeline cuts them)."""
+    import torch
+    from transformers import LongformerModel
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    model = LongformerModel.from_pretrained(str(ckpt), add_pooling_layer=False).to(device, dtype).eval()
+    pad = model.config.pad_token_id
+    lengths = [len(s) for s in sequences]
+    out: list = [None] * len(sequences)
+    with torch.inference_mode():
+        ids = torch.from_numpy(sequences[0][:16])[None].to(device)
+        model(input_ids=ids, attention_mask=torch.ones_like(ids))  # warm-up
+        with _Clock(device) as clock:
+            for batch in _hf_batches(lengths, sort):
+                width = max(lengths[i] for i in batch)
+                ids = torch.full((len(batch), width), pad, dtype=torch.long)
+                mask = torch.zeros((len(batch), width), dtype=torch.long)
+                for r, i in enumerate(batch):
+                    ids[r, :lengths[i]] = torch.from_numpy(sequences[i])
+                    mask[r, :lengths[i]] = 1
+                hidden = model(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+                if precision == "fp32":  # the reference: kept for the cosine of every other row
+                    for r, i in enumerate(batch):
+                        out[i] = hidden[r, :lengths[i]].float().cpu().numpy()
+    del model
+    return clock.seconds, out
+
+
+def _min_cosine(ref: list, got: list) -> float:
+    worst = 1.0
+    for a, b in zip(ref, got):
+        if a is None or b is None:
+            continue
+        cos = (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-12)
+        worst = min(worst, float(cos.min()))
+    return worst
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,41 +106,92 @@ def main(argv: list[str] | None = None) -> int:
     from clinlong.benchmarks.measure import flops_per_token, gemm_peak
     from clinlong.export.synthetic_notes import generate_notes
     from clinlong.pipelines.core.artifact import Artifact
-    from clinlong.pipelines.core.engine import EmbedOptions, NoteEmbedder
+    from clinlong.pipelines.core.engine import EmbedOptions, NoteEmbedder, Stalls, overlapped
 
     p = argparse.ArgumentParser(prog="python -m clinlong.benchmarks.gpu", description=__doc__.splitlines()[0])
     p.add_argument("--work", default="work/bench")
-    p.add_argument("--notes", type=int, default=200)
+    p.add_argument("--notes", type=int, default=400)
+    p.add_argument("--device", default="cuda:0", help="cuda:N, or cpu for a smoke run of this script")
+    p.add_argument("--size", default="base", choices=("base", "tiny"), help="synthetic checkpoint size")
+    p.add_argument("--precisions", default="bf16,fp16")
     p.add_argument("--json")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("error: no CUDA device; run this on a GPU machine")
+    device = args.device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        print("error: no CUDA device; run this on a GPU machine (or --device cpu --size tiny for a smoke run)")
         return 2
-    _, art_path = ensure_artifact(Path(args.work))
+    cuda = device.startswith("cuda")
+    precisions = args.precisions.split(",")
+    kernels = KERNELS if cuda else ("blocks",)  # varlen runs on CUDA only; eager FlexAttention on CPUs is dense
+    ckpt, art_path = ensure_artifact(Path(args.work), args.size)
     art = Artifact.open(art_path, verify=False)
     fpt = flops_per_token(art.encoder_config)
     texts = [n.text for n in generate_notes(args.notes, seed=7)]
-    rows = []
-    for prec in ("fp16", "bf16"):
-        emb = NoteEmbedder(art, EmbedOptions(precision=prec), device="cuda:0")
-        prepared = emb.prepare(texts)
-        emb.encoder([prepared.runs[0][:64]])
-        torch.cuda.reset_peak_memory_stats()
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        emb.finish(prepared)
-        torch.cuda.synchronize()
-        secs = time.perf_counter() - start
-        tokens = sum(r.n_tokens + 2 for r in prepared.results)
-        peak = gemm_peak(prec, 1, device="cuda:0")
-        tps = tokens / secs
-        rows.append({"precision": prec, "notes": args.notes, "tokens": tokens, "seconds": round(secs, 2),
-                     "tokens_per_s": round(tps), "gflops": round(tps * fpt / 1e9), "gemm_peak_gflops": round(peak),
-                     "fraction_of_peak": round(tps * fpt / 1e9 / peak, 3),
-                     "gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-                     "mimic_projection_hours": round(MIMIC_TOKENS / tps / 3600, 2)})
-    result = {"device": torch.cuda.get_device_name(0), "flops_per_token": fpt, "runs": rows}
-    print(json.dumps(result, indent=2))
+    threads = os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    os.environ.setdefault("RAYON_NUM_THREADS", str(threads))
+
+    # The sequences every row runs: each note cut into windows as the pipeline cuts them.
+    probe = NoteEmbedder(art, EmbedOptions(precision="fp32"), device="cpu", threads=threads)
+    start = time.perf_counter()
+    prepared = probe.prepare(texts)
+    prep_seconds = time.perf_counter() - start
+    sequences = prepared.runs
+    tokens = sum(len(s) for s in sequences)
+    useful = sum(r.n_tokens + 2 for r in prepared.results)
+    sample = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))[:: max(1, len(sequences) // 24)]
+    peaks = {prec: gemm_peak(prec, threads, device=device) for prec in ("fp32", *precisions)}
+
+    rows: list[dict] = []
+
+    def row(name: str, prec: str, seconds: float, **extra) -> dict:
+        tps = useful / seconds
+        r = {"name": name, "precision": prec, "seconds": round(seconds, 3), "tokens_per_s": round(tps),
+             "tflops": round(tps * fpt / 1e12, 2), "gemm_peak_tflops": round(peaks[prec] / 1e3, 1),
+             "fraction_of_peak": round(tps * fpt / 1e9 / peaks[prec], 3),
+             "mimic_hours": round(MIMIC_TOKENS / tps / 3600, 3), **extra}
+        if cuda:
+            r["gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+            torch.cuda.reset_peak_memory_stats()
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+        return r
+
+    _, reference = hf_run(ckpt, [sequences[i] for i in sample], device, "fp32", sort=True)
+    for prec in precisions:
+        for sort in (False, True):
+            seconds, _ = hf_run(ckpt, sequences, device, prec, sort)
+            row(f"hf_eager_{'sorted' if sort else '8_rows'}", prec, seconds)
+    for prec in precisions:
+        for kernel in kernels:
+            emb = NoteEmbedder(art, EmbedOptions(precision=prec, attention_kernel=kernel), device=device,
+                               threads=threads)
+            emb.encoder(sequences[:8])  # warm-up (FlexAttention compiles here)
+            cos = _min_cosine(reference, emb.encoder([sequences[i] for i in sample]))
+            with _Clock(device) as clock:
+                emb.finish(prepared)
+            row(f"ours_model_{kernel}", prec, clock.seconds, kernel=kernel, min_cosine_to_hf_fp32=round(cos, 6),
+                token_budget=emb.encoder.token_budget)
+            stalls = Stalls()
+            batches = [texts[i:i + NOTES_PER_BATCH] for i in range(0, len(texts), NOTES_PER_BATCH)]
+            with _Clock(device) as clock:
+                for _ in overlapped(emb.prepare, emb.finish, batches, stalls):
+                    pass
+            row(f"ours_with_preparation_{kernel}", prec, clock.seconds, kernel=kernel,
+                model_waits_for_preparation=round(stalls.fraction, 3))
+            del emb
+    hf_sorted = {r["precision"]: r["tokens_per_s"] for r in rows if r["name"] == "hf_eager_sorted"}
+    for r in rows:
+        if r["name"].startswith("ours"):
+            r["x_hf_sorted"] = round(r["tokens_per_s"] / hf_sorted[r["precision"]], 2)
+    result = {
+        "device": torch.cuda.get_device_name(device) if cuda else f"cpu ({platform.processor() or platform.machine()})",
+        "host_cores": threads, "torch": torch.__version__, "model": art.model_id, "notes": len(texts),
+        "useful_tokens": useful, "model_tokens": tokens, "flops_per_token": fpt,
+        "preparation_tokens_per_s_per_core": round(useful / prep_seconds / threads),
+        "gemm_peak_tflops": {k: round(v / 1e3, 1) for k, v in peaks.items()}, "runs": rows,
+    }
+    print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return 0

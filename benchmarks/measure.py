@@ -108,5 +108,8 @@ def machine() -> dict:
                     flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
+    from clinlong.pipelines.core.runtime import resolve_precision
+
     return {"cpu": model, "cores": os.cpu_count(), "amx_bf16": "amx_bf16" in flags,
-            "avx512_bf16": "avx512_bf16" in flags, "avx512f": "avx512f" in flags}
+            "avx512_bf16": "avx512_bf16" in flags, "avx512f": "avx512f" in flags,
+            "precision_auto": resolve_precision("auto", "cpu")}

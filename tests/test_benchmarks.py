@@ -69,3 +69,25 @@ def test_benchmark_quick_reports_every_figure(bench_work, tmp_path, record_prope
     assert math.isfinite(result["scaling"]["fitted_exponent"])
     assert len(result["memory_stream"]["rss_mb_after_each_chunk"]) >= 4
     assert (tmp_path / "bench.png").stat().st_size > 10_000
+
+
+def test_gpu_benchmark_runs_without_a_gpu_or_spark(tmp_path):
+    """`python -m clinlong.benchmarks.gpu` on the CPU (tiny model, few notes): every row it reports on a GPU,
+    Hugging Face and ours from one run, with ours agreeing with Hugging Face fp32 — and no pyspark imported."""
+    script = ("import sys, json; from clinlong.benchmarks.gpu import main; "
+              f"rc = main(['--device', 'cpu', '--size', 'tiny', '--notes', '12', '--precisions', 'bf16', "
+              f"'--work', {str(tmp_path)!r}, '--json', {str(tmp_path / 'gpu.json')!r}]); "
+              "assert 'pyspark' not in sys.modules; sys.exit(rc)")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "gpu.json").read_text())
+    names = [r["name"] for r in result["runs"]]
+    assert names == ["hf_eager_8_rows", "hf_eager_sorted", "ours_model_blocks", "ours_with_preparation_blocks"]
+    for r in result["runs"]:
+        for key in ("tokens_per_s", "tflops", "fraction_of_peak", "mimic_hours"):
+            assert isinstance(r[key], (int, float)) and math.isfinite(r[key]) and r[key] > 0, (r["name"], key)
+    ours = [r for r in result["runs"] if r["name"].startswith("ours")]
+    assert ours[0]["min_cosine_to_hf_fp32"] >= 0.999 and 0 <= ours[1]["model_waits_for_preparation"] <= 1
+    assert all(r["x_hf_sorted"] > 0 for r in ours)
+    assert result["preparation_tokens_per_s_per_core"] > 0 and result["useful_tokens"] > 0

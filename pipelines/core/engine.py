@@ -10,7 +10,10 @@ span (a piece is inside when its first character is), special tokens and padding
 from __future__ import annotations
 
 import hashlib
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 
@@ -31,6 +34,7 @@ from clinlong.pipelines.core.runtime import (
 from clinlong.pipelines.core.text import Span, detect_sentences, lowercase_keep_offsets, tokenize
 from clinlong.pipelines.core.windows import DEFAULT_OVERLAP, assign_pieces, window_plan
 
+T, P, R = TypeVar("T"), TypeVar("P"), TypeVar("R")
 CONTEXTS = ("note", "sentence")
 MAX_LENGTH = 4096  # Clinical-Longformer's positions; the default max length everywhere
 TOKEN_VECTORS = ("first", "mean")
@@ -113,16 +117,38 @@ def _block_sums(v: np.ndarray, starts: np.ndarray, stops: np.ndarray) -> np.ndar
 
 @dataclass
 class NoteResult:
-    """Everything one note yields; vectors are float32."""
+    """Everything one note yields; vectors are float32. Sentences and tokens (the text rules) are found
+    when first asked for: the note granularity in note context never needs them."""
 
     skip_reason: str | None
     text_sha256: str | None
-    sentences: list[Span] = field(default_factory=list)
-    tokens: list[tuple[int, int, int]] = field(default_factory=list)
     piece_starts: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     piece_ends: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     piece_vectors: np.ndarray | None = None
     n_windows: int = 0
+    text: str | None = field(default=None, repr=False)  # never printed: notes carry PHI
+    _sentences: list[Span] | None = field(default=None, repr=False)
+    _tokens: list[tuple[int, int, int]] | None = field(default=None, repr=False)
+
+    @property
+    def sentences(self) -> list[Span]:
+        if self._sentences is None:
+            self._sentences = detect_sentences(self.text) if self.text else []
+        return self._sentences
+
+    @sentences.setter
+    def sentences(self, value: list[Span]) -> None:
+        self._sentences = value
+
+    @property
+    def tokens(self) -> list[tuple[int, int, int]]:
+        if self._tokens is None:
+            self._tokens = tokenize(self.text, self.sentences) if self.text else []
+        return self._tokens
+
+    @tokens.setter
+    def tokens(self, value: list[tuple[int, int, int]]) -> None:
+        self._tokens = value
 
     @classmethod
     def unusable(cls, reason: str, text) -> "NoteResult":
@@ -228,11 +254,6 @@ class NoteEmbedder:
         self.encoder = Encoder(artifact, budget, options.batch_size, threads, self.precision,
                                options.backend, self.device, options.attention_kernel)
 
-    def _pieces(self, text: str, begin: int, end: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        enc = self.tokenizer.encode(text[begin:end], add_special_tokens=False)
-        offsets = np.asarray(enc.offsets, np.int64).reshape(-1, 2) + begin
-        return np.asarray(enc.ids, np.int64), offsets[:, 0], offsets[:, 1]
-
     def _plan_segment(self, ids: np.ndarray, runs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         starts, width = window_plan(len(ids), self.options.max_length, self.options.window_overlap)
         first_run = len(runs)
@@ -241,39 +262,58 @@ class NoteEmbedder:
         w, pos = assign_pieces(len(ids), starts, width)
         return first_run + w, pos + 1  # +1: after <s>
 
-    def analyze(self, text: str) -> tuple[NoteResult, _Plan]:
-        result = NoteResult(None, text_sha256(text))
-        result.sentences = detect_sentences(text)
-        result.tokens = tokenize(text, result.sentences)
-        bpe_text = text if self.options.case_sensitive else lowercase_keep_offsets(text)
-        segments = [(0, len(text))] if self.options.context == "note" else [(b, e + 1) for b, e in result.sentences]
-        runs: list[np.ndarray] = []
-        starts, ends, piece_run, piece_pos = [], [], [], []
-        for b, e in segments:
-            ids, s, t = self._pieces(bpe_text, b, e)
-            if not len(ids):
-                continue
-            r, p = self._plan_segment(ids, runs)
-            starts.append(s), ends.append(t), piece_run.append(r), piece_pos.append(p)
+    def _segments(self, result: NoteResult) -> list[tuple[int, int]]:
+        """The character spans encoded and run alone: the note, or each of its sentences."""
+        if self.options.context == "note":
+            return [(0, len(result.text))]
+        return [(b, e + 1) for b, e in result.sentences]
+
+    def analyze_many(self, texts: list[str]) -> list[tuple[NoteResult, _Plan]]:
+        """BPE and windows of usable texts: every span of every note encoded in one `encode_batch` call
+        (tokenizers' Rust threads, RAYON_NUM_THREADS of them), offsets into each original text."""
+        results = [NoteResult(None, text_sha256(t), text=t) for t in texts]
+        spans = [(k, b, e) for k, r in enumerate(results) for b, e in self._segments(r)]
+        bpe_texts = texts if self.options.case_sensitive else [lowercase_keep_offsets(t) for t in texts]
+        pieces = [bpe_texts[k][b:e] for k, b, e in spans]
+        encodings = self.tokenizer.encode_batch(pieces, add_special_tokens=False) if pieces else []
+        parts: list[list] = [[] for _ in texts]
+        for (k, b, _), enc in zip(spans, encodings):
+            if enc.ids:
+                parts[k].append((b, enc))
+        out = []
         cat = (lambda xs: np.concatenate(xs) if xs else np.zeros(0, np.int64))
-        result.piece_starts, result.piece_ends = cat(starts), cat(ends)
-        result.n_windows = len(runs)
-        return result, _Plan(runs, cat(piece_run), cat(piece_pos))
+        for result, segs in zip(results, parts):
+            runs: list[np.ndarray] = []
+            starts, ends, piece_run, piece_pos = [], [], [], []
+            for b, enc in segs:
+                ids = np.asarray(enc.ids, np.int64)
+                offsets = np.asarray(enc.offsets, np.int64).reshape(-1, 2) + b
+                r, p = self._plan_segment(ids, runs)
+                starts.append(offsets[:, 0]), ends.append(offsets[:, 1]), piece_run.append(r), piece_pos.append(p)
+            result.piece_starts, result.piece_ends = cat(starts), cat(ends)
+            result.n_windows = len(runs)
+            out.append((result, _Plan(runs, cat(piece_run), cat(piece_pos))))
+        return out
+
+    def analyze(self, text: str) -> tuple[NoteResult, _Plan]:
+        """BPE and windows of one usable text (see analyze_many)."""
+        return self.analyze_many([text])[0]
 
     def prepare(self, texts: list) -> "Prepared":
-        """CPU-side work before the model: checks, sentences, tokens, BPE, windows."""
+        """CPU-side work before the model: checks, BPE, windows (sentences first in sentence context)."""
+        reasons = [skip_reason(t, self.options.max_chars) for t in texts]
+        analyzed = iter(self.analyze_many([t for t, r in zip(texts, reasons) if r is None]))
         results: list[NoteResult] = []
         plans: list[_Plan | None] = []
         runs: list[np.ndarray] = []
         offsets: list[int] = []
-        for text in texts:
+        for text, reason in zip(texts, reasons):
             offsets.append(len(runs))
-            reason = skip_reason(text, self.options.max_chars)
             if reason is not None:
                 results.append(NoteResult.unusable(reason, text))
                 plans.append(None)
                 continue
-            res, plan = self.analyze(text)
+            res, plan = next(analyzed)
             results.append(res)
             plans.append(plan)
             runs.extend(plan.run_ids)
@@ -298,6 +338,46 @@ class NoteEmbedder:
     def embed(self, texts: list) -> list[NoteResult]:
         """One result per text, in order; unusable texts come back with a skip reason."""
         return self.finish(self.prepare(texts))
+
+
+@dataclass
+class Stalls:
+    """Seconds the model step waited for preparation, out of the seconds the whole stream took."""
+
+    waited: float = 0.0
+    total: float = 0.0
+
+    @property
+    def fraction(self) -> float:
+        return self.waited / self.total if self.total else 0.0
+
+
+def overlapped(prepare: Callable[[T], P], finish: Callable[[P], R], items: Iterable[T],
+               stalls: Stalls | None = None) -> Iterator[R]:
+    """finish(prepare(item)) for each item, in order, preparing the next item on a helper thread while
+    the current one finishes: the model (ONNX Runtime, torch, the GPU) releases the GIL while it computes,
+    BPE runs in tokenizers' own threads. `stalls` collects how long finishing waited for preparation."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    stalls = stalls if stalls is not None else Stalls()
+    start = time.perf_counter()
+
+    def ready(future):
+        t = time.perf_counter()
+        value = future.result()
+        stalls.waited += time.perf_counter() - t
+        return value
+
+    with ThreadPoolExecutor(1, thread_name_prefix="clinlong-prepare") as pool:
+        pending = None
+        for item in items:
+            nxt = pool.submit(prepare, item)
+            if pending is not None:
+                yield finish(ready(pending))
+            pending = nxt
+        if pending is not None:
+            yield finish(ready(pending))
+    stalls.total += time.perf_counter() - start
 
 
 @dataclass

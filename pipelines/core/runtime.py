@@ -157,6 +157,8 @@ def set_task_threads(threads: int | None = None) -> int:
     threads = threads or task_threads()
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(threads)
+    # tokenizers' encode_batch threads (read when its pool starts, so the first task of a worker sizes it).
+    os.environ.setdefault("RAYON_NUM_THREADS", str(threads))
     return threads
 
 

@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from clinlong.pipelines.core import faults
 from clinlong.pipelines.core.artifact import Artifact
-from clinlong.pipelines.core.engine import EmbedOptions, NoteEmbedder, NoteResult
+from clinlong.pipelines.core.engine import EmbedOptions, NoteEmbedder, NoteResult, overlapped
 from clinlong.pipelines.core.schema import OutputSpec, build_errors, build_table
 from clinlong.pipelines.spark.progress import ProgressReporter
 
@@ -196,19 +196,8 @@ def _one_by_one(emb: NoteEmbedder, ids: list, texts: list) -> tuple[list[NoteRes
 
 
 def _embedded(emb: NoteEmbedder, batches: Iterator[pa.RecordBatch]) -> Iterator[Batch]:
-    """Embed batch after batch, preparing the next batch (text rules, BPE) on a helper thread while
-    the model runs the current one (ONNX Runtime and torch release the GIL while they compute)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(1, thread_name_prefix="clinlong-prepare") as pool:
-        pending = None
-        for batch in batches:
-            nxt = pool.submit(_prepare, emb, batch)
-            if pending is not None:
-                yield _finish(emb, *pending.result())
-            pending = nxt
-        if pending is not None:
-            yield _finish(emb, *pending.result())
+    """Embed batch after batch, preparing the next (checks, BPE, windows) while the model runs the current."""
+    return overlapped(lambda batch: _prepare(emb, batch), lambda prepared: _finish(emb, *prepared), batches)
 
 
 def _where(emb: NoteEmbedder) -> dict:
