@@ -51,7 +51,7 @@ def short_note_mix(ckpt: Path, art: Path, n: int, threads: int) -> dict:
     """Our heavy step against Hugging Face eager (fp32, length-sorted batches) on short notes, in process."""
     import torch
 
-    from clinlong.benchmarks.gpu import hf_run
+    from clinlong.benchmarks.baseline import hf_run
     from clinlong.pipelines.core.artifact import Artifact
     from clinlong.pipelines.core.engine import EmbedOptions, NoteEmbedder
 

@@ -24,69 +24,12 @@ import numpy as np
 MIMIC_NOTES = 2_083_180
 MIMIC_TOKENS = 1.0e9  # on the order of a billion BPE tokens (about 4 GB of text)
 NOTES_PER_BATCH = 64  # the job's Arrow batch of notes (spark.sql.execution.arrow.maxRecordsPerBatch)
-HF_SORTED_TOKENS = 32768  # Hugging Face's length-sorted batches: at most this many padded tokens
 KERNELS = ("varlen", "flex")
 
 
-class _Clock:
-    """Wall seconds of a block, the device synchronised at both ends."""
-
-    def __init__(self, device: str):
-        import torch
-
-        self.sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-
-    def __enter__(self):
-        self.sync()
-        self.start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        self.sync()
-        self.seconds = time.perf_counter() - self.start
-
-
-def _hf_batches(lengths: list[int], sort: bool) -> list[list[int]]:
-    """8-row batches in table order, or length-sorted batches of at most HF_SORTED_TOKENS padded tokens."""
-    if not sort:
-        return [list(range(i, min(i + 8, len(lengths)))) for i in range(0, len(lengths), 8)]
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batches, current = [], []
-    for i in order:
-        if current and (len(current) + 1) * lengths[current[0]] > HF_SORTED_TOKENS:
-            batches.append(current)
-            current = []
-        current.append(i)
-    return batches + ([current] if current else [])
-
-
-def hf_run(ckpt: Path, sequences: list[np.ndarray], device: str, precision: str, sort: bool) -> tuple[float, list]:
-    """Hugging Face LongformerModel eager on the sequences (each note's windows as the pipeline cuts them)."""
-    import torch
-    from transformers import LongformerModel
-
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    model = LongformerModel.from_pretrained(str(ckpt), add_pooling_layer=False).to(device, dtype).eval()
-    pad = model.config.pad_token_id
-    lengths = [len(s) for s in sequences]
-    out: list = [None] * len(sequences)
-    with torch.inference_mode():
-        ids = torch.from_numpy(sequences[0][:16])[None].to(device)
-        model(input_ids=ids, attention_mask=torch.ones_like(ids))  # warm-up
-        with _Clock(device) as clock:
-            for batch in _hf_batches(lengths, sort):
-                width = max(lengths[i] for i in batch)
-                ids = torch.full((len(batch), width), pad, dtype=torch.long)
-                mask = torch.zeros((len(batch), width), dtype=torch.long)
-                for r, i in enumerate(batch):
-                    ids[r, :lengths[i]] = torch.from_numpy(sequences[i])
-                    mask[r, :lengths[i]] = 1
-                hidden = model(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
-                if precision == "fp32":  # the reference: kept for the cosine of every other row
-                    for r, i in enumerate(batch):
-                        out[i] = hidden[r, :lengths[i]].float().cpu().numpy()
-    del model
-    return clock.seconds, out
+def _sig(x: float) -> float:
+    """Three significant digits (TFLOP/s of a GPU and of a CPU smoke run alike)."""
+    return float(f"{x:.3g}")
 
 
 def _min_cosine(ref: list, got: list) -> float:
@@ -103,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from clinlong.benchmarks.__main__ import ensure_artifact
-    from clinlong.benchmarks.measure import flops_per_token, gemm_peak
+    from clinlong.benchmarks.baseline import hf_run
+    from clinlong.benchmarks.measure import Clock, flops_per_token, gemm_peak
     from clinlong.export.synthetic_notes import generate_notes
     from clinlong.pipelines.core.artifact import Artifact
     from clinlong.pipelines.core.engine import EmbedOptions, NoteEmbedder, Stalls, overlapped
@@ -147,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     def row(name: str, prec: str, seconds: float, **extra) -> dict:
         tps = useful / seconds
         r = {"name": name, "precision": prec, "seconds": round(seconds, 3), "tokens_per_s": round(tps),
-             "tflops": round(tps * fpt / 1e12, 2), "gemm_peak_tflops": round(peaks[prec] / 1e3, 1),
+             "tflops": _sig(tps * fpt / 1e12), "gemm_peak_tflops": _sig(peaks[prec] / 1e3),
              "fraction_of_peak": round(tps * fpt / 1e9 / peaks[prec], 3),
              "mimic_hours": round(MIMIC_TOKENS / tps / 3600, 3), **extra}
         if cuda:
@@ -168,13 +112,13 @@ def main(argv: list[str] | None = None) -> int:
                                threads=threads)
             emb.encoder(sequences[:8])  # warm-up (FlexAttention compiles here)
             cos = _min_cosine(reference, emb.encoder([sequences[i] for i in sample]))
-            with _Clock(device) as clock:
+            with Clock(device) as clock:
                 emb.finish(prepared)
             row(f"ours_model_{kernel}", prec, clock.seconds, kernel=kernel, min_cosine_to_hf_fp32=round(cos, 6),
                 token_budget=emb.encoder.token_budget)
             stalls = Stalls()
             batches = [texts[i:i + NOTES_PER_BATCH] for i in range(0, len(texts), NOTES_PER_BATCH)]
-            with _Clock(device) as clock:
+            with Clock(device) as clock:
                 for _ in overlapped(emb.prepare, emb.finish, batches, stalls):
                     pass
             row(f"ours_with_preparation_{kernel}", prec, clock.seconds, kernel=kernel,
@@ -189,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         "host_cores": threads, "torch": torch.__version__, "model": art.model_id, "notes": len(texts),
         "useful_tokens": useful, "model_tokens": tokens, "flops_per_token": fpt,
         "preparation_tokens_per_s_per_core": round(useful / prep_seconds / threads),
-        "gemm_peak_tflops": {k: round(v / 1e3, 1) for k, v in peaks.items()}, "runs": rows,
+        "gemm_peak_tflops": {k: _sig(v / 1e3) for k, v in peaks.items()}, "runs": rows,
     }
     print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=2))
     if args.json:

@@ -42,6 +42,24 @@ def gemm_peak(precision: str, threads: int, m: int = 4096, k: int = 768, n: int 
         torch.set_num_threads(old)
 
 
+class Clock:
+    """Wall seconds of a block, the device synchronised at both ends."""
+
+    def __init__(self, device: str):
+        import torch
+
+        self.sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+    def __enter__(self):
+        self.sync()
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.sync()
+        self.seconds = time.perf_counter() - self.start
+
+
 def rss_mb() -> float:
     """Current resident set size of this process (MiB)."""
     with open("/proc/self/status") as f:

@@ -17,8 +17,15 @@ from clinlong.export.checkpoint import Checkpoint
 from clinlong.export.errors import ExportError
 from clinlong.export.parity import Tolerance, check_parity, parity_sequences
 from clinlong.export.synthetic_notes import generate_notes
-from clinlong.pipelines.core.artifact import (MANIFEST_FILE, ONNX_FILE, PARITY_FILE, SUPPORTED_FORMAT, TOKENIZER_FILE,
-                                              WEIGHTS_FILE, file_sha256)
+from clinlong.pipelines.core.artifact import (
+    MANIFEST_FILE,
+    ONNX_FILE,
+    PARITY_FILE,
+    SUPPORTED_FORMAT,
+    TOKENIZER_FILE,
+    WEIGHTS_FILE,
+    file_sha256,
+)
 from clinlong.pipelines.core.model import LongformerEncoder
 from clinlong.pipelines.core.packing import positions
 

@@ -268,3 +268,16 @@ def test_progress_logs_rates_and_eta_without_text(notes_csv, tiny_artifact, spar
     lines = [line for line in err.splitlines() if "progress: tasks" in line]
     assert lines and "/s)" in lines[0]
     assert all("ETA" in line for line in lines) and PHI_MARKER not in err
+
+
+def test_tasks_learn_their_executors_cores(spark):
+    """The driver names an executor's cores (local[2]: 2) in a local property that every task reads: the
+    torch CPU tasks share them (runtime.CoreShare), GPU tasks give them to BPE."""
+    from pyspark import TaskContext
+
+    from clinlong.pipelines.spark.tasks import SHARED_CORES, share_executor_cores
+
+    sc = spark.sparkContext
+    assert share_executor_cores(sc) == 2
+    seen = sc.parallelize(range(4), 4).map(lambda _: TaskContext.get().getLocalProperty(SHARED_CORES)).collect()
+    assert seen == [f"{sc.applicationId}:2"] * 4

@@ -119,3 +119,65 @@ def test_auto_precision_follows_the_cpus_bf16_hardware(monkeypatch):
     monkeypatch.setattr(runtime, "cpu_bf16_flags", lambda: ())
     assert runtime.resolve_precision("auto", "cpu") == "fp32"
     assert runtime.resolve_precision("fp16", "cpu") == "fp16"
+
+
+def test_note_granularity_in_note_context_runs_no_text_rules(artifact, monkeypatch):
+    """Sentence and word rules run only where asked for (they cost as much as BPE); a result's repr never
+    shows its text."""
+    from clinlong.pipelines.core import engine
+
+    def refuse(*_):
+        raise AssertionError("text rules ran")
+
+    monkeypatch.setattr(engine, "detect_sentences", refuse)
+    monkeypatch.setattr(engine, "tokenize", refuse)
+    res = engine.NoteEmbedder(artifact, engine.EmbedOptions(precision="fp32")).embed(["Pt stable. BP 120/80."])[0]
+    assert res.note_vector().shape == (artifact.dimension,) and "Pt stable" not in repr(res)
+    with pytest.raises(AssertionError, match="text rules ran"):
+        res.sentences
+
+
+def test_overlapped_keeps_order_and_counts_waits():
+    import time
+
+    from clinlong.pipelines.core.engine import Stalls, overlapped
+
+    stalls = Stalls()
+    slow = (lambda x: (time.sleep(0.05), x * 2)[1])
+    assert list(overlapped(slow, lambda y: y + 1, range(5), stalls)) == [1, 3, 5, 7, 9]
+    assert 0 < stalls.waited <= stalls.total and 0 < stalls.fraction <= 1
+
+
+def test_core_share_gives_idle_cores_to_the_tasks_still_running(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from clinlong.pipelines.core.runtime import CoreShare
+
+    sibling = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        (tmp_path / str(sibling.pid)).touch()  # a sibling task, running
+        (tmp_path / "999999999").touch()  # a worker that died without unregistering
+        with CoreShare(tmp_path, cores=8, own=1) as share:
+            assert (tmp_path / str(os.getpid())).exists()
+            assert share.threads() == 4 and not (tmp_path / "999999999").exists()
+            sibling.kill()
+            sibling.wait()
+            assert share.threads() == 8  # alone now: every core of the executor
+        assert not (tmp_path / str(os.getpid())).exists()
+        assert CoreShare(tmp_path, cores=2, own=4).threads() == 4  # never fewer than the task's own cores
+    finally:
+        sibling.kill()
+
+
+def test_small_arrow_batches_are_joined_to_fill_a_row():
+    import pyarrow as pa
+
+    from clinlong.pipelines.spark.tasks import coalesce
+
+    batches = [pa.record_batch({"note_id": [i], "text": ["x" * 100]}) for i in range(10)]
+    batches.insert(3, pa.record_batch({"note_id": pa.array([], pa.int64()), "text": pa.array([], pa.string())}))
+    out = list(coalesce(iter(batches), chars=350))
+    assert [b.num_rows for b in out] == [4, 4, 2]
+    assert [i for b in out for i in b.column("note_id").to_pylist()] == list(range(10))

@@ -51,9 +51,14 @@ class Artifact:
             art.verify()
         return art
 
-    def verify(self) -> None:
-        for name, digest in self.manifest["files"].items():
+    def verify(self, names: list[str] | None = None) -> None:
+        """Check the sha256 of every file (or of `names`, those a runtime reads) against the manifest."""
+        files = self.manifest["files"]
+        for name in names if names is not None else files:
+            digest = files.get(name)
             f = self.path / name
+            if digest is None:
+                raise ArtifactError(f"artifact file {f} is not in the manifest; re-export the artifact")
             if not f.is_file():
                 raise ArtifactError(f"artifact file {f} is missing; re-export the artifact")
             if file_sha256(f) != digest:

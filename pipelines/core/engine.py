@@ -251,6 +251,7 @@ class NoteEmbedder:
         budget = options.token_budget
         if self.device.startswith("cuda") and budget == DEFAULT_TOKEN_BUDGET:
             budget = _gpu_budget(artifact, self.device, self.precision, options.attention_kernel)
+        self.token_budget = budget  # tokens per packed row (model call)
         self.encoder = Encoder(artifact, budget, options.batch_size, threads, self.precision,
                                options.backend, self.device, options.attention_kernel)
 

@@ -138,12 +138,6 @@ class SlidingWindowSelfAttention(nn.Module):
         self.query = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.key = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.value = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        b = self.one_sided
-        # Query row r of a block against key column c of the three blocks [prev, own, next]:
-        # relative distance j - i = c - b - r; allowed when |c - b - r| <= b.
-        r = torch.arange(b)[:, None]
-        c = torch.arange(3 * b)[None, :]
-        self.register_buffer("band", (c - b - r).abs() <= b, persistent=False)
 
     def _blocks3(self, x: torch.Tensor, value=0) -> torch.Tensor:
         """(..., n*b, d) -> (..., n, 3b, d): for each block, the previous, own and next block."""
@@ -180,9 +174,14 @@ class SlidingWindowSelfAttention(nn.Module):
         n = length // b
         key = ("blocks", b)
         if key not in masks:
+            # Query row r of a block against key column c of the three blocks [prev, own, next]:
+            # relative distance j - i = c - b - r; allowed when |c - b - r| <= b (and the same sequence).
+            r = torch.arange(b, device=hidden.device)[:, None]
+            c = torch.arange(3 * b, device=hidden.device)[None, :]
+            band = (c - b - r).abs() <= b
             seg_q = segments.segment.reshape(bsz, n, b)
             seg_k = self._blocks3(segments.segment[..., None]).reshape(bsz, n, 3 * b)  # outside: 0, as padding
-            masks[key] = (self.band[None, None] & (seg_q[..., :, None] == seg_k[..., None, :]))[:, None]
+            masks[key] = (band[None, None] & (seg_q[..., :, None] == seg_k[..., None, :]))[:, None]
         q = (q * scale).reshape(bsz, h, n, b, d)
         scores = torch.matmul(q, self._blocks3(k).transpose(-1, -2))  # (B, H, n, b, 3b)
         # The dtype's minimum (not -inf) keeps fully masked rows finite (padding sees padding anyway).

@@ -24,7 +24,7 @@ from clinlong.pipelines.core.options import add_arguments, from_arguments
 from clinlong.pipelines.core.storage import StorageError
 from clinlong.pipelines.delta.sink import CommitConflict
 from clinlong.pipelines.spark.sources import InputError
-from clinlong.pipelines.spark.tasks import ModelStepFailed
+from clinlong.pipelines.spark.tasks import ModelStepFailed, share_executor_cores
 
 log = logging.getLogger("clinlong.job")
 
@@ -106,6 +106,7 @@ def run(cfg: JobConfig, spark=None) -> dict:
         if first:
             log.info("run %s: chunks 0..%d of %d were committed by an earlier attempt; resuming", rid, first - 1, chunks)
         tasks = cfg.partitions or TASKS_PER_CORE * spark.sparkContext.defaultParallelism
+        share_executor_cores(spark.sparkContext)
         log.info("run %s: %d input rows in %d chunk(s) of ~%d notes, up to %d task(s) per chunk", rid, n_in, chunks,
                  cfg.chunk_notes or n_in, tasks)
 

@@ -9,14 +9,18 @@ than recording notes as done.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import os
+import tempfile
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pyarrow as pa
 
@@ -50,10 +54,10 @@ def embedder(artifact_path: str, options: EmbedOptions) -> NoteEmbedder:
     """The worker's embedder for this artifact, options and device (the GPU Spark assigned this task,
     or the CPU), and the task's threads set. Keyed by the artifact's model_id, read from its manifest on
     every call: an artifact re-exported in place is a new model, never the old one under the new id.
-    A model is verified (sha256 of every file) and loaded once, then reused across batches and tasks."""
+    A model is verified (sha256 of the files it reads) and loaded once, then reused across batches and tasks."""
     from clinlong.pipelines.core.devices import choose_device
     from clinlong.pipelines.core.logs import configure
-    from clinlong.pipelines.core.runtime import set_task_threads
+    from clinlong.pipelines.core.runtime import choose_backend, model_files, set_task_threads
 
     configure()
     device = choose_device(options.device)
@@ -62,9 +66,61 @@ def embedder(artifact_path: str, options: EmbedOptions) -> NoteEmbedder:
     key = (art.model_id, options, device, threads)
     with _EMBEDDERS_LOCK:
         if key not in _EMBEDDERS:
-            art.verify()
+            art.verify(model_files(art, choose_backend(options.precision, options.backend, device)[0]))
             _EMBEDDERS[key] = NoteEmbedder(art, options, threads=threads, device=device)
         return _EMBEDDERS[key]
+
+
+SHARED_CORES = "clinlong.executor.cores"  # Spark local property: "<application id>:<cores per executor>"
+
+
+def share_executor_cores(sc) -> int:
+    """On the driver: name one executor's cores to the tasks (local[N]: N; else spark.executor.cores),
+    so that torch CPU tasks can share them (see shared_cores); 0 where unknown (each task keeps its own)."""
+    import re
+
+    local = re.fullmatch(r"local(?:\[(\*|\d+)(?:,\d+)?\])?", sc.master)
+    if local:
+        n = local.group(1)
+        cores = 1 if n is None else (os.cpu_count() or 1) if n == "*" else int(n)
+    else:
+        cores = int(sc.getConf().get("spark.executor.cores", "0"))
+    sc.setLocalProperty(SHARED_CORES, f"{sc.applicationId}:{cores}" if cores else None)
+    return cores
+
+
+@contextlib.contextmanager
+def task_embedder(artifact_path: str, options: EmbedOptions) -> Iterator[NoteEmbedder]:
+    """The worker's embedder for a task. On a CPU executor whose cores the driver named (a local property),
+    the task registers at once (before the model loads) and its torch model takes, call by call, the
+    cores its finished siblings left idle (runtime.CoreShare); a GPU task's BPE threads take the executor's."""
+    from pyspark import TaskContext
+
+    from clinlong.pipelines.core.devices import choose_device
+    from clinlong.pipelines.core.runtime import CoreShare, set_task_threads
+
+    ctx = TaskContext.get()
+    value = ctx.getLocalProperty(SHARED_CORES) if ctx else None
+    share = None
+    if value:
+        app, cores = value.rsplit(":", 1)
+        if choose_device(options.device) == "cpu":
+            where = hashlib.sha1(f"{app}\0{os.getcwd()}".encode()).hexdigest()[:16]  # an executor's workers share a cwd
+            share = CoreShare(Path(tempfile.gettempdir()) / f"clinlong-cores-{where}", int(cores), max(1, ctx.cpus()))
+        else:  # a GPU task: the executor's cores idle while it runs (reading is an earlier stage); BPE takes them
+            os.environ.setdefault("RAYON_NUM_THREADS", cores)
+    with share or contextlib.nullcontext():
+        emb = embedder(artifact_path, options)
+        model = getattr(emb.encoder, "model", None)
+        if share is None or not hasattr(model, "share"):  # ONNX Runtime sessions keep the threads they were built with
+            yield emb
+            return
+        model.share = share
+        try:
+            yield emb
+        finally:
+            model.share = None
+            set_task_threads(share.own)
 
 
 @dataclass
@@ -195,8 +251,30 @@ def _one_by_one(emb: NoteEmbedder, ids: list, texts: list) -> tuple[list[NoteRes
     return results, stages
 
 
+CHARS_PER_TOKEN = 4  # about what byte-level BPE makes of English clinical text
+
+
+def coalesce(batches: Iterator[pa.RecordBatch], chars: int) -> Iterator[pa.RecordBatch]:
+    """Arrow batches joined until they hold about `chars` characters of text, so that a model call can fill
+    its row (a GPU's 65,536 tokens are hundreds of short notes; Spark's Arrow batches hold 64 rows)."""
+    pending: list[pa.RecordBatch] = []
+    size = 0
+    for batch in batches:
+        if not batch.num_rows:
+            continue
+        pending.append(batch)
+        size += batch.column("text").nbytes
+        if size >= chars:
+            yield pending[0] if len(pending) == 1 else pa.concat_batches(pending)
+            pending, size = [], 0
+    if pending:
+        yield pending[0] if len(pending) == 1 else pa.concat_batches(pending)
+
+
 def _embedded(emb: NoteEmbedder, batches: Iterator[pa.RecordBatch]) -> Iterator[Batch]:
-    """Embed batch after batch, preparing the next (checks, BPE, windows) while the model runs the current."""
+    """Embed batch after batch, preparing the next (checks, BPE, windows) while the model runs the current;
+    small batches are joined until they fill at least one of the model's rows."""
+    batches = coalesce(batches, CHARS_PER_TOKEN * emb.token_budget)
     return overlapped(lambda batch: _prepare(emb, batch), lambda prepared: _finish(emb, *prepared), batches)
 
 
@@ -242,7 +320,6 @@ def embed_partition(artifact_path: str, options: EmbedOptions, spec: OutputSpec,
         from pyspark import TaskContext
 
         started = time.time()
-        emb = embedder(artifact_path, options)
         progress = ProgressReporter(target.progress, target.chunk)
 
         def writer(uri: str, schema: pa.Schema, values: dict | None = None) -> RollingWriter:
@@ -251,20 +328,21 @@ def embed_partition(artifact_path: str, options: EmbedOptions, spec: OutputSpec,
         outs: dict[str, RollingWriter] = {}
         errs = writer(target.errors_uri, target.error_schema)
         counts = _TaskCounts()
-        for b in _embedded(emb, batches):
-            rows = 0
-            for values, table in _tables(spec, b):
-                key = json.dumps(values, sort_keys=True)
-                if key not in outs:
-                    outs[key] = writer(target.table_uri, spec.file_schema, values or None)
-                outs[key].write(table)
-                rows += table.num_rows
-            errors = b.error_rows()
-            if errors:
-                errs.write(build_errors(target.error_schema, errors, spec.model_id, target.run_id))
-            c = _counts(b, rows)
-            counts.add(c)
-            progress.add(c["notes"], c["tokens"])
+        with task_embedder(artifact_path, options) as emb:
+            for b in _embedded(emb, batches):
+                rows = 0
+                for values, table in _tables(spec, b):
+                    key = json.dumps(values, sort_keys=True)
+                    if key not in outs:
+                        outs[key] = writer(target.table_uri, spec.file_schema, values or None)
+                    outs[key].write(table)
+                    rows += table.num_rows
+                errors = b.error_rows()
+                if errors:
+                    errs.write(build_errors(target.error_schema, errors, spec.model_id, target.run_id))
+                c = _counts(b, rows)
+                counts.add(c)
+                progress.add(c["notes"], c["tokens"])
         files = [("out", f) for w in outs.values() for f in w.close()] + [("err", f) for f in errs.close()]
         faults.point("task-after-part")
         progress.send()
@@ -332,17 +410,17 @@ def embed_rows_and_errors(artifact_path: str, options: EmbedOptions, spec: Outpu
     schema = combined_schema(spec.schema, error_schema)
 
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        emb = embedder(artifact_path, options)
         reporter = ProgressReporter(progress, chunk)
-        for b in _embedded(emb, batches):
-            table = full_table(spec, b)
-            errors = build_errors(error_schema, b.error_rows(), spec.model_id, run_id)
-            counts = {**_counts(b, table.num_rows), **_where(emb)}
-            reporter.add(counts["notes"], counts["tokens"])
-            meta = pa.table({"_meta": [json.dumps(counts)]})
-            for t, kind in ((table, "row"), (errors, "error"), (meta, "meta")):
-                if t.num_rows:
-                    yield from _combined(t, kind, schema).to_batches()
+        with task_embedder(artifact_path, options) as emb:
+            for b in _embedded(emb, batches):
+                table = full_table(spec, b)
+                errors = build_errors(error_schema, b.error_rows(), spec.model_id, run_id)
+                counts = {**_counts(b, table.num_rows), **_where(emb)}
+                reporter.add(counts["notes"], counts["tokens"])
+                meta = pa.table({"_meta": [json.dumps(counts)]})
+                for t, kind in ((table, "row"), (errors, "error"), (meta, "meta")):
+                    if t.num_rows:
+                        yield from _combined(t, kind, schema).to_batches()
         reporter.send()
 
     return run
