@@ -307,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         if r["precision"] == "bf16":
             r["cosine_to_fp32_min"] = round(token_cos if "heavy" in r["name"] else note_cos, 6)
     log.info("short-note mix: our heavy step against Hugging Face eager")
-    short = short_note_mix(ckpt, art, 24 if args.quick else 120, cores)
+    short = short_note_mix(ckpt, art, 12 if args.quick else 120, cores)
     log.info("scaling and memory")
     result = {
         "machine": machine(), "threads": cores, "quick": args.quick,

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from deltalake import DeltaTable
 
+from clinlong.pipelines.core.engine import EmbedOptions
 from clinlong.pipelines.jobs.embed_notes import JobConfig, run
 from tests.conftest import ROOT
 
@@ -35,6 +36,9 @@ def write_notes(path: Path, n: int = 40, seed: int = 5, edit: dict | None = None
             text = "  \n " if note.row_id % 5 == 0 else note.text[:1500]
             w.writerow([note.row_id, note.category, (edit or {}).get(note.row_id, text)])
     return path
+
+
+FP32 = EmbedOptions(precision="fp32")  # tables compared vector by vector at 1e-5 (bf16 differs by its rounding)
 
 
 def job_cmd(notes: Path, model: Path, out: Path, *extra: str) -> list[str]:
@@ -76,7 +80,8 @@ def notes(tmp_path_factory):
 @pytest.fixture(scope="module")
 def clean(notes, tiny_artifact, spark, tmp_path_factory):
     out = tmp_path_factory.mktemp("clean") / "t"
-    s = run(JobConfig(notes=str(notes), model=str(tiny_artifact), out=str(out), id_type="long", chunk_notes=0), spark)
+    s = run(JobConfig(notes=str(notes), model=str(tiny_artifact), out=str(out), id_type="long", chunk_notes=0,
+                      options=FP32), spark)
     assert s["rows_in"] == 40 and s["embedded"] == 32
     return out
 
@@ -197,7 +202,7 @@ def test_incremental_embeds_new_and_changed_notes_only(tiny_artifact, spark, tmp
     changed = {3: "Pt now afebrile. Repeat CXR clear.", 7: "Discharged home in stable condition."}
     v2 = write_notes(tmp_path / "v2.csv", n=36, edit=changed)  # notes 31-36 are new, 3 and 7 changed
     out = tmp_path / "t"
-    base = dict(model=str(tiny_artifact), out=str(out), id_type="long", mode="incremental", chunk_notes=10)
+    base = dict(model=str(tiny_artifact), out=str(out), id_type="long", mode="incremental", chunk_notes=10, options=FP32)
     s1 = run(JobConfig(notes=str(v1), **base), spark)
     assert (s1["rows_in"], s1["embedded"]) == (30, 24)
     s2 = run(JobConfig(notes=str(v2), **base), spark)
@@ -206,7 +211,7 @@ def test_incremental_embeds_new_and_changed_notes_only(tiny_artifact, spark, tmp
     s3 = run(JobConfig(notes=str(v2), **base), spark)
     assert s3["rows_in"] == 0  # nothing left to do, errors included
     want = tmp_path / "clean"
-    run(JobConfig(notes=str(v2), model=str(tiny_artifact), out=str(want), id_type="long"), spark)
+    run(JobConfig(notes=str(v2), model=str(tiny_artifact), out=str(want), id_type="long", options=FP32), spark)
     assert_same_tables(out, want)
 
 
@@ -214,14 +219,15 @@ def test_incremental_killed_before_stale_rows_are_deleted(tiny_artifact, spark, 
     v1 = write_notes(tmp_path / "v1.csv", n=20)
     v2 = write_notes(tmp_path / "v2.csv", n=20, edit={4: "Changed text for note four."})
     out = tmp_path / "t"
-    run(JobConfig(notes=str(v1), model=str(tiny_artifact), out=str(out), id_type="long", mode="incremental"), spark)
+    run(JobConfig(notes=str(v1), model=str(tiny_artifact), out=str(out), id_type="long", mode="incremental",
+                  options=FP32), spark)
     cmd = job_cmd(v2, tiny_artifact, out, "--mode", "incremental")
     assert run_job(cmd, "driver-after-commit:1").returncode == -signal.SIGKILL
     assert (table(out).note_id == 4).sum() == 2  # new version committed, old one not yet deleted
     again = run_job(cmd)
     assert again.returncode == 0 and "stale rows deleted: 1" in again.stdout, again.stderr[-2000:]
     want = tmp_path / "clean"
-    run(JobConfig(notes=str(v2), model=str(tiny_artifact), out=str(want), id_type="long"), spark)
+    run(JobConfig(notes=str(v2), model=str(tiny_artifact), out=str(want), id_type="long", options=FP32), spark)
     assert_same_tables(out, want)
 
 
