@@ -317,13 +317,17 @@ def test_multiline_csv_spreads_over_every_core_with_moving_progress(tiny_artifac
     statistics."""
     notes = short_notes(tmp_path / "NOTEEVENTS.csv", 20_000, chars=120)
     out = tmp_path / "emb"
-    proc = job(["--notes", str(notes), "--model", str(tiny_artifact), "--out", str(out), "--master", "local[2]",
+    # local[2,2]: a task whose Python worker dies is retried once, as a cluster retries it (two full-suite
+    # runs saw one worker crash here, never reproduced alone; see the README's Troubleshooting).
+    proc = job(["--notes", str(notes), "--model", str(tiny_artifact), "--out", str(out), "--master", "local[2,2]",
                 "--progress-every", "1"], timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "rows in 20000" in proc.stdout and "embedded 20000" in proc.stdout
     progress = [line for line in proc.stderr.splitlines() if "progress: tasks" in line]
-    moving = [line for line in progress if re.search(r"\(2 running\), notes [1-9]\d*/20000", line)]
-    assert moving, progress[-5:]  # notes counted while both cores were busy, not only at the end
+    # Notes counted while both cores were busy, not only at the end. (Spark's status tracker can show one
+    # task more than the cores for a moment: a finished task's end is processed after its successor's start.)
+    moving = [line for line in progress if re.search(r"\([2-9] running\), notes [1-9]\d*/20000", line)]
+    assert moving, progress[-5:]
     counts = [int(re.search(r"notes (\d+)", line).group(1)) for line in progress]  # (no total while reading)
     assert len(set(counts)) >= 3  # it moved more than once
     info = json.loads(DeltaTable(str(out)).history(1)[0]["clinlong"])
