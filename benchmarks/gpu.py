@@ -24,7 +24,7 @@ import numpy as np
 MIMIC_NOTES = 2_083_180
 MIMIC_TOKENS = 1.0e9  # on the order of a billion BPE tokens (about 4 GB of text)
 NOTES_PER_BATCH = 64  # the job's Arrow batch of notes (spark.sql.execution.arrow.maxRecordsPerBatch)
-KERNELS = ("varlen", "flex")
+GPU_KERNELS = ("varlen", "flex")  # the two fused kernels whose rows decide which one stays
 
 
 def _sig(x: float) -> float:
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     cuda = device.startswith("cuda")
     precisions = args.precisions.split(",")
-    kernels = KERNELS if cuda else ("blocks",)  # varlen runs on CUDA only; eager FlexAttention on CPUs is dense
+    kernels = GPU_KERNELS if cuda else ("blocks",)  # varlen runs on CUDA only; eager FlexAttention on CPUs is dense
     ckpt, art_path = ensure_artifact(Path(args.work), args.size)
     art = Artifact.open(art_path, verify=False)
     fpt = flops_per_token(art.encoder_config)

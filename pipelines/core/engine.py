@@ -52,7 +52,8 @@ class EmbedOptions:
     window_overlap: int = option(DEFAULT_OVERLAP, "pieces shared by consecutive windows of long notes")
     token_vector: str = option("first", "token vector: its first BPE piece (Spark NLP) or the mean of its pieces",
                                choices=TOKEN_VECTORS)
-    token_budget: int = option(DEFAULT_TOKEN_BUDGET, "max padded tokens per model call")
+    token_budget: int = option(DEFAULT_TOKEN_BUDGET, "max tokens per packed row (one model call); at the default, "
+                               "GPUs size it from their free memory")
     batch_size: int = option(DEFAULT_BATCH_SIZE, "max sequences per model call")
     precision: str = option("auto", "compute precision. auto: bf16 on GPUs and on CPUs with bf16 hardware "
                             "(AVX512-BF16, AMX), else fp32; fp32 is the export's parity", choices=PRECISIONS)

@@ -76,7 +76,7 @@ SHARED_CORES = "clinlong.executor.cores"  # Spark local property: "<application 
 
 def share_executor_cores(sc) -> int:
     """On the driver: name one executor's cores to the tasks (local[N]: N; else spark.executor.cores),
-    so that torch CPU tasks can share them (see shared_cores); 0 where unknown (each task keeps its own)."""
+    so that torch CPU tasks can share them (see task_embedder); 0 where unknown (each task keeps its own)."""
     import re
 
     local = re.fullmatch(r"local(?:\[(\*|\d+)(?:,\d+)?\])?", sc.master)
