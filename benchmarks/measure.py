@@ -11,9 +11,11 @@ def flops_per_token(cfg: dict) -> float:
 
     per layer = 2 * (4 d^2 + 2 d d_ff)          Q, K, V, output projections and the feed-forward
               + 2 * 2 * d * (w + 1)             QK^T and PV over the w + 1 keys of a window w
-    (embeddings, LayerNorm, softmax and GELU are ignored; Clinical-Longformer: 188.8 MFLOP/token)."""
+    (embeddings, LayerNorm, softmax and GELU are ignored; Clinical-Longformer: 188.8 MFLOP/token).
+    BigBird counts the 8 key blocks a block-sparse query block reads (3 sliding, 2 global, 3 random) as w + 1."""
     d, dff = cfg["hidden_size"], cfg["intermediate_size"]
-    return float(sum(2 * (4 * d * d + 2 * d * dff) + 4 * d * (w + 1) for w in cfg["attention_window"]))
+    windows = cfg["attention_window"] or [8 * cfg.get("block_size", 64) - 1] * cfg["num_hidden_layers"]
+    return float(sum(2 * (4 * d * d + 2 * d * dff) + 4 * d * (w + 1) for w in windows))
 
 
 def gemm_peak(precision: str, threads: int, m: int = 4096, k: int = 768, n: int = 3072, repeat: int = 8,

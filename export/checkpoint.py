@@ -1,4 +1,4 @@
-"""Read and validate a Hugging Face Longformer checkpoint (local directory or hub id)."""
+"""Read and validate a Hugging Face checkpoint of the family (Longformer, BigBird; local directory or hub id)."""
 from __future__ import annotations
 
 import hashlib
@@ -12,10 +12,12 @@ import torch
 
 from clinlong.export.errors import ExportError
 from clinlong.pipelines.core.artifact import file_sha256
-from clinlong.pipelines.core.model import EncoderConfig, encoder_state
+from clinlong.pipelines.core.model import MODEL_TYPES, EncoderConfig, encoder_state
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
+SENTENCEPIECE_FILES = ("sentencepiece.bpe.model", "spiece.model")  # CamemBERT/DrBERT's, BigBird's
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", *SENTENCEPIECE_FILES, "tokenizer_config.json",
+                   "special_tokens_map.json")
 
 
 @dataclass
@@ -47,7 +49,7 @@ def resolve(source: str) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(source, allow_patterns=["*.json", "*.txt", "*.safetensors", "*.bin"]))
+        return Path(snapshot_download(source, allow_patterns=["*.json", "*.txt", "*.model", "*.safetensors", "*.bin"]))
     except Exception as e:  # network, auth, missing repo
         raise ExportError(f"could not download {source} from the Hugging Face hub ({type(e).__name__}); "
                           "download the checkpoint elsewhere and pass its local directory") from None
@@ -61,11 +63,17 @@ def _read_config(path: Path) -> dict:
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ExportError(f"{cfg_path} is not valid JSON ({e.__class__.__name__}); re-download the checkpoint") from None
-    if cfg.get("model_type") != "longformer":
-        raise ExportError(f"config.json describes a {cfg.get('model_type')!r} model, not 'longformer'; "
-                          "pass a Longformer checkpoint such as yikuan8/Clinical-Longformer")
+    if cfg.get("model_type") not in MODEL_TYPES:
+        raise ExportError(f"config.json describes a {cfg.get('model_type')!r} model, not one of {MODEL_TYPES}; "
+                          "pass a Longformer or BigBird checkpoint such as yikuan8/Clinical-Longformer")
     required = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                 "intermediate_size", "max_position_embeddings")
+    if cfg["model_type"] == "big_bird":
+        if cfg.get("is_decoder") or cfg.get("add_cross_attention"):
+            raise ExportError("config.json describes a BigBird decoder; pass an encoder checkpoint (is_decoder false)")
+        if cfg.get("position_embedding_type", "absolute") != "absolute":
+            raise ExportError(f"position_embedding_type {cfg['position_embedding_type']!r} is not supported; "
+                              "BigBird checkpoints use absolute positions")
     missing = [k for k in required if k not in cfg]
     if missing:
         raise ExportError(f"config.json lacks {', '.join(missing)}; re-download the checkpoint")
@@ -74,14 +82,22 @@ def _read_config(path: Path) -> dict:
 
 def _encoder_config(cfg: dict) -> EncoderConfig:
     ec = EncoderConfig.from_hf_dict(cfg)
+    if ec.hidden_size % ec.num_attention_heads:
+        raise ExportError(f"hidden_size {ec.hidden_size} is not divisible by {ec.num_attention_heads} heads; fix config.json")
+    if ec.model_type == "big_bird":
+        if cfg.get("attention_type", "block_sparse") not in ("block_sparse", "original_full"):
+            raise ExportError(f"attention_type {cfg['attention_type']!r} is not one of block_sparse, original_full; "
+                              "fix config.json")
+        if ec.block_size < 1 or ec.num_random_blocks < 0:
+            raise ExportError(f"block_size {ec.block_size} / num_random_blocks {ec.num_random_blocks} are invalid; "
+                              "fix config.json")
+        return ec
     if len(ec.attention_window) != ec.num_hidden_layers:
         raise ExportError(f"config.json has {len(ec.attention_window)} attention windows for "
                           f"{ec.num_hidden_layers} layers; give one window per layer or a single number")
     bad = [w for w in ec.attention_window if w <= 0 or w % 2]
     if bad:
         raise ExportError(f"attention windows must be positive and even, config.json has {bad}; fix attention_window")
-    if ec.hidden_size % ec.num_attention_heads:
-        raise ExportError(f"hidden_size {ec.hidden_size} is not divisible by {ec.num_attention_heads} heads; fix config.json")
     if ec.max_length < 1:
         raise ExportError(f"max_position_embeddings {ec.max_position_embeddings} leaves no room for tokens after "
                           f"the padding index {ec.pad_token_id}; fix config.json")
@@ -107,17 +123,26 @@ def _read_weights(path: Path) -> tuple[str, dict[str, torch.Tensor]]:
 
 
 def _read_tokenizer(path: Path):
+    """The checkpoint's fast tokenizer: tokenizer.json, byte-level BPE files, or a SentencePiece model
+    (converted by transformers, which needs the sentencepiece and protobuf packages)."""
     has_fast = (path / "tokenizer.json").is_file()
     has_bpe = (path / "vocab.json").is_file() and (path / "merges.txt").is_file()
-    if not (has_fast or has_bpe):
-        raise ExportError(f"{path} has no tokenizer (tokenizer.json, or vocab.json with merges.txt); "
-                          "copy the checkpoint's tokenizer files into it")
+    spm = next((name for name in SENTENCEPIECE_FILES if (path / name).is_file()), None)
+    if not (has_fast or has_bpe or spm):
+        raise ExportError(f"{path} has no tokenizer (tokenizer.json, vocab.json with merges.txt, or "
+                          f"{' / '.join(SENTENCEPIECE_FILES)}); copy the checkpoint's tokenizer files into it")
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(path), use_fast=True)
+        tok = AutoTokenizer.from_pretrained(str(path), use_fast=True)
     except Exception as e:
-        raise ExportError(f"the tokenizer files in {path} could not be loaded ({type(e).__name__}); re-download them") from None
+        hint = ("; converting a SentencePiece model needs: pip install sentencepiece protobuf"
+                if spm and not has_fast else "; re-download them")
+        raise ExportError(f"the tokenizer files in {path} could not be loaded ({type(e).__name__}){hint}") from None
+    if not tok.is_fast:
+        raise ExportError(f"the tokenizer in {path} has no fast (Rust) form; add its tokenizer.json "
+                          "(tokenizer.save_pretrained writes one)")
+    return tok
 
 
 def _check_shapes(ec: EncoderConfig, state: dict[str, torch.Tensor], tokenizer) -> None:
@@ -125,8 +150,8 @@ def _check_shapes(ec: EncoderConfig, state: dict[str, torch.Tensor], tokenizer) 
     pos = state.get("embeddings.position_embeddings.weight")
     words = state.get("embeddings.word_embeddings.weight")
     if pos is None or words is None:
-        raise ExportError("the weights lack Longformer embeddings (embeddings.position_embeddings / word_embeddings); "
-                          "pass a Longformer checkpoint")
+        raise ExportError(f"the weights lack {ec.model_type} embeddings (embeddings.position_embeddings / "
+                          "word_embeddings); pass the checkpoint that config.json describes")
     if pos.shape[0] != ec.max_position_embeddings:
         raise ExportError(f"max_position_embeddings is {ec.max_position_embeddings} in config.json but the weights hold "
                           f"{pos.shape[0]} positions; use the config.json that came with these weights")
@@ -141,6 +166,17 @@ def _check_shapes(ec: EncoderConfig, state: dict[str, torch.Tensor], tokenizer) 
                           "use the tokenizer that came with these weights")
 
 
+def sequence_frame(tokenizer) -> tuple[int, int]:
+    """The ids the tokenizer puts around a text (<s> ... </s>, [CLS] ... [SEP]), read from what it does."""
+    bare = tokenizer("x", add_special_tokens=False)["input_ids"]
+    framed = tokenizer("x")["input_ids"]
+    i = next((i for i in range(len(framed) - len(bare) + 1) if framed[i:i + len(bare)] == bare), None)
+    if i != 1 or len(framed) != len(bare) + 2:
+        raise ExportError("the tokenizer does not frame a text with one start and one end token; "
+                          "pass a checkpoint whose tokenizer adds e.g. <s> ... </s> or [CLS] ... [SEP]")
+    return framed[0], framed[-1]
+
+
 def read_checkpoint(source: str) -> Checkpoint:
     """Load `source` (directory or hub id), checking that config, weights and tokenizer agree."""
     path = resolve(source)
@@ -149,6 +185,7 @@ def read_checkpoint(source: str) -> Checkpoint:
     weights_file, state = _read_weights(path)
     tokenizer = _read_tokenizer(path)
     _check_shapes(ec, state, tokenizer)
+    sequence_frame(tokenizer)
     h = hashlib.sha256()
     for name in sorted({"config.json", weights_file, *TOKENIZER_FILES}):
         if (path / name).is_file():

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from clinlong.export.checkpoint import Checkpoint
+from clinlong.export.checkpoint import Checkpoint, sequence_frame
 from clinlong.export.errors import ExportError
 from clinlong.export.parity import Tolerance, check_parity, parity_sequences
 from clinlong.export.synthetic_notes import generate_notes
@@ -26,7 +26,7 @@ from clinlong.pipelines.core.artifact import (
     WEIGHTS_FILE,
     file_sha256,
 )
-from clinlong.pipelines.core.model import LongformerEncoder
+from clinlong.pipelines.core.model import PackedEncoder
 from clinlong.pipelines.core.packing import positions
 
 OPSET = 18
@@ -55,20 +55,20 @@ def write_tokenizer(ckpt: Checkpoint, out: Path) -> None:
                               "report this with the checkpoint's tokenizer files")
 
 
-def build_encoder(ckpt: Checkpoint) -> LongformerEncoder:
-    encoder = LongformerEncoder(ckpt.encoder_config)
+def build_encoder(ckpt: Checkpoint) -> PackedEncoder:
+    encoder = PackedEncoder(ckpt.encoder_config)
     encoder.load_hf_state_dict(ckpt.state_dict)
     return encoder.eval()
 
 
-def write_weights(encoder: LongformerEncoder, out: Path) -> None:
+def write_weights(encoder: PackedEncoder, out: Path) -> None:
     """The encoder's weights (fp32, Hugging Face names) for runtimes that run the module itself."""
     from safetensors.torch import save_file
 
     save_file({k: v.contiguous() for k, v in encoder.state_dict().items()}, str(out / WEIGHTS_FILE))
 
 
-def write_onnx(encoder: LongformerEncoder, ckpt: Checkpoint, out: Path, opset: int = OPSET) -> None:
+def write_onnx(encoder: PackedEncoder, ckpt: Checkpoint, out: Path, opset: int = OPSET) -> None:
     """Export the encoder with dynamic batch and row-length axes; inputs are packed rows (input_ids and
     position_ids, see core.packing), so a row may be longer than one sequence's max length."""
     length = min(600, ckpt.encoder_config.max_length)  # an example past one window where the model allows
@@ -101,8 +101,24 @@ def _special_tokens(tok) -> dict[str, dict]:
             for n in names if getattr(tok, f"{n}_token", None) is not None}
 
 
+ARCHITECTURES = {"longformer": "LongformerModel", "big_bird": "BigBirdModel"}
+
+
+def tokenizer_traits(tok) -> dict:
+    """What the pipeline must know of a tokenizer beyond its file: whether it keeps case (its own
+    normalizer may lowercase) and the word-boundary marker of SentencePiece-style tokenizers ("▁",
+    whose pieces' offsets start at the space it stands for), read from the tokenizer itself."""
+    backend = tok.backend_tokenizer
+    lowercases = backend.normalizer is not None and backend.normalizer.normalize_str("AbC Éé") == "abc éé"
+    pre = json.loads(backend.to_str()).get("pre_tokenizer") or {}
+    parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    marker = next((p.get("replacement") for p in parts if p.get("type") == "Metaspace"), None)
+    return {"case_sensitive": not lowercases, "word_marker": marker}
+
+
 def write_manifest(ckpt: Checkpoint, out: Path, name: str, report: dict) -> dict:
     ec = ckpt.encoder_config
+    start, end = sequence_frame(ckpt.tokenizer)
     files = {f.name: file_sha256(f) for f in sorted(out.iterdir()) if f.is_file() and f.name != MANIFEST_FILE}
     content = hashlib.sha256("".join(f"{k}:{v}\n" for k, v in files.items()).encode()).hexdigest()
     manifest = {
@@ -110,16 +126,20 @@ def write_manifest(ckpt: Checkpoint, out: Path, name: str, report: dict) -> dict
         "format_version": SUPPORTED_FORMAT[1],
         "name": name,
         "model_id": f"{name}@{content[:12]}",
-        "architecture": "LongformerModel",
-        "model_type": "longformer",
+        "architecture": ARCHITECTURES[ec.model_type],
+        "model_type": ec.model_type,
         "dimension": ec.hidden_size,
         "num_layers": ec.num_hidden_layers,
         "max_length": ec.max_length,
         "attention_windows": list(ec.attention_window),
+        **({"block_sparse": {"block_size": ec.block_size, "num_random_blocks": ec.num_random_blocks,
+                             "enabled": ec.block_sparse, "full_attention_up_to": ec.sparse_from}}
+           if ec.model_type == "big_bird" else {}),
         "pad_multiple": ec.pad_multiple,
         "vocab_size": ec.vocab_size,
         "special_tokens": _special_tokens(ckpt.tokenizer),
-        "case_sensitive": True,
+        "sequence_frame": {"start": start, "end": end},
+        **tokenizer_traits(ckpt.tokenizer),
         "global_attention": False,
         "onnx": {"file": ONNX_FILE, "opset": OPSET, "inputs": list(ONNX_INPUTS), "packed": True,
                  "outputs": ["last_hidden_state"], "dtype": "float32"},

@@ -1,4 +1,4 @@
-"""Parity of the exported ONNX encoder against Hugging Face `LongformerModel` (fp32).
+"""Parity of the exported ONNX encoder against Hugging Face `LongformerModel` / `BigBirdModel` (fp32).
 
 The reference runs each sequence alone, unpadded, through the real transformers implementation;
 the candidate runs the ONNX file on packed rows (core.packing) that mix lengths, in one call whose
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clinlong.export.checkpoint import Checkpoint
+from clinlong.export.checkpoint import Checkpoint, sequence_frame
 from clinlong.export.synthetic_notes import generate_notes
 from clinlong.pipelines.core.model import encoder_state
 from clinlong.pipelines.core.packing import packed_rows
@@ -23,6 +23,14 @@ from clinlong.pipelines.core.packing import packed_rows
 PARITY_LENGTHS = (1, 2, 7, 255, 256, 257, 511, 512, 513, 1500, 4096)
 # Rows pack short and long sequences end to end; the shorter rows are padded to the longest.
 PARITY_ROWS = ((1, 2, 7, 255, 256, 257), (511, 512, 513, 1500), (4096, 7))
+# BigBird: both sides of its full-attention switch (704 = 11 blocks of 64) and lengths off the block size.
+BIGBIRD_LENGTHS = (1, 2, 7, 63, 64, 65, 704, 705, 769, 1000, 1500, 4096)
+BIGBIRD_ROWS = ((1, 2, 7, 63, 64, 65, 704, 705), (769, 1000, 1500), (4096, 7))
+
+
+def parity_plan(model_type: str) -> tuple[tuple[int, ...], tuple[tuple[int, ...], ...]]:
+    """The lengths checked and how they are packed into rows, for a model family."""
+    return (BIGBIRD_LENGTHS, BIGBIRD_ROWS) if model_type == "big_bird" else (PARITY_LENGTHS, PARITY_ROWS)
 
 
 @dataclass(frozen=True)
@@ -32,25 +40,39 @@ class Tolerance:
 
 
 def reference_model(ckpt: Checkpoint):
-    """Hugging Face `LongformerModel` (fp32, eval) holding the checkpoint's encoder weights."""
-    from transformers import LongformerConfig, LongformerModel
+    """Hugging Face `LongformerModel` or `BigBirdModel` (fp32, eval) holding the checkpoint's encoder weights."""
+    from transformers import BigBirdConfig, BigBirdModel, LongformerConfig, LongformerModel
 
-    model = LongformerModel(LongformerConfig(**ckpt.config), add_pooling_layer=False)
+    if ckpt.encoder_config.model_type == "big_bird":
+        model = BigBirdModel(BigBirdConfig(**ckpt.config), add_pooling_layer=False)
+    else:
+        model = LongformerModel(LongformerConfig(**ckpt.config), add_pooling_layer=False)
     missing, _ = model.load_state_dict(encoder_state(ckpt.state_dict), strict=False)
     missing = [k for k in missing if not k.endswith("position_ids")]
     if missing:
-        raise KeyError(f"checkpoint lacks {len(missing)} LongformerModel weights, e.g. {missing[:3]}")
+        raise KeyError(f"checkpoint lacks {len(missing)} {type(model).__name__} weights, e.g. {missing[:3]}")
     return model.eval()
 
 
+def reference_run(model, ids: np.ndarray) -> np.ndarray:
+    """last_hidden_state of one unpadded sequence. BigBirdModel switches itself to full attention for good
+    after an input of at most 704 tokens (transformers 4.x); the configured type is restored before each
+    sequence, so each runs as on a freshly loaded model."""
+    if hasattr(model, "set_attention_type"):
+        model.set_attention_type(model.config.attention_type)
+    t = torch.from_numpy(ids)[None]
+    with torch.inference_mode():
+        return model(input_ids=t, attention_mask=torch.ones_like(t)).last_hidden_state[0].numpy()
+
+
 def parity_sequences(tokenizer, lengths: tuple[int, ...], max_length: int) -> dict[int, np.ndarray]:
-    """Token ids of the synthetic notes, cut to each length, framed by <s> ... </s> as the tokenizer does."""
+    """Token ids of the synthetic notes, cut to each length, framed as the tokenizer does (<s> ... </s>)."""
     body: list[int] = []
     for note in generate_notes(60, seed=123):
         body.extend(tokenizer(note.text, add_special_tokens=False)["input_ids"])
         if len(body) >= max_length:
             break
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    bos, eos = sequence_frame(tokenizer)
     seqs = {}
     for n in lengths:
         if n > max_length:
@@ -67,7 +89,7 @@ def _compare(ref: np.ndarray, got: np.ndarray) -> tuple[float, float]:
     return diff, float((num / np.maximum(den, 1e-12)).min())
 
 
-TORCH_CHECK_LENGTHS = (1, 513, 1500)
+TORCH_CHECK_LENGTHS = (1, 513, 705, 1500)  # those among the family's parity lengths
 
 
 def check_parity(onnx_path: str | Path, ckpt: Checkpoint, tol: Tolerance = Tolerance(),
@@ -81,19 +103,22 @@ def check_parity(onnx_path: str | Path, ckpt: Checkpoint, tol: Tolerance = Toler
 
     start = time.perf_counter()
     max_len = ckpt.encoder_config.max_length
-    seqs = parity_sequences(ckpt.tokenizer, PARITY_LENGTHS, max_len)
+    parity_lengths, parity_rows = parity_plan(ckpt.encoder_config.model_type)
+    seqs = parity_sequences(ckpt.tokenizer, parity_lengths, max_len)
     model = reference_model(ckpt)
-    reference = {}
-    with torch.inference_mode():
-        for n, ids in seqs.items():
-            t = torch.from_numpy(ids)[None]
-            reference[n] = model(input_ids=t, attention_mask=torch.ones_like(t)).last_hidden_state[0].numpy()
-    log(f"reference: transformers LongformerModel on {len(seqs)} lengths ({time.perf_counter() - start:.1f} s)")
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # BigBird warns at every switch to full attention and padding
+    try:
+        reference = {n: reference_run(model, ids) for n, ids in seqs.items()}
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    name = type(model).__name__
+    log(f"reference: transformers {name} on {len(seqs)} lengths ({time.perf_counter() - start:.1f} s)")
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     pad, padding_idx = ckpt.tokenizer.pad_token_id, ckpt.encoder_config.pad_token_id
     lengths = sorted(seqs)
-    rows = [[lengths.index(n) for n in row if n in seqs] for row in PARITY_ROWS]
+    rows = [[lengths.index(n) for n in row if n in seqs] for row in parity_rows]
     rows = [r for r in rows if r]
     ids, pos, spans = packed_rows([seqs[n] for n in lengths], rows, pad, padding_idx)
     out = session.run(["last_hidden_state"], {"input_ids": ids, "position_ids": pos})[0]
@@ -121,14 +146,14 @@ def check_parity(onnx_path: str | Path, ckpt: Checkpoint, tol: Tolerance = Toler
     return {
         "passed": all(r["passed"] for r in results + torch_rows),
         "tolerance": asdict(tol),
-        "reference": f"transformers {transformers.__version__} LongformerModel, fp32, each sequence alone",
+        "reference": f"transformers {transformers.__version__} {name}, fp32, each sequence alone",
         "candidate": f"ONNX on onnxruntime {ort.__version__} CPUExecutionProvider, packed rows mixing lengths",
-        "lengths_skipped_over_max_length": [n for n in PARITY_LENGTHS if n > max_len],
+        "lengths_skipped_over_max_length": [n for n in parity_lengths if n > max_len],
         "rows": [[lengths[i] for i in row] for row in rows],
         "results": sorted(results, key=lambda r: r["length"]),
         "max_abs_diff": max(r["max_abs_diff"] for r in results),
         "min_cosine": min(r["min_cosine"] for r in results),
-        "torch": {"candidate": "core.model.LongformerEncoder in torch fp32 (the torch runtime's module), one packed row",
+        "torch": {"candidate": "core.model.PackedEncoder in torch fp32 (the torch runtime's module), one packed row",
                   "results": torch_rows},
         "seconds": round(time.perf_counter() - start, 2),
     }

@@ -1,9 +1,18 @@
-"""Random-weight checkpoints in the exact file layout and key names of yikuan8/Clinical-Longformer.
+"""Random-weight checkpoints in the file layouts and key names of the supported family.
 
-The hub is unreachable here, so tests, the demo and benchmarks use these. `base` has the real
-checkpoint's config (so timings are real); `tiny` keeps its structure (per-layer windows, 4,096
-positions) at a size that runs in seconds. The tokenizer is a byte-level BPE trained on the
-bundled synthetic notes, saved as vocab.json + merges.txt like the real checkpoint's.
+The hub is unreachable here, so tests, the demo and benchmarks use these. Families (`--family`):
+
+| family | stands for | model | tokenizer | files |
+| --- | --- | --- | --- | --- |
+| longformer | yikuan8/Clinical-Longformer | LongformerForMaskedLM | byte-level BPE | pytorch_model.bin, vocab.json + merges.txt |
+| drlongformer | abazoge/DrLongformer | LongformerForMaskedLM | byte-level BPE | model.safetensors, tokenizer.json |
+| drbert-4096 | abazoge/DrBERT-4096 | LongformerForMaskedLM | SentencePiece unigram, CamemBERT ids (<s> = 5) | pytorch_model.bin, tokenizer.json |
+| bigbird | yikuan8/Clinical-BigBird | BigBirdForMaskedLM | SentencePiece unigram, [CLS] ... [SEP] | pytorch_model.bin, tokenizer.json |
+
+Each is built from its Hugging Face config class. `base` has the real checkpoint's config (so timings
+are real); `tiny` keeps its structure (per-layer windows or BigBird's 64-token blocks, 4,096 positions)
+at a size that runs in seconds. Tokenizers are trained on the bundled synthetic notes (English, and
+French for the French models).
 """
 from __future__ import annotations
 
@@ -14,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from clinlong.export.synthetic_notes import generate_notes
+from clinlong.export.synthetic_notes import generate_french_notes, generate_notes
 
 # config.json of yikuan8/Clinical-Longformer (LongformerForMaskedLM).
 CLINICAL_LONGFORMER_CONFIG = {
@@ -46,6 +55,35 @@ CLINICAL_LONGFORMER_CONFIG = {
     "vocab_size": 50265,
 }
 
+# config.json of yikuan8/Clinical-BigBird (google/bigbird-roberta-base's architecture).
+CLINICAL_BIGBIRD_CONFIG = {
+    "architectures": ["BigBirdForMaskedLM"],
+    "attention_probs_dropout_prob": 0.1,
+    "attention_type": "block_sparse",
+    "block_size": 64,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "hidden_act": "gelu_new",
+    "hidden_dropout_prob": 0.1,
+    "hidden_size": 768,
+    "initializer_range": 0.02,
+    "intermediate_size": 3072,
+    "layer_norm_eps": 1e-12,
+    "max_position_embeddings": 4096,
+    "model_type": "big_bird",
+    "num_attention_heads": 12,
+    "num_hidden_layers": 12,
+    "num_random_blocks": 3,
+    "pad_token_id": 0,
+    "position_embedding_type": "absolute",
+    "rescale_embeddings": False,
+    "sep_token_id": 66,
+    "type_vocab_size": 2,
+    "use_bias": True,
+    "use_cache": True,
+    "vocab_size": 50358,
+}
+
 TINY_OVERRIDES = {
     "hidden_size": 64,
     "num_hidden_layers": 2,
@@ -53,17 +91,30 @@ TINY_OVERRIDES = {
     "intermediate_size": 128,
     "attention_window": [512, 256],  # per-layer windows, as the config format allows
 }
+BIGBIRD_TINY_OVERRIDES = {k: v for k, v in TINY_OVERRIDES.items() if k != "attention_window"}
+
+FAMILIES = ("longformer", "drlongformer", "drbert-4096", "bigbird")
+# CamemBERT's (and so DrBERT's) special tokens and ids; <mask> is the last id.
+CAMEMBERT_SPECIALS = ["<s>NOTUSED", "<pad>", "</s>NOTUSED", "<unk>", "<unk>NOTUSED", "<s>", "</s>"]
+# BigBird's SentencePiece specials: <pad> 0, <s> 1, </s> 2 as in its config; sequences are [CLS] ... [SEP].
+BIGBIRD_SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "[CLS]", "[SEP]", "[MASK]"]
 
 SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>"]  # ids 0..3 as in RoBERTa; <mask> is the last id
 TOKENIZER_VOCAB = 8000
 TOKENIZER_TRAINING_NOTES = 400
 
 
-def _train_tokenizer(out: Path, seed: int) -> int:
-    """Train the byte-level BPE on synthetic notes; write vocab.json/merges.txt; return its size."""
+def _training_texts(seed: int, french: bool) -> list[str]:
+    texts = [n.text for n in generate_notes(TOKENIZER_TRAINING_NOTES, seed=seed)]
+    return texts + generate_french_notes(TOKENIZER_TRAINING_NOTES, seed=seed) if french else texts
+
+
+def _train_tokenizer(out: Path, seed: int, files: str = "bpe", french: bool = False) -> int:
+    """Train the byte-level BPE on synthetic notes; write vocab.json/merges.txt (files "bpe", the real
+    Clinical-Longformer's) or tokenizer.json (files "json", as newer save_pretrained writes); return its size."""
     from tokenizers import ByteLevelBPETokenizer
 
-    texts = [n.text for n in generate_notes(TOKENIZER_TRAINING_NOTES, seed=seed)]
+    texts = _training_texts(seed, french)
     bpe = ByteLevelBPETokenizer(add_prefix_space=False)
     bpe.train_from_iterator(texts, vocab_size=TOKENIZER_VOCAB - 1, min_frequency=2,
                             special_tokens=SPECIAL_TOKENS, show_progress=False)
@@ -81,33 +132,96 @@ def _train_tokenizer(out: Path, seed: int) -> int:
         "errors": "replace", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "sep_token": "</s>",
         "pad_token": "<pad>", "cls_token": "<s>", "mask_token": "<mask>",
     }, indent=2))
+    if files == "json":  # the same tokenizer as one tokenizer.json, the BPE files removed
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(str(out)).backend_tokenizer.save(str(out / "tokenizer.json"))
+        (out / "vocab.json").unlink()
+        (out / "merges.txt").unlink()
     return len(vocab)
 
 
-def config_for(size: str, vocab_size: int) -> dict:
-    if size == "base":
-        return dict(CLINICAL_LONGFORMER_CONFIG)
-    if size == "tiny":
-        return {**CLINICAL_LONGFORMER_CONFIG, **TINY_OVERRIDES, "vocab_size": vocab_size}
-    raise ValueError(f"unknown size {size!r}; use tiny or base")
+def _train_sentencepiece(out: Path, seed: int, family: str) -> tuple[int, dict]:
+    """Train a SentencePiece-style unigram tokenizer (Metaspace "▁" word boundaries, NFKC) on synthetic
+    notes and save it as its model's fast tokenizer (tokenizer.json); return its size and special ids."""
+    from tokenizers import SentencePieceUnigramTokenizer
+    from tokenizers.processors import TemplateProcessing
+
+    bigbird = family == "bigbird"
+    specials = BIGBIRD_SPECIALS if bigbird else CAMEMBERT_SPECIALS
+    sp = SentencePieceUnigramTokenizer()
+    sp.train_from_iterator(_training_texts(seed, french=not bigbird), vocab_size=TOKENIZER_VOCAB - 1,
+                           special_tokens=specials, unk_token="<unk>", show_progress=False)
+    backend = sp._tokenizer
+    if not bigbird:
+        backend.add_special_tokens(["<mask>"])
+    ids = {t: backend.token_to_id(t) for t in [*specials, "<mask>"] if backend.token_to_id(t) is not None}
+    first, last = ("[CLS]", "[SEP]") if bigbird else ("<s>", "</s>")
+    backend.post_processor = TemplateProcessing(single=f"{first} $A {last}", pair=f"{first} $A {last} {last} $B {last}",
+                                                special_tokens=[(first, ids[first]), (last, ids[last])])
+    if bigbird:
+        from transformers import BigBirdTokenizerFast as Fast
+
+        names = dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>", sep_token="[SEP]",
+                     cls_token="[CLS]", mask_token="[MASK]")
+    else:
+        from transformers import CamembertTokenizerFast as Fast
+
+        names = dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>", sep_token="</s>",
+                     cls_token="<s>", mask_token="<mask>")
+    tok = Fast(tokenizer_object=backend, model_max_length=4096, **names)
+    tok.save_pretrained(str(out))
+    return backend.get_vocab_size(), ids
 
 
-def write_synthetic_checkpoint(out: str | Path, size: str = "tiny", seed: int = 0) -> Path:
-    """Write a random-weight LongformerForMaskedLM checkpoint to `out` (created, must not exist)."""
-    from transformers import LongformerConfig, LongformerForMaskedLM
+def config_for(size: str, vocab_size: int, family: str = "longformer", ids: dict | None = None) -> dict:
+    """config.json of a family at a size; `ids` (special token → id) of a SentencePiece tokenizer."""
+    if size not in ("tiny", "base"):
+        raise ValueError(f"unknown size {size!r}; use tiny or base")
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; use one of {FAMILIES}")
+    if family == "bigbird":
+        cfg = {**CLINICAL_BIGBIRD_CONFIG, **(BIGBIRD_TINY_OVERRIDES if size == "tiny" else {})}
+        return {**cfg, "vocab_size": vocab_size, "sep_token_id": ids["[SEP]"]}
+    cfg = {**CLINICAL_LONGFORMER_CONFIG, **(TINY_OVERRIDES if size == "tiny" else {})}
+    if family == "drbert-4096":  # DrBERT's vocabulary and CamemBERT ids in the Longformer architecture
+        return {**cfg, "vocab_size": vocab_size, "bos_token_id": ids["<s>"], "eos_token_id": ids["</s>"],
+                "sep_token_id": ids["</s>"], "pad_token_id": ids["<pad>"]}
+    return {**cfg, "vocab_size": vocab_size} if size == "tiny" else cfg
 
+
+def write_synthetic_checkpoint(out: str | Path, size: str = "tiny", seed: int = 0, family: str = "longformer") -> Path:
+    """Write a random-weight checkpoint of `family` to `out` (created, must not exist)."""
+    from transformers import BigBirdConfig, BigBirdForMaskedLM, LongformerConfig, LongformerForMaskedLM
+
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; use one of {FAMILIES}")
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty; choose a new directory")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        vocab_size = _train_tokenizer(tmp, seed)
-        cfg = config_for(size, vocab_size)
+        ids = None
+        if family in ("drbert-4096", "bigbird"):
+            vocab_size, ids = _train_sentencepiece(tmp, seed, family)
+        else:
+            vocab_size = _train_tokenizer(tmp, seed, "json" if family == "drlongformer" else "bpe",
+                                          french=family == "drlongformer")
+        cfg = config_for(size, vocab_size, family, ids)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         torch.manual_seed(seed)
-        model = LongformerForMaskedLM(LongformerConfig(**cfg)).eval()
-        torch.save(model.state_dict(), tmp / "pytorch_model.bin")
+        if family == "bigbird":
+            model = BigBirdForMaskedLM(BigBirdConfig(**cfg)).eval()
+        else:
+            model = LongformerForMaskedLM(LongformerConfig(**cfg)).eval()
+        if family == "drlongformer":
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in model.state_dict().items() if not k.startswith("lm_head.decoder")},
+                      str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        else:
+            torch.save(model.state_dict(), tmp / "pytorch_model.bin")
         tmp.chmod(0o755)
         if out.exists():
             out.rmdir()
@@ -122,13 +236,15 @@ def write_synthetic_checkpoint(out: str | Path, size: str = "tiny", seed: int = 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m clinlong.export.synthetic",
-                                description="Write a random-weight Clinical-Longformer-layout checkpoint.")
+                                description="Write a random-weight checkpoint in a family's real layout.")
     p.add_argument("out", help="directory to create")
     p.add_argument("--size", choices=("tiny", "base"), default="tiny")
+    p.add_argument("--family", choices=FAMILIES, default="longformer",
+                   help="longformer: Clinical-Longformer; drlongformer; drbert-4096; bigbird: Clinical-BigBird")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    write_synthetic_checkpoint(args.out, args.size, args.seed)
-    print(f"wrote synthetic {args.size} checkpoint to {args.out}")
+    write_synthetic_checkpoint(args.out, args.size, args.seed, args.family)
+    print(f"wrote synthetic {args.family} {args.size} checkpoint to {args.out}")
     return 0
 
 

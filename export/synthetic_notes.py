@@ -91,7 +91,7 @@ def _hpi(rng: random.Random, age: int, sex: str) -> str:
         f"Pt. was in USOH until {_deid_date(rng)} when he noted worsening {rng.choice(_SYMPTOMS)}.",
         f"In the ED, initial VS were T {rng.uniform(36.5, 39.5):.1f} HR {rng.randint(60, 130)} "
         f"BP {rng.randint(90, 180)}/{rng.randint(50, 100)} RR {rng.randint(12, 30)} O2 sat {rng.randint(85, 100)}% RA.",
-        f"He was given ASA 325 mg, SL NTG x3 and started on a heparin gtt.",
+        "He was given ASA 325 mg, SL NTG x3 and started on a heparin gtt.",
         f"Labs were notable for a Cr of {rng.uniform(0.7, 4.0):.1f} (baseline 1.1) and a trop of {rng.uniform(0.01, 2.5):.2f}.",
         f"CXR showed {rng.choice(_FINDINGS).lower()}",
         f"He was seen by Dr. [**Last Name (STitle) {rng.randint(100, 9999)}**] of cardiology who recommended admission to the CCU.",
@@ -199,6 +199,29 @@ def generate_notes(n: int, seed: int = 0) -> list[Note]:
         writer, description = _WRITERS[category]
         notes.append(Note(row_id=i + 1, subject_id=rng.randint(1, 99999), hadm_id=rng.randint(100000, 199999),
                           chartdate=_date(rng), category=category, description=description, text=writer(rng)))
+    return notes
+
+
+# French clinical sentences (accents, elisions, apostrophes) for the French family (DrBERT, DrLongformer).
+_FRENCH = ["Le patient a été admis à l'hôpital aujourd'hui pour une douleur thoracique.",
+           "Il présente une fièvre à 39 °C depuis hier soir.", "L'examen clinique retrouve des crépitants aux bases.",
+           "Pas d'œdème des membres inférieurs.", "La radiographie pulmonaire montre un épanchement pleural gauche.",
+           "Traitement : paracétamol 1 g trois fois par jour.", "Antécédents : HTA, diabète de type 2, FA sous AVK.",
+           "L'évolution est favorable sous antibiothérapie.", "Sortie prévue à J5 avec un contrôle chez le médecin traitant.",
+           "Mme [**Nom 1234**] est âgée de 78 ans.", "Elle n'a pas d'allergie connue.",
+           "Électrocardiogramme : rythme sinusal régulier, pas de trouble de la repolarisation."]
+_FRENCH_HEADERS = ["MOTIF D'HOSPITALISATION :", "HISTOIRE DE LA MALADIE :", "EXAMEN CLINIQUE :", "CONCLUSION :"]
+
+
+def generate_french_notes(n: int, seed: int = 0) -> list[str]:
+    """French note texts built from templated clinical sentences (no real patient data)."""
+    rng = random.Random(seed)
+    notes = []
+    for _ in range(n):
+        parts = []
+        for header in rng.sample(_FRENCH_HEADERS, rng.randint(1, len(_FRENCH_HEADERS))):
+            parts.append(header + "\n" + " ".join(rng.choice(_FRENCH) for _ in range(rng.randint(1, 6))))
+        notes.append("\n\n".join(parts))
     return notes
 
 

@@ -17,7 +17,7 @@ import importlib
 _LAZY = {
     "load": "spark.light", "EmbeddingsPipeline": "spark.light",
     **{name: "spark.stages" for name in ("DocumentAssembler", "SentenceDetector", "Tokenizer", "LongformerEmbeddings",
-                                          "SentenceEmbeddings", "EmbeddingsFinisher")},
+                                          "BigBirdEmbeddings", "SentenceEmbeddings", "EmbeddingsFinisher")},
 }
 __all__ = list(_LAZY)
 

@@ -197,7 +197,7 @@ def test_config_not_longformer(tiny_checkpoint, tmp_path, capsys):
     ck = _broken_copy(tiny_checkpoint, tmp_path / "ck")
     cfg = json.loads((ck / "config.json").read_text())
     (ck / "config.json").write_text(json.dumps({**cfg, "model_type": "bert"}))
-    _assert_refused(capsys, tmp_path, [str(ck), str(tmp_path / "out")], "'bert'", "not 'longformer'")
+    _assert_refused(capsys, tmp_path, [str(ck), str(tmp_path / "out")], "'bert'", "not one of ('longformer', 'big_bird')")
     (ck / "config.json").write_text("{ nope")
     _assert_refused(capsys, tmp_path, [str(ck), str(tmp_path / "out")], "not valid JSON")
     (ck / "config.json").unlink()

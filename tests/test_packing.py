@@ -84,11 +84,11 @@ def test_flex_attention_equals_the_blocked_form(tiny_checkpoint):
     import torch
 
     from clinlong.export.checkpoint import read_checkpoint
-    from clinlong.pipelines.core.model import LongformerEncoder
+    from clinlong.pipelines.core.model import PackedEncoder
 
     ckpt = read_checkpoint(str(tiny_checkpoint))
     assert len(set(ckpt.encoder_config.attention_window)) > 1
-    blocks, flex = LongformerEncoder(ckpt.encoder_config), LongformerEncoder(ckpt.encoder_config, kernel="flex")
+    blocks, flex = PackedEncoder(ckpt.encoder_config), PackedEncoder(ckpt.encoder_config, kernel="flex")
     blocks.load_hf_state_dict(ckpt.state_dict)
     flex.load_hf_state_dict(ckpt.state_dict)
     seqs = _sequences((1, 300, 7, 700, 129), seed=3)

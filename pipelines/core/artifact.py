@@ -92,6 +92,22 @@ class Artifact:
     def token_id(self, name: str) -> int:
         return int(self.manifest["special_tokens"][name]["id"])
 
+    @property
+    def model_type(self) -> str:
+        """The family (core.model.MODEL_TYPES): longformer or big_bird."""
+        return self.manifest.get("model_type", "longformer")
+
+    @property
+    def sequence_frame(self) -> tuple[int, int]:
+        """The ids the checkpoint's tokenizer puts around each sequence (<s> ... </s>, [CLS] ... [SEP])."""
+        frame = self.manifest.get("sequence_frame") or {"start": self.token_id("bos"), "end": self.token_id("eos")}
+        return int(frame["start"]), int(frame["end"])
+
+    @property
+    def word_marker(self) -> str | None:
+        """SentencePiece's word-boundary marker ("▁") where the tokenizer has one, else None."""
+        return self.manifest.get("word_marker")
+
     @cached_property
     def tokenizer(self):
         from tokenizers import Tokenizer

@@ -222,9 +222,29 @@ def _gpu_budget(artifact: Artifact, device: str, precision: str, kernel: str) ->
 
     free, _ = torch.cuda.mem_get_info(torch.device(device))
     cfg = artifact.encoder_config
+    kernel = resolve_kernel(kernel, device, artifact.model_type)
+    if artifact.model_type == "big_bird" and kernel == "blocks":
+        return MAX_LENGTH  # dense scores per row: rows of one longest sequence
+    one_sided = max(cfg["attention_window"], default=2 * cfg.get("block_size", 64)) // 2
     return gpu_token_budget(free, cfg["hidden_size"], cfg["intermediate_size"], cfg["num_attention_heads"],
-                            max(cfg["attention_window"]) // 2, dtype_bytes=4 if precision == "fp32" else 2,
-                            kernel=resolve_kernel(kernel, device))
+                            one_sided, dtype_bytes=4 if precision == "fp32" else 2,
+                            kernel=kernel)
+
+
+def word_starts(text: str, offsets: np.ndarray, tokens: list[str], marker: str) -> np.ndarray:
+    """Offsets of SentencePiece pieces with the word-boundary marker ("▁", "▁word") moved from the space
+    the marker stands for to the word's first character: a word's first piece is then its marker piece
+    (as the tokenizer's own word ids have it), and a sentence's span holds the pieces of its first word."""
+    out = offsets.copy()
+    n = len(text)
+    for k, piece in enumerate(tokens):
+        if piece.startswith(marker):
+            s = int(out[k, 0])
+            while s < n and text[s].isspace():
+                s += 1
+            out[k, 0] = s
+            out[k, 1] = max(int(out[k, 1]), min(s + 1, n))
+    return out
 
 
 @dataclass
@@ -246,7 +266,8 @@ class NoteEmbedder:
         self.artifact = artifact
         self.options = options.validate(artifact)
         self.tokenizer = artifact.tokenizer
-        self.bos, self.eos = artifact.token_id("bos"), artifact.token_id("eos")
+        self.bos, self.eos = artifact.sequence_frame  # <s> ... </s>, [CLS] ... [SEP]
+        self.word_marker = artifact.word_marker
         self.device = device or choose_device(options.device)
         self.precision = resolve_precision(options.precision, self.device, options.backend)
         budget = options.token_budget
@@ -290,6 +311,8 @@ class NoteEmbedder:
             for b, enc in segs:
                 ids = np.asarray(enc.ids, np.int64)
                 offsets = np.asarray(enc.offsets, np.int64).reshape(-1, 2) + b
+                if self.word_marker:
+                    offsets = word_starts(result.text, offsets, enc.tokens, self.word_marker)
                 r, p = self._plan_segment(ids, runs)
                 starts.append(offsets[:, 0]), ends.append(offsets[:, 1]), piece_run.append(r), piece_pos.append(p)
             result.piece_starts, result.piece_ends = cat(starts), cat(ends)

@@ -1,13 +1,15 @@
-"""Export-friendly Longformer encoder: the same function as Hugging Face's `LongformerModel`
-(local sliding-window attention, no global attention), written so that it traces to ONNX with
-dynamic batch and sequence length.
+"""Export-friendly encoders of the model family: the same functions as Hugging Face's `LongformerModel`
+(local sliding-window attention, no global attention) and `BigBirdModel` (block-sparse attention as it
+runs at inference), written so that they trace to ONNX with dynamic batch and row length and run on
+packed rows (core.packing).
 
-Hugging Face computes banded attention with stride tricks whose shapes depend on the traced
-length. Here each layer pads the sequence to a multiple of its one-sided window `b = w/2`, cuts
-it into blocks of `b` tokens, and lets every query block attend to the three key blocks around
-it (previous, own, next) under the mask |i - j| <= b. That is exactly Hugging Face's window (each
-token sees `b` tokens on either side) at 3b/(2b+1) ≈ 1.5x its attention FLOPs, and all shapes are
-expressions of the input's shape. Parameter names equal Hugging Face's, so its state dict loads.
+Longformer: Hugging Face computes banded attention with stride tricks whose shapes depend on the traced
+length. Here each layer pads the row to a multiple of its one-sided window `b = w/2`, cuts it into
+blocks of `b` tokens, and lets every query block attend to the three key blocks around it (previous,
+own, next) under the mask |i - j| <= b ∧ same sequence. That is exactly Hugging Face's window (each
+token sees `b` tokens on either side) at 3b/(2b+1) ≈ 1.5x its attention FLOPs.
+
+BigBird: see `BlockSparseSelfAttention`. Parameter names equal Hugging Face's, so its state dicts load.
 """
 from __future__ import annotations
 
@@ -23,9 +25,12 @@ from torch.nn import functional as F
 from clinlong.pipelines.core.packing import KERNELS
 
 
+MODEL_TYPES = ("longformer", "big_bird")  # Hugging Face's model_type of each supported family
+
+
 @dataclass(frozen=True)
 class EncoderConfig:
-    """The subset of a Hugging Face `LongformerConfig` that defines the encoder's function."""
+    """The subset of a Hugging Face `LongformerConfig` or `BigBirdConfig` that defines the encoder's function."""
 
     vocab_size: int
     hidden_size: int
@@ -36,14 +41,22 @@ class EncoderConfig:
     type_vocab_size: int
     layer_norm_eps: float
     pad_token_id: int
-    attention_window: tuple[int, ...]
+    attention_window: tuple[int, ...]  # Longformer: one window per layer; BigBird: none
     hidden_act: str = "gelu"
+    model_type: str = "longformer"
+    block_size: int = 64  # BigBird: attention block, global first/last blocks, one block either side
+    num_random_blocks: int = 3  # BigBird: random key blocks per query block (all block 0 at inference)
+    block_sparse: bool = True  # BigBird: attention_type "block_sparse" (else "original_full")
+    rescale_embeddings: bool = False  # BigBird: word embeddings times sqrt(hidden_size)
 
     @classmethod
     def from_hf_dict(cls, cfg: dict) -> "EncoderConfig":
         n_layers = int(cfg["num_hidden_layers"])
+        model_type = str(cfg.get("model_type", "longformer"))
         window = cfg.get("attention_window", 512)
         windows = tuple(int(w) for w in window) if isinstance(window, (list, tuple)) else (int(window),) * n_layers
+        if model_type == "big_bird":
+            windows = ()
         return cls(
             vocab_size=int(cfg["vocab_size"]),
             hidden_size=int(cfg["hidden_size"]),
@@ -56,17 +69,34 @@ class EncoderConfig:
             pad_token_id=int(cfg.get("pad_token_id", 1)),
             attention_window=windows,
             hidden_act=str(cfg.get("hidden_act", "gelu")),
+            model_type=model_type,
+            block_size=int(cfg.get("block_size", 64)),
+            num_random_blocks=int(cfg.get("num_random_blocks", 3)),
+            block_sparse=cfg.get("attention_type", "block_sparse") == "block_sparse",
+            rescale_embeddings=bool(cfg.get("rescale_embeddings", False)),
         )
 
     @property
+    def position_offset(self) -> int:
+        """Packed rows carry RoBERTa-style positions (padding_idx + 1, + 2, ...; core.packing) for every
+        family; the embedding row of a position is that minus this offset (BigBird's positions are 0-based)."""
+        return self.pad_token_id + 1 if self.model_type == "big_bird" else 0
+
+    @property
     def max_length(self) -> int:
-        """Longest input in tokens: RoBERTa-style positions start after the padding index."""
-        return self.max_position_embeddings - self.pad_token_id - 1
+        """Longest input in tokens: Longformer's (RoBERTa's) positions start after the padding index."""
+        return self.max_position_embeddings - (0 if self.model_type == "big_bird" else self.pad_token_id + 1)
 
     @property
     def pad_multiple(self) -> int:
-        """Every layer's block size divides sequences padded to this length multiple."""
-        return math.lcm(*(w // 2 for w in self.attention_window))
+        """The blocks kernel pads rows to this length multiple (every Longformer layer's block size divides it)."""
+        return math.lcm(*(w // 2 for w in self.attention_window)) if self.attention_window else 1
+
+    @property
+    def sparse_from(self) -> int:
+        """BigBird: sequences longer than this run block-sparse, shorter ones full attention (Hugging Face's
+        switch: 2 global + 3 sliding + 2 x random blocks)."""
+        return (5 + 2 * self.num_random_blocks) * self.block_size
 
 
 _ACTIVATIONS = {"gelu": lambda x: F.gelu(x), "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
@@ -80,23 +110,31 @@ class Embeddings(nn.Module):
         self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
         self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.offset = cfg.position_offset
+        self.scale = math.sqrt(cfg.hidden_size) if cfg.rescale_embeddings else 1.0
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        x = (self.word_embeddings(input_ids) + self.position_embeddings(position_ids)
-             + self.token_type_embeddings.weight[0])
-        return self.LayerNorm(x)
-
-
+        words = self.word_embeddings(input_ids)
+        if self.scale != 1.0:
+            words = words * self.scale
+        if self.offset:  # padding (padding_idx) maps below 0: any row serves, padding is never read
+            position_ids = (position_ids - self.offset).clamp_min(0)
+        types = self.token_type_embeddings.weight[0]
+        if self.offset:  # each family's order of the sum (Hugging Face's), so fp32 results match to the bit
+            return self.LayerNorm(words + types + self.position_embeddings(position_ids))
+        return self.LayerNorm(words + self.position_embeddings(position_ids) + types)
 
 
 @dataclass
 class Segments:
     """Which packed sequence each token belongs to, computed once per forward and shared by all layers.
 
-    `segment` (B, L): 1, 2, ... for the sequences of a row, 0 for padding; `starts`/`max_length` (varlen
-    kernel only): cumulative token offsets of the runs of equal (row, segment) over the flattened batch."""
+    `segment` (B, L): 1, 2, ... for the sequences of a row, 0 for padding; `relative` (B, L): each token's
+    index in its sequence (-1 on padding); `starts`/`max_length` (varlen kernel only): cumulative token
+    offsets of the runs of equal (row, segment) over the flattened batch."""
 
     segment: torch.Tensor
+    relative: torch.Tensor
     starts: torch.Tensor | None = None
     max_length: int = 0
 
@@ -106,14 +144,15 @@ def segments_of(position_ids: torch.Tensor, padding_idx: int, with_starts: bool 
     appears, padding carries padding_idx. Nothing else is needed to pack sequences into a row."""
     valid = position_ids.ne(padding_idx)
     segment = torch.cumsum(position_ids.eq(padding_idx + 1).to(torch.int64), dim=1) * valid.to(torch.int64)
+    relative = position_ids - (padding_idx + 1)
     if not with_starts:
-        return Segments(segment)
+        return Segments(segment, relative)
     bsz, length = segment.shape
     key = (segment + torch.arange(bsz, device=segment.device)[:, None] * (length + 1)).reshape(-1)
     change = torch.ones_like(key, dtype=torch.bool)
     change[1:] = key[1:] != key[:-1]
     starts = torch.cat([torch.nonzero(change).reshape(-1), key.new_tensor([key.numel()])]).to(torch.int32)
-    return Segments(segment, starts, int((starts[1:] - starts[:-1]).max()))
+    return Segments(segment, relative, starts, int((starts[1:] - starts[:-1]).max()))
 
 
 class SlidingWindowSelfAttention(nn.Module):
@@ -190,6 +229,97 @@ class SlidingWindowSelfAttention(nn.Module):
         return ctx.reshape(bsz, h, length, d).transpose(1, 2).reshape(bsz, length, dim)
 
 
+class BlockSparseSelfAttention(nn.Module):
+    """Hugging Face `BigBirdModel`'s attention as it runs at inference (eval mode), re-expressed exactly as
+    masked attention with a score bias, for each packed sequence of n tokens alone:
+
+    - n <= `sparse_from` (704 with blocks of 64 and 3 random blocks): full attention, as Hugging Face
+      switches to "original_full" for such inputs.
+    - longer: n is cut into nb = ceil(n / 64) blocks (Hugging Face pads the last one and masks its padding
+      keys). The first and last query blocks attend to every key; every other query block to the block
+      before, at and after it, to the first and last blocks, and to r "random" blocks, which Hugging Face
+      draws only in training: in eval mode its `rand_attn` is all zeros, so all r are block 0. Block 0's
+      keys thus enter those softmaxes 1 + r times, the same as once with log(1 + r) added to their scores.
+
+    Kernels: `blocks` (dense scores with that mask and bias per row; what ONNX traces and CPUs run) and
+    `flex` (FlexAttention: the mask as block mask, the bias as score_mod; GPUs)."""
+
+    KERNELS = ("blocks", "flex")
+
+    def __init__(self, cfg: EncoderConfig, kernel: str = "blocks"):
+        super().__init__()
+        if kernel not in self.KERNELS:
+            raise ValueError(f"BigBird's attention kernel must be one of {self.KERNELS}, got {kernel!r}")
+        self.kernel = kernel
+        self.num_heads = cfg.num_attention_heads
+        self.head_dim = cfg.hidden_size // cfg.num_attention_heads
+        self.block_size, self.sparse_from, self.block_sparse = cfg.block_size, cfg.sparse_from, cfg.block_sparse
+        self.block0_bias = math.log(1 + cfg.num_random_blocks)
+        self.query = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.key = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.value = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+
+    def layout(self, segments: Segments) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per token (B, L): its block in its sequence, whether it is a key block attended by every query
+        (the first or last block), and whether it is a sparse query (a non-global block of a sequence
+        longer than `sparse_from`)."""
+        seg, rel = segments.segment, segments.relative
+        # Each sequence's length: its largest relative position + 1 (positions count up to its end).
+        per_seq = torch.zeros_like(F.pad(seg, (0, 1))).scatter_reduce(1, seg, rel + 1, "amax")
+        length = torch.gather(per_seq, 1, seg)
+        block = rel.clamp_min(0) // self.block_size
+        n_blocks = (length + self.block_size - 1) // self.block_size
+        edge = (block == 0) | (block == n_blocks - 1)
+        sparse = (length > self.sparse_from) & ~edge
+        if not self.block_sparse:
+            sparse = torch.zeros_like(sparse)
+        return block, edge, sparse
+
+    def forward(self, hidden: torch.Tensor, segments: Segments, masks: dict) -> torch.Tensor:
+        bsz, length, dim = hidden.shape
+        h, d = self.num_heads, self.head_dim
+        q, k, v = (proj(hidden).reshape(bsz, length, h, d).transpose(1, 2) for proj in (self.query, self.key, self.value))
+        scale = 1.0 / math.sqrt(d)
+        if "bigbird" not in masks:
+            masks["bigbird"] = self.layout(segments)
+        block, edge, sparse = masks["bigbird"]
+        seg = segments.segment
+        if self.kernel == "flex":
+            if "bigbird_flex" not in masks:
+                masks["bigbird_flex"] = _flex_bigbird_mask(seg, block, edge, sparse)
+            bias = self.block0_bias
+
+            def block0_counted(score, b, h, q_idx, kv_idx):
+                return score + (sparse[b, q_idx] & (block[b, kv_idx] == 0)).to(score.dtype) * bias
+
+            ctx = _flex_attention()(q, k, v, score_mod=block0_counted, block_mask=masks["bigbird_flex"], scale=scale)
+            return ctx.transpose(1, 2).reshape(bsz, length, dim)
+        if "bigbird_dense" not in masks:
+            same = seg[:, :, None] == seg[:, None, :]  # padding with padding: no row is fully masked
+            near = (block[:, None, :] - block[:, :, None]).abs() <= 1
+            allowed = same & (~sparse[:, :, None] | near | edge[:, None, :])
+            counted = sparse[:, :, None] & (block[:, None, :] == 0)
+            masks["bigbird_dense"] = (allowed[:, None], counted[:, None])
+        allowed, counted = masks["bigbird_dense"]
+        scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # (B, H, L, L)
+        scores = (scores + counted.to(scores.dtype) * self.block0_bias).masked_fill(~allowed, torch.finfo(scores.dtype).min)
+        ctx = torch.matmul(torch.softmax(scores, dim=-1), v)
+        return ctx.transpose(1, 2).reshape(bsz, length, dim)
+
+
+def _flex_bigbird_mask(seg: torch.Tensor, block: torch.Tensor, edge: torch.Tensor, sparse: torch.Tensor):
+    """FlexAttention's block mask of BlockSparseSelfAttention (same sequence; sparse queries see the blocks
+    around them and the first and last blocks)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def bigbird(b, h, q_idx, kv_idx):
+        near = (block[b, kv_idx] - block[b, q_idx]).abs() <= 1
+        return (seg[b, q_idx] == seg[b, kv_idx]) & (~sparse[b, q_idx] | near | edge[b, kv_idx])
+
+    bsz, length = seg.shape
+    return create_block_mask(bigbird, bsz, None, length, length, device=seg.device)
+
+
 def _flex_block_mask(segment: torch.Tensor, one_sided: int):
     """FlexAttention's block mask: same sequence (padding with padding) and |i - j| <= one_sided."""
     from torch.nn.attention.flex_attention import create_block_mask
@@ -227,7 +357,9 @@ class _DenseLayerNorm(nn.Module):
 class _Attention(nn.Module):
     def __init__(self, cfg: EncoderConfig, window: int, kernel: str):
         super().__init__()
-        setattr(self, "self", SlidingWindowSelfAttention(cfg, window, kernel))
+        attention = (BlockSparseSelfAttention(cfg, kernel) if cfg.model_type == "big_bird"
+                     else SlidingWindowSelfAttention(cfg, window, kernel))
+        setattr(self, "self", attention)
         self.output = _DenseLayerNorm(cfg.hidden_size, cfg.hidden_size, cfg.layer_norm_eps)
 
     def forward(self, hidden: torch.Tensor, segments: Segments, masks: dict) -> torch.Tensor:
@@ -261,21 +393,24 @@ class Layer(nn.Module):
 class _Stack(nn.Module):
     def __init__(self, cfg: EncoderConfig, kernel: str = "blocks"):
         super().__init__()
-        self.layer = nn.ModuleList(Layer(cfg, w, kernel) for w in cfg.attention_window)
+        windows = cfg.attention_window or (0,) * cfg.num_hidden_layers  # BigBird layers have no window
+        self.layer = nn.ModuleList(Layer(cfg, w, kernel) for w in windows)
 
 
-class LongformerEncoder(nn.Module):
-    """`last_hidden_state` of Hugging Face `LongformerModel` with local attention only, for rows that
-    pack several sequences end to end.
+class PackedEncoder(nn.Module):
+    """`last_hidden_state` of Hugging Face `LongformerModel` (local attention only) or `BigBirdModel`
+    (eval mode), for rows that pack several sequences end to end.
 
-    Inputs: `input_ids` (B, L) and `position_ids` (B, L), the RoBERTa positions of each packed
-    sequence (padding_idx + 1, + 2, ... from its first token; padding_idx on padding). Each sequence's
-    vectors equal those of the sequence run alone: positions restart, attention never crosses a
-    sequence. `position_ids_for` builds them for a row."""
+    Inputs: `input_ids` (B, L) and `position_ids` (B, L), the RoBERTa-style positions of each packed
+    sequence (padding_idx + 1, + 2, ... from its first token; padding_idx on padding; core.packing builds
+    them for every family). Each sequence's vectors equal those of the sequence run alone: positions
+    restart, attention never crosses a sequence."""
 
     def __init__(self, cfg: EncoderConfig, kernel: str = "blocks"):
         super().__init__()
-        if len(cfg.attention_window) != cfg.num_hidden_layers:
+        if cfg.model_type not in MODEL_TYPES:
+            raise ValueError(f"model type must be one of {MODEL_TYPES}, got {cfg.model_type!r}")
+        if cfg.model_type == "longformer" and len(cfg.attention_window) != cfg.num_hidden_layers:
             raise ValueError(f"{len(cfg.attention_window)} attention windows for {cfg.num_hidden_layers} layers")
         self.config = cfg
         self.kernel = kernel
@@ -285,8 +420,8 @@ class LongformerEncoder(nn.Module):
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         length = input_ids.shape[1]
         pad_id = self.config.pad_token_id
-        if self.kernel == "blocks":  # whole blocks per row: padding at the row's end only
-            multiple = self.config.pad_multiple
+        multiple = self.config.pad_multiple
+        if self.kernel == "blocks" and multiple > 1:  # whole blocks per row: padding at the row's end only
             pad = (multiple - length % multiple) % multiple
             input_ids = F.pad(input_ids, (0, pad), value=pad_id)
             position_ids = F.pad(position_ids, (0, pad), value=pad_id)
@@ -298,8 +433,8 @@ class LongformerEncoder(nn.Module):
         return hidden[:, :length]
 
     def load_hf_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Load a LongformerModel or LongformerForMaskedLM state dict (`longformer.` prefix);
-        global-attention projections, pooler and LM head are not part of the encoder."""
+        """Load a Hugging Face state dict (the bare model's or a *ForMaskedLM's, see `encoder_state`);
+        Longformer's global-attention projections, poolers and LM heads are not part of the encoder."""
         state = encoder_state(state)
         own = self.state_dict()
         missing = sorted(k for k in own if k not in state)
@@ -311,12 +446,14 @@ class LongformerEncoder(nn.Module):
         self.load_state_dict({k: state[k] for k in own}, strict=True)
 
 
-HF_PREFIX = "longformer."  # LongformerForMaskedLM's prefix of the LongformerModel weights
+# *ForMaskedLM's prefix of the bare model's weights: LongformerForMaskedLM, BigBirdForMaskedLM.
+HF_PREFIXES = ("longformer.", "bert.")
 
 
 def encoder_state(state: dict) -> dict:
-    """A LongformerModel state dict from a LongformerForMaskedLM one (its `longformer.` weights, unprefixed);
-    a state dict without the prefix is returned as it is."""
-    if any(k.startswith(HF_PREFIX) for k in state):
-        return {k[len(HF_PREFIX):]: v for k, v in state.items() if k.startswith(HF_PREFIX)}
+    """The bare model's state dict from a *ForMaskedLM one (its prefixed weights, unprefixed); a state dict
+    without a known prefix is returned as it is."""
+    for prefix in HF_PREFIXES:
+        if any(k.startswith(prefix) for k in state):
+            return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     return state

@@ -10,7 +10,14 @@ from clinlong.pipelines.core.artifact import MANIFEST_FILE, ArtifactError
 ALIASES = {
     "en.embed.longformer.clinical": ("clinical_longformer", "en"),
     "en.embed.longformer.clinical_longformer": ("clinical_longformer", "en"),
+    "fr.embed.longformer.drlongformer": ("drlongformer", "fr"),
+    "fr.embed.longformer.drbert_4096": ("drbert_4096", "fr"),
+    "en.embed.bigbird.clinical": ("clinical_bigbird", "en"),
+    "en.embed.bigbird.clinical_bigbird": ("clinical_bigbird", "en"),
 }
+# The Hugging Face checkpoint each registered name is exported from (named in the error that says how).
+HUB_IDS = {"clinical_longformer": "yikuan8/Clinical-Longformer", "drlongformer": "abazoge/DrLongformer",
+           "drbert_4096": "abazoge/DrBERT-4096", "clinical_bigbird": "yikuan8/Clinical-BigBird"}
 
 
 def models_dir() -> Path:
@@ -29,5 +36,5 @@ def resolve(name: str = "clinical_longformer", lang: str = "en") -> Path:
             return candidate
     raise ArtifactError(
         f"model {name!r} ({lang}) is not in {root}. Export it there: "
-        f"python -m clinlong.export yikuan8/Clinical-Longformer {root / f'{name}_{lang}'} "
+        f"python -m clinlong.export {HUB_IDS.get(name, 'CHECKPOINT')} {root / f'{name}_{lang}'} "
         f"(or a local checkpoint directory), or set CLINLONG_MODELS to the folder that holds it")

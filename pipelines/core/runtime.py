@@ -123,13 +123,17 @@ def _is_oom(e: BaseException) -> bool:
     return isinstance(e, MemoryError) or "out of memory" in str(e).lower()
 
 
-def resolve_kernel(kernel: str, device: str) -> str:
-    """auto: flash attention over the packed sequences (`varlen`) on GPUs, the blocked form on CPUs."""
+def resolve_kernel(kernel: str, device: str, model_type: str = "longformer") -> str:
+    """auto: flash attention over the packed sequences (`varlen`) on GPUs, the blocked form on CPUs;
+    BigBird (no sliding window for varlen): FlexAttention on GPUs."""
+    cuda = device.startswith("cuda")
     if kernel == "auto":
-        return "varlen" if device.startswith("cuda") else "blocks"
+        return ("flex" if model_type == "big_bird" else "varlen") if cuda else "blocks"
     if kernel not in KERNELS:
         raise ValueError(f"attention kernel must be one of {KERNEL_CHOICES}, got {kernel!r}")
-    if kernel == "varlen" and not device.startswith("cuda"):
+    if kernel == "varlen" and model_type == "big_bird":
+        raise ValueError("BigBird's block-sparse attention has no varlen form; use --attention-kernel flex or blocks")
+    if kernel == "varlen" and not cuda:
         raise ValueError("the varlen attention kernel runs on CUDA GPUs only; use --attention-kernel blocks or flex")
     return kernel
 
@@ -142,13 +146,13 @@ class _TorchModel:
         import torch
         from safetensors.torch import load_file
 
-        from clinlong.pipelines.core.model import EncoderConfig, LongformerEncoder
+        from clinlong.pipelines.core.model import EncoderConfig, PackedEncoder
 
         cfg = artifact.encoder_config
         cfg["attention_window"] = tuple(cfg["attention_window"])
-        self.kernel = resolve_kernel(kernel, device)
+        self.kernel = resolve_kernel(kernel, device, artifact.model_type)
         with torch.device("meta"):  # no random initialisation of weights about to be replaced
-            model = LongformerEncoder(EncoderConfig(**cfg), kernel=self.kernel)
+            model = PackedEncoder(EncoderConfig(**cfg), kernel=self.kernel)
         model.load_state_dict(load_file(str(artifact.torch_weights_path)), strict=True, assign=True)
         self.dtype = getattr(torch, self._DTYPES[precision])
         self.device = torch.device(device)
@@ -225,7 +229,7 @@ class Encoder:
         self.device = device
         self.model = load_model(artifact, precision, backend, threads, device, kernel)
         self.pad_id = artifact.token_id("pad")
-        self.padding_idx = int(artifact.encoder_config["pad_token_id"])  # RoBERTa's position padding index
+        self.padding_idx = int(artifact.encoder_config["pad_token_id"])  # packed rows' position padding (core.packing)
         self.token_budget = token_budget
         self.batch_size = batch_size
         self.row_multiple = getattr(self.model, "row_multiple", 1)

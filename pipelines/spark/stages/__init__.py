@@ -1,4 +1,5 @@
 """Spark ML annotators with Spark NLP's names, parameters and annotation schema."""
+from clinlong.pipelines.spark.stages.bigbird_embeddings import BigBirdEmbeddings
 from clinlong.pipelines.spark.stages.document_assembler import DocumentAssembler
 from clinlong.pipelines.spark.stages.embeddings_finisher import EmbeddingsFinisher
 from clinlong.pipelines.spark.stages.longformer_embeddings import LongformerEmbeddings
@@ -7,4 +8,4 @@ from clinlong.pipelines.spark.stages.sentence_embeddings import SentenceEmbeddin
 from clinlong.pipelines.spark.stages.tokenizer import Tokenizer
 
 __all__ = ["DocumentAssembler", "SentenceDetector", "Tokenizer", "LongformerEmbeddings",
-           "SentenceEmbeddings", "EmbeddingsFinisher"]
+           "BigBirdEmbeddings", "SentenceEmbeddings", "EmbeddingsFinisher"]

@@ -25,6 +25,8 @@ from clinlong.pipelines.spark.stages._base import AnnotatorStage, HasDimension, 
 
 
 class LongformerEmbeddings(AnnotatorStage, HasDimension, HasStorageRef):
+    modelType = "longformer"  # the artifact family this stage runs (core.model.MODEL_TYPES)
+    defaultModel = ("clinical_longformer", "en")
     inputAnnotatorTypes = ((DOCUMENT,), (TOKEN,))
     outputAnnotatorType = WORD_EMBEDDINGS
     modelPath = Param(Params._dummy(), "modelPath", "native artifact directory", TypeConverters.toString)
@@ -51,18 +53,23 @@ class LongformerEmbeddings(AnnotatorStage, HasDimension, HasStorageRef):
         if stage.isSet(stage.modelPath) and stage.isSet(stage.modelId):
             found = Artifact.open(stage.getOrDefault(stage.modelPath), verify=False).model_id
             if found != stage.getOrDefault(stage.modelId):
-                raise ValueError(f"the saved LongformerEmbeddings at {path} was built with model "
+                raise ValueError(f"the saved {cls.__name__} at {path} was built with model "
                                  f"{stage.getOrDefault(stage.modelId)}, but {stage.getOrDefault(stage.modelPath)} now "
                                  f"holds {found}; put that artifact back there or call setModelPath on another copy")
         return stage
 
     @classmethod
-    def pretrained(cls, name: str = "clinical_longformer", lang: str = "en") -> "LongformerEmbeddings":
-        """The artifact registered as `name` under $CLINLONG_MODELS (see pipelines.registry)."""
-        return cls().setModelPath(str(resolve(name, lang)))
+    def pretrained(cls, name: str | None = None, lang: str | None = None) -> "LongformerEmbeddings":
+        """The artifact registered as `name` under $CLINLONG_MODELS (see pipelines.registry); by default
+        the stage's own model (clinical_longformer, clinical_bigbird)."""
+        return cls().setModelPath(str(resolve(name or cls.defaultModel[0], lang or cls.defaultModel[1])))
 
     def setModelPath(self, path: str):
         art = Artifact.open(path)
+        if art.model_type != self.modelType:
+            other = {"longformer": "LongformerEmbeddings", "big_bird": "BigBirdEmbeddings"}.get(art.model_type, "another stage")
+            raise ValueError(f"{path} holds a {art.model_type} model; {type(self).__name__} runs {self.modelType} "
+                             f"models: use {other}")
         return self._set(modelPath=str(art.path.resolve()), modelId=art.model_id, dimension=art.dimension)
 
     def setCaseSensitive(self, value: bool):
@@ -96,7 +103,7 @@ class LongformerEmbeddings(AnnotatorStage, HasDimension, HasStorageRef):
 
     def _artifact(self) -> Artifact:
         if not self.isSet(self.modelPath):
-            raise ValueError("LongformerEmbeddings has no model: use .pretrained(name, lang) or .setModelPath(dir)")
+            raise ValueError(f"{type(self).__name__} has no model: use .pretrained(name, lang) or .setModelPath(dir)")
         return Artifact.open(self.getOrDefault(self.modelPath), verify=False)
 
     def getStorageRef(self) -> str:
