@@ -29,14 +29,38 @@ def tiny_artifact(tiny_checkpoint, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def family_model(tmp_path_factory):
+    """family -> (checkpoint, artifact) of a tiny synthetic checkpoint of that family, built on first use."""
+    from clinlong.export.__main__ import run
+    from clinlong.export.synthetic import write_synthetic_checkpoint
+
+    built: dict[str, tuple[Path, Path]] = {}
+
+    def get(family: str) -> tuple[Path, Path]:
+        if family not in built:
+            ck = write_synthetic_checkpoint(tmp_path_factory.mktemp("ckpt") / f"tiny-{family}", "tiny", 0, family)
+            out = tmp_path_factory.mktemp("artifacts") / family
+            run([str(ck), str(out)])
+            built[family] = (ck, out)
+        return built[family]
+
+    return get
+
+
 def hf_reference(checkpoint: Path, ids: list[int]):
-    """Hugging Face LongformerModel's last_hidden_state (fp32) for one unpadded sequence."""
+    """Hugging Face's model (LongformerModel or BigBirdModel, fp32) last_hidden_state for one unpadded
+    sequence, as a freshly loaded model computes it (BigBird's switch to full attention is undone)."""
     import torch
-    from transformers import LongformerModel
+    from transformers import AutoModel
+    from transformers.utils import logging
 
     model = _hf_models.get(checkpoint)
     if model is None:
-        model = _hf_models[checkpoint] = LongformerModel.from_pretrained(str(checkpoint), add_pooling_layer=False).eval()
+        logging.set_verbosity_error()
+        model = _hf_models[checkpoint] = AutoModel.from_pretrained(str(checkpoint), add_pooling_layer=False).eval()
+    if hasattr(model, "set_attention_type"):
+        model.set_attention_type(model.config.attention_type)
     with torch.inference_mode():
         t = torch.tensor([ids])
         return model(input_ids=t, attention_mask=torch.ones_like(t)).last_hidden_state[0].numpy()

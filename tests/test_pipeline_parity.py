@@ -1,7 +1,7 @@
 """End-to-end parity: vectors in the Delta table equal Hugging Face LongformerModel's for the same pieces.
 
-The expected values are computed here from the checkpoint's own tokenizer and transformers'
-LongformerModel, with plain loops, independently of the pipeline's engine.
+The expected values are computed here from the checkpoint's own tokenizer and transformers' model
+(LongformerModel, BigBirdModel), with plain loops, independently of the pipeline's engine.
 """
 from __future__ import annotations
 
@@ -24,12 +24,20 @@ ATOL = 1e-4  # the export's tolerance for the tiny size
 
 
 def _hf_pieces(checkpoint, text: str, base: int = 0):
-    """Content pieces of `text` encoded whole: (vectors, starts) with starts into the note."""
+    """Content pieces of `text` encoded whole: (vectors, starts, ends) with offsets into the note. A
+    SentencePiece piece that begins a word ("▁...") starts at the word, not at the space before it
+    (the README's definition)."""
     tok = AutoTokenizer.from_pretrained(str(checkpoint))
     enc = tok(text, return_offsets_mapping=True)
     vecs = hf_reference(checkpoint, enc["input_ids"])[1:-1]
-    starts = [s + base for s, _ in enc["offset_mapping"][1:-1]]
-    ends = [e + base for _, e in enc["offset_mapping"][1:-1]]
+    starts, ends = [], []
+    for piece, (s, e) in zip(tok.convert_ids_to_tokens(enc["input_ids"])[1:-1], enc["offset_mapping"][1:-1]):
+        if piece.startswith("\u2581"):
+            while s < len(text) and text[s].isspace():
+                s += 1
+            e = max(e, min(s + 1, len(text)))
+        starts.append(s + base)
+        ends.append(e + base)
     return vecs, starts, ends
 
 
