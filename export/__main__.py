@@ -47,8 +47,14 @@ def run(argv: list[str] | None = None) -> dict:
     log.info(f"reading checkpoint {args.checkpoint}")
     ckpt = read_checkpoint(args.checkpoint)
     ec = ckpt.encoder_config
-    log.info(f"longformer: {ec.num_hidden_layers} layers, hidden {ec.hidden_size}, max length {ec.max_length}, "
-             f"windows {sorted(set(ec.attention_window))}, weights {ckpt.weights_file}")
+    attention = (f"blocks of {ec.block_size}, {ec.num_random_blocks} random" if ec.model_type == "big_bird"
+                 else f"windows {sorted(set(ec.attention_window))}")
+    log.info(f"{ec.model_type}: {ec.num_hidden_layers} layers, hidden {ec.hidden_size}, max length {ec.max_length}, "
+             f"{attention}, weights {ckpt.weights_file}")
+    if args.format in ("sparknlp", "all"):
+        from clinlong.export.sparknlp import check_supported
+
+        check_supported(ckpt)  # before any work
     name = args.name or ckpt.name
     tol = Tolerance(args.atol, args.min_cosine)
     result: dict = {}

@@ -37,6 +37,17 @@ def _import_tensorflow():
     return tf, TFLongformerModel
 
 
+def check_supported(ckpt: Checkpoint) -> None:
+    """Spark NLP's LongformerEmbeddings imports Longformers with a byte-level BPE tokenizer only."""
+    if ckpt.encoder_config.model_type != "longformer":
+        raise ExportError(f"Spark NLP has no annotator that imports a {ckpt.encoder_config.model_type} model; "
+                          "use --format native (the pipeline's BigBirdEmbeddings runs it)")
+    kind = json.loads(ckpt.tokenizer.backend_tokenizer.to_str())["model"]["type"]
+    if kind != "BPE":
+        raise ExportError(f"Spark NLP's LongformerEmbeddings reads a byte-level BPE tokenizer (vocab.txt + merges.txt); "
+                          f"this checkpoint's is {kind}: use --format native")
+
+
 def write_assets(ckpt: Checkpoint, assets: Path) -> None:
     """vocab.txt (tokens in id order) and merges.txt, as Spark NLP's BPE tokenizer reads them."""
     assets.mkdir(parents=True, exist_ok=True)

@@ -181,8 +181,9 @@ def config_for(size: str, vocab_size: int, family: str = "longformer", ids: dict
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; use one of {FAMILIES}")
     if family == "bigbird":
-        cfg = {**CLINICAL_BIGBIRD_CONFIG, **(BIGBIRD_TINY_OVERRIDES if size == "tiny" else {})}
-        return {**cfg, "vocab_size": vocab_size, "sep_token_id": ids["[SEP]"]}
+        if size == "base":  # the real vocabulary size; the synthetic tokenizer uses its first ids
+            return {**CLINICAL_BIGBIRD_CONFIG, "sep_token_id": ids["[SEP]"]}
+        return {**CLINICAL_BIGBIRD_CONFIG, **BIGBIRD_TINY_OVERRIDES, "vocab_size": vocab_size, "sep_token_id": ids["[SEP]"]}
     cfg = {**CLINICAL_LONGFORMER_CONFIG, **(TINY_OVERRIDES if size == "tiny" else {})}
     if family == "drbert-4096":  # DrBERT's vocabulary and CamemBERT ids in the Longformer architecture
         return {**cfg, "vocab_size": vocab_size, "bos_token_id": ids["<s>"], "eos_token_id": ids["</s>"],

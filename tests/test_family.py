@@ -231,3 +231,36 @@ def test_bigbird_stage_registry_and_one_liner(family_model, spark, tmp_path, mon
     got = load("en.embed.bigbird.clinical", precision="fp32").predict("Sinus rhythm.", output_level="document")
     np.testing.assert_allclose(got.embedding.iloc[0], engine.embed(["Sinus rhythm."])[0].note_vector(), atol=1e-5)
     assert BigBirdEmbeddings.pretrained().getOrDefault("modelPath") == str(art.resolve())
+
+
+def test_refusals_name_the_fix(family_model, tmp_path, capsys):
+    import shutil
+
+    from clinlong.export.__main__ import main
+
+    for family, needle in (("bigbird", "Spark NLP has no annotator that imports a big_bird model"),
+                           ("drbert-4096", "this checkpoint's is Unigram: use --format native")):
+        checkpoint, _ = family_model(family)
+        assert main([str(checkpoint), str(tmp_path / family), "--format", "sparknlp"]) == 2
+        assert needle in capsys.readouterr().err and not (tmp_path / family).exists()
+    # A SentencePiece model file alone (no tokenizer.json): converted by transformers, or a one-line error.
+    checkpoint, _ = family_model("drbert-4096")
+    spm_only = tmp_path / "spm-only"
+    shutil.copytree(checkpoint, spm_only)
+    (spm_only / "tokenizer.json").unlink()
+    (spm_only / "sentencepiece.bpe.model").write_bytes(b"not a sentencepiece model")
+    assert main([str(spm_only), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: the tokenizer files in") and "sentencepiece" in err
+
+
+def test_synthetic_command_writes_each_layout(tmp_path):
+    from transformers import AutoConfig
+
+    from clinlong.export.synthetic import main
+
+    assert main([str(tmp_path / "bb"), "--family", "bigbird"]) == 0
+    cfg = AutoConfig.from_pretrained(str(tmp_path / "bb"))
+    assert cfg.model_type == "big_bird" and cfg.architectures == ["BigBirdForMaskedLM"] and cfg.block_size == 64
+    assert sorted(p.name for p in (tmp_path / "bb").iterdir()) == [
+        "config.json", "pytorch_model.bin", "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"]

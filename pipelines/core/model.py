@@ -117,11 +117,10 @@ class Embeddings(nn.Module):
         words = self.word_embeddings(input_ids)
         if self.scale != 1.0:
             words = words * self.scale
-        if self.offset:  # padding (padding_idx) maps below 0: any row serves, padding is never read
-            position_ids = (position_ids - self.offset).clamp_min(0)
         types = self.token_type_embeddings.weight[0]
-        if self.offset:  # each family's order of the sum (Hugging Face's), so fp32 results match to the bit
-            return self.LayerNorm(words + types + self.position_embeddings(position_ids))
+        if self.offset:  # BigBird: 0-based positions (padding maps below 0: any row serves, it is never read)
+            positions = self.position_embeddings((position_ids - self.offset).clamp_min(0))
+            return self.LayerNorm(words + types + positions)  # each family sums in Hugging Face's order
         return self.LayerNorm(words + self.position_embeddings(position_ids) + types)
 
 

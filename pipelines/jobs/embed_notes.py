@@ -32,7 +32,7 @@ log = logging.getLogger("clinlong.job")
 def build_parser() -> argparse.ArgumentParser:
     """The command line, generated from JobConfig's and EmbedOptions' fields (their defaults, choices, help)."""
     p = argparse.ArgumentParser(prog="python -m clinlong.pipelines.embed_notes",
-                                description="Embed a clinical-note table with Clinical-Longformer into a Delta table.")
+                                description="Embed a clinical-note table with a Clinical-Longformer-family model into a Delta table.")
     add_arguments(p, JobConfig)
     p.add_argument("--master", help="Spark master when run with python -m (default local[*]; spark-submit sets its own)")
     return p
