@@ -24,7 +24,6 @@ from torch.nn import functional as F
 
 from clinlong.pipelines.core.packing import KERNELS
 
-
 MODEL_TYPES = ("longformer", "big_bird")  # Hugging Face's model_type of each supported family
 
 
