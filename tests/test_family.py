@@ -4,11 +4,9 @@ Face's own models and tokenizers, from the export's report to the job's Delta ta
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 
 import numpy as np
-import pandas as pd
 import pytest
 from deltalake import DeltaTable
 from transformers import AutoTokenizer
@@ -18,7 +16,7 @@ from clinlong.pipelines.core.artifact import Artifact
 from clinlong.pipelines.core.engine import EmbedOptions, NoteEmbedder
 from clinlong.pipelines.core.runtime import Encoder
 from tests.conftest import PHI_MARKER, hf_reference, write_test_notes
-from tests.test_pipeline_parity import ATOL, expected
+from tests.test_pipeline_parity import ATOL, rows_match_hugging_face
 
 FAMILIES = ("drlongformer", "drbert-4096", "bigbird")
 # Lengths run packed together (mixed in rows) against Hugging Face each alone. BigBird's: both sides of
@@ -65,8 +63,10 @@ def test_export_report_and_manifest(family, family_model):
         assert not (checkpoint / "vocab.json").exists() and (checkpoint / "model.safetensors").exists()
 
 
-@pytest.mark.parametrize("backend,kernel", [("onnxruntime", "auto"), ("torch", "flex")])
-@pytest.mark.parametrize("family", ["drbert-4096", "bigbird"])
+@pytest.mark.parametrize("family,backend,kernel", [
+    ("drbert-4096", "onnxruntime", "auto"), ("drbert-4096", "torch", "flex"), ("drlongformer", "onnxruntime", "auto"),
+    ("bigbird", "onnxruntime", "auto"), ("bigbird", "torch", "flex"), ("bigbird", "torch", "blocks"),
+])
 def test_parity_at_every_length_packed_with_mixed_lengths(family, backend, kernel, family_model):
     checkpoint, art = family_model(family)
     lengths = BIGBIRD_SWEEP if family == "bigbird" else SWEEP
@@ -152,10 +152,16 @@ def test_case_handling_follows_the_tokenizer():
 
 @pytest.fixture(scope="module")
 def family_notes(tmp_path_factory):
-    """The job's test notes (bad rows, duplicate id, planted name) plus French notes."""
-    path = write_test_notes(tmp_path_factory.mktemp("family-notes") / "NOTEEVENTS.csv")
-    with path.open("a", newline="", encoding="utf-8") as f:
+    """The job's test notes (bad rows, duplicate id, planted name; two of the three longest left out to keep
+    Hugging Face's per-sentence references short) plus French notes: 13 rows, 11 to embed, 2 to 3,558 pieces."""
+    folder = tmp_path_factory.mktemp("family-notes")
+    with write_test_notes(folder / "all.csv").open(newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    path = folder / "NOTEEVENTS.csv"
+    with path.open("w", newline="", encoding="utf-8") as f:
         w = csv.writer(f, quoting=csv.QUOTE_NONNUMERIC)
+        w.writerow(rows[0])
+        w.writerows([int(r[0]), *r[1:]] for k, r in enumerate(rows[1:]) if k not in (3, 6))
         for k, text in enumerate(generate_french_notes(4, seed=9)):
             w.writerow([201 + k, 1, 1, "2101-1-1", "", "", "Nursing/other", "Note", "", "", text])
     return path
@@ -165,41 +171,27 @@ def family_notes(tmp_path_factory):
 @pytest.mark.parametrize("family,granularity,context", [
     ("drbert-4096", "note", "note"), ("drbert-4096", "sentence", "note"), ("drbert-4096", "token", "sentence"),
     ("bigbird", "note", "note"), ("bigbird", "sentence", "sentence"), ("bigbird", "token", "note"),
-    ("drlongformer", "token", "note"),
+    ("drlongformer", "note", "note"), ("drlongformer", "sentence", "note"), ("drlongformer", "token", "note"),
+    # Clinical-Longformer's other granularity x context pairs (spark-submit runs three in test_pipeline_parity).
+    ("longformer", "note", "sentence"), ("longformer", "sentence", "note"), ("longformer", "token", "sentence"),
 ])
-def test_job_parity_through_delta(family, granularity, context, family_notes, family_model, spark, tmp_path, capsys):
+def test_job_parity_through_delta(family, granularity, context, family_notes, family_model, spark, tmp_path, capsys,
+                                  request):
     from clinlong.pipelines.jobs.embed_notes import JobConfig, run
 
-    checkpoint, art = family_model(family)
+    if family == "longformer":
+        checkpoint, art = request.getfixturevalue("tiny_checkpoint"), request.getfixturevalue("tiny_artifact")
+    else:
+        checkpoint, art = family_model(family)
     out = str(tmp_path / "table")
     options = EmbedOptions(context=context, precision="fp32")
     summary = run(JobConfig(notes=str(family_notes), model=str(art), out=out, id_type="long", granularity=granularity,
                             options=options), spark)
-    assert summary["rows_in"] == 15 and summary["embedded"] == 13
+    assert summary["rows_in"] == 13 and summary["embedded"] == 11
     assert PHI_MARKER not in capsys.readouterr().err
     table = DeltaTable(out).to_pyarrow_table().to_pandas()
     assert set(table.model_id) == {Artifact.open(art).model_id}
-    notes = pd.read_csv(family_notes, keep_default_na=False)
-    checked = 0
-    for _, row in notes.iterrows():
-        text = row.TEXT
-        if not text.strip():
-            continue
-        sha = hashlib.sha256(text.encode()).hexdigest()  # the duplicate id's rows apart
-        rows = table[(table.note_id == row.ROW_ID) & (table.text_sha256 == sha)]
-        if granularity != "note":
-            rows = rows.sort_values(f"{granularity}_index")
-        note, sents, sent_vecs, toks, tok_vecs = expected(checkpoint, text, context)
-        if granularity == "note":
-            np.testing.assert_allclose(rows.embedding.iloc[0], note, atol=ATOL)
-        elif granularity == "sentence":
-            assert list(zip(rows.begin, rows.end)) == sents
-            np.testing.assert_allclose(np.stack(rows.embedding), np.stack(sent_vecs), atol=ATOL)
-        else:
-            assert list(zip(rows.begin, rows.end)) == [(b, e) for b, e, _ in toks]
-            np.testing.assert_allclose(np.stack(rows.embedding), np.stack(tok_vecs), atol=ATOL)
-        checked += 1
-    assert checked == 13
+    assert rows_match_hugging_face(table, family_notes, checkpoint, granularity, context) == 11
 
 
 def test_bigbird_stage_registry_and_one_liner(family_model, spark, tmp_path, monkeypatch):

@@ -5,6 +5,7 @@ The expected values are computed here from the checkpoint's own tokenizer and tr
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -23,11 +24,16 @@ from tests.conftest import PHI_MARKER, ROOT, hf_reference, write_test_notes
 ATOL = 1e-4  # the export's tolerance for the tiny size
 
 
+@functools.cache
+def _tokenizer(checkpoint: str):
+    return AutoTokenizer.from_pretrained(checkpoint)
+
+
 def _hf_pieces(checkpoint, text: str, base: int = 0):
     """Content pieces of `text` encoded whole: (vectors, starts, ends) with offsets into the note. A
     SentencePiece piece that begins a word ("▁...") starts at the word, not at the space before it
     (the README's definition)."""
-    tok = AutoTokenizer.from_pretrained(str(checkpoint))
+    tok = _tokenizer(str(checkpoint))
     enc = tok(text, return_offsets_mapping=True)
     vecs = hf_reference(checkpoint, enc["input_ids"])[1:-1]
     starts, ends = [], []
@@ -61,32 +67,9 @@ def expected(checkpoint, text: str, context: str):
     return note, sents, sent_vecs, toks, tok_vecs
 
 
-def _spark_submit(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable,
-           "PYTHONPATH": str(ROOT)}
-    submit = os.path.join(os.path.dirname(sys.executable), "spark-submit")
-    return subprocess.run([submit, "--master", "local[2]", "--conf", "spark.ui.enabled=false",
-                           str(ROOT / "pipelines" / "embed_notes.py"), *args],
-                          capture_output=True, text=True, env=env, timeout=600)
-
-
-@pytest.fixture(scope="module")
-def notes_csv(tmp_path_factory):
-    return write_test_notes(tmp_path_factory.mktemp("notes") / "NOTEEVENTS.csv")
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("context", ["note", "sentence"])
-@pytest.mark.parametrize("granularity", ["note", "sentence", "token"])
-def test_spark_submit_parity(granularity, context, notes_csv, tiny_artifact, tiny_checkpoint, tmp_path):
-    out = tmp_path / "table"
-    proc = _spark_submit("--notes", str(notes_csv), "--model", str(tiny_artifact), "--out", str(out),
-                         "--granularity", granularity, "--context", context, "--id-type", "long",
-                         "--partitions", "2", "--precision", "fp32")  # the parity contract is fp32's
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert PHI_MARKER not in proc.stdout + proc.stderr
-    assert "rows in 11, embedded 9, errors 2" in proc.stdout
-    table = DeltaTable(str(out)).to_pyarrow_table().to_pandas()
+def rows_match_hugging_face(table: pd.DataFrame, notes_csv, checkpoint, granularity: str, context: str) -> int:
+    """Assert every output row of every usable note equals `expected`'s (offsets, tokens, vectors); return
+    how many notes were checked. Rows of notes sharing an id are told apart by text_sha256."""
     notes = pd.read_csv(notes_csv, keep_default_na=False)
     checked = 0
     for _, row in notes.iterrows():
@@ -95,7 +78,7 @@ def test_spark_submit_parity(granularity, context, notes_csv, tiny_artifact, tin
             continue
         sha = hashlib.sha256(text.encode()).hexdigest()
         rows = table[(table.note_id == row.ROW_ID) & (table.text_sha256 == sha)]
-        note, sents, sent_vecs, toks, tok_vecs = expected(tiny_checkpoint, text, context)
+        note, sents, sent_vecs, toks, tok_vecs = expected(checkpoint, text, context)
         if granularity == "note":
             assert len(rows) == 1
             np.testing.assert_allclose(rows.embedding.iloc[0], note, atol=ATOL)
@@ -111,5 +94,33 @@ def test_spark_submit_parity(granularity, context, notes_csv, tiny_artifact, tin
             assert list(got.sentence_index) == [s for _, _, s in toks]
             np.testing.assert_allclose(np.stack(got.embedding), np.stack(tok_vecs), atol=ATOL)
         checked += 1
-    assert checked == 9
+    return checked
+
+
+def _spark_submit(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable,
+           "PYTHONPATH": str(ROOT)}
+    submit = os.path.join(os.path.dirname(sys.executable), "spark-submit")
+    return subprocess.run([submit, "--master", "local[2]", "--conf", "spark.ui.enabled=false",
+                           str(ROOT / "pipelines" / "embed_notes.py"), *args],
+                          capture_output=True, text=True, env=env, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def notes_csv(tmp_path_factory):
+    return write_test_notes(tmp_path_factory.mktemp("notes") / "NOTEEVENTS.csv")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("granularity,context", [("note", "note"), ("sentence", "sentence"), ("token", "note")])
+def test_spark_submit_parity(granularity, context, notes_csv, tiny_artifact, tiny_checkpoint, tmp_path):
+    out = tmp_path / "table"
+    proc = _spark_submit("--notes", str(notes_csv), "--model", str(tiny_artifact), "--out", str(out),
+                         "--granularity", granularity, "--context", context, "--id-type", "long",
+                         "--partitions", "2", "--precision", "fp32")  # the parity contract is fp32's
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert PHI_MARKER not in proc.stdout + proc.stderr
+    assert "rows in 11, embedded 9, errors 2" in proc.stdout
+    table = DeltaTable(str(out)).to_pyarrow_table().to_pandas()
+    assert rows_match_hugging_face(table, notes_csv, tiny_checkpoint, granularity, context) == 9
     assert set(table.model_id) == {json.loads((tiny_artifact / "manifest.json").read_text())["model_id"]}
