@@ -31,6 +31,7 @@ class Checkpoint:
     tokenizer: object  # transformers PreTrainedTokenizerFast, exactly as the checkpoint encodes
     weights_file: str
     sha256: str  # over config, weights and tokenizer files, in name order
+    frame: tuple[int, int]  # the ids the tokenizer puts around a text (see sequence_frame)
 
     @property
     def name(self) -> str:
@@ -185,10 +186,10 @@ def read_checkpoint(source: str) -> Checkpoint:
     weights_file, state = _read_weights(path)
     tokenizer = _read_tokenizer(path)
     _check_shapes(ec, state, tokenizer)
-    sequence_frame(tokenizer)
+    frame = sequence_frame(tokenizer)
     h = hashlib.sha256()
     for name in sorted({"config.json", weights_file, *TOKENIZER_FILES}):
         if (path / name).is_file():
             h.update(f"{name}:{file_sha256(path / name)}\n".encode())
     return Checkpoint(path=path, config=cfg, encoder_config=ec, state_dict=state, tokenizer=tokenizer,
-                      weights_file=weights_file, sha256=h.hexdigest())
+                      weights_file=weights_file, sha256=h.hexdigest(), frame=frame)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from clinlong.export.checkpoint import Checkpoint, sequence_frame
+from clinlong.export.checkpoint import Checkpoint
 from clinlong.export.errors import ExportError
 from clinlong.export.parity import Tolerance, check_parity, parity_sequences
 from clinlong.export.synthetic_notes import generate_notes
@@ -72,7 +72,7 @@ def write_onnx(encoder: PackedEncoder, ckpt: Checkpoint, out: Path, opset: int =
     """Export the encoder with dynamic batch and row-length axes; inputs are packed rows (input_ids and
     position_ids, see core.packing), so a row may be longer than one sequence's max length."""
     length = min(600, ckpt.encoder_config.max_length)  # an example past one window where the model allows
-    example = torch.from_numpy(parity_sequences(ckpt.tokenizer, (length,), length)[length])[None].repeat(2, 1)
+    example = torch.from_numpy(parity_sequences(ckpt, (length,), length)[length])[None].repeat(2, 1)
     pos = torch.from_numpy(positions([length], ckpt.encoder_config.pad_token_id))[None].repeat(2, 1)
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("row_length")
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
@@ -118,7 +118,7 @@ def tokenizer_traits(tok) -> dict:
 
 def write_manifest(ckpt: Checkpoint, out: Path, name: str, report: dict) -> dict:
     ec = ckpt.encoder_config
-    start, end = sequence_frame(ckpt.tokenizer)
+    start, end = ckpt.frame
     files = {f.name: file_sha256(f) for f in sorted(out.iterdir()) if f.is_file() and f.name != MANIFEST_FILE}
     content = hashlib.sha256("".join(f"{k}:{v}\n" for k, v in files.items()).encode()).hexdigest()
     manifest = {

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clinlong.export.checkpoint import Checkpoint, sequence_frame
+from clinlong.export.checkpoint import Checkpoint
 from clinlong.export.synthetic_notes import generate_notes
 from clinlong.pipelines.core.model import encoder_state
 from clinlong.pipelines.core.packing import packed_rows
@@ -65,14 +65,14 @@ def reference_run(model, ids: np.ndarray) -> np.ndarray:
         return model(input_ids=t, attention_mask=torch.ones_like(t)).last_hidden_state[0].numpy()
 
 
-def parity_sequences(tokenizer, lengths: tuple[int, ...], max_length: int) -> dict[int, np.ndarray]:
+def parity_sequences(ckpt: Checkpoint, lengths: tuple[int, ...], max_length: int) -> dict[int, np.ndarray]:
     """Token ids of the synthetic notes, cut to each length, framed as the tokenizer does (<s> ... </s>)."""
     body: list[int] = []
     for note in generate_notes(60, seed=123):
-        body.extend(tokenizer(note.text, add_special_tokens=False)["input_ids"])
+        body.extend(ckpt.tokenizer(note.text, add_special_tokens=False)["input_ids"])
         if len(body) >= max_length:
             break
-    bos, eos = sequence_frame(tokenizer)
+    bos, eos = ckpt.frame
     seqs = {}
     for n in lengths:
         if n > max_length:
@@ -104,7 +104,7 @@ def check_parity(onnx_path: str | Path, ckpt: Checkpoint, tol: Tolerance = Toler
     start = time.perf_counter()
     max_len = ckpt.encoder_config.max_length
     parity_lengths, parity_rows = parity_plan(ckpt.encoder_config.model_type)
-    seqs = parity_sequences(ckpt.tokenizer, parity_lengths, max_len)
+    seqs = parity_sequences(ckpt, parity_lengths, max_len)
     model = reference_model(ckpt)
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # BigBird warns at every switch to full attention and padding

@@ -70,7 +70,7 @@ def check_savedmodel_parity(folder: Path, ckpt: Checkpoint, tol: Tolerance) -> d
     serving = tf.saved_model.load(str(folder)).signatures["serving_default"]
     torch_model = reference_model(ckpt)
     rows = []
-    for n, ids in parity_sequences(ckpt.tokenizer, PARITY_LENGTHS, ckpt.encoder_config.max_length).items():
+    for n, ids in parity_sequences(ckpt, PARITY_LENGTHS, ckpt.encoder_config.max_length).items():
         with torch.inference_mode():
             t = torch.from_numpy(ids)[None]
             ref = torch_model(input_ids=t, attention_mask=torch.ones_like(t)).last_hidden_state[0].numpy()

@@ -49,21 +49,20 @@ def family_model(tmp_path_factory):
 
 
 def hf_reference(checkpoint: Path, ids: list[int]):
-    """Hugging Face's model (LongformerModel or BigBirdModel, fp32) last_hidden_state for one unpadded
-    sequence, as a freshly loaded model computes it (BigBird's switch to full attention is undone)."""
-    import torch
+    """Hugging Face's model (LongformerModel or BigBirdModel, fp32, loaded by transformers' AutoModel)
+    last_hidden_state for one unpadded sequence, as a freshly loaded model computes it (export.parity's
+    reference_run undoes BigBird's switch to full attention)."""
+    import numpy as np
     from transformers import AutoModel
     from transformers.utils import logging
+
+    from clinlong.export.parity import reference_run
 
     model = _hf_models.get(checkpoint)
     if model is None:
         logging.set_verbosity_error()
         model = _hf_models[checkpoint] = AutoModel.from_pretrained(str(checkpoint), add_pooling_layer=False).eval()
-    if hasattr(model, "set_attention_type"):
-        model.set_attention_type(model.config.attention_type)
-    with torch.inference_mode():
-        t = torch.tensor([ids])
-        return model(input_ids=t, attention_mask=torch.ones_like(t)).last_hidden_state[0].numpy()
+    return reference_run(model, np.asarray(ids, dtype=np.int64))
 
 
 _hf_models: dict = {}
