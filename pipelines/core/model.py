@@ -102,12 +102,19 @@ _ACTIVATIONS = {"gelu": lambda x: F.gelu(x), "gelu_new": lambda x: F.gelu(x, app
                 "relu": F.relu}
 
 
+def _embedding(rows: int, dim: int) -> nn.Embedding:
+    """An embedding table left uninitialised: its weights always come from a checkpoint, and its default
+    normal_() init on the meta device (where runtimes build the model) imports ~800 modules of torch's
+    Python decompositions, a second per Spark worker."""
+    return nn.Embedding(rows, dim, _weight=torch.empty(rows, dim))
+
+
 class Embeddings(nn.Module):
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
-        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
-        self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
+        self.word_embeddings = _embedding(cfg.vocab_size, cfg.hidden_size)
+        self.position_embeddings = _embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.token_type_embeddings = _embedding(cfg.type_vocab_size, cfg.hidden_size)
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.offset = cfg.position_offset
         self.scale = math.sqrt(cfg.hidden_size) if cfg.rescale_embeddings else 1.0
