@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import platform
 import time
 
 
@@ -117,19 +116,11 @@ class WorkerMemory:
 
 
 def machine() -> dict:
-    model = platform.processor() or "unknown"
-    flags = set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
+    """The CPU the run measured: model, vendor, cores, bf16 flags and what `--precision auto` picks on it."""
+    from clinlong.pipelines.core.devices import cpu_info
     from clinlong.pipelines.core.runtime import resolve_precision
 
-    return {"cpu": model, "cores": os.cpu_count(), "amx_bf16": "amx_bf16" in flags,
-            "avx512_bf16": "avx512_bf16" in flags, "avx512f": "avx512f" in flags,
+    cpu = cpu_info()
+    return {"cpu": cpu.model, "vendor": cpu.vendor, "cores": os.cpu_count(), "amx_bf16": "amx_bf16" in cpu.flags,
+            "avx512_bf16": "avx512_bf16" in cpu.flags, "avx512f": "avx512f" in cpu.flags,
             "precision_auto": resolve_precision("auto", "cpu")}

@@ -1,6 +1,8 @@
 """Packing (#11): sequences share rows end to end, and each vector equals that of its sequence run alone."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -110,15 +112,30 @@ def test_varlen_kernel_is_refused_on_cpus():
         resolve_kernel("varlen", "cpu")
 
 
-def test_auto_precision_follows_the_cpus_bf16_hardware(monkeypatch):
-    from clinlong.pipelines.core import runtime
+@pytest.mark.parametrize("vendor, flags, auto", [
+    ("AuthenticAMD", "avx512f avx512_bf16", "bf16"),  # Zen 4: bf16 products at ~4x fp32's rate
+    ("GenuineIntel", "avx512f avx512_bf16 amx_bf16 amx_tile", "bf16"),  # Sapphire Rapids with AMX
+    ("GenuineIntel", "avx512f avx512_bf16", "fp32"),  # AVX512-BF16 without AMX: no faster than fp32
+    ("GenuineIntel", "avx512f avx2", "fp32"),
+    ("AuthenticAMD", "avx2", "fp32"),
+])
+def test_auto_precision_is_bf16_where_the_cpu_computes_it_faster(monkeypatch, vendor, flags, auto):
+    from clinlong.pipelines.core import devices, runtime
 
-    monkeypatch.setattr(runtime, "cpu_bf16_flags", lambda: ("avx512_bf16",))
-    assert runtime.resolve_precision("auto", "cpu") == "bf16"
+    monkeypatch.setattr(devices, "cpu_info", lambda: devices.CpuInfo(vendor, "a CPU", frozenset(flags.split())))
+    assert runtime.resolve_precision("auto", "cpu") == auto
     assert runtime.resolve_precision("auto", "cpu", backend="onnxruntime") == "fp32"
-    monkeypatch.setattr(runtime, "cpu_bf16_flags", lambda: ())
-    assert runtime.resolve_precision("auto", "cpu") == "fp32"
     assert runtime.resolve_precision("fp16", "cpu") == "fp16"
+
+
+def test_cpu_info_reads_this_machines_cpuinfo():
+    from clinlong.pipelines.core.devices import cpu_info
+
+    info = cpu_info()
+    if os.path.exists("/proc/cpuinfo"):
+        text = open("/proc/cpuinfo").read()
+        assert info.vendor and info.vendor in text and info.model in text
+        assert info.flags and all(f in text for f in info.flags)
 
 
 def test_note_granularity_in_note_context_runs_no_text_rules(artifact, monkeypatch):

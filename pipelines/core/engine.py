@@ -55,8 +55,8 @@ class EmbedOptions:
     token_budget: int = option(DEFAULT_TOKEN_BUDGET, "max tokens per packed row (one model call); at the default, "
                                "GPUs size it from their free memory")
     batch_size: int = option(DEFAULT_BATCH_SIZE, "max sequences per model call")
-    precision: str = option("auto", "compute precision. auto: bf16 on GPUs and on CPUs with bf16 hardware "
-                            "(AVX512-BF16, AMX), else fp32; fp32 is the export's parity", choices=PRECISIONS)
+    precision: str = option("auto", "compute precision. auto: bf16 on GPUs and on CPUs where it is faster "
+                            "(AMX; AMD's AVX512-BF16), else fp32; fp32 is the export's parity", choices=PRECISIONS)
     backend: str = option("auto", "auto: onnxruntime for fp32 on CPUs, torch for bf16/fp16 and on GPUs",
                           choices=BACKENDS)
     attention_kernel: str = option("auto", "sliding-window attention over packed sequences. auto: varlen (flash "

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from clinlong.pipelines.core.artifact import Artifact
-from clinlong.pipelines.core.devices import cpu_bf16_flags
+from clinlong.pipelines.core.devices import cpu_bf16_pays
 from clinlong.pipelines.core.packing import KERNELS, pack, packed_rows
 
 KERNEL_CHOICES = ("auto", *KERNELS)
@@ -43,8 +43,8 @@ def task_threads() -> int:
 
 
 def resolve_precision(precision: str, device: str, backend: str = "auto") -> str:
-    """auto: bf16 on GPUs (fp16 where a GPU lacks bf16) and on CPUs with bf16 hardware (AVX512-BF16 or
-    AMX), fp32 on other CPUs and with the onnxruntime backend (fp32 kernels)."""
+    """auto: bf16 on GPUs (fp16 where a GPU lacks bf16) and on CPUs where bf16 is faster (AMX, or AMD's
+    AVX512-BF16: devices.cpu_bf16_pays), fp32 on other CPUs and with the onnxruntime backend (fp32 kernels)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision != "auto":
@@ -55,7 +55,7 @@ def resolve_precision(precision: str, device: str, backend: str = "auto") -> str
         import torch
 
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if cpu_bf16_flags() else "fp32"
+    return "bf16" if cpu_bf16_pays() else "fp32"
 
 
 def resolve_backend(backend: str, precision: str) -> str:
