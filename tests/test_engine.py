@@ -79,6 +79,54 @@ def test_altered_artifact_is_refused(tiny_artifact, tmp_path):
         Artifact.open(tmp_path)
 
 
+def test_verified_files_are_not_hashed_again_until_they_change(tiny_artifact, tmp_path, monkeypatch):
+    """A node hashes an artifact file once: the driver and each Python worker skip a file verified since its
+    last change (device, inode, size, times); any write, a fresh file or a foreign marker folder means hashing."""
+    import shutil
+    import tempfile
+
+    from clinlong.pipelines.core import artifact as A
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    art = tmp_path / "art"
+    shutil.copytree(tiny_artifact, art)
+    names = ["tokenizer.json", "encoder.onnx"]
+    hashed = []
+    real = A.file_sha256
+    monkeypatch.setattr(A, "file_sha256", lambda f: hashed.append(f.name) or real(f))
+
+    A.Artifact.open(art, verify=False).verify(names)  # just copied: too fresh to remember
+    assert hashed == names and not list((tmp_path / "tmp").glob("clinlong-verified-*/*"))
+    monkeypatch.setattr(A.VerifiedFiles, "SETTLE_NS", 0)
+    A.Artifact.open(art, verify=False).verify(names)
+    assert hashed == names * 2 and len(list((tmp_path / "tmp").glob("clinlong-verified-*/*"))) == 2
+    A.Artifact.open(art, verify=False).verify(names)
+    assert hashed == names * 2  # remembered: nothing hashed
+
+    with (art / "tokenizer.json").open("r+b") as f:  # same size, new bytes
+        f.write(b"X")
+    with pytest.raises(ArtifactError, match="sha256"):
+        A.Artifact.open(art, verify=False).verify(names)
+    assert hashed[-1] == "tokenizer.json"
+
+    folder = next((tmp_path / "tmp").glob("clinlong-verified-*"))
+    folder.chmod(0o777)  # a folder others could write markers into is never trusted
+    A.Artifact.open(art, verify=False).verify(["encoder.onnx"])
+    assert hashed[-1] == "encoder.onnx"
+
+
+def test_the_driver_verifies_the_files_the_executors_may_read(tiny_artifact):
+    from clinlong.pipelines.core.runtime import files_to_verify
+
+    art = Artifact.open(tiny_artifact, verify=False)
+    onnx, torch_, tok = "encoder.onnx", "encoder.safetensors", "tokenizer.json"
+    assert files_to_verify(art, "auto", "auto", "cpu") == sorted([onnx, torch_, tok])  # each executor's CPU decides
+    assert sorted(files_to_verify(art, "fp32", "auto", "cpu")) == [onnx, tok]
+    assert sorted(files_to_verify(art, "bf16", "auto", "cpu")) == [torch_, tok]
+    assert sorted(files_to_verify(art, "auto", "auto", "cuda")) == [torch_, tok]
+
+
 def test_predict_in_process_equals_spark(tiny_artifact, spark):
     from clinlong import pipelines
 

@@ -281,3 +281,4 @@ def test_tasks_learn_their_executors_cores(spark):
     assert share_executor_cores(sc) == 2
     seen = sc.parallelize(range(4), 4).map(lambda _: TaskContext.get().getLocalProperty(SHARED_CORES)).collect()
     assert seen == [f"{sc.applicationId}:2"] * 4
+

@@ -121,6 +121,8 @@ def test_spark_submit_parity(granularity, context, notes_csv, tiny_artifact, tin
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert PHI_MARKER not in proc.stdout + proc.stderr
     assert "rows in 11, embedded 9, errors 2" in proc.stdout
+    # the model was loaded into the Python workers while the driver planned; the embedding tasks reused them
+    assert "models loaded by the embedding tasks: 0 (the others were preloaded)" in proc.stdout
     table = DeltaTable(str(out)).to_pyarrow_table().to_pandas()
     assert rows_match_hugging_face(table, notes_csv, tiny_checkpoint, granularity, context) == 9
     assert set(table.model_id) == {json.loads((tiny_artifact / "manifest.json").read_text())["model_id"]}

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import tempfile
+import time
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -26,6 +29,48 @@ def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+class VerifiedFiles:
+    """Files this machine has hashed and found equal to their manifest digest, remembered by what any write
+    changes (device, inode, size, modification and change times, as git's index does), so that a node's
+    Python workers and the driver do not each hash the same gigabyte. A marker per file version in a
+    per-user folder; a file changed in the last seconds is not remembered (timestamps are coarse)."""
+
+    SETTLE_NS = 2_000_000_000
+
+    def __init__(self, folder: Path | None = None):
+        self.folder = folder or Path(tempfile.gettempdir()) / f"clinlong-verified-{os.getuid()}"
+
+    @staticmethod
+    def _key(path: Path, digest: str, st: os.stat_result) -> str:
+        ident = [str(path.resolve()), digest, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+        return hashlib.sha256(json.dumps(ident).encode()).hexdigest()
+
+    def _ours(self) -> bool:
+        """The folder exists and is this user's alone (never trust markers another user could write)."""
+        try:
+            st = self.folder.stat()
+        except OSError:
+            return False
+        return st.st_uid == os.getuid() and not st.st_mode & 0o022
+
+    def known(self, path: Path, digest: str) -> bool:
+        return self._ours() and (self.folder / self._key(path, digest, path.stat())).exists()
+
+    def add(self, path: Path, digest: str, before: os.stat_result) -> None:
+        """Remember a file hashed between `before` and now, unless it changed meanwhile or just before."""
+        after = path.stat()
+        changed = (before.st_size, before.st_mtime_ns, before.st_ctime_ns) != (after.st_size, after.st_mtime_ns,
+                                                                              after.st_ctime_ns)
+        if changed or time.time_ns() - max(after.st_mtime_ns, after.st_ctime_ns) < self.SETTLE_NS:
+            return
+        try:
+            self.folder.mkdir(mode=0o700, exist_ok=True)
+            if self._ours():
+                (self.folder / self._key(path, digest, after)).touch()
+        except OSError:  # a read-only or full temp folder: hash again next time
+            pass
 
 
 @dataclass(frozen=True)
@@ -52,8 +97,10 @@ class Artifact:
         return art
 
     def verify(self, names: list[str] | None = None) -> None:
-        """Check the sha256 of every file (or of `names`, those a runtime reads) against the manifest."""
+        """Check the sha256 of every file (or of `names`, those a runtime reads) against the manifest;
+        a file this machine has verified unchanged since (VerifiedFiles) is not hashed again."""
         files = self.manifest["files"]
+        verified = VerifiedFiles()
         for name in names if names is not None else files:
             digest = files.get(name)
             f = self.path / name
@@ -61,8 +108,12 @@ class Artifact:
                 raise ArtifactError(f"artifact file {f} is not in the manifest; re-export the artifact")
             if not f.is_file():
                 raise ArtifactError(f"artifact file {f} is missing; re-export the artifact")
+            if verified.known(f, digest):
+                continue
+            before = f.stat()
             if file_sha256(f) != digest:
                 raise ArtifactError(f"artifact file {f} fails its sha256 check (corrupt or altered); re-export the artifact")
+            verified.add(f, digest, before)
 
     @property
     def model_id(self) -> str:

@@ -191,6 +191,16 @@ def model_files(artifact: Artifact, backend: str) -> list[str]:
     return [m["tokenizer"], m["onnx"]["file"] if backend == "onnxruntime" else m["torch"]["file"]]
 
 
+def files_to_verify(artifact: Artifact, precision: str, backend: str, device: str) -> list[str]:
+    """The artifact's files that models of these options may read on executors this driver cannot see:
+    on CPUs, precision auto's backend depends on each executor's bf16 hardware, so both backends' files."""
+    if device == "cpu" and precision == "auto" and backend == "auto":
+        return sorted({f for b in ("onnxruntime", "torch") for f in model_files(artifact, b)})
+    if device == "cuda":
+        return model_files(artifact, "torch")
+    return model_files(artifact, choose_backend(precision, backend, "cpu")[0])
+
+
 def load_model(artifact: Artifact, precision: str = "fp32", backend: str = "auto", threads: int | None = None,
                device: str = "cpu", kernel: str = "auto"):
     """A model of this artifact for this precision and device (ONNX Runtime or torch). Callers cache it:

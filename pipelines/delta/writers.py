@@ -49,7 +49,7 @@ class Totals:
     """Counts summed over the tasks' metadata rows of the chunks this invocation committed."""
 
     def __init__(self):
-        self.notes = self.embedded = self.tokens = self.windows = self.rows = self.tasks = 0
+        self.notes = self.embedded = self.tokens = self.windows = self.rows = self.model_loads = self.tasks = 0
         self.errors, self.warnings, self.devices, self.gpus = Counter(), Counter(), Counter(), Counter()
 
     def add(self, counts: list[dict]) -> None:

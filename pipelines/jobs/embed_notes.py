@@ -24,7 +24,7 @@ from clinlong.pipelines.core.options import add_arguments, from_arguments
 from clinlong.pipelines.core.storage import StorageError
 from clinlong.pipelines.delta.sink import CommitConflict
 from clinlong.pipelines.spark.sources import InputError
-from clinlong.pipelines.spark.tasks import ModelStepFailed, share_executor_cores
+from clinlong.pipelines.spark.tasks import ModelStepFailed, Preload, share_executor_cores
 
 log = logging.getLogger("clinlong.job")
 
@@ -58,21 +58,32 @@ def spark_session(master: str | None = None):
 def run(cfg: JobConfig, spark=None) -> dict:
     """Run the job chunk by chunk, each chunk one idempotent commit; return the run's summary (also
     stored in every chunk's Delta commit info, cumulatively)."""
+    from clinlong.pipelines.core.logs import configure
+    from clinlong.pipelines.core.runtime import files_to_verify
+
+    configure()
+    start = time.perf_counter()
+    artifact = Artifact.open(cfg.model, verify=False)
+    cfg.options.validate(artifact)
+    opts = cfg.options
+    device = "cuda" if cfg.gpus_per_task or opts.device == "cuda" else "cpu"
+    spark = spark or spark_session()
+    with Preload(spark, str(artifact.path), opts, gpu_profile(cfg)):
+        artifact.verify(files_to_verify(artifact, opts.precision, opts.backend, device))  # before the input is read
+        return _run(cfg, spark, artifact, start)
+
+
+def _run(cfg: JobConfig, spark, artifact: Artifact, start: float) -> dict:
+    """The job's plan and chunks (see run), while the executors load the model."""
     from pyspark import StorageLevel
     from pyspark.sql.pandas.types import to_arrow_type
 
-    from clinlong.pipelines.core.logs import configure
     from clinlong.pipelines.core.schema import OutputSpec, error_schema, table_schema
     from clinlong.pipelines.delta import run_plan
     from clinlong.pipelines.delta.writers import Chunk, Totals, make_writer
     from clinlong.pipelines.spark import sources
     from clinlong.pipelines.spark.progress import JobProgress
 
-    configure()
-    start = time.perf_counter()
-    artifact = Artifact.open(cfg.model)  # verifies every file's sha256 before any work
-    cfg.options.validate(artifact)
-    spark = spark or spark_session()
     keep = (cfg.partition_by,) if cfg.partition_by else ()
     source = sources.resolve(spark, cfg.notes, cfg.input_format, cfg.storage_options)
     raw = sources.read(spark, source)
@@ -187,7 +198,7 @@ def _summary(t, seconds: float, artifact: Artifact, cfg: JobConfig, run_id: str,
     """What this invocation did: rows in = embedded + errors (by stage and reason), tokens, throughput."""
     return {
         "rows_in": t.notes, "embedded": t.embedded, "errors": dict(t.errors), "warnings": dict(t.warnings),
-        "tasks": t.tasks,
+        "tasks": t.tasks, "model_loads_in_tasks": t.model_loads,
         "input_rows": input_rows, "chunks_resumed_from": first_chunk, "chunks": chunks, "run_id": run_id,
         "devices": dict(t.devices), "gpu_addresses": dict(t.gpus),
         "rows_written": t.rows, "bpe_tokens": t.tokens, "windows": t.windows, "seconds": round(seconds, 2),
@@ -223,7 +234,8 @@ def format_summary(s: dict) -> str:
             f"rows written {s['rows_written']} ({s['granularity']} granularity, {s['context']} context), "
             f"BPE tokens {s['bpe_tokens']}, windows {s['windows']}\n"
             f"{s['seconds']} s, {s['notes_per_s']} notes/s, {s['tokens_per_s']} tokens/s\n"
-            f"devices: {_counted(s['devices'])}; GPU addresses assigned: {_counted(s['gpu_addresses']) or 'none'}\n"
+            f"devices: {_counted(s['devices'])}; GPU addresses assigned: {_counted(s['gpu_addresses']) or 'none'}; "
+            f"models loaded by the embedding tasks: {s['model_loads_in_tasks']} (the others were preloaded)\n"
             + (f"stale rows deleted: {s['stale_rows_deleted']}, retried embed errors cleared: "
                f"{s['retried_error_rows_deleted']}\n" if "stale_rows_deleted" in s else "")
             + f"Delta table {s['out']} version {s['version']}, errors in {s['errors_out']} (model {s['model_id']})")

@@ -17,6 +17,7 @@ import os
 import tempfile
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -30,15 +31,15 @@ from clinlong.pipelines.core.engine import EmbedOptions, NoteEmbedder, NoteResul
 from clinlong.pipelines.core.schema import OutputSpec, build_errors, build_table
 from clinlong.pipelines.spark.progress import ProgressReporter
 
+COUNT_KEYS = ("rows", "notes", "embedded", "tokens", "windows", "model_loads")  # the summed figures of a counts row
+
 # What a task returns to the driver: one row per file it wrote (table "out" or "err") and one of its counts
 # (table ""), with the task's partition and clock times.
 META_SCHEMA = pa.schema([(n, pa.string()) for n in ("table", "path")] + [("size", pa.int64()), ("file_rows", pa.int64())]
                         + [(n, pa.string()) for n in ("partition_values", "stats")]
-                        + [(n, pa.int64()) for n in ("notes", "embedded", "rows", "tokens", "windows")]
+                        + [(n, pa.int64()) for n in COUNT_KEYS]
                         + [(n, pa.string()) for n in ("errors", "warnings", "device", "gpus")]
                         + [("task", pa.int64()), ("started", pa.float64()), ("finished", pa.float64())])
-
-COUNT_KEYS = ("rows", "notes", "embedded", "tokens", "windows")  # the summed figures of a counts row
 
 log = logging.getLogger("clinlong.tasks")
 
@@ -48,6 +49,13 @@ REPLACED_UTF8 = "invalid UTF-8 replaced by U+FFFD"
 
 _EMBEDDERS: dict[tuple, NoteEmbedder] = {}  # the process's one model cache
 _EMBEDDERS_LOCK = threading.Lock()
+_LOADS = [0]  # models this process has loaded: a task reports those it loaded itself (none where preloaded)
+
+
+def models_loaded() -> int:
+    """Models this Python worker has loaded so far (read through a module function: the tasks' closures
+    are pickled by value, with copies of the module globals they name)."""
+    return _LOADS[0]
 
 
 def embedder(artifact_path: str, options: EmbedOptions) -> NoteEmbedder:
@@ -68,7 +76,53 @@ def embedder(artifact_path: str, options: EmbedOptions) -> NoteEmbedder:
         if key not in _EMBEDDERS:
             art.verify(model_files(art, choose_backend(options.precision, options.backend, device)[0]))
             _EMBEDDERS[key] = NoteEmbedder(art, options, threads=threads, device=device)
+            _LOADS[0] += 1
         return _EMBEDDERS[key]
+
+
+class Preload:
+    """Loads the job's model into the executors' Python workers while the driver plans (reads, counts and
+    balances the input), so that the embedding tasks, which reuse those workers, start with the model in
+    memory: a cold worker spends seconds importing torch, verifying and loading the weights. A Spark job
+    of one task per task slot, with the embedding stage's resource profile, run from a thread of the
+    driver; best effort: where it fails or lands elsewhere the tasks load the model themselves."""
+
+    def __init__(self, spark, artifact_path: str, options: EmbedOptions, profile=None):
+        self.spark, self.artifact_path, self.options, self.profile = spark, artifact_path, options, profile
+        self.group = f"clinlong-preload-{uuid.uuid4().hex[:8]}"  # this run's alone, if runs share a session
+        self.thread, self.done = None, False
+
+    def __enter__(self) -> "Preload":
+        from pyspark import InheritableThread
+
+        self.thread = InheritableThread(target=self._run, name="clinlong-preload", daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.done = True
+        self.spark.sparkContext.cancelJobGroup(self.group)  # nothing left to do for a finished one
+
+    def _run(self) -> None:
+        from pyspark.sql.pandas.types import from_arrow_schema
+
+        sc = self.spark.sparkContext
+        sc.setJobGroup(self.group, "load the model into the executors' Python workers", interruptOnCancel=False)
+        slots = max(1, sc.defaultParallelism // int(sc.getConf().get("spark.task.cpus", "1")))
+        path, options = self.artifact_path, self.options
+
+        def load(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+            for _ in batches:
+                pass
+            embedder(path, options)
+            yield from ()
+
+        try:
+            self.spark.range(0, slots, 1, slots).mapInArrow(load, from_arrow_schema(pa.schema([("id", pa.int64())])),
+                                                            profile=self.profile).collect()
+        except Exception as e:  # noqa: BLE001 - best effort: the embedding tasks load the model and report failures
+            if not self.done:  # (cancelled when the job ended first)
+                log.info("model preload did not finish (%s); the embedding tasks load the model", type(e).__name__)
 
 
 SHARED_CORES = "clinlong.executor.cores"  # Spark local property: "<application id>:<cores per executor>"
@@ -291,7 +345,8 @@ def _counts(b: Batch, rows: int) -> dict:
     errors = Counter(f"{b.stages.get(i, 'check')}: {r.skip_reason}"
                      for i, r in enumerate(b.results) if r.skip_reason is not None)
     return {"rows": rows, "notes": len(b.results), "embedded": len(ok), "tokens": sum(r.n_tokens for r in ok),
-            "windows": sum(r.n_windows for r in ok), "errors": dict(errors), "warnings": dict(b.warnings)}
+            "windows": sum(r.n_windows for r in ok), "model_loads": 0, "errors": dict(errors),
+            "warnings": dict(b.warnings)}
 
 
 @dataclass(frozen=True)
@@ -328,7 +383,9 @@ def embed_partition(artifact_path: str, options: EmbedOptions, spec: OutputSpec,
         outs: dict[str, RollingWriter] = {}
         errs = writer(target.errors_uri, target.error_schema)
         counts = _TaskCounts()
+        loads = models_loaded()
         with task_embedder(artifact_path, options) as emb:
+            counts.n["model_loads"] += models_loaded() - loads
             for b in _embedded(emb, batches):
                 rows = 0
                 for values, table in _tables(spec, b):
@@ -411,11 +468,14 @@ def embed_rows_and_errors(artifact_path: str, options: EmbedOptions, spec: Outpu
 
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         reporter = ProgressReporter(progress, chunk)
+        loads = models_loaded()
         with task_embedder(artifact_path, options) as emb:
+            loads = models_loaded() - loads
             for b in _embedded(emb, batches):
                 table = full_table(spec, b)
                 errors = build_errors(error_schema, b.error_rows(), spec.model_id, run_id)
-                counts = {**_counts(b, table.num_rows), **_where(emb)}
+                counts = {**_counts(b, table.num_rows), **_where(emb), "model_loads": loads}
+                loads = 0  # counted once per task
                 reporter.add(counts["notes"], counts["tokens"])
                 meta = pa.table({"_meta": [json.dumps(counts)]})
                 for t, kind in ((table, "row"), (errors, "error"), (meta, "meta")):
