@@ -186,10 +186,13 @@ def test_job_level_errors_name_the_fix(tiny_artifact, tmp_path, capsys, spark):
     ]
     bad_art = tmp_path / "art"
     shutil.copytree(tiny_artifact, bad_art)
-    with open(bad_art / "encoder.onnx", "r+b") as f:
-        f.seek(1000)
-        f.write(b"\x00\x01\x02")
-    cases.append((["--model", str(bad_art)], "sha256"))
+    for name in ("encoder.onnx", "encoder.safetensors"):
+        with open(bad_art / name, "r+b") as f:
+            f.seek(1000)
+            f.write(b"\x00\x01\x02")
+    cases.append((["--model", str(bad_art)], "fails its sha256"))  # auto: executors may run either backend
+    cases.append((["--model", str(bad_art), "--backend", "onnxruntime"], "encoder.onnx fails its sha256"))
+    cases.append((["--model", str(bad_art), "--backend", "torch"], "encoder.safetensors fails its sha256"))
     for args, needle in cases:
         base = {"--notes": str(notes), "--model": str(tiny_artifact), "--out": str(tmp_path / "o")}
         base.update(dict(zip(args[::2], args[1::2])))

@@ -116,15 +116,30 @@ def test_verified_files_are_not_hashed_again_until_they_change(tiny_artifact, tm
     assert hashed[-1] == "encoder.onnx"
 
 
-def test_the_driver_verifies_the_files_the_executors_may_read(tiny_artifact):
-    from clinlong.pipelines.core.runtime import files_to_verify
+def test_auto_backend_is_torch_and_reads_the_weights_file(tiny_artifact):
+    """auto runs torch where installed, at every precision (its threads follow idle cores); onnxruntime only
+    on request, fp32 only. A worker verifies and reads the files of its backend alone."""
+    from clinlong.pipelines.core import runtime
 
     art = Artifact.open(tiny_artifact, verify=False)
-    onnx, torch_, tok = "encoder.onnx", "encoder.safetensors", "tokenizer.json"
-    assert files_to_verify(art, "auto", "auto", "cpu") == sorted([onnx, torch_, tok])  # each executor's CPU decides
-    assert sorted(files_to_verify(art, "fp32", "auto", "cpu")) == [onnx, tok]
-    assert sorted(files_to_verify(art, "bf16", "auto", "cpu")) == [torch_, tok]
-    assert sorted(files_to_verify(art, "auto", "auto", "cuda")) == [torch_, tok]
+    assert [runtime.resolve_backend("auto", p) for p in ("auto", "fp32", "bf16", "fp16")] == ["torch"] * 4
+    assert sorted(runtime.model_files(art, "torch")) == ["encoder.safetensors", "tokenizer.json"]
+    assert sorted(runtime.model_files(art, "onnxruntime")) == ["encoder.onnx", "tokenizer.json"]
+    with pytest.raises(ValueError, match="fp32 only"):
+        runtime.resolve_backend("onnxruntime", "bf16")
+    # the driver verifies what executors may read: with auto, both (each runs torch where it is installed)
+    assert runtime.files_to_verify(art, "auto") == ["encoder.onnx", "encoder.safetensors", "tokenizer.json"]
+    assert runtime.files_to_verify(art, "onnxruntime") == ["encoder.onnx", "tokenizer.json"]
+
+
+def test_base_install_without_torch_runs_onnxruntime(monkeypatch):
+    """The base install (no torch extra): auto falls back to ONNX Runtime at fp32; bf16 names the extra."""
+    from clinlong.pipelines.core import runtime
+
+    monkeypatch.setattr(runtime, "torch_installed", lambda: False)
+    assert runtime.choose_backend("auto", "auto", "cpu") == ("onnxruntime", "fp32")
+    with pytest.raises(ValueError, match=r"pip install 'clinlong\[torch\]'"):
+        runtime.choose_backend("bf16", "auto", "cpu")
 
 
 def test_predict_in_process_equals_spark(tiny_artifact, spark):

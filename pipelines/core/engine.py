@@ -57,7 +57,8 @@ class EmbedOptions:
     batch_size: int = option(DEFAULT_BATCH_SIZE, "max sequences per model call")
     precision: str = option("auto", "compute precision. auto: bf16 on GPUs and on CPUs where it is faster "
                             "(AMX; AMD's AVX512-BF16), else fp32; fp32 is the export's parity", choices=PRECISIONS)
-    backend: str = option("auto", "auto: onnxruntime for fp32 on CPUs, torch for bf16/fp16 and on GPUs",
+    backend: str = option("auto", "auto: torch (its CPU threads follow the executor's idle cores); onnxruntime: "
+                          "the exported ONNX graph, fp32",
                           choices=BACKENDS)
     attention_kernel: str = option("auto", "sliding-window attention over packed sequences. auto: varlen (flash "
                                    "attention) on GPUs, blocks (the ONNX graph's form) on CPUs; flex: FlexAttention",
@@ -74,7 +75,7 @@ class EmbedOptions:
             raise ValueError(f"token vector must be one of {TOKEN_VECTORS}, got {self.token_vector!r}")
         if not 3 <= self.max_length <= artifact.max_length:
             raise ValueError(f"max length must be between 3 and the model's {artifact.max_length}, got {self.max_length}")
-        resolve_backend(self.backend, "fp32" if self.precision == "auto" else self.precision)
+        resolve_backend(self.backend, self.precision)
         if self.attention_kernel not in KERNEL_CHOICES:
             raise ValueError(f"attention kernel must be one of {KERNEL_CHOICES}, got {self.attention_kernel!r}")
         if not 0 <= self.window_overlap < self.max_length - 2:

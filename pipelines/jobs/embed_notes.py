@@ -17,6 +17,7 @@ import os
 import sys
 import time
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from clinlong.pipelines.core.artifact import Artifact, ArtifactError
 from clinlong.pipelines.core.config import TASKS_PER_CORE, JobConfig
@@ -66,15 +67,16 @@ def run(cfg: JobConfig, spark=None) -> dict:
     artifact = Artifact.open(cfg.model, verify=False)
     cfg.options.validate(artifact)
     opts = cfg.options
-    device = "cuda" if cfg.gpus_per_task or opts.device == "cuda" else "cpu"
     spark = spark or spark_session()
-    with Preload(spark, str(artifact.path), opts, gpu_profile(cfg)):
-        artifact.verify(files_to_verify(artifact, opts.precision, opts.backend, device))  # before the input is read
-        return _run(cfg, spark, artifact, start)
+    profile = gpu_profile(cfg)
+    with Preload(spark, str(artifact.path), opts, profile), ThreadPoolExecutor(1) as pool:
+        verified = pool.submit(artifact.verify, files_to_verify(artifact, opts.backend))
+        return _run(cfg, spark, artifact, profile, verified, start)
 
 
-def _run(cfg: JobConfig, spark, artifact: Artifact, start: float) -> dict:
-    """The job's plan and chunks (see run), while the executors load the model."""
+def _run(cfg: JobConfig, spark, artifact: Artifact, profile, verified: Future, start: float) -> dict:
+    """The job's plan and chunks (see run), while the executors load the model and the driver hashes the
+    artifact's files (`verified`, awaited before the first chunk is written)."""
     from pyspark import StorageLevel
     from pyspark.sql.pandas.types import to_arrow_type
 
@@ -121,6 +123,7 @@ def _run(cfg: JobConfig, spark, artifact: Artifact, start: float) -> dict:
         log.info("run %s: %d input rows in %d chunk(s) of ~%d notes, up to %d task(s) per chunk", rid, n_in, chunks,
                  cfg.chunk_notes or n_in, tasks)
 
+        verified.result()  # ArtifactError: nothing was written
         totals = Totals()
         chunked = run_plan.with_chunk(notes, chunks)
         attempt = uuid.uuid4().hex[:8]  # names this driver's files, so it only ever deletes its own
@@ -136,7 +139,7 @@ def _run(cfg: JobConfig, spark, artifact: Artifact, start: float) -> dict:
         for c in range(first, chunks):
             part = run_plan.balance(chunked.where(chunked["_chunk"] == c).drop("_chunk"), tasks)
             ctx = Chunk(c, chunks, rid, app_id, f"{rid}-c{c:05d}-{attempt}")
-            v, counts = writer.write_chunk(part, ctx, summary, gpu_profile(cfg), progress.address)
+            v, counts = writer.write_chunk(part, ctx, summary, profile, progress.address)
             totals.add(counts)
             version = v if v is not None else version
     if first == 0 and totals.notes != n_in:  # a guard, never expected: every row in must be accounted for

@@ -99,22 +99,32 @@ class Preload:
         self.thread.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    WAIT_S = 30.0
+
+    def __exit__(self, exc_type, *exc) -> None:
+        """A job that ended early (an error, nothing to embed) lets a running preload finish first (seconds),
+        so that no task is cut off mid-load; an interrupt, or a preload past WAIT_S, is cancelled."""
+        if exc_type is None or issubclass(exc_type, Exception):
+            self.thread.join(self.WAIT_S)
         self.done = True
-        self.spark.sparkContext.cancelJobGroup(self.group)  # nothing left to do for a finished one
+        if self.thread.is_alive():
+            self.spark.sparkContext.cancelJobGroup(self.group)
 
     def _run(self) -> None:
         from pyspark.sql.pandas.types import from_arrow_schema
 
         sc = self.spark.sparkContext
-        sc.setJobGroup(self.group, "load the model into the executors' Python workers", interruptOnCancel=False)
+        sc.setJobGroup(self.group, "load the model into the executors' Python workers", interruptOnCancel=True)
         slots = max(1, sc.defaultParallelism // int(sc.getConf().get("spark.task.cpus", "1")))
         path, options = self.artifact_path, self.options
 
         def load(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
             for _ in batches:
                 pass
-            embedder(path, options)
+            try:
+                embedder(path, options)
+            except Exception as e:  # noqa: BLE001 - the embedding tasks meet it again and report it
+                log.info("model preload failed in this worker (%s); the embedding tasks will load it", type(e).__name__)
             yield from ()
 
         try:
