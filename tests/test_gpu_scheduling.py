@@ -83,8 +83,8 @@ def test_gpu_resource_goes_to_the_embedding_stage_only(tiny_artifact, tmp_path, 
     # The runtime followed the assigned address: GPU 0 was given to every embedding task; without CUDA
     # here the model ran on the CPU.
     assert re.search(r"devices: cpu \w+ x\d+; GPU addresses assigned: 0 x\d+", proc.stdout), proc.stdout
-    # Spark's own record: the embedding stage ran under a profile asking for a GPU per task, the
-    # reading stage under the default profile (no GPU).
+    # Spark's own record: the embedding stage (and the model preload) ran under a profile asking for a GPU
+    # per task, the reading stage under the default profile (no GPU).
     log = [json.loads(line) for f in events.rglob("*") if f.is_file() for line in f.read_text().splitlines()]
     profiles = {e["Resource Profile Id"]: e for e in log if e["Event"] == "SparkListenerResourceProfileAdded"}
     gpu_profiles = {pid for pid, e in profiles.items() if "gpu" in e.get("Task Resource Requests", {})}
@@ -92,7 +92,9 @@ def test_gpu_resource_goes_to_the_embedding_stage_only(tiny_artifact, tmp_path, 
     heavy = [s for s in stages if s["Resource Profile Id"] in gpu_profiles]
     light = [s for s in stages if s["Resource Profile Id"] not in gpu_profiles]
     assert heavy and light, [(s["Stage Name"], s["Resource Profile Id"]) for s in stages]
-    assert all("collect" in s["Stage Name"] for s in heavy)
+    # the GPU stages: the embedding stage and the model preload that ran beside the reading stages
+    sites = sorted(s["Stage Name"].rsplit(" at ", 1)[-1].rsplit(":", 1)[0].rsplit("/", 1)[-1] for s in heavy)
+    assert all(s["Stage Name"].startswith("collect at ") for s in heavy) and set(sites) == {"writers.py", "tasks.py"}, sites
     a = DeltaTable(str(tmp_path / "local")).to_pandas().sort_values(["note_id", "text_sha256"])
     b = DeltaTable(str(tmp_path / "gpu")).to_pandas().sort_values(["note_id", "text_sha256"])
     for x, y in zip(a.embedding, b.embedding):

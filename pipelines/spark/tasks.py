@@ -93,9 +93,8 @@ class Preload:
         self.thread, self.done = None, False
 
     def __enter__(self) -> "Preload":
-        from pyspark import InheritableThread
-
-        self.thread = InheritableThread(target=self._run, name="clinlong-preload", daemon=True)
+        # (a plain thread: Spark then names the stage after this module's collect, not after the thread wrapper)
+        self.thread = threading.Thread(target=self._run, name="clinlong-preload", daemon=True)
         self.thread.start()
         return self
 
