@@ -4,7 +4,7 @@
     spark-submit pipelines/embed_notes.py --notes INPUT --model ARTIFACT --out DELTA_PATH [options]
 
 Reading, embedding and writing run in Spark tasks over Arrow batches (`mapInArrow`); the model is
-loaded once per Python worker. The input is cut into chunks, each committed once under the run's
+loaded once per Python worker, while the driver plans (spark.tasks.Preload). The input is cut into chunks, each committed once under the run's
 Delta transaction id (pipelines.delta.writers), so a rerun resumes and a finished run is never written
 twice; what a run is and which notes it owes is pipelines.delta.run_plan. Nothing here logs or prints
 note text.
