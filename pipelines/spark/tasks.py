@@ -110,6 +110,13 @@ class Preload:
             self.spark.sparkContext.cancelJobGroup(self.group)
 
     def _run(self) -> None:
+        try:
+            self._preload()
+        except Exception as e:  # noqa: BLE001 - best effort: the embedding tasks load the model and report failures
+            if not self.done:  # (cancelled when the job ended first)
+                log.info("model preload did not finish (%s); the embedding tasks load the model", type(e).__name__)
+
+    def _preload(self) -> None:
         from pyspark.sql.pandas.types import from_arrow_schema
 
         sc = self.spark.sparkContext
@@ -126,12 +133,8 @@ class Preload:
                 log.info("model preload failed in this worker (%s); the embedding tasks will load it", type(e).__name__)
             yield from ()
 
-        try:
-            self.spark.range(0, slots, 1, slots).mapInArrow(load, from_arrow_schema(pa.schema([("id", pa.int64())])),
-                                                            profile=self.profile).collect()
-        except Exception as e:  # noqa: BLE001 - best effort: the embedding tasks load the model and report failures
-            if not self.done:  # (cancelled when the job ended first)
-                log.info("model preload did not finish (%s); the embedding tasks load the model", type(e).__name__)
+        self.spark.range(0, slots, 1, slots).mapInArrow(load, from_arrow_schema(pa.schema([("id", pa.int64())])),
+                                                        profile=self.profile).collect()
 
 
 SHARED_CORES = "clinlong.executor.cores"  # Spark local property: "<application id>:<cores per executor>"
