@@ -237,8 +237,9 @@ def format_summary(s: dict) -> str:
             f"rows written {s['rows_written']} ({s['granularity']} granularity, {s['context']} context), "
             f"BPE tokens {s['bpe_tokens']}, windows {s['windows']}\n"
             f"{s['seconds']} s, {s['notes_per_s']} notes/s, {s['tokens_per_s']} tokens/s\n"
-            f"devices: {_counted(s['devices'])}; GPU addresses assigned: {_counted(s['gpu_addresses']) or 'none'}; "
-            f"models loaded by the embedding tasks: {s['model_loads_in_tasks']} (the others were preloaded)\n"
+            f"devices: {_counted(s['devices']) or 'none'}; GPU addresses assigned: {_counted(s['gpu_addresses']) or 'none'}"
+            + (f"; models loaded by the embedding tasks: {s['model_loads_in_tasks']} (the others were preloaded)"
+               if s["tasks"] else "") + "\n"
             + (f"stale rows deleted: {s['stale_rows_deleted']}, retried embed errors cleared: "
                f"{s['retried_error_rows_deleted']}\n" if "stale_rows_deleted" in s else "")
             + f"Delta table {s['out']} version {s['version']}, errors in {s['errors_out']} (model {s['model_id']})")
