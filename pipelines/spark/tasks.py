@@ -49,13 +49,7 @@ REPLACED_UTF8 = "invalid UTF-8 replaced by U+FFFD"
 
 _EMBEDDERS: dict[tuple, NoteEmbedder] = {}  # the process's one model cache
 _EMBEDDERS_LOCK = threading.Lock()
-_LOADS = [0]  # models this process has loaded: a task reports those it loaded itself (none where preloaded)
-
-
-def models_loaded() -> int:
-    """Models this Python worker has loaded so far (read through a module function: the tasks' closures
-    are pickled by value, with copies of the module globals they name)."""
-    return _LOADS[0]
+_LOADS = 0  # models this process has loaded (task_embedder tells a task those it loaded itself)
 
 
 def embedder(artifact_path: str, options: EmbedOptions) -> NoteEmbedder:
@@ -67,6 +61,7 @@ def embedder(artifact_path: str, options: EmbedOptions) -> NoteEmbedder:
     from clinlong.pipelines.core.logs import configure
     from clinlong.pipelines.core.runtime import choose_backend, model_files, set_task_threads
 
+    global _LOADS
     configure()
     device = choose_device(options.device)
     threads = set_task_threads()
@@ -76,7 +71,7 @@ def embedder(artifact_path: str, options: EmbedOptions) -> NoteEmbedder:
         if key not in _EMBEDDERS:
             art.verify(model_files(art, choose_backend(options.precision, options.backend, device)[0]))
             _EMBEDDERS[key] = NoteEmbedder(art, options, threads=threads, device=device)
-            _LOADS[0] += 1
+            _LOADS += 1
         return _EMBEDDERS[key]
 
 
@@ -86,6 +81,8 @@ class Preload:
     memory: a cold worker spends seconds importing torch, verifying and loading the weights. A Spark job
     of one task per task slot, with the embedding stage's resource profile, run from a thread of the
     driver; best effort: where it fails or lands elsewhere the tasks load the model themselves."""
+
+    WAIT_S = 30.0  # how long a job that ended early waits for a running preload before cancelling it
 
     def __init__(self, spark, artifact_path: str, options: EmbedOptions, profile=None):
         self.spark, self.artifact_path, self.options, self.profile = spark, artifact_path, options, profile
@@ -97,8 +94,6 @@ class Preload:
         self.thread = threading.Thread(target=self._run, name="clinlong-preload", daemon=True)
         self.thread.start()
         return self
-
-    WAIT_S = 30.0
 
     def __exit__(self, exc_type, *exc) -> None:
         """A job that ended early (an error, nothing to embed) lets a running preload finish first (seconds),
@@ -156,10 +151,11 @@ def share_executor_cores(sc) -> int:
 
 
 @contextlib.contextmanager
-def task_embedder(artifact_path: str, options: EmbedOptions) -> Iterator[NoteEmbedder]:
-    """The worker's embedder for a task. On a CPU executor whose cores the driver named (a local property),
-    the task registers at once (before the model loads) and its torch model takes, call by call, the
-    cores its finished siblings left idle (runtime.CoreShare); a GPU task's BPE threads take the executor's."""
+def task_embedder(artifact_path: str, options: EmbedOptions) -> Iterator[tuple[NoteEmbedder, int]]:
+    """The worker's embedder for a task, and how many models the task loaded itself (0 where preloaded).
+    On a CPU executor whose cores the driver named (a local property), the task registers at once (before
+    the model loads) and its torch model takes, call by call, the cores its finished siblings left idle
+    (runtime.CoreShare); a GPU task's BPE threads take the executor's."""
     from pyspark import TaskContext
 
     from clinlong.pipelines.core.devices import choose_device
@@ -176,14 +172,16 @@ def task_embedder(artifact_path: str, options: EmbedOptions) -> Iterator[NoteEmb
         else:  # a GPU task: the executor's cores idle while it runs (reading is an earlier stage); BPE takes them
             os.environ.setdefault("RAYON_NUM_THREADS", cores)
     with share or contextlib.nullcontext():
+        before = _LOADS
         emb = embedder(artifact_path, options)
+        loaded = _LOADS - before
         model = getattr(emb.encoder, "model", None)
         if share is None or not hasattr(model, "share"):  # ONNX Runtime sessions keep the threads they were built with
-            yield emb
+            yield emb, loaded
             return
         model.share = share
         try:
-            yield emb
+            yield emb, loaded
         finally:
             model.share = None
             set_task_threads(share.own)
@@ -395,9 +393,8 @@ def embed_partition(artifact_path: str, options: EmbedOptions, spec: OutputSpec,
         outs: dict[str, RollingWriter] = {}
         errs = writer(target.errors_uri, target.error_schema)
         counts = _TaskCounts()
-        loads = models_loaded()
-        with task_embedder(artifact_path, options) as emb:
-            counts.n["model_loads"] += models_loaded() - loads
+        with task_embedder(artifact_path, options) as (emb, loaded):
+            counts.n["model_loads"] += loaded
             for b in _embedded(emb, batches):
                 rows = 0
                 for values, table in _tables(spec, b):
@@ -480,9 +477,7 @@ def embed_rows_and_errors(artifact_path: str, options: EmbedOptions, spec: Outpu
 
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         reporter = ProgressReporter(progress, chunk)
-        loads = models_loaded()
-        with task_embedder(artifact_path, options) as emb:
-            loads = models_loaded() - loads
+        with task_embedder(artifact_path, options) as (emb, loads):
             for b in _embedded(emb, batches):
                 table = full_table(spec, b)
                 errors = build_errors(error_schema, b.error_rows(), spec.model_id, run_id)
