@@ -6,6 +6,14 @@ tokenizer does (<s> ... </s>), and run as one sequence (windows past the max len
 in sentence context each sentence is encoded and run alone. A token's vector is that of its first
 BPE piece (or the mean of its pieces); sentence and note vectors are the mean of the pieces inside the
 span (a piece is inside when its first character is), special tokens and padding excluded.
+
+No vector is ever invented: a character the tokenizer's normalizer drops (SentencePiece's Nmt: C0 controls
+but tab, LF, FF, CR; DEL, U+008F, U+009F) or turns into a space (tab, LF, FF, CR, U+0085, U+00A0, U+1680,
+U+2000-U+200F (ZWSP, ZWNJ, ZWJ, LRM, RLM included), U+2028, U+2029, U+202F, U+205F, U+2581, U+3000, U+FEFF,
+U+FFFD) is covered by no piece. The covered characters are asked of the artifact's own normalizer, one
+distinct character at a time, so any family's rules apply. A token or sentence that no piece covers has
+no vector (NaN rows in the arrays below, null in every output, counted under the reasons TOKEN_NO_PIECE
+and SENTENCE_NO_PIECE); a note with no piece is not embedded (NOTE_NO_PIECE).
 """
 from __future__ import annotations
 
@@ -32,12 +40,15 @@ from clinlong.pipelines.core.runtime import (
     resolve_precision,
 )
 from clinlong.pipelines.core.text import Span, detect_sentences, lowercase_keep_offsets, tokenize
-from clinlong.pipelines.core.windows import DEFAULT_OVERLAP, assign_pieces, window_plan
+from clinlong.pipelines.core.windows import assign_pieces, default_overlap, window_plan
 
 T, P, R = TypeVar("T"), TypeVar("P"), TypeVar("R")
 CONTEXTS = ("note", "sentence")
 MAX_LENGTH = 4096  # Clinical-Longformer's positions; the default max length everywhere
 TOKEN_VECTORS = ("first", "mean")
+NOTE_NO_PIECE = "no BPE pieces"  # a note no piece covers a character of (errors table, stage check)
+TOKEN_NO_PIECE = "token has no BPE piece"  # null vector: every character of the token is dropped by the tokenizer
+SENTENCE_NO_PIECE = "sentence has no BPE piece"  # null vector: no piece starts inside the sentence
 
 
 @dataclass(frozen=True)
@@ -49,7 +60,8 @@ class EmbedOptions:
     max_length: int = option(MAX_LENGTH, "BPE pieces per sequence, <s> and </s> included (at most the model's)")
     case_sensitive: bool = option(True, "lowercase text before BPE (offsets stay in the original text)",
                                   flag="--case-insensitive", negate=True)
-    window_overlap: int = option(DEFAULT_OVERLAP, "pieces shared by consecutive windows of long notes")
+    window_overlap: int | None = option(None, "pieces shared by consecutive windows of long notes (default: 512, "
+                                        "or (max length - 2) // 4 when smaller)", type=int)
     token_vector: str = option("first", "token vector: its first BPE piece (Spark NLP) or the mean of its pieces",
                                choices=TOKEN_VECTORS)
     token_budget: int = option(DEFAULT_TOKEN_BUDGET, "max tokens per packed row (one model call); at the default, "
@@ -68,18 +80,27 @@ class EmbedOptions:
     max_chars: int = option(1_000_000, "longer texts go to the errors table (a 10 MB 'note' is a misfiled blob)",
                             flag="--max-note-chars")
 
+    def __post_init__(self):
+        """An unset overlap follows the max length (windows.default_overlap). The resolved value is stored,
+        so `dataclasses.replace(options, max_length=...)` keeps it: pass window_overlap=None to re-derive."""
+        if self.window_overlap is None and isinstance(self.max_length, int):
+            object.__setattr__(self, "window_overlap", default_overlap(self.max_length))
+
     def validate(self, artifact: Artifact) -> "EmbedOptions":
         if self.context not in CONTEXTS:
             raise ValueError(f"context must be one of {CONTEXTS}, got {self.context!r}")
         if self.token_vector not in TOKEN_VECTORS:
             raise ValueError(f"token vector must be one of {TOKEN_VECTORS}, got {self.token_vector!r}")
         if not 3 <= self.max_length <= artifact.max_length:
-            raise ValueError(f"max length must be between 3 and the model's {artifact.max_length}, got {self.max_length}")
+            raise ValueError(f"max length must be between 3 and the model's {artifact.max_length} "
+                             f"(max_length, --max-length), got {self.max_length}")
         resolve_backend(self.backend, self.precision)
         if self.attention_kernel not in KERNEL_CHOICES:
             raise ValueError(f"attention kernel must be one of {KERNEL_CHOICES}, got {self.attention_kernel!r}")
         if not 0 <= self.window_overlap < self.max_length - 2:
-            raise ValueError(f"window overlap must be in [0, {self.max_length - 2}), got {self.window_overlap}")
+            raise ValueError(f"window overlap must be in [0, {self.max_length - 2}) for max length {self.max_length} "
+                             f"(window_overlap, --window-overlap; unset, it is {default_overlap(self.max_length)}), "
+                             f"got {self.window_overlap}")
         return self
 
 
@@ -129,6 +150,9 @@ class NoteResult:
     piece_vectors: np.ndarray | None = None
     n_windows: int = 0
     text: str | None = field(default=None, repr=False)  # never printed: notes carry PHI
+    # For each character, the first character at or after it that some piece covers (len(text) where none
+    # does); None where every character that is not whitespace is covered (byte-level BPE).
+    next_covered: np.ndarray | None = field(default=None, repr=False)
     _sentences: list[Span] | None = field(default=None, repr=False)
     _tokens: list[tuple[int, int, int]] | None = field(default=None, repr=False)
 
@@ -191,28 +215,57 @@ class NoteResult:
         return self.piece_vectors.mean(axis=0, dtype=np.float64).astype(np.float32)
 
     def sentence_vectors(self) -> np.ndarray:
+        """(sentences, dim) float32: the mean of the pieces inside each sentence; NaN rows for sentences
+        inside which no piece starts (see sentences_without_piece: they have no vector)."""
         spans = np.asarray(self.sentences, np.int64).reshape(-1, 2)
-        return self._span_means(spans[:, 0], spans[:, 1])[0]
+        means, counts = self._span_means(spans[:, 0], spans[:, 1])
+        means[counts == 0] = np.nan
+        return means
+
+    def sentences_without_piece(self) -> np.ndarray:
+        """Boolean per sentence: True where no piece starts inside it (its vector is null, SENTENCE_NO_PIECE)."""
+        spans = np.asarray(self.sentences, np.int64).reshape(-1, 2)
+        lo = np.searchsorted(self.piece_starts, spans[:, 0], "left")
+        hi = np.searchsorted(self.piece_starts, spans[:, 1], "right")
+        return hi == lo
 
     def first_pieces(self) -> np.ndarray:
-        """Index of the first piece that contains each token's first character."""
+        """Index of each token's first piece: the first piece containing the token's first character that the
+        tokenizer keeps (its first character, unless the normalizer drops it); -1 for a token that no piece
+        covers (every character dropped or made a space by the normalizer): it has no vector."""
         b = np.asarray([t[0] for t in self.tokens], np.int64)
+        e = np.asarray([t[1] for t in self.tokens], np.int64)
+        first = b if self.next_covered is None else self.next_covered[b]
         nz = np.flatnonzero(self.piece_ends > self.piece_starts)  # zero-width pieces contain no character
+        out = np.full(len(b), -1, np.int64)
+        if not len(nz) or not len(b):
+            return out
         s = self.piece_starts[nz]
-        i = np.clip(np.searchsorted(s, b, "right") - 1, 0, len(nz) - 1)
-        i = np.searchsorted(s, s[i], "left")  # multi-byte characters: several pieces share a start
-        outside = self.piece_ends[nz[i]] <= b
-        i[outside] = np.minimum(i[outside] + 1, len(nz) - 1)
-        return nz[i]
+        i = np.searchsorted(s, first, "right") - 1
+        ok = (i >= 0) & (first <= e)
+        i = np.searchsorted(s, s[np.maximum(i, 0)], "left")  # multi-byte characters: several pieces share a start
+        ok &= self.piece_ends[nz[i]] > first
+        out[ok] = nz[i[ok]]
+        return out
+
+    def tokens_without_piece(self) -> np.ndarray:
+        """Boolean per token: True where no piece covers the token (its vector is null, TOKEN_NO_PIECE)."""
+        return self.first_pieces() < 0
 
     def token_vectors(self, mode: str = "first") -> np.ndarray:
-        first = self.piece_vectors[self.first_pieces()]
-        if mode == "first":
-            return first
-        tb = np.asarray([t[0] for t in self.tokens], np.int64)
-        te = np.asarray([t[1] for t in self.tokens], np.int64)
-        means, counts = self._span_means(tb, te)
-        return np.where(counts[:, None] > 0, means, first)
+        """(tokens, dim) float32: each token's first piece's vector ("first") or the mean of the pieces
+        starting inside it ("mean"); NaN rows for tokens that no piece covers (they have no vector)."""
+        fp = self.first_pieces()
+        missing = fp < 0
+        first = self.piece_vectors[np.maximum(fp, 0)] if len(self.piece_vectors) else \
+            np.zeros((len(fp), self.piece_vectors.shape[1]), np.float32)
+        if mode == "mean":
+            tb = np.asarray([t[0] for t in self.tokens], np.int64)
+            te = np.asarray([t[1] for t in self.tokens], np.int64)
+            means, counts = self._span_means(tb, te)
+            first = np.where(counts[:, None] > 0, means, first)
+        first[missing] = np.nan
+        return first
 
 
 def _gpu_budget(artifact: Artifact, device: str, precision: str, kernel: str) -> int:
@@ -232,20 +285,64 @@ def _gpu_budget(artifact: Artifact, device: str, precision: str, kernel: str) ->
                             kernel=kernel)
 
 
-def word_starts(text: str, offsets: np.ndarray, tokens: list[str], marker: str) -> np.ndarray:
+def word_starts(text: str, offsets: np.ndarray, tokens: list[str], marker: str,
+                next_covered: np.ndarray | None = None) -> np.ndarray:
     """Offsets of SentencePiece pieces with the word-boundary marker ("▁", "▁word") moved from the space
-    the marker stands for to the word's first character: a word's first piece is then its marker piece
-    (as the tokenizer's own word ids have it), and a sentence's span holds the pieces of its first word."""
+    the marker stands for to the word's first covered character (`next_covered`, see _Coverage; without
+    it, the first character that is not whitespace): a word's first piece is then its marker piece (as the
+    tokenizer's own word ids have it), and a sentence's span holds the pieces of its first word. Any other
+    piece whose first character the normalizer dropped starts at its first covered character."""
     out = offsets.copy()
     n = len(text)
-    for k, piece in enumerate(tokens):
-        if piece.startswith(marker):
-            s = int(out[k, 0])
-            while s < n and text[s].isspace():
-                s += 1
-            out[k, 0] = s
-            out[k, 1] = max(int(out[k, 1]), min(s + 1, n))
+    if next_covered is None:
+        for k, piece in enumerate(tokens):
+            if piece.startswith(marker):
+                s = int(out[k, 0])
+                while s < n and text[s].isspace():
+                    s += 1
+                out[k, 0] = s
+                out[k, 1] = max(int(out[k, 1]), min(s + 1, n))
+        return out
+    marked = np.fromiter((t.startswith(marker) for t in tokens), bool, len(tokens))
+    moved = next_covered[np.minimum(out[:, 0], n)]
+    inside = ~marked & (moved < out[:, 1])
+    out[inside, 0] = moved[inside]
+    out[marked, 0] = moved[marked]
+    out[marked, 1] = np.maximum(out[marked, 1], np.minimum(moved[marked] + 1, n))
     return out
+
+
+class _Coverage:
+    """Which characters some piece covers, asked of the tokenizer's normalizer one distinct character at a
+    time (cached): a character is covered when its normalized form holds a character that is not
+    whitespace. Without a normalizer (byte-level BPE) every character that is not whitespace is."""
+
+    def __init__(self, tokenizer):
+        self.normalizer = tokenizer.normalizer
+        self.cache: dict[str, bool] = {}
+
+    def covered(self, c: str) -> bool:
+        hit = self.cache.get(c)
+        if hit is None:
+            try:
+                norm = self.normalizer.normalize_str(c) if self.normalizer is not None else c
+            except Exception:  # noqa: BLE001 - a lone surrogate: encoded as U+FFFD bytes, a piece of its own
+                norm = c
+            hit = self.cache[c] = bool(norm.strip())
+        return hit
+
+    def next_covered(self, text: str) -> np.ndarray | None:
+        """For each character, the first covered character at or after it (len(text) where none is), and
+        one more entry for len(text); None where every non-whitespace character is covered and the text
+        has no whitespace that the marker logic needs (byte-level BPE)."""
+        odd = [c for c in set(text) if c.isspace() or not self.covered(c)]
+        if self.normalizer is None and not odd:
+            return None
+        codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), "<u4")
+        uncovered = np.isin(codes, np.fromiter((ord(c) for c in odd), np.uint32, len(odd)))
+        idx = np.where(uncovered, len(text), np.arange(len(text)))
+        nxt = np.minimum.accumulate(np.append(idx, len(text))[::-1])[::-1]
+        return nxt.astype(np.int64)
 
 
 @dataclass
@@ -269,6 +366,7 @@ class NoteEmbedder:
         self.tokenizer = artifact.tokenizer
         self.bos, self.eos = artifact.sequence_frame  # <s> ... </s>, [CLS] ... [SEP]
         self.word_marker = artifact.word_marker
+        self.coverage = _Coverage(self.tokenizer)
         self.device = device or choose_device(options.device)
         self.precision = resolve_precision(options.precision, self.device, options.backend)
         budget = options.token_budget
@@ -296,8 +394,14 @@ class NoteEmbedder:
         """BPE and windows of usable texts: every span of every note encoded in one `encode_batch` call
         (tokenizers' Rust threads, RAYON_NUM_THREADS of them), offsets into each original text."""
         results = [NoteResult(None, text_sha256(t), text=t) for t in texts]
-        spans = [(k, b, e) for k, r in enumerate(results) for b, e in self._segments(r)]
         bpe_texts = texts if self.options.case_sensitive else [lowercase_keep_offsets(t) for t in texts]
+        if self.word_marker or self.coverage.normalizer is not None:
+            for r, t in zip(results, bpe_texts):
+                r.next_covered = self.coverage.next_covered(t)
+        # A span with no covered character is not run: the normalizer leaves at most a marker piece of it
+        # (its vector would be no character's; the note, or the sentence in sentence context, has no piece).
+        spans = [(k, b, e) for k, r in enumerate(results) for b, e in self._segments(r)
+                 if r.next_covered is None or r.next_covered[b] < e]
         pieces = [bpe_texts[k][b:e] for k, b, e in spans]
         encodings = self.tokenizer.encode_batch(pieces, add_special_tokens=False) if pieces else []
         parts: list[list] = [[] for _ in texts]
@@ -313,7 +417,7 @@ class NoteEmbedder:
                 ids = np.asarray(enc.ids, np.int64)
                 offsets = np.asarray(enc.offsets, np.int64).reshape(-1, 2) + b
                 if self.word_marker:
-                    offsets = word_starts(result.text, offsets, enc.tokens, self.word_marker)
+                    offsets = word_starts(result.text, offsets, enc.tokens, self.word_marker, result.next_covered)
                 r, p = self._plan_segment(ids, runs)
                 starts.append(offsets[:, 0]), ends.append(offsets[:, 1]), piece_run.append(r), piece_pos.append(p)
             result.piece_starts, result.piece_ends = cat(starts), cat(ends)
@@ -358,7 +462,7 @@ class NoteEmbedder:
                 vecs[sel] = hidden[off + r][plan.piece_pos[sel]]
             res.piece_vectors = vecs
             if not res.n_tokens:
-                res.skip_reason = "no BPE pieces"
+                res.skip_reason = NOTE_NO_PIECE
         return prep.results
 
     def embed(self, texts: list) -> list[NoteResult]:

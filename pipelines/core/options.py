@@ -9,10 +9,13 @@ from dataclasses import MISSING, Field, field, fields, is_dataclass
 
 
 def option(default=MISSING, help: str = "", *, choices: tuple | None = None, flag: str | None = None,
-           negate: bool = False, repeat: Callable | None = None, default_factory=MISSING) -> Field:
+           negate: bool = False, repeat: Callable | None = None, default_factory=MISSING,
+           type: Callable | None = None) -> Field:
     """A dataclass field that is also a command-line option: `flag` overrides `--field-name`; `negate` makes a
-    true default a `--flag` that turns it off; `repeat` makes a repeatable option whose strings it parses."""
-    meta = {"help": help, "choices": choices, "flag": flag, "negate": negate, "repeat": repeat}
+    true default a `--flag` that turns it off; `repeat` makes a repeatable option whose strings it parses;
+    `type` parses the value where the default's type cannot (a default of None: derived from other options,
+    its help says how)."""
+    meta = {"help": help, "choices": choices, "flag": flag, "negate": negate, "repeat": repeat, "type": type}
     return field(default=default, default_factory=default_factory, metadata={"option": meta})
 
 
@@ -38,10 +41,11 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
         elif isinstance(f.default, bool):
             kw.update(action="store_false" if meta["negate"] else "store_true", default=f.default)
         else:
-            kw.update(type=type(f.default), default=f.default, choices=meta["choices"])
+            kw.update(type=meta.get("type") or type(f.default), default=f.default, choices=meta["choices"])
             if meta["choices"] is None:
                 kw["metavar"] = flag.lstrip("-").upper().replace("-", "_")
-            kw["help"] += f" (default: {f.default if f.default != '' else 'none'})"
+            if f.default is not None:  # (a None default is derived; its help says from what)
+                kw["help"] += f" (default: {f.default if f.default != '' else 'none'})"
         parser.add_argument(flag, **kw)
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from clinlong.pipelines.core.engine import NoteResult
+from clinlong.pipelines.core.engine import SENTENCE_NO_PIECE, TOKEN_NO_PIECE, NoteResult
 
 GRANULARITIES = ("note", "sentence", "token")
 MAX_LIST_VALUES = 2**31 - 1  # values one Arrow list<…> / binary array can hold (int32 offsets)
@@ -34,8 +34,9 @@ def _vector_type(vector_dtype: str = "float32") -> pa.DataType:
 
 
 def table_schema(granularity: str, id_type: pa.DataType, vector_dtype: str = "float32",
-                 partition_by: str = "") -> pa.Schema:
-    """The output table's schema; `partition_by` (an input column carried along as a string) comes last."""
+                 partition_by: str = "", skip_reasons: bool = False) -> pa.Schema:
+    """The output table's schema; `partition_by` (an input column carried along as a string) comes last;
+    `skip_reasons` (the one-liner's `predict`) adds `skip_reason` (string), see build_table."""
     vec = _vector_type(vector_dtype)
     if granularity == "note":
         fields = [("note_id", id_type), ("n_tokens", pa.int32()), ("n_windows", pa.int32()), ("embedding", vec),
@@ -49,6 +50,8 @@ def table_schema(granularity: str, id_type: pa.DataType, vector_dtype: str = "fl
                   ("model_id", pa.string()), ("text_sha256", pa.string())]
     else:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    if skip_reasons:
+        fields.append(("skip_reason", pa.string()))
     if partition_by:
         if partition_by in {n for n, _ in fields}:
             raise ValueError(f"cannot partition by {partition_by!r}: it is an output column; rename it in the input")
@@ -84,26 +87,42 @@ class OutputSpec:
     partition_by: str = ""  # Delta partition column (not stored in the Parquet files, by Delta's rule)
 
     @property
+    def skip_reasons(self) -> bool:
+        """True for `predict`'s tables: one row per unusable input and a `skip_reason` column."""
+        return "skip_reason" in self.schema.names
+
+    @property
     def file_schema(self) -> pa.Schema:
         return self.schema.remove(self.schema.get_field_index(self.partition_by)) if self.partition_by else self.schema
 
 
 def _vectors(blocks: list[np.ndarray], dim: int, vector_dtype: str = "float32") -> pa.Array:
-    flat = np.concatenate(blocks).astype(np.float32, copy=False).reshape(-1) if blocks else np.zeros(0, np.float32)
-    n = len(flat) // dim if dim else 0
+    """One vector per row of the stacked blocks; a row holding NaN (no vector: see engine.NoteResult) is null."""
+    rows = np.concatenate(blocks).astype(np.float32, copy=False).reshape(-1, dim) if blocks and dim else \
+        np.zeros((0, max(dim, 1)), np.float32)
+    null = np.isnan(rows).any(axis=1)
+    flat = rows[~null].reshape(-1) if null.any() else rows.reshape(-1)
+    n = len(rows)
     if len(flat) * (2 if vector_dtype == "float16" else 1) > MAX_LIST_VALUES:
         raise OverflowError(f"{n} vectors of {dim} overflow one Arrow array's int32 offsets; build them in chunks")
+    width = dim * (2 if vector_dtype == "float16" else 1)
+    offsets = np.zeros(n + 1, np.int32)
+    np.cumsum(np.where(null, 0, width), out=offsets[1:])
     if vector_dtype == "float16":
+        validity = None if not null.any() else pa.py_buffer(np.packbits(~null, bitorder="little").tobytes())
         data = flat.astype("<f2").tobytes()
-        offsets = np.arange(0, (n + 1) * dim * 2, dim * 2, dtype=np.int32)
-        return pa.Array.from_buffers(pa.binary(), n, [None, pa.py_buffer(offsets.tobytes()), pa.py_buffer(data)])
-    offsets = np.arange(0, (n + 1) * dim, dim, dtype=np.int32)
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat), type=_vector_type())
+        return pa.Array.from_buffers(pa.binary(), n, [validity, pa.py_buffer(offsets.tobytes()), pa.py_buffer(data)],
+                                     null_count=int(null.sum()))
+    mask = pa.array(null) if null.any() else None
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat), type=_vector_type(), mask=mask)
 
 
 def build_table(spec: OutputSpec, ids: list, texts: list, results: list[NoteResult]) -> pa.Table:
-    """Rows of one Arrow batch of notes at the requested granularity (embedded notes only: the others
-    go to the errors table), in chunks that each hold at most MAX_LIST_VALUES vector values."""
+    """Rows of one Arrow batch of notes at the requested granularity, in chunks that each hold at most
+    MAX_LIST_VALUES vector values. Notes that are not embedded give no row (they go to the errors table),
+    except with `spec.skip_reasons` (`predict`): there each gives one row, its vector and per-span columns
+    null and its reason in `skip_reason`, in input order. A token or sentence that no piece covers has a
+    null vector (and, with `skip_reasons`, engine.TOKEN_NO_PIECE or SENTENCE_NO_PIECE)."""
     chunks = _value_chunks(spec, results)
     if len(chunks) == 1:
         return _build(spec, ids, texts, results)
@@ -127,20 +146,29 @@ def _value_chunks(spec: OutputSpec, results: list[NoteResult]) -> list[tuple[int
 
 def _build(spec: OutputSpec, ids: list, texts: list, results: list[NoteResult]) -> pa.Table:
     granularity, model_id, dim, schema = spec.granularity, spec.model_id, spec.dim, spec.file_schema
+    reasons = spec.skip_reasons
+    nan = np.full((1, dim), np.nan, np.float32)
     if granularity == "note":
-        keep = [(i, r) for i, r in zip(ids, results) if r.skip_reason is None]
+        keep = [(i, r) for i, r in zip(ids, results) if reasons or r.skip_reason is None]
         cols = {
             "note_id": [i for i, _ in keep],
-            "n_tokens": [r.n_tokens for _, r in keep],
-            "n_windows": [r.n_windows for _, r in keep],
-            "embedding": _vectors([r.note_vector()[None] for _, r in keep], dim, spec.vector_dtype),
+            "n_tokens": [r.n_tokens if r.skip_reason is None else None for _, r in keep],
+            "n_windows": [r.n_windows if r.skip_reason is None else None for _, r in keep],
+            "embedding": _vectors([r.note_vector()[None] if r.skip_reason is None else nan for _, r in keep], dim,
+                                  spec.vector_dtype),
             "model_id": [model_id] * len(keep),
             "text_sha256": [r.text_sha256 for _, r in keep],
         }
+        if reasons:
+            cols["skip_reason"] = [r.skip_reason for _, r in keep]
         return pa.table(cols, schema=schema)
-    note_ids, sent_idx, begins, ends, blocks, tok_idx, tokens, shas = [], [], [], [], [], [], [], []
+    note_ids, sent_idx, begins, ends, blocks, tok_idx, tokens, shas, why = [], [], [], [], [], [], [], [], []
     for nid, text, r in zip(ids, texts, results):
         if r.skip_reason is not None:
+            if reasons:  # one row: the input, its reason, no vector
+                note_ids.append(nid), shas.append(r.text_sha256), why.append(r.skip_reason)
+                sent_idx.append(None), tok_idx.append(None), begins.append(None), ends.append(None)
+                tokens.append(None), blocks.append(nan)
             continue
         if granularity == "sentence":
             spans = r.sentences
@@ -149,7 +177,8 @@ def _build(spec: OutputSpec, ids: list, texts: list, results: list[NoteResult]) 
             sent_idx += range(len(spans))
             begins += [b for b, _ in spans]
             ends += [e for _, e in spans]
-            blocks.append(r.sentence_vectors())
+            vecs = r.sentence_vectors()
+            why += [SENTENCE_NO_PIECE if m else None for m in np.isnan(vecs).any(axis=1)]
         else:
             toks = r.tokens
             note_ids += [nid] * len(toks)
@@ -159,7 +188,9 @@ def _build(spec: OutputSpec, ids: list, texts: list, results: list[NoteResult]) 
             begins += [b for b, _, _ in toks]
             ends += [e for _, e, _ in toks]
             tokens += [text[b:e + 1] for b, e, _ in toks]
-            blocks.append(r.token_vectors(spec.token_vector))
+            vecs = r.token_vectors(spec.token_vector)
+            why += [TOKEN_NO_PIECE if m else None for m in np.isnan(vecs).any(axis=1)]
+        blocks.append(vecs)
     cols = {"note_id": note_ids, "sentence_index": sent_idx}
     if granularity == "token":
         cols["token_index"] = tok_idx
@@ -169,4 +200,15 @@ def _build(spec: OutputSpec, ids: list, texts: list, results: list[NoteResult]) 
     cols["embedding"] = _vectors([b for b in blocks if len(b)], dim, vector_dtype=spec.vector_dtype)
     cols["model_id"] = [model_id] * len(note_ids)
     cols["text_sha256"] = shas
+    if reasons:
+        cols["skip_reason"] = why
     return pa.table(cols, schema=schema)
+
+
+def null_vector_counts(table: pa.Table, granularity: str) -> dict[str, int]:
+    """Rows of an output table whose vector is null, by reason (engine.TOKEN_NO_PIECE, SENTENCE_NO_PIECE):
+    the summary's warnings."""
+    if granularity == "note" or not table.num_rows:
+        return {}
+    n = table.column("embedding").null_count
+    return {f"null vector: {TOKEN_NO_PIECE if granularity == 'token' else SENTENCE_NO_PIECE}": n} if n else {}

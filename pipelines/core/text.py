@@ -4,11 +4,18 @@ Rules tuned for clinical notes: titles and abbreviations ("Dr.", "pt.", "vs.") n
 dosing abbreviations ("q.d.", "b.i.d.") only before a capitalized word, decimals never; de-identification brackets ("[**2101-3-4**]") are never split; numbered and
 bulleted list items and section headers on their own line ("HISTORY OF PRESENT ILLNESS:") start new
 sentences; blank lines separate paragraphs; a line wrapped mid-sentence is joined.
+
+Words are whole in any Unicode form: combining marks (general category M: Mn, Mc, Me), the zero-width
+joiner and non-joiner (U+200D, U+200C) and variation selectors (U+FE00-FE0F, U+E0100-E01EF) continue
+the word or symbol they follow, in every script (Unicode's UAX #29 rule WB4: "ignore Extend and Format
+characters" inside a word), so a text and its NFC or NFD form give the same words, each at its offsets
+in the text as given.
 """
 from __future__ import annotations
 
 import bisect
 import re
+import unicodedata
 
 Span = tuple[int, int]  # begin, end (inclusive), Spark NLP's convention
 
@@ -23,12 +30,31 @@ _LIST_ITEM = re.compile(r"^\s*(?:\d{1,3}[.)]|[-*\u2022#])\s+")
 _HEADER = re.compile(r"^\s*[A-Z][A-Za-z /&()'-]{1,60}:\s*$")
 _WORD_BEFORE = re.compile(r"([A-Za-z][A-Za-z.]*)$")
 
+
+def _extend_class() -> str:
+    """A regex class body of the characters that continue a word (see the module docstring): every code
+    point of general category M in Python's Unicode database (planes 0-2 and 14, where all are), ZWNJ,
+    ZWJ and the variation selectors."""
+    ranges, start = [], None
+    for cp in [*range(0x30000), *range(0xE0000, 0xE1000), 0x10FFFF]:
+        mark = cp != 0x10FFFF and unicodedata.category(chr(cp))[0] == "M"
+        if mark and start is None:
+            start = cp
+        elif not mark and start is not None:
+            ranges.append((start, cp - 1))
+            start = None
+    ranges += [(0x200C, 0x200D), (0xFE00, 0xFE0F), (0xE0100, 0xE01EF)]
+    return "".join(re.escape(chr(a)) + ("-" + re.escape(chr(b)) if b > a else "") for a, b in ranges)
+
+
+EXTEND = f"[{_extend_class()}]"  # continues the word or symbol before it
+_WORD = rf"\w(?:\w|{EXTEND})*"
 _TOKEN = re.compile(
     _DEID                                   # de-identification brackets, whole
     + r"|(?:[A-Za-z]{1,3}\.){2,}"           # dotted abbreviations: q.d., b.i.d., e.g.
     + r"|(?:Dr|Mr|Mrs|Ms|Pt|pt|vs|Vs|No|St)\.(?=\s|$)"  # titles and common abbreviations
-    + r"|\w+(?:[-/'.:,]\w+)*"               # words and numbers: 36.5, 120/80, s/p, 2101-3-4, 1,000
-    + r"|[^\w\s]"                           # any other symbol alone
+    + rf"|{_WORD}(?:[-/'.:,]{_WORD})*"      # words and numbers: 36.5, 120/80, s/p, 2101-3-4, 1,000, l'hôpital
+    + rf"|[^\w\s](?:\u200d[^\w\s]|{EXTEND})*"  # any other symbol alone, with its marks (ZWJ emoji whole)
 )
 
 
@@ -114,9 +140,24 @@ def tokenize(text: str, sentences: list[Span]) -> list[tuple[int, int, int]]:
     return out
 
 
+# Unicode's simple lowercase mappings (UnicodeData.txt field 13) where Python's full lowercase differs:
+# U+0130 'İ' lowercases to 'i' + U+0307 in full (SpecialCasing.txt), to 'i' in the simple mapping; capital
+# sigma lowercases to 'σ' everywhere (the simple mapping) instead of to 'ς' at a word's end (SpecialCasing's
+# context-dependent Final_Sigma rule, which Python's str.lower applies).
+_SIMPLE_LOWER = {"\u0130": "i", "\u03a3": "\u03c3"}
+
+
 def lowercase_keep_offsets(text: str) -> str:
-    """Lowercase without changing any character's position (offsets stay valid for the original)."""
+    """The text each character lowercased alone by Unicode's simple lowercase mapping (UnicodeData.txt,
+    one character to one): context-free (a character lowercases the same way wherever it stands: 'Σ' is
+    always 'σ', 'İ' always 'i') and of the same length, so every offset stays valid for the original.
+    This is the README's definition of `--case-insensitive` / `case_sensitive=False`; the tokenizer's
+    own normalizer runs after it."""
+    if any(c in text for c in _SIMPLE_LOWER):
+        for c, low in _SIMPLE_LOWER.items():
+            text = text.replace(c, low)
     low = text.lower()
     if len(low) == len(text):
         return low
+    # (no other character lowercases to more than one in Python's Unicode database; kept as a guard)
     return "".join(c.lower() if len(c.lower()) == 1 else c for c in text)

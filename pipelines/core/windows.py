@@ -16,6 +16,13 @@ import numpy as np
 DEFAULT_OVERLAP = 512
 
 
+def default_overlap(max_length: int) -> int:
+    """The window overlap when none is set: 512 pieces, or a quarter of a window's content pieces
+    ((max_length - 2) // 4) when that is smaller, so that it follows the max length (max_length 512: 127;
+    128: 31; 3, the smallest: 0)."""
+    return max(0, min(DEFAULT_OVERLAP, (max_length - 2) // 4))
+
+
 def window_plan(n: int, max_length: int, overlap: int = DEFAULT_OVERLAP) -> tuple[list[int], int]:
     """Start offsets (into the content pieces) and the common length of the windows covering n pieces."""
     width = max_length - 2
@@ -24,7 +31,8 @@ def window_plan(n: int, max_length: int, overlap: int = DEFAULT_OVERLAP) -> tupl
     if n <= width:
         return [0], n
     if not 0 <= overlap < width:
-        raise ValueError(f"window overlap {overlap} must be in [0, {width})")
+        raise ValueError(f"window overlap {overlap} must be in [0, {width}) for max length {max_length} "
+                         "(window_overlap, --window-overlap)")
     k = -(-(n - overlap) // (width - overlap))
     length = -(-(n + (k - 1) * overlap) // k)
     stride = length - overlap

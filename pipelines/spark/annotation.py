@@ -45,7 +45,8 @@ def annotations_array(rows: list[list[tuple]], vectors: np.ndarray | None = None
     """Arrow annotation arrays, one list per row.
 
     Each annotation is (annotatorType, begin, end, result, metadata dict). With `vectors` (one row
-    per annotation, in order) the embeddings field is filled from that buffer without per-value Python.
+    per annotation, in order) the embeddings field is filled from that buffer without per-value Python;
+    a row holding NaN (no vector) gives an empty `embeddings` array, never a made-up vector.
     """
     flat = [a for row in rows for a in row]
     n = len(flat)
@@ -54,8 +55,12 @@ def annotations_array(rows: list[list[tuple]], vectors: np.ndarray | None = None
     if vectors is None:
         emb = pa.array([[]] * n, pa.list_(pa.float32()))
     else:
-        offsets = np.arange(0, (n + 1) * dim, dim, dtype=np.int32)
-        emb = pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.ascontiguousarray(vectors, np.float32).reshape(-1)))
+        mat = np.ascontiguousarray(vectors, np.float32).reshape(n, dim)
+        null = np.isnan(mat).any(axis=1)
+        offsets = np.zeros(n + 1, np.int32)
+        np.cumsum(np.where(null, 0, dim), out=offsets[1:])
+        emb = pa.ListArray.from_arrays(pa.array(offsets), pa.array((mat[~null] if null.any() else mat).reshape(-1)),
+                                       type=pa.list_(pa.float32()))
     structs = pa.StructArray.from_arrays([
         pa.array([a[0] for a in flat], pa.string()),
         pa.array([a[1] for a in flat], pa.int32()),

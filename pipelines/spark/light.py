@@ -3,6 +3,11 @@
 A string or a small list is answered in-process, without a Spark job (like Spark NLP's
 LightPipeline); larger pandas input and Spark DataFrames run through Spark. Both paths run the same
 engine and table builder, so they return the same numbers.
+
+Every input is accounted for: `predict` returns its rows in input order, and an input that cannot be
+embedded (null, NaN, empty, blank, NUL bytes, too long, no BPE piece) gives one row with a null vector
+and its reason in `skip_reason` (the reason the job's errors table gives); a token or sentence that no
+BPE piece covers has a null vector and `skip_reason` engine.TOKEN_NO_PIECE / SENTENCE_NO_PIECE.
 """
 from __future__ import annotations
 
@@ -36,7 +41,12 @@ class EmbeddingsPipeline:
 
     def predict(self, data, output_level: str = "token", text_col: str = "text", id_col: str | None = None,
                 context: str | None = None):
-        """Embed `data` (str, list of str, pandas or Spark DataFrame); pandas out, Spark out for Spark in."""
+        """Embed `data` (str, list of str, pandas or Spark DataFrame); pandas out, Spark out for Spark in.
+
+        Columns: those of the job's table at that level (`note_id` is the list position or the pandas index
+        where no `id_col` is given), plus `skip_reason` (string, null where embedded). Rows come in input
+        order; each input gives at least one row. Raises ValueError for an unknown output level or a
+        missing column, TypeError for another type of `data`."""
         granularity = self._granularity(output_level)
         options = replace(self.options, context=context) if context else self.options
         if isinstance(data, str):
@@ -46,9 +56,12 @@ class EmbeddingsPipeline:
         if isinstance(data, pd.DataFrame):
             if text_col not in data.columns:
                 raise ValueError(f"the DataFrame has no {text_col!r} column; pass text_col=")
+            if id_col and id_col not in data.columns:
+                raise ValueError(f"the DataFrame has no {id_col!r} column; pass id_col=")
             ids = data[id_col].tolist() if id_col else data.index.tolist()
+            texts = [None if _missing(t) else t for t in data[text_col].tolist()]  # NaN, pd.NA, NaT: null text
             if len(data) <= IN_PROCESS_LIMIT:
-                return self._in_process(ids, data[text_col].tolist(), granularity, options)
+                return self._in_process(ids, texts, granularity, options)
             import os
             import sys
 
@@ -56,7 +69,8 @@ class EmbeddingsPipeline:
 
             os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
             spark = SparkSession.builder.getOrCreate()
-            sdf = spark.createDataFrame(pd.DataFrame({"note_id": ids, "text": data[text_col].tolist()}))
+            sdf = spark.createDataFrame(pd.DataFrame({"note_id": ids, "text": pd.Series(texts, dtype=object)}),
+                                        schema=_text_schema(ids))
             return self._spark(sdf, granularity, options).toPandas()
         try:
             from pyspark.sql import DataFrame as SparkDataFrame
@@ -92,7 +106,7 @@ class EmbeddingsPipeline:
         return pa.concat_tables(tables).to_pandas()
 
     def _spec(self, granularity: str, id_type: pa.DataType, options: EmbedOptions) -> OutputSpec:
-        return OutputSpec(granularity, table_schema(granularity, id_type), self.artifact.model_id,
+        return OutputSpec(granularity, table_schema(granularity, id_type, skip_reasons=True), self.artifact.model_id,
                           self.artifact.dimension, options.token_vector)
 
     def _spark(self, sdf, granularity: str, options: EmbedOptions):
@@ -104,6 +118,25 @@ class EmbeddingsPipeline:
         return sdf.mapInArrow(embed_rows(str(self.artifact.path), options, spec), from_arrow_schema(spec.schema))
 
 
+def _missing(value) -> bool:
+    """True for pandas' and numpy's missing values (None, NaN, pd.NA, NaT): a null text."""
+    try:
+        return value is None or bool(pd.isna(value))
+    except (TypeError, ValueError):  # arrays and the like: not a missing scalar
+        return False
+
+
+def _text_schema(ids: list):
+    """(note_id, text) for Spark: the ids' type as Arrow infers it, text a string (an all-null column too)."""
+    from pyspark.sql import types as T
+    from pyspark.sql.pandas.types import from_arrow_type
+
+    id_type = from_arrow_type(pa.array(ids).type) if ids else T.LongType()
+    return T.StructType([T.StructField("note_id", id_type), T.StructField("text", T.StringType())])
+
+
 def load(name: str = "en.embed.longformer.clinical", lang: str = "en", **options) -> EmbeddingsPipeline:
-    """Resolve `name` (an nlu-style reference, a registered name or an artifact path) to a pipeline."""
+    """Resolve `name` (an nlu-style reference, a registered name or an artifact path) to a pipeline.
+    `options` are EmbedOptions' fields (max_length, case_sensitive, window_overlap, ...), checked here:
+    a value that is refused raises ValueError naming the option."""
     return EmbeddingsPipeline(Artifact.open(resolve(name, lang)), EmbedOptions(**options))

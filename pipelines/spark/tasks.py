@@ -28,7 +28,7 @@ import pyarrow as pa
 from clinlong.pipelines.core import faults
 from clinlong.pipelines.core.artifact import Artifact
 from clinlong.pipelines.core.engine import EmbedOptions, NoteEmbedder, NoteResult, overlapped
-from clinlong.pipelines.core.schema import OutputSpec, build_errors, build_table
+from clinlong.pipelines.core.schema import OutputSpec, build_errors, build_table, null_vector_counts
 from clinlong.pipelines.spark.progress import ProgressReporter
 
 COUNT_KEYS = ("rows", "notes", "embedded", "tokens", "windows", "model_loads")  # the summed figures of a counts row
@@ -403,6 +403,7 @@ def embed_partition(artifact_path: str, options: EmbedOptions, spec: OutputSpec,
                         outs[key] = writer(target.table_uri, spec.file_schema, values or None)
                     outs[key].write(table)
                     rows += table.num_rows
+                    b.warnings.update(null_vector_counts(table, spec.granularity))  # spans no piece covers
                 errors = b.error_rows()
                 if errors:
                     errs.write(build_errors(target.error_schema, errors, spec.model_id, target.run_id))
@@ -480,6 +481,7 @@ def embed_rows_and_errors(artifact_path: str, options: EmbedOptions, spec: Outpu
         with task_embedder(artifact_path, options) as (emb, loads):
             for b in _embedded(emb, batches):
                 table = full_table(spec, b)
+                b.warnings.update(null_vector_counts(table, spec.granularity))  # spans no piece covers
                 errors = build_errors(error_schema, b.error_rows(), spec.model_id, run_id)
                 counts = {**_counts(b, table.num_rows), **_where(emb), "model_loads": loads}
                 loads = 0  # counted once per task

@@ -3,7 +3,13 @@
 Each annotation of the first input column is encoded and run as one sequence, so feeding the
 `document` column gives note context (every token sees its neighbours across sentences; notes past
 maxSentenceLength run as overlapping windows) and feeding `sentence` gives Spark NLP's per-sentence
-behaviour. A token's vector is its first BPE piece's.
+behaviour. A token's vector is its first BPE piece's. A token that no BPE piece covers (its characters
+are dropped by a SentencePiece normalizer), and every token of an annotation that cannot be embedded,
+keeps its annotation with an empty `embeddings` array and the reason in its metadata (`skip_reason`):
+no vector is made up.
+
+maxSentenceLength accepts 3 to 4096 (at most the artifact's max length, checked at transform); the
+window overlap of longer notes follows it (pipelines.core.windows.default_overlap).
 
 Saved with Spark ML persistence, the stage records the artifact's path and its `model_id`, and loading
 it refuses an artifact whose model_id differs (one re-exported in place, or another model at that
@@ -18,7 +24,7 @@ from pyspark.ml.param import Param, Params, TypeConverters
 from pyspark.sql import DataFrame
 
 from clinlong.pipelines.core.artifact import Artifact
-from clinlong.pipelines.core.engine import MAX_LENGTH, EmbedOptions
+from clinlong.pipelines.core.engine import MAX_LENGTH, TOKEN_NO_PIECE, EmbedOptions
 from clinlong.pipelines.core.registry import resolve
 from clinlong.pipelines.spark.annotation import DOCUMENT, TOKEN, WORD_EMBEDDINGS, annotations_array, column_metadata
 from clinlong.pipelines.spark.stages._base import AnnotatorStage, HasDimension, HasStorageRef
@@ -136,17 +142,23 @@ class LongformerEmbeddings(AnnotatorStage, HasDimension, HasStorageRef):
             rows: list[list[tuple]] = [[] for _ in docs]
             vectors = []
             for (r, d), res in zip(segments, results):
-                if res.skip_reason is not None:
-                    continue
                 b0, e0 = d["begin"], d["end"]
                 inside = [t for t in (toks[r] or []) if b0 <= t["begin"] <= e0]
                 if not inside:
                     continue
-                res.tokens = [(t["begin"] - b0, t["end"] - b0, 0) for t in inside]
-                vectors.append(res.token_vectors(opts.token_vector))
-                for t in inside:
+                if res.skip_reason is not None:  # (a text the checks refuse, or one with no BPE piece)
+                    vecs = np.full((len(inside), dim), np.nan, np.float32)
+                    why = [res.skip_reason] * len(inside)
+                else:
+                    res.tokens = [(t["begin"] - b0, t["end"] - b0, 0) for t in inside]
+                    vecs = res.token_vectors(opts.token_vector)
+                    why = [TOKEN_NO_PIECE if m else None for m in np.isnan(vecs).any(axis=1)]
+                vectors.append(vecs)
+                for t, reason in zip(inside, why):
                     meta = {"sentence": dict(t["metadata"] or ()).get("sentence", "0"), "token": t["result"],
                             "pieceId": "-1", "isWordStart": "true"}
+                    if reason is not None:
+                        meta["skip_reason"] = reason
                     rows[r].append((WORD_EMBEDDINGS, t["begin"], t["end"], t["result"], meta))
             # Segments are listed row by row, so vectors are already in the rows' annotation order.
             flat = np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32)

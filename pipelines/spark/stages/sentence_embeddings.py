@@ -1,7 +1,9 @@
 """SentenceEmbeddings: [sentence or document, word_embeddings] → `sentence_embeddings` per span.
 
 Spark NLP's behaviour: the AVERAGE (or SUM) of the token vectors inside each span. (The job and
-`predict` compute the piece-level means the README defines instead.)
+`predict` compute the piece-level means the README defines instead.) Tokens with an empty `embeddings`
+array (no vector) are left out; a span with no token vector gets an empty array and `skip_reason` in its
+metadata, never a zero vector.
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import pyarrow as pa
 from pyspark.ml.param import Param, Params, TypeConverters
 from pyspark.sql import DataFrame
 
+from clinlong.pipelines.core.engine import SENTENCE_NO_PIECE
 from clinlong.pipelines.spark.annotation import (
     DOCUMENT,
     SENTENCE_EMBEDDINGS,
@@ -52,16 +55,21 @@ class SentenceEmbeddings(AnnotatorStage, HasDimension, HasStorageRef):
             rows, vectors = [], []
             for spans, embs in zip(batch.column(span_col).to_pylist(), batch.column(emb_col).to_pylist()):
                 embs = embs or []
+                embs = [e for e in embs if len(e["embeddings"] or ()) == dim]  # tokens without a vector: none
                 begins = np.array([e["begin"] for e in embs], np.int64)
                 mat = np.array([e["embeddings"] for e in embs], np.float32).reshape(len(embs), dim)
                 out = []
                 for i, s in enumerate(spans or []):
                     sel = (begins >= s["begin"]) & (begins <= s["end"])
-                    v = mat[sel].sum(0) if sel.any() else np.zeros(dim, np.float32)
-                    vectors.append(v / max(int(sel.sum()), 1) if average else v)
-                    idx = dict(s["metadata"] or ()).get("sentence", str(i))
-                    out.append((SENTENCE_EMBEDDINGS, s["begin"], s["end"], s["result"],
-                                {"sentence": idx, "token": s["result"], "pieceId": "-1", "isWordStart": "true"}))
+                    meta = {"sentence": dict(s["metadata"] or ()).get("sentence", str(i)), "token": s["result"],
+                            "pieceId": "-1", "isWordStart": "true"}
+                    if sel.any():
+                        v = mat[sel].sum(0)
+                        vectors.append(v / int(sel.sum()) if average else v)
+                    else:  # no token of the sentence has a vector: neither has the sentence
+                        vectors.append(np.full(dim, np.nan, np.float32))
+                        meta["skip_reason"] = SENTENCE_NO_PIECE
+                    out.append((SENTENCE_EMBEDDINGS, s["begin"], s["end"], s["result"], meta))
                 rows.append(out)
             flat = np.stack(vectors) if vectors else np.zeros((0, dim), np.float32)
             return annotations_array(rows, flat, dim)
