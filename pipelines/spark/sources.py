@@ -33,10 +33,16 @@ class InputError(Exception):
 
 def delta_spark_available(spark: SparkSession) -> bool:
     """True when delta-spark's JARs are on the classpath (Databricks, configured clusters)."""
+    return jvm_has(spark, "io.delta.tables.DeltaTable")
+
+
+def jvm_has(spark: SparkSession, name: str) -> bool:
+    """True when Spark's class loader (the one that sees spark.jars and --packages, unlike py4j's
+    Class.forName) finds class `name`."""
     try:
-        spark._jvm.java.lang.Class.forName("io.delta.tables.DeltaTable")
+        spark._jvm.org.apache.spark.util.Utils.classForName(name, False, False)
         return True
-    except Exception:
+    except Exception:  # noqa: BLE001 - ClassNotFoundException through py4j
         return False
 
 
@@ -239,14 +245,84 @@ def _delta_version(spark: SparkSession, src: Source) -> int | None:
 
 def _read_csv(spark: SparkSession, source: str) -> DataFrame:
     """MIMIC-style CSV: header, multi-line quoted fields, "" escapes, every column a string. Rows with
-    too many or too few fields are kept and flagged in `_corrupt_record` (see select_notes)."""
+    too many or too few fields are kept and flagged in `_corrupt_record` (see select_notes).
+
+    The text is kept as stored: Spark's multi-line CSV reader turns each line ending inside a quoted field
+    that is not its record separator into "\n" (CRLF files lose their "\r"s) unless `lineSep` names the
+    separator, so it is set to the one the files use (record_separator); a UTF-8 byte-order mark before
+    the header is dropped by Spark, never part of a field."""
+    sep = record_separator(spark, source)
+
     def reader():
-        return (spark.read.option("header", True).option("multiLine", True).option("quote", '"')
-                .option("escape", '"').option("mode", "PERMISSIVE"))
+        r = (spark.read.option("header", True).option("multiLine", True).option("quote", '"')
+             .option("escape", '"').option("mode", "PERMISSIVE"))
+        return r.option("lineSep", sep) if sep else r
 
     header = reader().option("inferSchema", False).csv(source).columns
     schema = T.StructType([T.StructField(c, T.StringType()) for c in header] + [T.StructField(CORRUPT, T.StringType())])
     return reader().option("columnNameOfCorruptRecord", CORRUPT).schema(schema).csv(source)
+
+
+SNIFF_BYTES = 1 << 16  # bytes read from the start of each CSV file to find its record separator
+
+
+def line_ending(head: bytes) -> str | None:
+    """The record separator of a CSV file from its first bytes: the line ending of its first record (the
+    header), found outside quotes: "\r\n", "\n" or "\r"; None when the bytes hold no complete record
+    (a BOM is skipped)."""
+    quoted = False
+    data = head[3:] if head.startswith(b"\xef\xbb\xbf") else head
+    for i, byte in enumerate(data):
+        if byte == 0x22:
+            quoted = not quoted
+        elif not quoted and byte in (0x0A, 0x0D):
+            if byte == 0x0A:
+                return "\n"
+            if i + 1 < len(data):
+                return "\r\n" if data[i + 1] == 0x0A else "\r"
+            return None  # a CR as the last byte read: CR or CRLF, cannot tell
+    return None
+
+
+def record_separator(spark: SparkSession, source: str) -> str | None:
+    """The one record separator of the CSV files at `source` (a file or a folder, as Spark lists it), read
+    from the first SNIFF_BYTES of each file (decompressed by Hadoop's codecs: .gz, .bz2); None when no
+    file holds a complete record. Raises InputError, in one line, when the files use different ones:
+    Spark's reader takes one `lineSep`, and any other would be rewritten inside quoted text."""
+    try:
+        fs, path = _hadoop(spark, source)
+        status = fs.getFileStatus(path)
+    except Exception:  # noqa: BLE001 - Spark's read reports the missing path in its own words
+        return None
+    jvm = spark._jvm
+    paths = [path]
+    if status.isDirectory():
+        files, paths = fs.listFiles(path, True), []
+        while files.hasNext() and len(paths) < 10_000:
+            p = files.next().getPath()
+            if not p.getName().startswith(("_", ".")):
+                paths.append(p)
+    codecs = jvm.org.apache.hadoop.io.compress.CompressionCodecFactory(spark._jsc.hadoopConfiguration())
+    found: dict[str, str] = {}
+    for p in paths:
+        stream = fs.open(p)
+        try:
+            codec = codecs.getCodec(p)
+            head = bytes((codec.createInputStream(stream) if codec is not None else stream).readNBytes(SNIFF_BYTES))
+        finally:
+            stream.close()
+        sep = line_ending(head)
+        if sep is not None:
+            found.setdefault(sep, p.getName())
+    if len(found) > 1:
+        names = ", ".join(f"{_SEP_NAMES[k]} in {v}" for k, v in found.items())
+        raise InputError(f"CSV files at {source} end their records differently ({names}); Spark's CSV reader keeps "
+                         "line endings inside quoted text only with one record separator (its lineSep option): "
+                         "convert the files to one line-ending style, or to Parquet")
+    return next(iter(found), None)
+
+
+_SEP_NAMES = {"\r\n": "CRLF", "\n": "LF", "\r": "CR"}
 
 
 def _java_message(e: Exception) -> str:
