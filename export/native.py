@@ -120,12 +120,11 @@ def write_manifest(ckpt: Checkpoint, out: Path, name: str, report: dict) -> dict
     ec = ckpt.encoder_config
     start, end = ckpt.frame
     files = {f.name: file_sha256(f) for f in sorted(out.iterdir()) if f.is_file() and f.name != MANIFEST_FILE}
-    content = hashlib.sha256("".join(f"{k}:{v}\n" for k, v in files.items()).encode()).hexdigest()
     manifest = {
         "format": SUPPORTED_FORMAT[0],
         "format_version": SUPPORTED_FORMAT[1],
         "name": name,
-        "model_id": f"{name}@{content[:12]}",
+        "model_id": "",  # filled in below, from what determines the vectors
         "architecture": ARCHITECTURES[ec.model_type],
         "model_type": ec.model_type,
         "dimension": ec.hidden_size,
@@ -153,8 +152,28 @@ def write_manifest(ckpt: Checkpoint, out: Path, name: str, report: dict) -> dict
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "files": files,
     }
+    manifest["model_id"] = f"{name}@{vector_identity(manifest)[:12]}"
     (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
     return manifest
+
+
+# The manifest entries that determine the vectors: the graph's format, the weights, the tokenizer and how
+# the pipeline frames and reads its pieces. Never timings (parity.json), paths, dates or library versions.
+VECTOR_FILES = (WEIGHTS_FILE, TOKENIZER_FILE)
+VECTOR_KEYS = ("format", "format_version", "architecture", "model_type", "dimension", "num_layers", "max_length",
+               "attention_windows", "block_sparse", "pad_multiple", "vocab_size", "special_tokens",
+               "sequence_frame", "case_sensitive", "word_marker", "global_attention")
+
+
+def vector_identity(manifest: dict) -> str:
+    """The hex sha256 behind `model_id`: the digests of the weights and the tokenizer, the encoder config and
+    the manifest entries in VECTOR_KEYS, as canonical JSON. Two exports of one checkpoint get the same id
+    (the parity report's timings and the creation date do not count); any change that can move a vector
+    (weights, tokenizer, config, the artifact format) gives another."""
+    identity = {"files": {f: manifest["files"][f] for f in VECTOR_FILES},
+                "encoder_config": manifest["torch"]["encoder_config"],
+                **{k: manifest[k] for k in VECTOR_KEYS if k in manifest}}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def write_native(ckpt: Checkpoint, out: Path, name: str, tol: Tolerance,

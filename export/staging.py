@@ -68,6 +68,17 @@ def disk_full_cause(exc: BaseException) -> OSError | None:
     return None
 
 
+def apply_umask(root: Path) -> None:
+    """Give the staged tree the modes any model file gets under the user's umask (0644/0755 under the usual
+    022): `mkdtemp` makes the folder 0700, and some native writers (safetensors) create files 0600, which
+    would leave the artifact readable by its owner alone."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in [root, *root.rglob("*")]:
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 @contextmanager
 def staged_directory(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield an empty staging directory that becomes `out` when the block completes."""
@@ -81,7 +92,7 @@ def staged_directory(out: str | Path, overwrite: bool = False) -> Iterator[Path]
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
     try:
         yield tmp
-        tmp.chmod(0o755)
+        apply_umask(tmp)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-old-", dir=out.parent))
             old.rmdir()

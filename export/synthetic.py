@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from clinlong.export.staging import apply_umask
 from clinlong.export.synthetic_notes import generate_french_notes, generate_notes
 
 # config.json of yikuan8/Clinical-Longformer (LongformerForMaskedLM).
@@ -223,7 +224,7 @@ def write_synthetic_checkpoint(out: str | Path, size: str = "tiny", seed: int = 
                       str(tmp / "model.safetensors"), metadata={"format": "pt"})
         else:
             torch.save(model.state_dict(), tmp / "pytorch_model.bin")
-        tmp.chmod(0o755)
+        apply_umask(tmp)
         if out.exists():
             out.rmdir()
         tmp.rename(out)

@@ -310,3 +310,115 @@ def test_kill_between_the_renames_of_an_overwrite_keeps_the_previous_artifact(ti
     remove_stale_partials(out)
     assert (out / "manifest.json").read_bytes() == (tiny_artifact / "manifest.json").read_bytes()
     assert not half.exists() and not list(tmp_path.glob(".out.partial-*"))
+
+
+# --- identity and permissions (newcomer issue) -------------------------------------------------------
+
+def test_reexport_of_an_unchanged_checkpoint_keeps_model_id(tiny_checkpoint, tiny_artifact, tmp_path):
+    """model_id depends on what determines the vectors, never on the parity run's timings or the date."""
+    out = tmp_path / "again"
+    assert main([str(tiny_checkpoint), str(out), "--name", "tiny-clinical-longformer"]) == 0
+    first, again = (json.loads((p / "manifest.json").read_text()) for p in (tiny_artifact, out))
+    assert first["files"]["parity.json"] != again["files"]["parity.json"]  # the report's timings differ...
+    assert again["model_id"] == first["model_id"]  # ...the identity does not
+    # Another checkpoint (other weights) is another model.
+    other = tmp_path / "other-ckpt"
+    from clinlong.export.synthetic import write_synthetic_checkpoint
+
+    write_synthetic_checkpoint(other, "tiny", seed=1)
+    assert main([str(other), str(tmp_path / "other"), "--name", "tiny-clinical-longformer"]) == 0
+    assert json.loads((tmp_path / "other" / "manifest.json").read_text())["model_id"] != first["model_id"]
+
+
+def _open_and_embed_as(uid: int, gid: int, artifact: Path, backend: str, queue) -> None:
+    """Child process (spawned): import what the runtime needs while still root (the interpreter's own
+    files may be private to root), drop to another OS user, then open, verify and run the artifact."""
+    try:
+        import onnxruntime  # noqa: F401
+        import safetensors.torch  # noqa: F401
+        import tokenizers  # noqa: F401
+        import torch  # noqa: F401
+
+        from clinlong.pipelines.core.artifact import Artifact
+        from clinlong.pipelines.core.engine import EmbedOptions, NoteEmbedder
+        from clinlong.pipelines.core.model import PackedEncoder  # noqa: F401
+
+        os.setgroups([])
+        os.setgid(gid)
+        os.setuid(uid)
+        art = Artifact.open(artifact)  # hashes every file
+        vec = NoteEmbedder(art, EmbedOptions(backend=backend, precision="fp32"), threads=1).embed(
+            ["Chest pain since morning."])[0].note_vector()
+        queue.put(("ok", vec.tolist()))
+    except BaseException as e:  # noqa: BLE001 - reported to the parent
+        queue.put(("error", f"{type(e).__name__}: {e}"))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching to a second OS user needs root (CI runs as root)")
+def test_artifact_is_readable_by_a_second_os_user(tiny_checkpoint):
+    """Written under the user's umask (0644/0755 under 022), an artifact opens, verifies and runs for
+    another account (nobody), on both backends; as that account the vectors equal the owner's."""
+    import multiprocessing as mp
+    import pwd
+    import tempfile
+
+    from clinlong.pipelines.core.artifact import Artifact
+    from clinlong.pipelines.core.engine import EmbedOptions, NoteEmbedder
+
+    nobody = pwd.getpwnam("nobody")
+    shared = Path(tempfile.mkdtemp(prefix="clinlong-shared-"))
+    old_mask = os.umask(0o022)
+    try:
+        shared.chmod(0o755)
+        out = shared / "artifact"
+        assert main([str(tiny_checkpoint), str(out)]) == 0
+        modes = {p.name: p.stat().st_mode & 0o777 for p in [out, *out.iterdir()]}
+        assert modes == {"artifact": 0o755, **{n: 0o644 for n in modes if n != "artifact"}}, modes
+        ctx = mp.get_context("spawn")  # a fresh interpreter (a forked one can hang in OpenMP's thread pool)
+        for backend in ("onnxruntime", "torch"):
+            mine = NoteEmbedder(Artifact.open(out), EmbedOptions(backend=backend, precision="fp32"),
+                                threads=1).embed(["Chest pain since morning."])[0].note_vector()
+            q = ctx.Queue()
+            child = ctx.Process(target=_open_and_embed_as, args=(nobody.pw_uid, nobody.pw_gid, out, backend, q))
+            child.start()
+            status, value = q.get(timeout=300)
+            child.join(60)
+            assert status == "ok", value
+            np.testing.assert_allclose(np.asarray(value, dtype=np.float32), mine, atol=1e-6)
+        # A file the owner made private: the other account gets one line naming the file and the fix.
+        (out / "encoder.safetensors").chmod(0o600)
+        q = ctx.Queue()
+        child = ctx.Process(target=_open_and_embed_as, args=(nobody.pw_uid, nobody.pw_gid, out, "torch", q))
+        child.start()
+        status, value = q.get(timeout=300)
+        child.join(60)
+        assert status == "error" and value.startswith("ArtifactError: ") and "\n" not in value, value
+        assert "encoder.safetensors: permission denied" in value and "chmod -R a+rX" in value, value
+    finally:
+        os.umask(old_mask)
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+@pytest.mark.parametrize("damage", ["unreadable", "missing", "truncated", "manifest_truncated"])
+def test_artifact_io_failures_are_one_line(tiny_artifact, tmp_path, damage):
+    """Permission, missing and truncated files: one ArtifactError line naming the file and the fix."""
+    from clinlong.pipelines.core.artifact import Artifact, ArtifactError
+    from clinlong.pipelines.core.runtime import load_model
+
+    art = tmp_path / "art"
+    shutil.copytree(tiny_artifact, art)
+    target = art / ("manifest.json" if damage == "manifest_truncated" else "encoder.safetensors")
+    if damage == "unreadable":
+        target.chmod(0)
+    elif damage == "missing":
+        target.unlink()
+    else:
+        target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
+    for verify in (True, False):
+        if damage == "unreadable" and os.geteuid() == 0:
+            break  # root reads any file; the second-user test covers permissions
+        with pytest.raises(ArtifactError) as err:
+            load_model(Artifact.open(art, verify=verify), precision="fp32", backend="torch", threads=1)
+        message = str(err.value)
+        assert "\n" not in message and str(target) in message, message
+        assert any(fix in message for fix in ("re-export", "chmod")), message

@@ -6,6 +6,8 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -20,6 +22,27 @@ class ArtifactError(Exception):
 # The artifact's files: written by export (clinlong.export.native), read here.
 ONNX_FILE, TOKENIZER_FILE, PARITY_FILE, MANIFEST_FILE = "encoder.onnx", "tokenizer.json", "parity.json", "manifest.json"
 WEIGHTS_FILE = "encoder.safetensors"  # the same weights for the torch runtime (bf16/fp16, GPUs)
+
+
+@contextmanager
+def reading(path: Path) -> Iterator[None]:
+    """Turn a failure to read or load artifact file `path` into one ArtifactError line that names the file
+    and the fix (permission, missing, truncated or unreadable), instead of a library's traceback."""
+    try:
+        yield
+    except ArtifactError:
+        raise
+    except PermissionError:
+        raise ArtifactError(f"cannot read artifact file {path}: permission denied for this user (uid {os.getuid()}); "
+                            f"its owner can make the artifact readable with: chmod -R a+rX {path.parent}") from None
+    except FileNotFoundError:
+        raise ArtifactError(f"artifact file {path} is missing; re-export the artifact: "
+                            "python -m clinlong.export CHECKPOINT OUT --overwrite") from None
+    except IsADirectoryError:
+        raise ArtifactError(f"artifact file {path} is a directory; re-export the artifact") from None
+    except Exception as e:  # noqa: BLE001 - a truncated or corrupt file, reported by the library that parses it
+        raise ArtifactError(f"artifact file {path} cannot be loaded ({type(e).__name__}: truncated or corrupt); "
+                            "re-export the artifact: python -m clinlong.export CHECKPOINT OUT --overwrite") from None
 
 
 def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
@@ -86,7 +109,8 @@ class Artifact:
         if not mf.is_file():
             raise ArtifactError(f"{path} is not a model artifact (no manifest.json); "
                                 "create one with: python -m clinlong.export CHECKPOINT OUT")
-        manifest = json.loads(mf.read_text())
+        with reading(mf):
+            manifest = json.loads(mf.read_text(encoding="utf-8"))
         fmt = (manifest.get("format"), manifest.get("format_version"))
         if fmt != SUPPORTED_FORMAT:
             raise ArtifactError(f"{path} has artifact format {fmt}, this pipeline reads {SUPPORTED_FORMAT}; "
@@ -110,8 +134,10 @@ class Artifact:
                 raise ArtifactError(f"artifact file {f} is missing; re-export the artifact")
             if verified.known(f, digest):
                 continue
-            before = f.stat()
-            if file_sha256(f) != digest:
+            with reading(f):
+                before = f.stat()
+                actual = file_sha256(f)
+            if actual != digest:
                 raise ArtifactError(f"artifact file {f} fails its sha256 check (corrupt or altered); re-export the artifact")
             verified.add(f, digest, before)
 
@@ -163,7 +189,9 @@ class Artifact:
     def tokenizer(self):
         from tokenizers import Tokenizer
 
-        tok = Tokenizer.from_file(str(self.path / self.manifest["tokenizer"]))
+        path = self.path / self.manifest["tokenizer"]
+        with reading(path):
+            tok = Tokenizer.from_file(str(path))
         tok.no_truncation()
         tok.no_padding()
         return tok

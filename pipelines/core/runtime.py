@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from clinlong.pipelines.core.artifact import Artifact
+from clinlong.pipelines.core.artifact import Artifact, reading
 from clinlong.pipelines.core.devices import cpu_bf16_pays
 from clinlong.pipelines.core.packing import KERNELS, pack, packed_rows
 
@@ -132,7 +132,8 @@ class _OrtModel:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(str(artifact.onnx_path), opts, providers=["CPUExecutionProvider"])
+        with reading(artifact.onnx_path):
+            self.session = ort.InferenceSession(str(artifact.onnx_path), opts, providers=["CPUExecutionProvider"])
 
     def __call__(self, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
         return self.session.run(["last_hidden_state"], {"input_ids": ids, "position_ids": positions})[0]
@@ -172,7 +173,9 @@ class _TorchModel:
         self.kernel = resolve_kernel(kernel, device, artifact.model_type)
         with torch.device("meta"):  # no random initialisation of weights about to be replaced
             model = PackedEncoder(EncoderConfig(**cfg), kernel=self.kernel)
-        model.load_state_dict(load_file(str(artifact.torch_weights_path)), strict=True, assign=True)
+        with reading(artifact.torch_weights_path):
+            weights = load_file(str(artifact.torch_weights_path))
+        model.load_state_dict(weights, strict=True, assign=True)
         self.dtype = getattr(torch, self._DTYPES[precision])
         self.device = torch.device(device)
         self.model = model.eval().to(self.device, self.dtype)
