@@ -24,6 +24,7 @@ from clinlong.pipelines.core.config import TASKS_PER_CORE, JobConfig
 from clinlong.pipelines.core.options import add_arguments, from_arguments
 from clinlong.pipelines.core.storage import StorageError
 from clinlong.pipelines.delta.sink import CommitConflict
+from clinlong.pipelines.spark.jars import JarError, job_kinds
 from clinlong.pipelines.spark.sources import InputError
 from clinlong.pipelines.spark.tasks import ModelStepFailed, Preload, share_executor_cores
 
@@ -43,14 +44,20 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
     return from_arguments(JobConfig, args)
 
 
-def spark_session(master: str | None = None):
+def spark_session(master: str | None = None, jar_kinds: tuple[str, ...] = ()):
+    """The job's session; with python -m it adds the JARs of `jar_kinds` (spark.jars.job_kinds: Delta for
+    --writer delta-spark, hadoop-aws for s3a://), resolved once per machine; spark-submit brings its own."""
     from pyspark.sql import SparkSession
+
+    from clinlong.pipelines.spark import jars
 
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     builder = SparkSession.builder.appName("clinlong-embed-notes").config("spark.ui.showConsoleProgress", "true")
     if master or "PYSPARK_GATEWAY_PORT" not in os.environ:  # python -m (spark-submit sets its own master)
         master = master or "local[*]"
-        builder = builder.master(master)
+        builder = jars.configure(builder.master(master), jar_kinds)
+        for k, v in (jars.s3a_conf() if "s3a" in jar_kinds else {}).items():
+            builder = builder.config(k, v)
         if master.startswith("local"):  # a few shuffle partitions for incremental mode's joins, not 200
             builder = builder.config("spark.sql.shuffle.partitions", str(2 * (os.cpu_count() or 1)))
     return builder.config("spark.sql.execution.arrow.maxRecordsPerBatch", "64").getOrCreate()
@@ -253,9 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = config_from_args(args)
-        spark = spark_session(args.master)
+        spark = spark_session(args.master, job_kinds(cfg.writer, (cfg.notes, cfg.out, cfg.errors_path)))
         summary = run(cfg, spark)
-    except (InputError, ArtifactError, StorageError, ValueError) as e:
+    except (InputError, ArtifactError, StorageError, ValueError, JarError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except CommitConflict as e:
