@@ -25,6 +25,7 @@ from clinlong.pipelines.core import faults
 from clinlong.pipelines.core.config import JobConfig
 from clinlong.pipelines.core.schema import OutputSpec
 from clinlong.pipelines.core.storage import StorageError, delta_rs_uri, is_local, local_path
+from clinlong.pipelines.spark.jars import is_table_name
 from clinlong.pipelines.spark.sources import InputError, delta_spark_available, read_delta_rs
 from clinlong.pipelines.spark.tasks import COUNT_KEYS
 
@@ -119,6 +120,21 @@ class Writer:
             existing = self.existing_schema(uri)
             if existing is not None and self.cfg.mode != "overwrite" and existing != want:
                 raise InputError(f"{uri} holds a table with another schema; use --mode overwrite or another --out")
+            if existing is not None and self.cfg.mode != "overwrite":
+                self._check_one_model(uri)
+
+    def _check_one_model(self, uri: str) -> None:
+        """A table holds one model's rows: appending or incrementally adding another model's (a changed
+        checkpoint, another family) would leave a note with rows of two models. Refused in one line; --mode
+        overwrite replaces the table. (Re-exporting an unchanged checkpoint keeps its model_id.)"""
+        from pyspark.sql import functions as F
+
+        rows = self.read(uri, ["model_id"])
+        other = rows.where(F.col("model_id") != self.spec.model_id).limit(1).collect() if rows is not None else []
+        if other:
+            raise InputError(f"{uri} holds rows of model {other[0].model_id}, not of this run's model "
+                             f"{self.spec.model_id}; a table holds one model's vectors: use --mode overwrite to "
+                             "replace them, or another --out/--errors-out")
 
     def _mode(self, ctx: Chunk) -> str:
         return "overwrite" if self.cfg.mode == "overwrite" and ctx.index == 0 else "append"
@@ -130,6 +146,9 @@ class DeltaRsWriter(Writer):
     def __init__(self, *args):
         super().__init__(*args)
         for uri in (self.cfg.out, self.cfg.errors_path):
+            if is_table_name(uri):
+                raise InputError(f"{uri} names a catalog table, which delta-rs cannot write: use --writer delta-spark "
+                                 "(python -m adds its JARs) or a path")
             try:
                 delta_rs_uri(uri)
             except StorageError as e:
@@ -207,21 +226,49 @@ class DeltaSparkWriter(Writer):
         self.fmt = fmt  # "parquet" lets tests run the split and writes where delta-spark's JARs are absent
 
     def committed_version(self, uri: str, app_id: str) -> int:
-        return delta_log_txn(self.spark, uri, app_id)
+        where = self._location(uri)
+        return -1 if where is None else delta_log_txn(self.spark, where, app_id)
+
+    def _ref(self, uri: str) -> str:
+        """The table in SQL: a catalog name as it is, a path as delta.`path`."""
+        return uri if is_table_name(uri) else f"delta.`{uri}`"
+
+    def _location(self, uri: str) -> str | None:
+        """Where the table's Delta log is: the path, or a catalog table's location (None: no table yet)."""
+        if not is_table_name(uri):
+            return uri
+        if not self.spark.catalog.tableExists(uri):
+            return None
+        return self.spark.sql(f"DESCRIBE DETAIL {uri}").first()["location"]
+
+    def _load(self, uri: str) -> DataFrame:
+        return self.spark.table(uri) if is_table_name(uri) else self.spark.read.format("delta").load(uri)
 
     def version(self, uri: str) -> int | None:
+        where = self._location(uri)
+        if where is None or not _hadoop_exists(self.spark, where.rstrip("/") + "/_delta_log"):
+            return None
         try:
-            return int(self.spark.sql(f"DESCRIBE HISTORY delta.`{uri}` LIMIT 1").first()["version"])
+            return int(self.spark.sql(f"DESCRIBE HISTORY {self._ref(uri)} LIMIT 1").first()["version"])
         except Exception:  # noqa: BLE001 - no table there yet
             return None
 
     def read(self, uri: str, columns: list[str]) -> DataFrame | None:
-        return None if self.version(uri) is None else self.spark.read.format("delta").load(uri).select(*columns)
+        return None if self.version(uri) is None else self._load(uri).select(*columns)
 
     def existing_schema(self, uri: str) -> pa.Schema | None:
         from pyspark.sql.pandas.types import to_arrow_schema
 
-        return None if self.version(uri) is None else to_arrow_schema(self.spark.read.format("delta").load(uri).schema)
+        return None if self.version(uri) is None else to_arrow_schema(self._load(uri).schema)
+
+    def check_outputs(self) -> None:
+        for uri in (self.cfg.out, self.cfg.errors_path):
+            if is_table_name(uri) and "." in uri.replace("`", ""):
+                db = uri.rsplit(".", 1)[0]
+                if not self.spark.catalog.databaseExists(db):
+                    raise InputError(f"--out/--errors-out {uri}: Spark's catalog has no schema {db}; create it "
+                                     f"(CREATE SCHEMA {db}) or name another table")
+        super().check_outputs()
 
     def embed(self, part: DataFrame, ctx: Chunk, profile=None, progress=None) -> tuple[DataFrame, list[dict]]:
         """The chunk's combined rows (persisted) and the counts of the pass that produced them."""
@@ -241,22 +288,53 @@ class DeltaSparkWriter(Writer):
         rows, counts = self.embed(part, ctx, profile, progress)
         info = json.dumps({**summary(counts), "chunk": ctx.index})
         out_rows, error_rows = split_rows(rows, self.spec.schema, self.err_schema)
+        faults.point("driver-before-commit")
         for uri, sel, parts in ((self.cfg.errors_path, error_rows, []),
                                 (self.cfg.out, out_rows, [self.cfg.partition_by] if self.cfg.partition_by else [])):
-            (sel.write.format(self.fmt).mode(self._mode(ctx)).partitionBy(*parts).option("txnAppId", ctx.app_id)
-             .option("txnVersion", ctx.index).option("userMetadata", info).save(uri))
+            if uri == self.cfg.out:
+                faults.point("driver-between-commits")
+            self._save(sel.write.format(self.fmt).mode(self._mode(ctx)).partitionBy(*parts)
+                       .option("txnAppId", ctx.app_id).option("txnVersion", ctx.index).option("userMetadata", info)
+                       .option("overwriteSchema", str(self._mode(ctx) == "overwrite").lower()), uri, ctx)
+        faults.point("driver-after-commit")
         rows.unpersist()
-        return self.version(self.cfg.out), counts
+        version = self.version(self.cfg.out)
+        log.info("chunk %d/%d committed: %d notes in %d task(s)%s", ctx.index + 1, ctx.count,
+                 sum(int(m.get("notes") or 0) for m in counts), len(counts),
+                 f", table version {version}" if version is not None else "")
+        return version, counts
+
+    def _save(self, writer, uri: str, ctx: Chunk, attempts: int = 4) -> None:
+        """One idempotent write (Delta skips it when (txnAppId, txnVersion) is already in the log). A blind
+        append that lost a race to another writer (two jobs creating or appending to one table) is retried;
+        an overwrite that lost one is a CommitConflict (exit 3: rerun the same command)."""
+        from clinlong.pipelines.delta.sink import CommitConflict
+
+        for attempt in range(attempts):
+            try:
+                writer.saveAsTable(uri) if is_table_name(uri) else writer.save(uri)
+                return
+            except Exception as e:  # noqa: BLE001 - py4j wraps Delta's ConcurrentModificationException family
+                text = _java_text(e)
+                if not any(k in text for k in ("Concurrent", "ProtocolChanged", "FileAlreadyExists",
+                                               "already exists")):
+                    raise
+                if self._mode(ctx) == "overwrite" or attempt == attempts - 1:
+                    raise CommitConflict(f"another writer changed {uri} during this commit ({_first_line(text)}); "
+                                         "committed chunks are kept: rerun the same command to finish") from None
+                log.info("chunk %d: another writer committed to %s first; retrying the commit", ctx.index, uri)
 
     def delete_matching(self, uri, keys, condition=""):
         view = "clinlong_delete_keys"
+        if keys.isEmpty():
+            return 0
         keys.createOrReplaceTempView(view)
         before = self.version(uri)
-        self.spark.sql(f"MERGE INTO delta.`{uri}` t USING {view} s ON {KEY_MATCH}"
+        self.spark.sql(f"MERGE INTO {self._ref(uri)} t USING {view} s ON {KEY_MATCH}"
                        f"{' AND ' + condition if condition else ''} WHEN MATCHED THEN DELETE")
         if self.version(uri) == before:
             return 0
-        metrics = self.spark.sql(f"DESCRIBE HISTORY delta.`{uri}` LIMIT 1").first()["operationMetrics"] or {}
+        metrics = self.spark.sql(f"DESCRIBE HISTORY {self._ref(uri)} LIMIT 1").first()["operationMetrics"] or {}
         return int(metrics.get("numTargetRowsDeleted", 0))
 
 
@@ -265,8 +343,10 @@ def make_writer(spark: SparkSession, cfg: JobConfig, artifact_path: str, spec: O
     have = delta_spark_available(spark)
     name = cfg.writer if cfg.writer != "auto" else ("delta-spark" if have else "delta-rs")
     if name == "delta-spark" and not have:
-        raise InputError("--writer delta-spark needs delta-spark's JARs on the classpath "
-                         "(e.g. --packages io.delta:delta-spark_2.13:4.0.0); or use --writer delta-rs")
+        from clinlong.pipelines.spark.jars import coordinates
+
+        raise InputError(f"--writer delta-spark needs delta-spark's JARs on the classpath (spark-submit --packages "
+                         f"{coordinates(('delta',))[0]}; python -m adds them itself); or use --writer delta-rs")
     return (DeltaSparkWriter if name == "delta-spark" else DeltaRsWriter)(spark, cfg, artifact_path, spec, err_schema)
 
 
@@ -282,10 +362,10 @@ def delta_log_txn(spark: SparkSession, uri: str, app_id: str) -> int:
     (any location Spark opens, dbfs:/ included): the latest checkpoint's `txn` actions, then those of
     the commits after it, as the Delta protocol defines. -1 when there is none (or no table)."""
     log_dir = uri.rstrip("/") + "/_delta_log"
-    try:
-        last = spark.read.json(f"{log_dir}/_last_checkpoint").first()
-    except Exception:  # noqa: BLE001 - no checkpoint yet, or no table
-        last = None
+    if not _hadoop_exists(spark, log_dir):
+        return -1
+    last = spark.read.json(f"{log_dir}/_last_checkpoint").first() if _hadoop_exists(
+        spark, f"{log_dir}/_last_checkpoint") else None
     found = -1
     start = 0
     if last is not None and last["version"] is not None:
@@ -305,3 +385,21 @@ def delta_log_txn(spark: SparkSession, uri: str, app_id: str) -> int:
             "txn.version").collect():
         found = max(found, int(r["version"]))
     return found
+
+
+def _hadoop_exists(spark: SparkSession, uri: str) -> bool:
+    """Whether `uri` exists, asked of Spark's own filesystem for it (no exception logged when it does not)."""
+    try:
+        path = spark._jvm.org.apache.hadoop.fs.Path(uri)
+        return bool(path.getFileSystem(spark._jsc.hadoopConfiguration()).exists(path))
+    except Exception:  # noqa: BLE001 - no filesystem for the scheme: Spark's reads would fail the same way
+        return False
+
+
+def _java_text(e: Exception) -> str:
+    java = getattr(e, "java_exception", None)
+    return java.toString() if java is not None else str(e)
+
+
+def _first_line(text: str) -> str:
+    return (text.strip().splitlines() or [""])[0][:300]

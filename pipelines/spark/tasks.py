@@ -490,6 +490,7 @@ def embed_rows_and_errors(artifact_path: str, options: EmbedOptions, spec: Outpu
                 for t, kind in ((table, "row"), (errors, "error"), (meta, "meta")):
                     if t.num_rows:
                         yield from _combined(t, kind, schema).to_batches()
+        faults.point("task-after-part")
         reporter.send()
 
     return run
