@@ -291,3 +291,38 @@ def test_partitioned_by_category_resumes_and_reads_everywhere(notes, tiny_artifa
     per_cat = got.CATEGORY.value_counts().to_dict()
     assert pl.read_delta(str(out))["CATEGORY"].value_counts().to_pandas().set_index("CATEGORY")["count"].to_dict() == per_cat
     assert dict(_duckdb().sql(f"SELECT CATEGORY, count(*) FROM delta_scan('{out}') GROUP BY 1").fetchall()) == per_cat
+
+
+def test_reexport_then_incremental_and_a_changed_model(tiny_checkpoint, tiny_artifact, spark, tmp_path, capsys):
+    """Troubleshooting's fix (re-export with --overwrite) keeps model_id, so incremental has nothing to do;
+    a changed model is refused in one line by append and incremental (a table holds one model's rows), and
+    --mode overwrite replaces the table with the new model's rows."""
+    import shutil
+
+    from clinlong.export.__main__ import main as export
+    from clinlong.export.synthetic import write_synthetic_checkpoint
+    from clinlong.pipelines.jobs.embed_notes import main as job
+
+    notes = write_notes(tmp_path / "n.csv", n=12)
+    model = tmp_path / "model"
+    shutil.copytree(tiny_artifact, model)
+    out = tmp_path / "t"
+    base = dict(notes=str(notes), model=str(model), out=str(out), id_type="long", mode="incremental", options=FP32)
+    assert run(JobConfig(**base), spark)["embedded"] == 10
+    assert export([str(tiny_checkpoint), str(model), "--overwrite", "--name", "tiny-clinical-longformer"]) == 0
+    again = run(JobConfig(**base), spark)
+    assert (again["rows_in"], again["model_id"]) == (0, table(out).model_id[0])
+    changed = write_synthetic_checkpoint(tmp_path / "tiny-clinical-longformer", "tiny", seed=3)
+    assert export([str(changed), str(model), "--overwrite"]) == 0
+    capsys.readouterr()
+    for mode in ("incremental", "append"):
+        argv = ["--notes", str(notes), "--model", str(model), "--out", str(out), "--id-type", "long", "--mode", mode,
+                "--master", "local[2]", "--progress-every", "0"]
+        assert job(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "holds rows of model" in err[0] and "--mode overwrite" in err[0], err
+    assert table(out).model_id.nunique() == 1 and len(table(out)) == 10
+    replaced = run(JobConfig(**{**base, "mode": "overwrite"}), spark)
+    t = table(out)
+    assert replaced["embedded"] == 10 and t.model_id.unique().tolist() == [replaced["model_id"]]
+    assert replaced["model_id"] != again["model_id"]
