@@ -78,12 +78,13 @@ def standalone_cluster(workdir: Path, workers: list[dict]):
 
 
 def project_zip(dest: Path) -> Path:
-    """The project's packages as a zip for --py-files, laid out as installed: clinlong/export, clinlong/pipelines
-    (`clinlong` itself is a namespace package, as in the wheel)."""
+    """The project's packages as a zip for --py-files, laid out as installed (and as in the wheel):
+    clinlong/__init__.py, clinlong/export, clinlong/pipelines."""
     import zipfile
 
     root = Path(__file__).resolve().parents[1]
     with zipfile.ZipFile(dest, "w") as z:
+        z.write(root / "clinlong" / "__init__.py", "clinlong/__init__.py")
         for pkg in ("export", "pipelines"):
             for f in (root / pkg).rglob("*"):
                 if f.is_file() and "__pycache__" not in f.parts:
