@@ -117,6 +117,24 @@ def _vectors(blocks: list[np.ndarray], dim: int, vector_dtype: str = "float32") 
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat), type=_vector_type(), mask=mask)
 
 
+def read_vectors(column: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """The other end of `_vectors`: an `embedding` column of either vector dtype (array<float>, or binary of
+    little-endian float16 halves) as (vectors float32 (n_valid, dim), valid bool (n,)); null rows are left out.
+    Raises ValueError for a column of another type or vectors of unequal length."""
+    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    valid = ~np.asarray(column.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+    present = column.filter(pa.array(valid))
+    if pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type):
+        rows = [np.frombuffer(b, "<f2") for b in present.to_pylist()]
+    elif pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+        rows = [np.asarray(v, np.float32) for v in present.to_numpy(zero_copy_only=False)]
+    else:
+        raise ValueError(f"an embedding column of type {column.type} is neither array<float> nor float16 binary")
+    if len({len(r) for r in rows}) > 1:
+        raise ValueError("the embedding column holds vectors of different lengths")
+    return (np.stack(rows).astype(np.float32) if rows else np.zeros((0, 0), np.float32)), valid
+
+
 def build_table(spec: OutputSpec, ids: list, texts: list, results: list[NoteResult]) -> pa.Table:
     """Rows of one Arrow batch of notes at the requested granularity, in chunks that each hold at most
     MAX_LIST_VALUES vector values. Notes that are not embedded give no row (they go to the errors table),
