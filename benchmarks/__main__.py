@@ -93,7 +93,10 @@ def write_notes(work: Path, n: int, long_notes: int) -> tuple[Path, list[str]]:
 def _spark(cores: int):
     from pyspark.sql import SparkSession
 
+    from clinlong.pipelines.spark.java import ensure_java
+
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    ensure_java()
     spark = (SparkSession.builder.master(f"local[{cores}]").appName("clinlong-benchmarks")
              .config("spark.ui.enabled", "false").config("spark.task.cpus", "1")
              .config("spark.sql.execution.arrow.maxRecordsPerBatch", "64").getOrCreate())

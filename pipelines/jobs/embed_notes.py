@@ -25,6 +25,7 @@ from clinlong.pipelines.core.options import add_arguments, from_arguments
 from clinlong.pipelines.core.storage import StorageError
 from clinlong.pipelines.delta.sink import CommitConflict
 from clinlong.pipelines.spark.jars import JarError, job_kinds
+from clinlong.pipelines.spark.java import JavaNotFound
 from clinlong.pipelines.spark.sources import InputError
 from clinlong.pipelines.spark.tasks import ModelStepFailed, Preload, share_executor_cores
 
@@ -50,8 +51,11 @@ def spark_session(master: str | None = None, jar_kinds: tuple[str, ...] = ()):
     from pyspark.sql import SparkSession
 
     from clinlong.pipelines.spark import jars
+    from clinlong.pipelines.spark.java import ensure_java
 
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    if "PYSPARK_GATEWAY_PORT" not in os.environ and SparkSession.getActiveSession() is None:
+        ensure_java()  # python -m starts the JVM: Java 17+ from JAVA_HOME, PATH or /usr/lib/jvm, else one line
     builder = SparkSession.builder.appName("clinlong-embed-notes").config("spark.ui.showConsoleProgress", "true")
     if master or "PYSPARK_GATEWAY_PORT" not in os.environ:  # python -m (spark-submit sets its own master)
         master = master or "local[*]"
@@ -262,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_args(args)
         spark = spark_session(args.master, job_kinds(cfg.writer, (cfg.notes, cfg.out, cfg.errors_path)))
         summary = run(cfg, spark)
-    except (InputError, ArtifactError, StorageError, ValueError, JarError) as e:
+    except (InputError, ArtifactError, StorageError, ValueError, JarError, JavaNotFound) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except CommitConflict as e:

@@ -67,7 +67,11 @@ class EmbeddingsPipeline:
 
             from pyspark.sql import SparkSession
 
+            from clinlong.pipelines.spark.java import ensure_java
+
             os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+            if SparkSession.getActiveSession() is None:
+                ensure_java()
             spark = SparkSession.builder.getOrCreate()
             sdf = spark.createDataFrame(pd.DataFrame({"note_id": ids, "text": pd.Series(texts, dtype=object)}),
                                         schema=_text_schema(ids))
