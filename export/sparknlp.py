@@ -4,6 +4,19 @@ Spark NLP's Longformer loader takes a TensorFlow SavedModel (not ONNX) whose `se
 signature has `input_ids` and `attention_mask` inputs and a `last_hidden_state` output, with the
 BPE tokenizer as `assets/vocab.txt` (tokens in id order, one per line) and `assets/merges.txt`.
 Needs the `sparknlp` extra (tensorflow-cpu, tf-keras); TensorFlow is imported only here.
+
+The graph is written by TensorFlow 2.21 but read by the TensorFlow runtime inside Spark NLP's JAR, which
+is older: TF 2.4.1 in `com.johnsnowlabs.nlp:tensorflow-cpu_2.12:0.3.3`, the newest one Maven Central
+serves here for Spark NLP 5.5.3 (which declares 0.4.4, not served). `downgrade_graph` rewrites the two
+things TF 2.21 writes that this runtime rejects (measured with Spark NLP 5.5.3's own loader; the op
+registry of its TF 2.4.1 lacks both):
+- `VarHandleOp` nodes carry a `debug_name` attr -> "NodeDef mentions attr 'debug_name' not in
+  Op<name=VarHandleOp ...>"; the attr is informational and is dropped;
+- the saver function calls `DisableCopyOnRead` (a newer op) on each variable before
+  saving; it only switches a variable's copy-on-read mode, so it becomes a `NoOp` (same name, so the
+  nodes that wait on it still resolve).
+The rewritten graph is then parity-checked in TF 2.21 like before, and in Spark NLP's JVM by
+tests/test_sparknlp_jvm.py.
 """
 from __future__ import annotations
 
@@ -85,6 +98,45 @@ def check_savedmodel_parity(folder: Path, ckpt: Checkpoint, tol: Tolerance) -> d
             "max_abs_diff": max(r["max_abs_diff"] for r in rows), "min_cosine": min(r["min_cosine"] for r in rows)}
 
 
+def downgrade_graph(folder: Path) -> dict:
+    """Rewrite `folder/saved_model.pb` for TensorFlow runtimes as old as 2.4 (see the module docstring)."""
+    from tensorflow.core.framework import op_def_pb2
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    path = folder / "saved_model.pb"
+    model = saved_model_pb2.SavedModel()
+    model.ParseFromString(path.read_bytes())
+    counts = {"VarHandleOp.debug_name": 0, "DisableCopyOnRead": 0}
+    for graph in model.meta_graphs:
+        for nodes in [graph.graph_def.node, *(f.node_def for f in graph.graph_def.library.function)]:
+            for node in nodes:
+                if node.op == "VarHandleOp" and "debug_name" in node.attr:
+                    del node.attr["debug_name"]
+                    counts["VarHandleOp.debug_name"] += 1
+                elif node.op == "DisableCopyOnRead":
+                    node.op = "NoOp"
+                    controls = [i for i in node.input if i.startswith("^")]
+                    del node.input[:]
+                    node.input.extend(controls)  # a NoOp takes no data inputs; nodes that wait on it still can
+                    for name in [a for a in node.attr if not a.startswith("_")]:
+                        del node.attr[name]
+                    counts["DisableCopyOnRead"] += 1
+        ops = graph.meta_info_def.stripped_op_list.op  # the op definitions the graph declares it uses
+        for op in ops:
+            if op.name == "VarHandleOp":
+                kept = [a for a in op.attr if a.name != "debug_name"]
+                del op.attr[:]
+                op.attr.extend(kept)
+        if counts["DisableCopyOnRead"]:
+            kept = [op for op in ops if op.name != "DisableCopyOnRead"]
+            if not any(op.name == "NoOp" for op in kept):
+                kept.append(op_def_pb2.OpDef(name="NoOp"))
+            del ops[:]
+            ops.extend(kept)
+    path.write_bytes(model.SerializeToString())
+    return counts
+
+
 def write_sparknlp(ckpt: Checkpoint, out: Path, tol: Tolerance,
                    log: Callable[[str], None] = lambda _: None) -> dict:
     """Write the SavedModel + assets into `out` (inside the export's staging directory)."""
@@ -109,8 +161,11 @@ def write_sparknlp(ckpt: Checkpoint, out: Path, tol: Tolerance,
         for item in (Path(tmp) / "tf" / "saved_model" / "1").iterdir():
             shutil.move(str(item), out / item.name)
     write_assets(ckpt, out / "assets")
+    rewritten = downgrade_graph(out)
+    log(f"graph rewritten for Spark NLP's TensorFlow runtime: {rewritten}")
     log(f"Spark NLP SavedModel written ({time.perf_counter() - start:.1f} s)")
     report = check_savedmodel_parity(out, ckpt, tol)
+    report["graph_rewrites"] = rewritten
     (out / REPORT_FILE).write_text(json.dumps(report, indent=2))
     if not report["passed"]:
         raise ExportError(f"the Spark NLP SavedModel misses parity (max |diff| {report['max_abs_diff']:.2e}); "
