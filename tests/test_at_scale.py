@@ -4,7 +4,8 @@ moves during tasks, right-sized files with statistics, failures that are retried
 as done, and counts that survive retries.
 
 The object store is moto's S3-compatible server on 127.0.0.1, written and read through delta-rs and
-pyarrow (Spark's own s3a:// needs the hadoop-aws JAR, which cannot be installed here)."""
+pyarrow; the job's own session adds hadoop-aws for s3a:// locations (tests/test_delta_spark.py reads CSV,
+Parquet and Delta through Spark's s3a:// and writes there with delta-spark)."""
 from __future__ import annotations
 
 import csv
@@ -200,8 +201,7 @@ def test_delta_log_transactions_read_through_spark(spark, tmp_path):
 @pytest.fixture(scope="module")
 def s3():
     """moto's S3-compatible server on 127.0.0.1 and a bucket; the standard AWS_* variables point at it."""
-    pytest.importorskip("moto")
-    import boto3
+    import boto3  # moto[server] and boto3 come with the test extra: missing, they fail here, never skip
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -232,9 +232,10 @@ def s3():
 
 @pytest.mark.slow
 def test_object_store_in_and_out(s3, tiny_artifact, spark, tmp_path):
-    """A Delta input on S3 (read by delta-rs in Spark's executors), the output and errors tables on S3
-    through s3a:// (written by delta-rs as s3:// to the same bucket), vectors equal to a local run; a
-    rerun is nothing to do; rows appended to the input make an incremental run embed only those."""
+    """A Delta input on S3 named s3a:// (the job's session adds hadoop-aws, so Spark's filesystem finds its log;
+    without delta-spark it is read by delta-rs in Spark's executors), the output and errors tables on S3 through
+    s3a:// (written by delta-rs as s3:// to the same bucket), vectors equal to a local run; a rerun is nothing
+    to do; rows appended to the input make an incremental run embed only those."""
     import pyarrow.csv as pcsv
     from deltalake import write_deltalake
 
@@ -266,8 +267,10 @@ def test_object_store_in_and_out(s3, tiny_artifact, spark, tmp_path):
 
     from clinlong.pipelines.spark.sources import InputError, resolve
 
-    # Spark here has no s3a filesystem (no hadoop-aws JAR) and delta-rs finds no Delta log: one line saying so.
-    with pytest.raises(InputError, match=rf"Spark cannot open s3a://{BUCKET}/NOTEEVENTS/: .*hadoop-aws"):
+    # The suite's session has no s3a filesystem (no hadoop-aws JAR) and delta-rs finds no Delta log: one line
+    # naming the JAR of the installed Spark.
+    with pytest.raises(InputError, match=rf"Spark cannot open s3a://{BUCKET}/NOTEEVENTS/: .*--packages "
+                       r"org\.apache\.hadoop:hadoop-aws:3\.\d+\.\d+; python -m adds it"):
         resolve(spark, f"s3a://{BUCKET}/NOTEEVENTS/")
 
 
@@ -323,7 +326,7 @@ def test_multiline_csv_spreads_over_every_core_with_moving_progress(tiny_artifac
                 "--progress-every", "1"], timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "rows in 20000" in proc.stdout and "embedded 20000" in proc.stdout
-    progress = [line for line in proc.stderr.splitlines() if "progress: tasks" in line]
+    progress = [line for line in proc.stderr.splitlines() if "[progress] tasks " in line]
     # Notes counted while both cores were busy, not only at the end. (Spark's status tracker can show one
     # task more than the cores for a moment: a finished task's end is processed after its successor's start.)
     moving = [line for line in progress if re.search(r"\([2-9] running\), notes [1-9]\d*/20000", line)]
@@ -364,7 +367,8 @@ def test_a_note_that_failed_once_is_embedded_by_the_next_incremental_run(tiny_ar
                        "CLINLONG_FAULTPOINT": f"task-after-part:1:{tmp_path / 'killed'}"})
     assert first.returncode == 0, first.stderr[-3000:]
     assert (tmp_path / "killed").exists()  # a worker died after writing its files; Spark re-ran the task
-    assert "rows in 30, embedded 29, errors 1 (embed: InjectedFault in the model step: 1)" in first.stdout
+    assert ("rows in 30 of 30 input rows, 0 already embedded or recorded, embedded 29, errors 1 "
+            "(embed: InjectedFault in the model step: 1)") in first.stdout
     assert "note id 7: InjectedFault in the model step" in first.stderr
     errors = DeltaTable(f"{out}_errors").to_pandas()
     assert errors[["note_id", "stage"]].values.tolist() == [[7, "embed"]]
@@ -372,7 +376,8 @@ def test_a_note_that_failed_once_is_embedded_by_the_next_incremental_run(tiny_ar
     assert sum(adds["num_records"]) == 29
     second = job(args)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert "rows in 1, embedded 1, errors 0" in second.stdout and "retried embed errors cleared: 1" in second.stdout
+    assert "rows in 1 of 30 input rows, 29 already embedded or recorded, embedded 1, errors 0" in second.stdout
+    assert "retried embed errors cleared: 1" in second.stdout and f"errors in {out}_errors" in second.stdout
     assert DeltaTable(f"{out}_errors").to_pandas().empty
     got = DeltaTable(str(out)).to_pandas().sort_values("note_id")
     ref = tmp_path / "ref"

@@ -17,7 +17,7 @@ import pytest
 from deltalake import DeltaTable
 
 from clinlong.pipelines.core.engine import EmbedOptions
-from clinlong.pipelines.jobs.embed_notes import JobConfig, run
+from clinlong.pipelines.jobs.embed_notes import JobConfig, format_summary, run
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
@@ -312,6 +312,8 @@ def test_reexport_then_incremental_and_a_changed_model(tiny_checkpoint, tiny_art
     assert export([str(tiny_checkpoint), str(model), "--overwrite", "--name", "tiny-clinical-longformer"]) == 0
     again = run(JobConfig(**base), spark)
     assert (again["rows_in"], again["model_id"]) == (0, table(out).model_id[0])
+    line = format_summary(again).splitlines()[0]
+    assert line.startswith("rows in 0 of 12 input rows, 12 already embedded or recorded (nothing to do"), line
     changed = write_synthetic_checkpoint(tmp_path / "tiny-clinical-longformer", "tiny", seed=3)
     assert export([str(changed), str(model), "--overwrite"]) == 0
     capsys.readouterr()

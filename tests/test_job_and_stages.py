@@ -265,8 +265,8 @@ def test_progress_logs_rates_and_eta_without_text(notes_csv, tiny_artifact, spar
     run(JobConfig(notes=str(notes_csv), model=str(tiny_artifact), out=str(tmp_path / "p"), id_type="long",
                   partitions=4, progress_every=0.2), spark)
     err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if "progress: tasks" in line]
-    assert lines and "/s)" in lines[0]
+    lines = [line for line in err.splitlines() if "[progress] tasks " in line]
+    assert lines and "/s)" in lines[0] and "progress: " not in err  # one "[progress]" prefix, not two
     assert all("ETA" in line for line in lines) and PHI_MARKER not in err
 
 

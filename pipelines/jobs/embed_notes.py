@@ -64,7 +64,10 @@ def spark_session(master: str | None = None, jar_kinds: tuple[str, ...] = ()):
             builder = builder.config(k, v)
         if master.startswith("local"):  # a few shuffle partitions for incremental mode's joins, not 200
             builder = builder.config("spark.sql.shuffle.partitions", str(2 * (os.cpu_count() or 1)))
-    return builder.config("spark.sql.execution.arrow.maxRecordsPerBatch", "64").getOrCreate()
+    spark = builder.config("spark.sql.execution.arrow.maxRecordsPerBatch", "64").getOrCreate()
+    if not spark.sparkContext.getConf().contains("spark.log.level"):  # spark-submit's INFO lines, as python -m does
+        spark.sparkContext.setLogLevel("WARN")
+    return spark
 
 
 def run(cfg: JobConfig, spark=None) -> dict:
@@ -119,6 +122,10 @@ def _run(cfg: JobConfig, spark, artifact: Artifact, profile, verified: Future, s
         notes = run_plan.pending(notes, done)
         ident["tables"] = [writer.version(cfg.out), writer.version(cfg.errors_path)]
     with JobProgress(spark, cfg.progress_every) as progress:  # from the read on: a big input shows progress too
+        total_in = None
+        if cfg.mode == "incremental":  # the input's size, beside what is left of it (read once, reused)
+            all_notes = all_notes.persist(StorageLevel.DISK_ONLY)
+            total_in = all_notes.count()
         notes = notes.persist(StorageLevel.DISK_ONLY)  # read (and planned) once, reused by every chunk
         n_in = progress.total_notes = notes.count()
         # Nothing to embed: no commit at all (an overwrite still commits, to empty the table).
@@ -127,7 +134,9 @@ def _run(cfg: JobConfig, spark, artifact: Artifact, profile, verified: Future, s
         rid = cfg.run_id or run_plan.run_id(ident)
         app_id = f"clinlong-{rid}"
         first = writer.committed_version(cfg.out, app_id) + 1
-        if first:
+        if first and first >= chunks:
+            log.info("run %s: all %d chunk(s) were committed by an earlier attempt; nothing to do", rid, chunks)
+        elif first:
             log.info("run %s: chunks 0..%d of %d were committed by an earlier attempt; resuming", rid, first - 1, chunks)
         tasks = cfg.partitions or TASKS_PER_CORE * spark.sparkContext.defaultParallelism
         share_executor_cores(spark.sparkContext)
@@ -157,11 +166,14 @@ def _run(cfg: JobConfig, spark, artifact: Artifact, profile, verified: Future, s
         raise RuntimeError(f"rows in {n_in} but tasks accounted for {totals.notes}; the table was not left "
                            f"inconsistent (every chunk commit is whole), rerun to resume")
     result = summary()
+    result["input_total"] = total_in if total_in is not None else n_in
     if cfg.mode == "incremental":
         result.update(_delete_stale(writer, all_notes, notes, cfg, artifact.model_id, rid))
         version = writer.version(cfg.out)
+        all_notes.unpersist()
     notes.unpersist()
     result["version"] = version
+    result["errors_version"] = writer.version(cfg.errors_path)  # None: no error row was ever written
     return result
 
 
@@ -243,7 +255,12 @@ def format_summary(s: dict) -> str:
     elif s["chunks_resumed_from"] == s["chunks"]:
         resumed = (f" (nothing to do: run {s['run_id']} had committed all {s['chunks']} chunk(s); "
                    "pass --run-id to write the same input again)")
-    return (f"rows in {s['rows_in']}{resumed}, embedded {s['embedded']}, errors {sum(s['errors'].values())} "
+    total = s.get("input_total", s["input_rows"])
+    of_input = (f" of {total} input rows, {total - s['input_rows']} already embedded or recorded"
+                if s["mode"] == "incremental" else "")
+    errors_out = (f"errors in {s['errors_out']}" if s.get("errors_version") is not None
+                  else "no errors table (no error rows)")
+    return (f"rows in {s['rows_in']}{of_input}{resumed}, embedded {s['embedded']}, errors {sum(s['errors'].values())} "
             f"({errors}){'; warnings: ' + warnings if warnings else ''}\n"
             f"rows written {s['rows_written']} ({s['granularity']} granularity, {s['context']} context), "
             f"BPE tokens {s['bpe_tokens']}, windows {s['windows']}\n"
@@ -253,7 +270,7 @@ def format_summary(s: dict) -> str:
                if s["tasks"] else "") + "\n"
             + (f"stale rows deleted: {s['stale_rows_deleted']}, retried embed errors cleared: "
                f"{s['retried_error_rows_deleted']}\n" if "stale_rows_deleted" in s else "")
-            + f"Delta table {s['out']} version {s['version']}, errors in {s['errors_out']} (model {s['model_id']})")
+            + f"Delta table {s['out']} version {s['version']}, {errors_out} (model {s['model_id']})")
 
 
 def _counted(counts: dict) -> str:

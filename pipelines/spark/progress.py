@@ -54,7 +54,7 @@ class JobProgress:
             eta = f"{elapsed * max(self.total_notes - notes, 0) / notes:.0f} s"
         else:
             eta = f"{elapsed * (total - done) / done:.0f} s" if done and total else "unknown"
-        return (f"progress: tasks {done}/{total} ({running} running), notes {notes}{f'/{self.total_notes}' if self.total_notes else ''} "
+        return (f"tasks {done}/{total} ({running} running), notes {notes}{f'/{self.total_notes}' if self.total_notes else ''} "
                 f"({notes / elapsed:.2f}/s), tokens {tokens} ({tokens / elapsed:.0f}/s), elapsed {elapsed:.0f} s, "
                 f"ETA {eta}")
 

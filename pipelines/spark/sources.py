@@ -108,9 +108,19 @@ def _hadoop(spark: SparkSession, uri: str):
         path = jvm.org.apache.hadoop.fs.Path(uri)
         return path.getFileSystem(spark._jsc.hadoopConfiguration()), path
     except Exception as e:  # noqa: BLE001 - py4j wraps the Java exception
-        hint = (" (Spark needs the hadoop-aws JAR for s3a://, e.g. --packages org.apache.hadoop:hadoop-aws:3.4.1)"
+        hint = (f" (Spark needs the hadoop-aws JAR for s3a://: --packages {_hadoop_aws()}; python -m adds it itself)"
                 if scheme(uri) in ("s3a", "s3", "s3n") else "")
         raise InputError(f"Spark cannot open {uri}: {_java_message(e)}{hint}") from None
+
+
+def _hadoop_aws() -> str:
+    """hadoop-aws' coordinates for the installed pyspark (pipelines.spark.jars), or its name where they cannot be told."""
+    from clinlong.pipelines.spark.jars import JarError, coordinates
+
+    try:
+        return coordinates(("s3a",))[0]
+    except JarError:
+        return "org.apache.hadoop:hadoop-aws (the Hadoop version of Spark's jars/)"
 
 
 def _format_from_listing(spark: SparkSession, uri: str) -> str:
@@ -346,7 +356,8 @@ def select_notes(df: DataFrame, id_col: str, text_col: str, id_type: str = "auto
     names = {f.name: f.dataType for f in df.schema.fields}
     for col, flag in ((id_col, "--id-col"), (text_col, "--text-col"), *((k, "--partition-by") for k in keep)):
         if col not in names:
-            raise InputError(f"input has no column {col!r} (columns: {', '.join(sorted(names))}); set {flag}")
+            shown = ", ".join(sorted(n for n in names if n != CORRUPT))  # the CSV reader's own column is not the input's
+            raise InputError(f"input has no column {col!r} (columns: {shown}); set {flag}")
     if not isinstance(names[id_col], ID_TYPES):
         raise InputError(f"id column {id_col!r} has type {names[id_col].simpleString()}; use an integer or string column")
     if not isinstance(names[text_col], (T.StringType, T.BinaryType)):

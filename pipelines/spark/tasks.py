@@ -26,7 +26,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from clinlong.pipelines.core import faults
-from clinlong.pipelines.core.artifact import Artifact
+from clinlong.pipelines.core.artifact import Artifact, ArtifactError
 from clinlong.pipelines.core.engine import EmbedOptions, NoteEmbedder, NoteResult, overlapped
 from clinlong.pipelines.core.schema import OutputSpec, build_errors, build_table, null_vector_counts
 from clinlong.pipelines.spark.progress import ProgressReporter
@@ -124,8 +124,11 @@ class Preload:
                 pass
             try:
                 embedder(path, options)
+            except ArtifactError:  # the driver verifies the artifact and reports it in one line
+                pass
             except Exception as e:  # noqa: BLE001 - the embedding tasks meet it again and report it
-                log.info("model preload failed in this worker (%s); the embedding tasks will load it", type(e).__name__)
+                log.info("model preload failed in this worker (%s); the embedding tasks will try again",
+                         type(e).__name__)
             yield from ()
 
         self.spark.range(0, slots, 1, slots).mapInArrow(load, from_arrow_schema(pa.schema([("id", pa.int64())])),
