@@ -69,7 +69,7 @@ def parity_sequences(ckpt: Checkpoint, lengths: tuple[int, ...], max_length: int
     """Token ids of the synthetic notes, cut to each length, framed as the tokenizer does (<s> ... </s>)."""
     body: list[int] = []
     for note in generate_notes(60, seed=123):
-        body.extend(ckpt.tokenizer(note.text, add_special_tokens=False)["input_ids"])
+        body.extend(ckpt.tokenizer(note.text, add_special_tokens=False, verbose=False)["input_ids"])
         if len(body) >= max_length:
             break
     bos, eos = ckpt.frame

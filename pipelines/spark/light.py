@@ -92,7 +92,7 @@ class EmbeddingsPipeline:
 
     def _in_process(self, ids: list, texts: list, granularity: str, options: EmbedOptions,
                     progress: bool | None = None) -> pd.DataFrame:
-        from tqdm.auto import tqdm
+        from tqdm import tqdm  # the text bar: tqdm.auto warns in notebooks without ipywidgets
 
         from clinlong.pipelines.spark.tasks import embedder
 
