@@ -21,7 +21,7 @@ export PATH := $(JAVA_HOME)/bin:$(PATH)
 endif
 endif
 
-.PHONY: demo test test-fast clean
+.PHONY: demo test test-fast test-sparknlp clean
 
 $(VENV)/.installed: pyproject.toml
 	@test -n "$(PYTHON)" || { echo "error: Python 3.10-3.12 is required (python3.11 recommended)"; exit 1; }
@@ -57,6 +57,12 @@ test: $(VENV)/.installed
 test-fast: $(VENV)/.installed
 	$(JAVA_CHECK)
 	$(PY) -m pytest -m "not slow" -n 2 --dist loadfile
+
+# Spark NLP's own JVM beside ours (issue 20): builds .venv-sparknlp (TensorFlow export) and .venv-sparknlp-jvm
+# (pyspark 3.5.8 + spark-nlp 5.5.3), resolves benchmarks/sparknlp-jvm.pom.xml with Maven, runs the checks.
+test-sparknlp: $(VENV)/.installed
+	$(JAVA_CHECK)
+	$(PY) -m pytest -n 0 -rs tests/test_export_sparknlp.py tests/test_sparknlp_jvm.py
 
 clean:
 	rm -rf $(WORK) .pytest_cache

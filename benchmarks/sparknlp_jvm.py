@@ -1,0 +1,118 @@
+"""Spark NLP's own JVM beside ours: the set-up (a separate virtual environment and the JARs) and one run.
+
+Spark NLP is the reference here, so its own JAR runs, not our reading of it. What this machine can reach
+(measured): Maven Central serves `com.johnsnowlabs.nlp:spark-nlp_2.12:5.5.3` (Spark 3.5, Scala 2.12) but no
+`spark-nlp_2.13` (7.x, Spark 4); 5.5.3's TensorFlow runtime `tensorflow-cpu_2.12:0.4.4` is not served, so
+sparknlp-jvm.pom.xml substitutes 0.3.3 (TF 2.4.1), the newest served. Our own job runs on pyspark 4.1
+(delta-spark 4.x), so Spark NLP gets its own venv, `.venv-sparknlp-jvm` (pyspark 3.5.8 + spark-nlp 5.5.3 +
+numpy; about 1.3 min to create, reused while its imports work), and its JARs are resolved by Maven into
+~/.m2 (about 450 MB, once); the class path is cached under ~/.cache/clinlong/sparknlp-jvm.
+
+Whatever cannot be set up raises `Unavailable` with one line naming what is missing.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import venv
+from pathlib import Path
+
+SPARKNLP_VERSION = "5.5.3"
+PYSPARK_VERSION = "3.5.8"
+COORDINATE = f"com.johnsnowlabs.nlp:spark-nlp_2.12:{SPARKNLP_VERSION}"
+TF_RUNTIME = "com.johnsnowlabs.nlp:tensorflow-cpu_2.12:0.3.3"  # TF 2.4.1; 5.5.3 declares 0.4.4 (not served)
+ROOT = Path(__file__).resolve().parents[1]
+POM = Path(__file__).with_name("sparknlp-jvm.pom.xml")
+RUNNER = Path(__file__).with_name("sparknlp_runner.py")
+VENV = Path(os.environ.get("CLINLONG_SPARKNLP_JVM_VENV", ROOT / ".venv-sparknlp-jvm"))
+CACHE = Path(os.environ.get("CLINLONG_CACHE", Path.home() / ".cache" / "clinlong")) / "sparknlp-jvm"
+
+
+class Unavailable(RuntimeError):
+    """Spark NLP's JVM cannot be set up here; the message is one line saying what and why."""
+
+
+def _last_error(text: str) -> str:
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "Could not" in ln or "ERROR" in ln or "error" in ln.lower()]
+    return (errors or lines or ["(no output)"])[0][:300]
+
+
+def classpath() -> list[str]:
+    """The JARs of sparknlp-jvm.pom.xml (Spark NLP and its runtime dependencies), resolved once by Maven."""
+    cached = CACHE / f"classpath-{hashlib.sha256(POM.read_bytes()).hexdigest()[:12]}.txt"
+    if cached.exists():
+        jars = cached.read_text().strip().split(os.pathsep)
+        if jars and all(Path(j).exists() for j in jars):
+            return jars
+    mvn = shutil.which("mvn")
+    if mvn is None:
+        raise Unavailable(f"{COORDINATE}: Maven (mvn) is not on PATH to resolve it from Maven Central")
+    CACHE.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_suffix(".tmp")
+    proc = subprocess.run([mvn, "-q", "-B", "-f", str(POM), "dependency:build-classpath",
+                           f"-Dmdep.outputFile={tmp}", "-Dmdep.includeScope=runtime"],
+                          capture_output=True, text=True, timeout=3600)
+    if proc.returncode != 0 or not tmp.exists():
+        raise Unavailable(f"{COORDINATE} (with {TF_RUNTIME}) cannot be resolved by Maven: "
+                          f"{_last_error(proc.stdout + proc.stderr)}")
+    tmp.replace(cached)
+    return cached.read_text().strip().split(os.pathsep)
+
+
+def python() -> Path:
+    """The venv's Python with pyspark 3.5 and the spark-nlp Python package of the JAR's version."""
+    py = VENV / "bin" / "python"
+    probe = ("import pyspark, sparknlp, numpy, sys; "
+             f"sys.exit(not (pyspark.__version__ == '{PYSPARK_VERSION}' and sparknlp.version() == '{SPARKNLP_VERSION}'))")
+    if py.exists() and subprocess.run([str(py), "-c", probe], capture_output=True).returncode == 0:
+        return py
+    venv.create(VENV, with_pip=True, clear=True)
+    proc = subprocess.run([str(py), "-m", "pip", "install", "-q", f"pyspark=={PYSPARK_VERSION}",
+                           f"spark-nlp=={SPARKNLP_VERSION}", "numpy"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise Unavailable(f"pyspark=={PYSPARK_VERSION} + spark-nlp=={SPARKNLP_VERSION} cannot be installed into "
+                          f"{VENV}: {_last_error(proc.stderr)}")
+    return py
+
+
+def java_ok() -> str | None:
+    java = shutil.which("java")
+    if java is None:
+        return "Spark NLP's JVM needs Java 8/11/17 (Spark 3.5) and no `java` is on PATH"
+    out = subprocess.run([java, "-version"], capture_output=True, text=True).stderr
+    return None if any(f'version "{v}' in out for v in ("1.8", "11", "17")) else \
+        f"Spark 3.5 (Spark NLP {SPARKNLP_VERSION}) runs on Java 8/11/17; found {out.splitlines()[0] if out else '?'}"
+
+
+def unavailable_reason() -> str | None:
+    """None when Spark NLP's JVM can run here (setting it up if needed), else one line saying why not."""
+    try:
+        reason = java_ok()
+        if reason:
+            return reason
+        classpath()
+        python()
+    except Unavailable as e:
+        return str(e)
+    return None
+
+
+def run(spec: dict, out: Path, timeout: float = 1800) -> dict:
+    """Run benchmarks/sparknlp_runner.py in Spark NLP's venv; returns its result.json (vectors in
+    out/vectors.npz). A failure raises RuntimeError with the runner's last lines."""
+    out.mkdir(parents=True, exist_ok=True)
+    spec = {**spec, "classpath": classpath(), "out": str(out)}
+    (out / "spec.json").write_text(json.dumps(spec))
+    env = {k: v for k, v in os.environ.items() if k not in ("PYSPARK_PYTHON", "PYSPARK_DRIVER_PYTHON", "SPARK_HOME")}
+    py = python()
+    env.update(PYSPARK_PYTHON=str(py), PYSPARK_DRIVER_PYTHON=str(py), TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.run([str(py), str(RUNNER), str(out / "spec.json")], capture_output=True, text=True,
+                          env=env, timeout=timeout, cwd=out)
+    if proc.returncode != 0 or not (out / "result.json").exists():
+        tail = [ln for ln in proc.stderr.splitlines() if ln.strip() and not ln.lstrip().startswith("at ")][-15:]
+        raise RuntimeError(f"Spark NLP's run failed (rc {proc.returncode}):\n" + "\n".join(tail))
+    return json.loads((out / "result.json").read_text())
