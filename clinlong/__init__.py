@@ -6,3 +6,9 @@ A regular package (not a namespace package), so that a wheel or zip of the proje
 export/, `clinlong.pipelines` in pipelines/, `clinlong.benchmarks` in benchmarks/ (pyproject.toml).
 """
 __version__ = "0.1.0"
+
+import warnings as _warnings
+
+# transformers imports tqdm.auto, which in a Jupyter kernel without ipywidgets warns on import ("IProgress not
+# found"); our progress is text (logs, tqdm's plain bar), so the warning says nothing to a notebook user.
+_warnings.filterwarnings("ignore", message="IProgress not found")
