@@ -231,7 +231,7 @@ def test_incremental_killed_before_stale_rows_are_deleted(tiny_artifact, spark, 
     assert_same_tables(out, want)
 
 
-def test_readers_protocol_compaction_and_vacuum(notes, tiny_artifact, clean, tmp_path):
+def test_readers_protocol_compaction_and_vacuum(notes, tiny_artifact, clean, tmp_path, capsys):
     """The output opens in delta-rs, Polars and DuckDB's delta extension; its protocol is (1, 2), which
     Databricks and delta-spark read; compaction keeps the rows; vacuum removes a killed run's orphans."""
     import polars as pl
@@ -253,6 +253,12 @@ def test_readers_protocol_compaction_and_vacuum(notes, tiny_artifact, clean, tmp
     files_before = len(DeltaTable(str(out)).file_uris())
     # A retention below the table's minimum could delete a running job's files: refused without --force.
     assert maintain([str(out), "--vacuum", "--retention-hours", "0"]) == 2
+    assert orphans <= {p.name for p in out.iterdir()}
+    capsys.readouterr()
+    assert maintain([str(out), "--vacuum", "--retention-hours", "0", "--force", "--dry-run"]) == 0
+    listed = capsys.readouterr().out.splitlines()  # the dry run lists what it would delete, and deletes nothing
+    assert listed[0] == f"vacuum (dry run): {len(orphans)} unreferenced files would be deleted"
+    assert {line.strip().rsplit("/", 1)[-1] for line in listed[1:]} == orphans
     assert orphans <= {p.name for p in out.iterdir()}
     assert maintain([str(out), "--compact", "--vacuum", "--retention-hours", "0", "--force"]) == 0
     assert len(DeltaTable(str(out)).file_uris()) < files_before
