@@ -256,6 +256,23 @@ def test_span_means_of_a_long_note_need_no_float64_copy_of_its_pieces():
     assert np.isnan(got[-1]).all() and r.sentences_without_piece().tolist() == [False] * 500 + [True]  # no vector
 
 
+
+def test_first_piece_is_the_first_that_contains_the_character():
+    """Pieces sharing a start (a SentencePiece "▁" moved to its word before the word's piece, a multi-byte
+    character's byte pieces): a token's first piece is the first of them that contains its first character,
+    never a piece that ends before it (which gave "." of "5." no piece) nor the next piece; -1 where no
+    piece covers the token (no vector)."""
+    from clinlong.pipelines.core.engine import NoteResult
+
+    text = "5. \u00e9 \u200b"  # "▁"(0,1) "5."(0,2), three byte pieces of "é" (3,4); nothing covers U+200B
+    r = NoteResult(None, "x", piece_starts=np.array([0, 0, 3, 3, 3]), piece_ends=np.array([1, 2, 4, 4, 4]),
+                   piece_vectors=np.arange(5 * 4, dtype=np.float32).reshape(5, 4), text=text)
+    r.tokens = [(0, 0, 0), (1, 1, 0), (3, 3, 0), (5, 5, 0)]
+    assert r.first_pieces().tolist() == [0, 1, 2, -1]
+    got = r.token_vectors()
+    np.testing.assert_array_equal(got[:3], r.piece_vectors[[0, 1, 2]])
+    assert np.isnan(got[3]).all() and r.tokens_without_piece().tolist() == [False, False, False, True]
+
 def test_batches_past_int32_list_offsets_are_built_in_chunks(tiny_artifact, monkeypatch):
     """Arrow lists (and Spark arrays) have int32 offsets: 3M token rows x 768 floats in one array wrapped
     to a negative offset. Batches whose vectors exceed the limit now come out in chunks under it, and the

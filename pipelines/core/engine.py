@@ -240,11 +240,20 @@ class NoteResult:
         out = np.full(len(b), -1, np.int64)
         if not len(nz) or not len(b):
             return out
-        s = self.piece_starts[nz]
-        i = np.searchsorted(s, first, "right") - 1
-        ok = (i >= 0) & (first <= e)
-        i = np.searchsorted(s, s[np.maximum(i, 0)], "left")  # multi-byte characters: several pieces share a start
-        ok &= self.piece_ends[nz[i]] > first
+        s, ends = self.piece_starts[nz], self.piece_ends[nz]
+        last = np.searchsorted(s, first, "right") - 1  # the last piece starting at or before the character
+        valid = (last >= 0) & (first <= e)
+        last = np.maximum(last, 0)
+        # Several pieces can share that start: a multi-byte character's byte pieces, or a SentencePiece marker
+        # piece ("▁", moved to its word) before the word's first piece ("5." after "▁"). The first of them that
+        # contains the character is the token's first piece.
+        i = np.searchsorted(s, s[last], "left")
+        ok = valid & (ends[i] > first)
+        step = valid & ~ok & (i < last)
+        while step.any():
+            i[step] += 1
+            ok |= step & (ends[i] > first)
+            step &= ~ok & (i < last)
         out[ok] = nz[i[ok]]
         return out
 
