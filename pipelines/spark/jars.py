@@ -3,6 +3,7 @@
 
     builder = jars.configure(SparkSession.builder.master("local[2]"), ("delta", "s3a"))
     python -m clinlong.pipelines.spark.jars [delta] [s3a]     # resolve once; print the jars for spark-submit --jars
+    python -m clinlong.pipelines.spark.jars delta s3a --submit-args   # spark-submit's --jars and --conf options
 
 They are resolved once per machine, the standard way first: Spark's own Ivy (`spark.jars.packages`, what
 `delta.configure_spark_with_delta_pip(builder, extra_packages=[...])` sets) into its cache (`~/.ivy2.5.2`);
@@ -18,6 +19,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -268,10 +270,31 @@ def s3a_conf(endpoint: str | None = None) -> dict[str, str]:
     return conf
 
 
+def submit_args(kinds=KINDS, endpoint: str | None = None) -> list[str]:
+    """spark-submit's options for `kinds`, as `configure` sets them on a builder: `--jars` (resolved once per
+    machine), Delta's SQL extension and catalog (`--jars`/`--packages` alone put Delta's classes on the
+    classpath, but MERGE INTO, DESCRIBE HISTORY and `delta.`path`` need the extension), and the fs.s3a settings
+    of `s3a_conf` (from AWS_ENDPOINT_URL; credentials stay in the AWS_* variables)."""
+    kinds = tuple(k for k in KINDS if k in kinds)
+    if not kinds:
+        return []
+    out = ["--jars", ",".join(resolve(kinds))]
+    conf = {"spark.sql.extensions": DELTA_EXTENSION, "spark.sql.catalog.spark_catalog": DELTA_CATALOG} \
+        if "delta" in kinds else {}
+    conf.update(s3a_conf(endpoint) if "s3a" in kinds else {})
+    for k, v in conf.items():
+        out += ["--conf", f"{k}={v}"]
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     kinds = tuple(a for a in args if not a.startswith("-")) or KINDS
     try:
+        if "--submit-args" in args:
+            resolve(kinds, quiet="--verbose" not in args)
+            print(" ".join(shlex.quote(a) for a in submit_args(kinds)))
+            return 0
         paths = resolve(kinds, quiet="--verbose" not in args)
     except JarError as e:
         print(f"error: {e}", file=sys.stderr)
