@@ -241,8 +241,13 @@ class DeltaSparkWriter(Writer):
             return None
         return self.spark.sql(f"DESCRIBE DETAIL {uri}").first()["location"]
 
-    def _load(self, uri: str) -> DataFrame:
-        return self.spark.table(uri) if is_table_name(uri) else self.spark.read.format("delta").load(uri)
+    def _load(self, uri: str, version: int | None = None) -> DataFrame:
+        """The table's rows, at `version` when given (pinned: a later commit to the table does not change them)."""
+        if is_table_name(uri):
+            return self.spark.table(uri) if version is None else self.spark.sql(
+                f"SELECT * FROM {uri} VERSION AS OF {int(version)}")
+        reader = self.spark.read.format("delta")
+        return (reader if version is None else reader.option("versionAsOf", int(version))).load(uri)
 
     def version(self, uri: str) -> int | None:
         where = self._location(uri)
@@ -254,7 +259,12 @@ class DeltaSparkWriter(Writer):
             return None
 
     def read(self, uri: str, columns: list[str]) -> DataFrame | None:
-        return None if self.version(uri) is None else self._load(uri).select(*columns)
+        """The rows of the table's current version, pinned to it as delta-rs' reads are: Spark re-plans a Delta
+        DataFrame on the latest version whenever it is recomputed, and a chunk commit recaches every cached plan
+        over the table, so an unpinned read would make the run's pending notes lose those it just committed (and
+        the retried `embed` errors to clear with them)."""
+        version = self.version(uri)
+        return None if version is None else self._load(uri, version).select(*columns)
 
     def existing_schema(self, uri: str) -> pa.Schema | None:
         from pyspark.sql.pandas.types import to_arrow_schema
@@ -330,8 +340,11 @@ class DeltaSparkWriter(Writer):
             return 0
         keys.createOrReplaceTempView(view)
         before = self.version(uri)
-        self.spark.sql(f"MERGE INTO {self._ref(uri)} t USING {view} s ON {KEY_MATCH}"
-                       f"{' AND ' + condition if condition else ''} WHEN MATCHED THEN DELETE")
+        try:
+            self.spark.sql(f"MERGE INTO {self._ref(uri)} t USING {view} s ON {KEY_MATCH}"
+                           f"{' AND ' + condition if condition else ''} WHEN MATCHED THEN DELETE")
+        finally:
+            self.spark.catalog.dropTempView(view)  # not left in the user's session (SHOW TABLES lists it)
         if self.version(uri) == before:
             return 0
         metrics = self.spark.sql(f"DESCRIBE HISTORY {self._ref(uri)} LIMIT 1").first()["operationMetrics"] or {}
