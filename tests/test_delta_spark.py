@@ -1,11 +1,13 @@
-"""delta-spark and Spark's JARs for real (issue 21): the Delta and hadoop-aws JARs resolved once per machine
+"""delta-spark and Spark's s3a:// for real (issue 21): the Delta and hadoop-aws JARs resolved once per machine
 from the project's own files (pipelines/spark/jars.py), the job through Spark's Delta writer at every
 granularity and mode with vectors equal to the delta-rs writer's, resume after a kill -9 of the driver, two
 jobs on one table, Delta inputs delta-rs refuses (deletion vectors, column mapping), tables by name in a Hive
-metastore, and interchange with delta-rs.
+metastore, interchange with delta-rs, and s3a:// inputs and outputs on moto's S3 server, the README's
+spark-submit example included.
 
 The suite's shared session (conftest `spark`) has no JARs, so the other tests keep the delta-rs default; the
-checks that need a session with the JARs run in processes of their own (a JVM takes its JARs at start)."""
+checks that need a session with the JARs run in one process of their own (a JVM takes its JARs at start),
+which starts the two runs that need drivers of their own."""
 from __future__ import annotations
 
 import json
@@ -19,7 +21,7 @@ import pytest
 from deltalake import DeltaTable
 
 from tests.conftest import ROOT
-from tests.test_at_scale import job, short_notes
+from tests.test_at_scale import s3, short_notes  # noqa: F401 (fixture)
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +49,15 @@ def test_jar_coordinates_follow_the_installed_spark(delta_jars, tmp_path, monkey
     assert jars.job_kinds("auto", ("n.csv", "/x/out", "/x/out_errors")) == ()  # the embedded default: no JARs
     assert jars.job_kinds("delta-spark", ("s3a://b/n", "/x/o", "/x/e")) == ("delta", "s3a")
     assert jars.job_kinds("auto", ("n.csv", "db.emb", "db.emb_errors")) == ("delta",)
+    # spark-submit's options: the resolved files, Delta's extension and catalog, the endpoint; never a secret
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-in-conf")
+    monkeypatch.setenv("AWS_REGION", "eu-west-1")
+    args = jars.submit_args(("delta", "s3a"), endpoint="http://127.0.0.1:9000")
+    assert args[:2] == ["--jars", ",".join(jars.resolve(("delta", "s3a")))] and "not-in-conf" not in " ".join(args)
+    assert dict(a.split("=", 1) for a in args[3::2]) == {
+        "spark.sql.extensions": jars.DELTA_EXTENSION, "spark.sql.catalog.spark_catalog": jars.DELTA_CATALOG,
+        "spark.hadoop.fs.s3a.endpoint": "http://127.0.0.1:9000", "spark.hadoop.fs.s3a.path.style.access": "true",
+        "spark.hadoop.fs.s3a.connection.ssl.enabled": "false", "spark.hadoop.fs.s3a.endpoint.region": "eu-west-1"}
     with pytest.raises(jars.JarError, match="unknown JAR kind"):
         jars.coordinates(("kafka",))
     # Neither resolver can: one line naming the coordinates and both causes, never a silent skip.
@@ -60,82 +71,103 @@ def test_jar_coordinates_follow_the_installed_spark(delta_jars, tmp_path, monkey
 
 
 @pytest.mark.slow
-def test_delta_spark_writer_end_to_end(delta_jars, tiny_artifact, tmp_path, record_property):
-    """One process with the JARs (tests/delta_spark_checks.py): every granularity through Spark's Delta
-    writer (`auto` picks it) equals the delta-rs writer's table, commit info and numRecords match the
-    summary, a rerun commits nothing; a Delta input with deletion vectors and one with column mapping;
-    an output with deletion vectors merged; tables by name in a Hive metastore; a delta-rs table optimised
-    and vacuumed by delta-spark."""
-    notes = short_notes(tmp_path / "n.csv", 12)
+def test_delta_spark_and_s3a_end_to_end(delta_jars, tiny_artifact, s3, tmp_path, record_property):
+    """One process with Delta's and hadoop-aws' JARs (tests/delta_spark_checks.py), which also starts the two runs
+    that need drivers of their own: every granularity through Spark's Delta writer (`auto` picks it) equal to the
+    delta-rs writer's table, commit info and numRecords equal to the summary, a rerun commits nothing; an input
+    with deletion vectors and an output with them (MERGE), a task re-executed and an `embed` error cleared by the
+    next incremental run; a column-mapped input; tables by name in a Hive metastore; a delta-rs table optimised
+    and vacuumed by delta-spark; a job killed with SIGKILL between commits then resumed, while another job
+    appended to its table; s3a:// for real (moto's S3 server): Parquet, Delta and CSV inputs read by Spark, each
+    writer resuming a table the other began in the bucket, the README's spark-submit example. Then, here: the
+    tables read by delta-rs, Polars and DuckDB, and `maintain` on an s3a:// table with --storage-option."""
+    from tests.test_at_scale import BUCKET
+
+    for name, n, seed in (("n12", 12, 3), ("n3", 3, 3), ("n24", 24, 3), ("b6", 6, 5)):
+        short_notes(tmp_path / f"{name}.csv", n, seed=seed)
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "delta_spark_checks.py"), str(tmp_path), str(notes),
-                           str(tiny_artifact)], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "delta_spark_checks.py"), str(tmp_path),
+                           str(tiny_artifact), BUCKET], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)},
                           capture_output=True, text=True, timeout=1100)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(proc.stdout.strip().splitlines()[-1])
-    for g, rows in (("note", 12), ("sentence", None), ("token", None)):
+    for g, rows, info in (("note", 12, [0, 1]), ("sentence", None, [0]), ("token", None, [0])):
         f = r[g]
         assert f["keys_equal"] and f["max_diff"] <= 1e-6, (g, f)
         assert f["rows"] == f["summary_rows"] == f["add_records"] == f["history_rows"], (g, f)
-        assert f["info"] == [0, 1] and f["ops"] == ["WRITE", "WRITE"]
+        assert f["info"] == info and f["ops"] == ["WRITE"] * len(info) and "Delta-Lake" in f["engine"], (g, f)
         assert rows is None or f["rows"] == rows
+    assert r["sentence"]["rows"] > 3 and r["token"]["rows"] > r["sentence"]["rows"]
     assert r["rerun"]["resumed_from"] == r["rerun"]["chunks"] == 2 and r["rerun"]["version"] == r["rerun"]["before"]
     assert r["auto_writer"] == "delta-spark"
+    # A worker killed after its rows (the task re-executed) and a note the model step refused: the totals equal the
+    # committed numRecords and numOutputRows; the refused note is an `embed` error row.
+    f = r["faults"]
+    assert f["task_killed"] and f["rows_in"] == 12 and f["embedded"] == 11 and f["errors"] == {
+        "embed: InjectedFault in the model step": 1}, f
+    assert f["rows_written"] == f["add_records"] == f["history_rows"] == 11 and f["error_rows"] == [[7, "embed"]]
     dv = r["incremental_dv"]
     assert dv["dv_feature"] and dv["input_rows"] == 10 and dv["first"] == 12
-    assert dv["second"] == 2 and dv["stale"] == 2 and dv["ops"][-1] == "MERGE" and dv["ops"].count("MERGE") == 1
-    assert dv["out_rows"] == 12  # the two changed notes replaced, each note once
+    assert dv["second"] == 3 and dv["stale"] == 2 and dv["retried"] == 1 and dv["errors_left"] == 0, dv
+    assert dv["ops"][-1] == "MERGE" and dv["ops"].count("MERGE") == 1 and dv["error_ops"].count("MERGE") == 1, dv
+    assert dv["out_rows"] == 12 and dv["out_ids"] == list(range(1, 13))  # 5 and 6 replaced, each note once
     assert r["column_mapping"] == {"rows_in": 12, "embedded": 12}
     named = r["named"]
-    assert named["first"] == 12 and named["again"] == 0 and named["third"] == 1
-    assert {"note_embeddings", "note_embeddings_errors"} <= set(named["tables"]) and named["provider"] == "delta"
+    assert named["first"] == 12 and named["then"] == 1  # the inserted row alone: the input's version changed
+    assert named["tables"] == ["note_embeddings", "note_embeddings_errors", "noteevents"]  # no temporary view left
+    assert named["provider"] == "delta"
     assert named["schema"] == ["note_id", "n_tokens", "n_windows", "embedding", "model_id", "text_sha256"]
     assert r["interchange"]["rows"] == 12 and r["interchange"]["files_after"] == 1
-    # A table delta-spark wrote, read by delta-rs, Polars and DuckDB.
+    # Killed between chunk 1's errors and output commits: chunk 0 only; the rerun resumed at chunk 1. The partner
+    # job committed its run into the same table meanwhile: 24 + 6 rows, each (note, text) once.
+    k = r["kill9"]
+    assert k["rc"] == -9 and k["txn_before"] == 0 and k["resumed_from"] == 1 and k["chunks"] == 3, k
+    assert k["rows"] == 30 and k["duplicates"] == 0 and k["ids"] == list(range(1, 25)) and k["partner_txn"] == 0, k
+    assert r["partner"]["rows_in"] == 6
+    # s3a://: each writer resumed the other's table at chunk 1; both resume checks read the bucket's log
+    for first, then in (("delta-spark", "delta-rs"), ("delta-rs", "delta-spark")):
+        c = r["s3a"][first]
+        assert c["stopped"] and c["resumed_from"] == 1 and c["chunks"] == 2 and c["rows_in"] < 12, c
+        assert c["txn"] == {"delta-spark": 1, "delta-rs": 1}, c
+        assert c["keys_equal"] and c["rows"] == 12 and c["max_diff"] <= 1e-6, c
+        assert ("Delta-Lake" in c["first_engine"]) == (first == "delta-spark"), c
+        assert ("Delta-Lake" in c["then_engine"]) == (then == "delta-spark"), c
+    # The run fingerprint is what Spark lists in the bucket (the CSV: its s3a:// path and size) or the Delta version.
+    kind, name, files = r["fingerprints"]["csv"]
+    assert kind == "csv" and name == f"s3a://{BUCKET}/NOTEEVENTS/" and len(files) == 1
+    assert files[0][:2] == [f"s3a://{BUCKET}/NOTEEVENTS/notes.csv", (tmp_path / "n12.csv").stat().st_size]
+    assert r["fingerprints"]["delta"] == ["delta", f"s3a://{BUCKET}/notes_delta", 0]
+    sub = r["submit"]
+    assert sub["rc"] == 0 and sub["summary"] == ["rows in 12, embedded 12, errors 0 (none)"], sub
+    assert "Delta-Lake" in sub["engine"] and sub["ops"] == ["WRITE"] and sub["keys_equal"] and sub["max_diff"] <= 1e-6
+
+    # The tables delta-spark wrote, read by delta-rs (locally and in the bucket), Polars and DuckDB.
     import polars as pl
+
+    from tests.test_exactly_once import _duckdb
 
     ds = str(tmp_path / "ds_note")
     want = DeltaTable(str(tmp_path / "rs_note")).to_pandas().sort_values("note_id")
-    got = DeltaTable(ds).to_pandas().sort_values("note_id")
-    np.testing.assert_allclose(np.stack(got.embedding), np.stack(want.embedding), atol=1e-6)
+    for got in (DeltaTable(ds).to_pandas(), DeltaTable(f"s3://{BUCKET}/delta/note_embeddings").to_pandas()):
+        got = got.assign(note_id=got.note_id.astype("int64")).sort_values("note_id")
+        assert got.note_id.tolist() == want.note_id.tolist()
+        np.testing.assert_allclose(np.stack(got.embedding), np.stack(want.embedding), atol=1e-6)
     assert pl.read_delta(ds).height == 12
-    from tests.test_exactly_once import _duckdb
-
     assert _duckdb().sql(f"SELECT count(*) FROM delta_scan('{ds}')").fetchone()[0] == 12
-    record_property("ci_figures", f"delta-spark checks: {time.perf_counter() - start:.0f} s in one process")
 
+    # maintain on an s3a:// table (opened as s3://), the endpoint given as --storage-option alone, as the job takes it
+    from clinlong.pipelines.delta.maintain import main as maintain
 
-@pytest.mark.slow
-def test_kill9_resume_and_two_jobs_on_one_table(delta_jars, tiny_artifact, tmp_path):
-    """--writer delta-spark: the driver killed (SIGKILL) between a chunk's errors and output commits, then
-    rerun: every note exactly once, resumed from the committed txn actions. Two jobs started together append
-    to one table that neither has created: both commit, the table is their union."""
-    notes = short_notes(tmp_path / "n.csv", 24)
-    out = tmp_path / "emb"
-    args = ["--notes", str(notes), "--model", str(tiny_artifact), "--out", str(out), "--id-type", "long",
-            "--writer", "delta-spark", "--master", "local[2]", "--progress-every", "0", "--chunk-notes", "8"]
-    killed = job(args, {"CLINLONG_FAULTPOINT": "driver-between-commits:2"})
-    assert killed.returncode == -9, killed.stderr[-2000:]
-    assert DeltaTable(str(out)).transaction_version(_app_id(out)) == 0  # chunk 0 only
-    again = job(args)
-    assert again.returncode == 0 and "resumed at chunk 1" in again.stdout, again.stderr[-3000:]
-    ids = DeltaTable(str(out)).to_pandas().note_id.tolist()
-    assert sorted(ids) == list(range(1, 25))  # 0 duplicates, 0 missing
-
-    a, b = short_notes(tmp_path / "a.csv", 6), short_notes(tmp_path / "b.csv", 6, seed=5)
-    both = tmp_path / "both"
-    procs = [subprocess.Popen([sys.executable, "-m", "clinlong.pipelines.embed_notes", "--notes", str(n), "--model",
-                               str(tiny_artifact), "--out", str(both), "--writer", "delta-spark", "--master",
-                               "local[1]", "--progress-every", "0", "--run-id", n.stem], cwd=ROOT,
-                              env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for n in (a, b)]
-    results = [p.communicate(timeout=600) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], [r[1][-2000:] for r in results]
-    table = DeltaTable(str(both))
-    assert len(table.to_pandas()) == 12 and {table.transaction_version("clinlong-a"),
-                                             table.transaction_version("clinlong-b")} == {0}
-
-
-def _app_id(out) -> str:
-    info = [json.loads(h["userMetadata"]) for h in DeltaTable(str(out)).history() if h.get("userMetadata")]
-    return f"clinlong-{info[0]['run_id']}"
+    table = f"s3a://{BUCKET}/ds_then_rs"
+    files_before = len(DeltaTable(f"s3://{BUCKET}/ds_then_rs").file_uris())
+    endpoint = os.environ.pop("AWS_ENDPOINT_URL")
+    try:
+        assert maintain([table, "--compact", "--storage-option", "AWS_ENDPOINT_URL"]) == 2  # KEY=VALUE: one line
+        assert maintain([table, "--compact", "--vacuum", "--retention-hours", "0", "--force", "--storage-option",
+                         f"AWS_ENDPOINT_URL={endpoint}"]) == 0
+    finally:
+        os.environ["AWS_ENDPOINT_URL"] = endpoint
+    after = DeltaTable(f"s3://{BUCKET}/ds_then_rs")
+    assert len(after.file_uris()) == 1 < files_before and len(after.to_pandas()) == 12
+    record_property("ci_figures", f"delta-spark and s3a checks: {time.perf_counter() - start:.0f} s, "
+                    f"sections {r['seconds']}")
