@@ -88,8 +88,11 @@ def main(argv: list[str] | None = None) -> int:
                   "vacuum that short can delete files a running job has not committed yet. Pass --force only "
                   "when no job writes to the table", file=sys.stderr)
             return 2
-        print(f"vacuum{' (dry run)' if args.dry_run else ''}: {len(files)} unreferenced files"
-              f"{' listed' if args.dry_run else ' deleted'}")
+        if args.dry_run:  # file names only (they hold ids and hashes, never text)
+            print(f"vacuum (dry run): {len(files)} unreferenced files would be deleted"
+                  + "".join(f"\n  {f}" for f in sorted(files)))
+        else:
+            print(f"vacuum: {len(files)} unreferenced files deleted")
     return 0
 
 
