@@ -51,7 +51,7 @@ demo: $(VENV)/.installed
 # Two pytest workers, one test file each at a time (most tests wait on JVMs, subprocesses and disks).
 test: $(VENV)/.installed
 	$(JAVA_CHECK)
-	$(PY) -m pytest -n 2 --dist loadfile
+	$(PY) -m pytest -n 2 --dist loadfile --durations=25
 
 # The inner loop: everything not marked slow.
 test-fast: $(VENV)/.installed

@@ -1,9 +1,11 @@
 """`python -m clinlong.benchmarks [--quick] [--json OUT]`: our job against the pandas-UDF baseline, side by side.
 
 One run, one machine, one process tree: the baseline (Spark pandas UDF around Hugging Face
-LongformerModel, fp32), our job at note granularity into Delta at fp32 and bf16, our heavy step alone,
-a GEMM peak at each precision, scaling with note length, and memory on a stream of notes. Base-size
-synthetic checkpoint (the real Clinical-Longformer dimensions), MIMIC-III-like mix of note lengths.
+LongformerModel, fp32), our job at note granularity into Delta at fp32 (and bf16 where this CPU runs it
+faster, or when asked with --precisions), our heavy step alone, a GEMM peak at each precision, scaling with
+note length, and memory on a stream of notes. The baseline and each job row run --repeat times (3) in one
+Spark session each; the median counts and every run's seconds are reported. Base-size synthetic checkpoint
+(the real Clinical-Longformer dimensions), MIMIC-III-like mix of note lengths.
 """
 from __future__ import annotations
 
@@ -47,7 +49,7 @@ def short_mix(n: int) -> list[str]:
     return [x.text for x in generate_notes(20 * n, seed=8) if x.category != "Discharge summary"][:n]
 
 
-def short_note_mix(ckpt: Path, art: Path, n: int, threads: int) -> dict:
+def short_note_mix(ckpt: Path, art: Path, n: int, threads: int, precisions=("fp32", "bf16")) -> dict:
     """Our heavy step against Hugging Face eager (fp32, length-sorted batches) on short notes, in process."""
     import torch
 
@@ -63,7 +65,7 @@ def short_note_mix(ckpt: Path, art: Path, n: int, threads: int) -> dict:
     hf_tps = tokens / hf_seconds
     result = {"notes": n, "bpe_tokens": tokens, "mean_tokens_per_note": round(tokens / n, 1),
               "hf_eager_sorted_fp32_tokens_per_s": round(hf_tps, 1)}
-    for prec in ("fp32", "bf16"):
+    for prec in precisions:
         secs, useful, _ = heavy_step(art, texts, prec, threads)
         result[f"ours_heavy_step_{prec}_tokens_per_s"] = round(useful / secs, 1)
         result[f"ours_heavy_step_{prec}_x_hf"] = round(useful / secs / hf_tps, 2)
@@ -104,32 +106,42 @@ def _spark(cores: int):
     return spark
 
 
-def run_baseline(notes: Path, ckpt: Path, out: Path, cores: int) -> tuple[float, float]:
+def run_baseline(notes: Path, ckpt: Path, out: Path, cores: int, repeat: int) -> tuple[list[float], float]:
+    """The baseline `repeat` times in one Spark session: the wall seconds of each run, and peak worker RSS."""
     from clinlong.benchmarks.baseline import embed_udf
 
     spark = _spark(cores)
     try:
+        seconds = []
         with WorkerMemory() as mem:
-            start = time.perf_counter()
-            df = spark.read.parquet(str(notes)).repartition(cores)
-            df.select("ROW_ID", embed_udf(str(ckpt))("TEXT").alias("embedding")).write.mode("overwrite").parquet(str(out))
-            seconds = time.perf_counter() - start
+            for _ in range(repeat):
+                start = time.perf_counter()
+                df = spark.read.parquet(str(notes)).repartition(cores)
+                df.select("ROW_ID", embed_udf(str(ckpt))("TEXT").alias("embedding")).write.mode("overwrite").parquet(
+                    str(out))
+                seconds.append(time.perf_counter() - start)
         return seconds, round(mem.peak_mb, 1)
     finally:
         spark.stop()
 
 
-def run_ours(notes: Path, art: Path, out: Path, cores: int, precision: str) -> tuple[float, float, dict]:
+def run_ours(notes: Path, art: Path, out: Path, cores: int, precision: str,
+             repeat: int) -> tuple[list[float], float, dict]:
+    """Our job `repeat` times in one Spark session (each run a new run id, overwriting the table): the wall
+    seconds of each run, peak worker RSS, and the last run's summary."""
     from clinlong.pipelines.core.engine import EmbedOptions
     from clinlong.pipelines.jobs.embed_notes import JobConfig, run
 
     spark = _spark(cores)
     try:
+        seconds = []
         with WorkerMemory() as mem:
-            start = time.perf_counter()
-            summary = run(JobConfig(notes=str(notes), model=str(art), out=str(out), mode="overwrite",
-                                    run_id=f"bench-{time.time_ns()}", partitions=cores, options=EmbedOptions(precision=precision)), spark)
-            seconds = time.perf_counter() - start
+            for _ in range(repeat):
+                start = time.perf_counter()
+                summary = run(JobConfig(notes=str(notes), model=str(art), out=str(out), mode="overwrite",
+                                        run_id=f"bench-{time.time_ns()}", partitions=cores,
+                                        options=EmbedOptions(precision=precision)), spark)
+                seconds.append(time.perf_counter() - start)
         return seconds, round(mem.peak_mb, 1), summary
     finally:
         spark.stop()
@@ -224,14 +236,19 @@ def format_table(result: dict) -> str:
         lines.append(f"{r['name']:<32} {r['notes']:>5} {r['bpe_tokens']:>7} {r['wall_s']:>7.1f} {r['tokens_per_s']:>7.0f} "
                      f"{r['ratio_vs_baseline']:>6.2f} {r['gflops']:>7.1f} {r['fraction_of_peak']:>7.2f} "
                      f"{(r['peak_rss_mb_per_worker'] or 0):>7.0f} {'' if cos is None else f'{cos:.5f}':>8}")
+    lines.append(f"wall s: median of {result['repeat']} runs per row ("
+                 + "; ".join(f"{r['name']}: {', '.join(map(str, r['wall_s_runs']))}" for r in result["runs"]
+                             if "wall_s_runs" in r) + ")")
+    if result["skipped"]:
+        lines.append(result["skipped"])
     p = result["gemm_peak_gflops"]
-    lines.append(f"GEMM peak ({result['threads']} threads): fp32 {p['fp32']:.0f} GFLOP/s, bf16 {p['bf16']:.0f} GFLOP/s; "
-                 f"{result['flops_per_token'] / 1e6:.1f} MFLOP per token")
+    lines.append(f"GEMM peak ({result['threads']} threads): " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in p.items())
+                 + f"; {result['flops_per_token'] / 1e6:.1f} MFLOP per token")
     sm = result["short_note_mix"]
     lines.append(f"short-note mix ({sm['notes']} notes, {sm['mean_tokens_per_note']} tokens each): Hugging Face eager fp32 "
-                 f"{sm['hf_eager_sorted_fp32_tokens_per_s']:.0f} tok/s; our heavy step fp32 "
-                 f"{sm['ours_heavy_step_fp32_tokens_per_s']:.0f} ({sm['ours_heavy_step_fp32_x_hf']}x), bf16 "
-                 f"{sm['ours_heavy_step_bf16_tokens_per_s']:.0f} ({sm['ours_heavy_step_bf16_x_hf']}x)")
+                 f"{sm['hf_eager_sorted_fp32_tokens_per_s']:.0f} tok/s; our heavy step "
+                 + ", ".join(f"{k} {sm[f'ours_heavy_step_{k}_tokens_per_s']:.0f} ({sm[f'ours_heavy_step_{k}_x_hf']}x)"
+                             for k in result["precisions"]))
     mc = result["machine"]
     lines.append(f"machine: {mc['cpu']}, {mc['cores']} cores; bf16 hardware: "
                  f"{', '.join(k for k in ('avx512_bf16', 'amx_bf16') if mc[k]) or 'none'} -> precision auto = "
@@ -253,6 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="write the results here")
     p.add_argument("--plot", help="PNG path (default: next to --json, else WORK/benchmark.png)")
     p.add_argument("--work", default="work/bench", help="folder for the checkpoint, artifact, notes and outputs")
+    p.add_argument("--repeat", type=int, default=3, help="runs of the baseline and of each job row; the median counts")
+    p.add_argument("--precisions", help="fp32,bf16 (default: bf16 too only where precision auto picks it, i.e. "
+                   "where this CPU's bf16 hardware is faster)")
     args = p.parse_args(argv)
     from clinlong.pipelines.core.logs import configure
 
@@ -260,46 +280,58 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     cores = os.cpu_count() or 1
-    n_notes, n_long = (6, 1) if args.quick else (40, 8)
+    n_notes, n_long = (8, 1) if args.quick else (40, 8)
+    auto = machine()["precision_auto"]
+    precisions = args.precisions.split(",") if args.precisions else ["fp32", *(["bf16"] if auto == "bf16" else [])]
+    skipped = "" if "bf16" in precisions else (
+        "bf16 rows skipped: precision auto picks fp32 on this CPU (no bf16 hardware that is faster here); "
+        "pass --precisions fp32,bf16 to run them")
     started = time.perf_counter()
     ckpt, art = ensure_artifact(work)
     setup_s = time.perf_counter() - started
     cfg = json.loads((art / "manifest.json").read_text())["torch"]["encoder_config"]
     fpt = flops_per_token(cfg)
     notes_path, texts = write_notes(work, n_notes, n_long)
-    peaks = {prec: gemm_peak(prec, cores) for prec in ("fp32", "bf16")}
-    log.info(f"{n_notes} notes; GEMM peak fp32 {peaks['fp32']:.0f}, bf16 {peaks['bf16']:.0f} GFLOP/s on {cores} threads")
+    peaks = {prec: gemm_peak(prec, cores) for prec in precisions}
+    log.info(f"{n_notes} notes, {args.repeat} runs per row; GEMM peak "
+             + ", ".join(f"{k} {v:.0f}" for k, v in peaks.items()) + f" GFLOP/s on {cores} threads")
+    if skipped:
+        log.info(skipped)
 
     from clinlong.benchmarks.baseline import tokens_processed
 
     runs = []
     log.info("baseline: Spark pandas UDF + Hugging Face LongformerModel, fp32")
-    secs, rss = run_baseline(notes_path, ckpt, work / "baseline.parquet", cores)
+    secs, rss = run_baseline(notes_path, ckpt, work / "baseline.parquet", cores, args.repeat)
     base_tokens = tokens_processed(str(ckpt), texts)
     runs.append({"name": "baseline_pandas_udf_hf_fp32", "precision": "fp32", "notes": n_notes, "bpe_tokens": base_tokens,
-                 "wall_s": secs, "peak_rss_mb_per_worker": rss})
+                 "wall_s": float(np.median(secs)), "wall_s_runs": [round(x, 2) for x in secs],
+                 "peak_rss_mb_per_worker": rss})
     job_tables = {}
-    for prec in ("fp32", "bf16"):
+    for prec in precisions:
         log.info(f"our job, note granularity into Delta, {prec}")
         out = work / f"delta-{prec}"
-        secs, rss, summary = run_ours(notes_path, art, out, cores, prec)
+        secs, rss, summary = run_ours(notes_path, art, out, cores, prec, args.repeat)
         job_tables[prec] = out
         runs.append({"name": f"ours_job_delta_{prec}", "precision": prec, "notes": summary["rows_in"],
-                     "bpe_tokens": summary["bpe_tokens"] + 2 * summary["embedded"], "wall_s": secs,
-                     "peak_rss_mb_per_worker": rss})
+                     "bpe_tokens": summary["bpe_tokens"] + 2 * summary["embedded"], "wall_s": float(np.median(secs)),
+                     "wall_s_runs": [round(x, 2) for x in secs], "peak_rss_mb_per_worker": rss})
     heavy = {}
-    for prec in ("fp32", "bf16"):
+    for prec in precisions:
         log.info(f"our heavy step alone, {prec}")
         secs, tokens, out = heavy_step(art, texts, prec, cores)
         heavy[prec] = out
         runs.append({"name": f"ours_heavy_step_{prec}", "precision": prec, "notes": n_notes, "bpe_tokens": tokens,
                      "wall_s": secs, "peak_rss_mb_per_worker": round(peak_rss_mb(), 1)})
 
-    token_cos = float(min(cosine_rows(a, b).min() for a, b in zip(heavy["fp32"], heavy["bf16"])))
-    from deltalake import DeltaTable
+    token_cos = note_cos = None
+    if "bf16" in precisions:
+        from clinlong.pipelines.delta.sink import read_table
 
-    t32, t16 = (DeltaTable(str(job_tables[p])).to_pandas().sort_values("note_id") for p in ("fp32", "bf16"))
-    note_cos = float(cosine_rows(np.stack(t32.embedding), np.stack(t16.embedding)).min())
+        token_cos = float(min(cosine_rows(a, b).min() for a, b in zip(heavy["fp32"], heavy["bf16"])))
+        t32, t16 = (read_table(str(job_tables[p]), ["note_id", "embedding"]).to_pandas().sort_values("note_id")
+                    for p in ("fp32", "bf16"))
+        note_cos = float(cosine_rows(np.stack(t32.embedding), np.stack(t16.embedding)).min())
     base_tps = runs[0]["bpe_tokens"] / runs[0]["wall_s"]
     for r in runs:
         r["wall_s"] = round(r["wall_s"], 2)
@@ -311,15 +343,16 @@ def main(argv: list[str] | None = None) -> int:
         if r["precision"] == "bf16":
             r["cosine_to_fp32_min"] = round(token_cos if "heavy" in r["name"] else note_cos, 6)
     log.info("short-note mix: our heavy step against Hugging Face eager")
-    short = short_note_mix(ckpt, art, 12 if args.quick else 120, cores)
+    short = short_note_mix(ckpt, art, 12 if args.quick else 120, cores, precisions)
     log.info("scaling and memory")
     result = {
         "machine": machine(), "threads": cores, "quick": args.quick,
         "flops_per_token": fpt,
         "flops_formula": "per layer 2*(4*d^2 + 2*d*d_ff) + 4*d*(w+1), summed over layers",
         "gemm_peak_gflops": {k: round(v, 1) for k, v in peaks.items()},
-        "runs": runs,
-        "cosine_bf16_vs_fp32": {"per_token_min": round(token_cos, 6), "per_note_min": round(note_cos, 6)},
+        "runs": runs, "repeat": args.repeat, "precisions": precisions, "skipped": skipped,
+        "cosine_bf16_vs_fp32": ({"per_token_min": round(token_cos, 6), "per_note_min": round(note_cos, 6)}
+                                if token_cos is not None else None),
         "short_note_mix": short,
         "scaling": scaling(art, cores, 1 if args.quick else 3),
         "memory_stream": memory_stream(art, cores, 3 if args.quick else 8),
