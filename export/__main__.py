@@ -26,10 +26,22 @@ def build_parser() -> argparse.ArgumentParser:
                         "LongformerEmbeddings.loadSavedModel imports, at OUT; all: native at OUT and Spark NLP's "
                         "folder at OUT/sparknlp")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (atomically)")
-    p.add_argument("--name", help="artifact name used in model_id (default: the checkpoint directory's name)")
+    p.add_argument("--name", help="artifact name used in model_id (default: the name of the artifact --overwrite "
+                                  "replaces, so a re-export keeps its model_id; else the checkpoint directory's name)")
     p.add_argument("--atol", type=float, default=1e-3, help="parity: max abs difference per value (default 1e-3)")
     p.add_argument("--min-cosine", type=float, default=0.99999, help="parity: min cosine per token (default 0.99999)")
     return p
+
+
+def _existing_name(out) -> str | None:
+    """The name in the manifest of the native artifact at `out` (which --overwrite replaces), if any: a
+    re-export keeps the name, and so the model_id, of what it replaces unless --name says otherwise."""
+    import json
+
+    try:
+        return json.loads((out / "manifest.json").read_text(encoding="utf-8")).get("name") or None
+    except (OSError, ValueError):
+        return None
 
 
 def run(argv: list[str] | None = None) -> dict:
@@ -55,7 +67,7 @@ def run(argv: list[str] | None = None) -> dict:
         from clinlong.export.sparknlp import check_supported
 
         check_supported(ckpt)  # before any work
-    name = args.name or ckpt.name
+    name = args.name or _existing_name(Path(args.out)) or ckpt.name
     tol = Tolerance(args.atol, args.min_cosine)
     result: dict = {}
     with staged_directory(args.out, args.overwrite) as staging:

@@ -315,7 +315,7 @@ def test_reexport_then_incremental_and_a_changed_model(tiny_checkpoint, tiny_art
     out = tmp_path / "t"
     base = dict(notes=str(notes), model=str(model), out=str(out), id_type="long", mode="incremental", options=FP32)
     assert run(JobConfig(**base), spark)["embedded"] == 10
-    assert export([str(tiny_checkpoint), str(model), "--overwrite", "--name", "tiny-clinical-longformer"]) == 0
+    assert export([str(tiny_checkpoint), str(model), "--overwrite"]) == 0  # as Troubleshooting says, no --name
     again = run(JobConfig(**base), spark)
     assert (again["rows_in"], again["model_id"]) == (0, table(out).model_id[0])
     line = format_summary(again).splitlines()[0]

@@ -27,7 +27,7 @@ import numpy as np
 
 from clinlong.pipelines.core.artifact import Artifact
 from clinlong.pipelines.core.devices import DEVICES
-from clinlong.pipelines.core.options import option
+from clinlong.pipelines.core.options import check_types, option
 from clinlong.pipelines.core.runtime import (
     BACKENDS,
     DEFAULT_BATCH_SIZE,
@@ -83,7 +83,8 @@ class EmbedOptions:
     def __post_init__(self):
         """An unset overlap follows the max length (windows.default_overlap). The resolved value is stored,
         so `dataclasses.replace(options, max_length=...)` keeps it: pass window_overlap=None to re-derive."""
-        if self.window_overlap is None and isinstance(self.max_length, int):
+        check_types(self)  # ValueError naming the option: a wrongly typed value never reaches the model
+        if self.window_overlap is None:
             object.__setattr__(self, "window_overlap", default_overlap(self.max_length))
 
     def validate(self, artifact: Artifact) -> "EmbedOptions":

@@ -60,3 +60,34 @@ def from_arguments(cls, args: argparse.Namespace):
             repeat = f.metadata["option"]["repeat"]
             values[f.name] = repeat(value) if repeat is not None else value
     return cls(**values)
+
+
+def check_types(obj) -> None:
+    """Refuse, in one line naming the option, a field value of the wrong type (`case_sensitive="no"`,
+    `max_length="512"` or 512.7) or outside its choices: the values a setter, `load(**options)` or a config
+    accepts are the ones that run. Types are read from the dataclass's annotations (bool, int, str, float,
+    `X | None`); a bool is not an int here, an int is a float."""
+    import typing
+
+    hints = typing.get_type_hints(type(obj))
+    for f in fields(obj):
+        value, hint = getattr(obj, f.name), hints.get(f.name)
+        allowed = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, _UnionType) else (hint,)
+        if value is None and type(None) in allowed:
+            continue
+        simple = [t for t in allowed if t in (bool, int, str, float)]
+        ok = any((isinstance(value, t) and not (t is int and isinstance(value, bool)))
+                 or (t is float and isinstance(value, int) and not isinstance(value, bool)) for t in simple)
+        if simple and not ok:
+            want = " or ".join(t.__name__ for t in simple)
+            raise ValueError(f"option {f.name} must be {want}, got {value!r}")
+        choices = f.metadata.get("option", {}).get("choices")
+        if choices and value not in choices:
+            raise ValueError(f"option {f.name} must be one of {tuple(choices)}, got {value!r}")
+
+
+try:
+    from types import UnionType as _UnionType
+except ImportError:  # pragma: no cover - Python < 3.10
+    _UnionType = type(None)
+

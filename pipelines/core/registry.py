@@ -30,6 +30,11 @@ def resolve(name: str = "clinical_longformer", lang: str = "en") -> Path:
         name, lang = ALIASES[name]
     if Path(name).expanduser().is_dir() and (Path(name).expanduser() / MANIFEST_FILE).exists():
         return Path(name).expanduser()
+    if "/" in name or "\\" in name or name.startswith(("~", ".")):  # a path, not a registered name
+        path = Path(name).expanduser()
+        what = "is a folder without manifest.json" if path.is_dir() else "does not exist"
+        raise ArtifactError(f"{name} {what}, so it is not a model artifact; create one with: "
+                            f"python -m clinlong.export CHECKPOINT {name}")
     root = models_dir()
     for candidate in (root / f"{name}_{lang}", root / name):
         if (candidate / MANIFEST_FILE).is_file():

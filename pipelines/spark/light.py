@@ -11,7 +11,7 @@ BPE piece covers has a null vector and `skip_reason` engine.TOKEN_NO_PIECE / SEN
 """
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import fields, replace
 
 import pandas as pd
 import pyarrow as pa
@@ -75,7 +75,7 @@ class EmbeddingsPipeline:
             spark = SparkSession.builder.getOrCreate()
             sdf = spark.createDataFrame(pd.DataFrame({"note_id": ids, "text": pd.Series(texts, dtype=object)}),
                                         schema=_text_schema(ids))
-            return self._spark(sdf, granularity, options).toPandas()
+            return arrow_to_pandas(self._spark(sdf, granularity, options).toArrow())
         try:
             from pyspark.sql import DataFrame as SparkDataFrame
         except ImportError:  # pragma: no cover
@@ -107,7 +107,7 @@ class EmbeddingsPipeline:
             tables.append(build_table(spec, chunk_ids, chunk_texts, emb.embed(chunk_texts)))
             bar.update(len(chunk_texts))
         bar.close()
-        return pa.concat_tables(tables).to_pandas()
+        return arrow_to_pandas(pa.concat_tables(tables))
 
     def _spec(self, granularity: str, id_type: pa.DataType, options: EmbedOptions) -> OutputSpec:
         return OutputSpec(granularity, table_schema(granularity, id_type, skip_reasons=True), self.artifact.model_id,
@@ -139,8 +139,23 @@ def _text_schema(ids: list):
     return T.StructType([T.StructField("note_id", id_type), T.StructField("text", T.StringType())])
 
 
+# Integer columns stay integers where a skipped input's row holds nulls (begin, end, indices): pandas' nullable
+# dtypes, so `text[begin:end + 1]` works on every embedded row instead of failing on float64.
+_NULLABLE_INTEGERS = {pa.int8(): pd.Int8Dtype(), pa.int16(): pd.Int16Dtype(), pa.int32(): pd.Int32Dtype(),
+                      pa.int64(): pd.Int64Dtype()}
+
+
+def arrow_to_pandas(table: pa.Table) -> pd.DataFrame:
+    """`predict`'s pandas frame: Arrow integer columns as nullable pandas integers, the rest as usual."""
+    return table.to_pandas(types_mapper=_NULLABLE_INTEGERS.get)
+
+
 def load(name: str = "en.embed.longformer.clinical", lang: str = "en", **options) -> EmbeddingsPipeline:
     """Resolve `name` (an nlu-style reference, a registered name or an artifact path) to a pipeline.
     `options` are EmbedOptions' fields (max_length, case_sensitive, window_overlap, ...), checked here:
     a value that is refused raises ValueError naming the option."""
+    known = [f.name for f in fields(EmbedOptions)]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ValueError(f"unknown option(s) {', '.join(unknown)}; load() takes: {', '.join(known)}")
     return EmbeddingsPipeline(Artifact.open(resolve(name, lang)), EmbedOptions(**options))
