@@ -21,6 +21,13 @@ def _fake_jdk(root: Path, name: str, version: str) -> Path:
     return home
 
 
+@pytest.fixture(autouse=True)
+def own_environment(monkeypatch):
+    """ensure_java sets JAVA_HOME and PATH in os.environ for the JVM it is about to start: here in a copy, so
+    a fake JDK never reaches the Spark sessions of later tests in this process."""
+    monkeypatch.setattr(os, "environ", dict(os.environ))
+
+
 def test_prefers_jdk_21_or_17_under_jvm_root(tmp_path, monkeypatch):
     for name, version in (("jdk-11", "11.0.2"), ("jdk-25", "25.0.1"), ("jdk-17", "17.0.15"), ("jre-8", "1.8.0_402")):
         _fake_jdk(tmp_path, name, version)

@@ -18,8 +18,9 @@ from tests.cluster import spark_home, standalone_cluster
 from tests.conftest import PHI_MARKER, write_test_notes
 
 
-def _submit(master: str, args: list[str], python: Path, driver_python: Path, py_files: str | None = None,
-            conf: dict | None = None, archives: str | None = None, cwd=None) -> subprocess.CompletedProcess:
+def _submit(master: str, args: list[str], py_files: str | None = None, conf: dict | None = None, cwd=None, *,
+            archives: str | None = None, python: Path | str = sys.executable,
+            driver_python: Path | str = sys.executable) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYSPARK_PYTHON": str(python), "PYSPARK_DRIVER_PYTHON": str(driver_python),
            "SPARK_LOCAL_IP": "127.0.0.1"}
     env.pop("PYTHONPATH", None)  # executors must get the code from --py-files or --archives, not from this checkout
@@ -91,11 +92,12 @@ def test_standalone_cluster_without_clinlong_installed(tiny_artifact, tmp_path):
            "--id-type", "long", "--partitions", "4", "--precision", "fp32"]
     conf = {"spark.executor.cores": "1", "spark.cores.max": "2"}
     with standalone_cluster(tmp_path / "cluster", [{"cores": 1}, {"cores": 1}]) as master:
-        by_wheel = _submit(master, job + ["--out", str(tmp_path / "wheel_out")], bare, bare, str(zipped), conf,
-                           cwd=tmp_path)
+        by_wheel = _submit(master, job + ["--out", str(tmp_path / "wheel_out")], str(zipped), conf, cwd=tmp_path,
+                           python=bare, driver_python=bare)
         assert by_wheel.returncode == 0, by_wheel.stderr[-3000:]
-        by_archive = _submit(master, job + ["--out", str(tmp_path / "archive_out")], Path("./environment/bin/python"),
-                             packed, conf=conf, archives=f"{tmp_path / 'env.tar.gz'}#environment", cwd=tmp_path)
+        by_archive = _submit(master, job + ["--out", str(tmp_path / "archive_out")], conf=conf, cwd=tmp_path,
+                             archives=f"{tmp_path / 'env.tar.gz'}#environment",
+                             python="./environment/bin/python", driver_python=packed)
         assert by_archive.returncode == 0, by_archive.stderr[-3000:]
         for run in (by_wheel, by_archive):
             assert PHI_MARKER not in run.stdout + run.stderr

@@ -377,8 +377,7 @@ def delta_log_txn(spark: SparkSession, uri: str, app_id: str) -> int:
     log_dir = uri.rstrip("/") + "/_delta_log"
     if not _hadoop_exists(spark, log_dir):
         return -1
-    last = spark.read.json(f"{log_dir}/_last_checkpoint").first() if _hadoop_exists(
-        spark, f"{log_dir}/_last_checkpoint") else None
+    last = _hadoop_read_json(spark, f"{log_dir}/_last_checkpoint")
     found = -1
     start = 0
     if last is not None and last["version"] is not None:
@@ -398,6 +397,21 @@ def delta_log_txn(spark: SparkSession, uri: str, app_id: str) -> int:
             "txn.version").collect():
         found = max(found, int(r["version"]))
     return found
+
+
+def _hadoop_read_json(spark: SparkSession, uri: str) -> dict | None:
+    """The JSON object in the small file at `uri`, read through Spark's own filesystem for it, or None where
+    there is no such file. (Spark's file readers skip names starting with "_", such as `_last_checkpoint`,
+    as hidden: Spark 4.1 reads none of it.)"""
+    if not _hadoop_exists(spark, uri):
+        return None
+    path = spark._jvm.org.apache.hadoop.fs.Path(uri)
+    stream = path.getFileSystem(spark._jsc.hadoopConfiguration()).open(path)
+    try:
+        text = spark._jvm.org.apache.commons.io.IOUtils.toString(stream, "UTF-8")
+    finally:
+        stream.close()
+    return json.loads(text)
 
 
 def _hadoop_exists(spark: SparkSession, uri: str) -> bool:
