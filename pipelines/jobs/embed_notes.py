@@ -48,6 +48,7 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
 def spark_session(master: str | None = None, jar_kinds: tuple[str, ...] = ()):
     """The job's session; with python -m it adds the JARs of `jar_kinds` (spark.jars.job_kinds: Delta for
     --writer delta-spark, hadoop-aws for s3a://), resolved once per machine; spark-submit brings its own."""
+    from pyspark import SparkContext
     from pyspark.sql import SparkSession
 
     from clinlong.pipelines.spark import jars
@@ -59,9 +60,11 @@ def spark_session(master: str | None = None, jar_kinds: tuple[str, ...] = ()):
     builder = SparkSession.builder.appName("clinlong-embed-notes").config("spark.ui.showConsoleProgress", "true")
     if master or "PYSPARK_GATEWAY_PORT" not in os.environ:  # python -m (spark-submit sets its own master)
         master = master or "local[*]"
-        builder = jars.configure(builder.master(master), jar_kinds)
-        for k, v in (jars.s3a_conf() if "s3a" in jar_kinds else {}).items():
-            builder = builder.config(k, v)
+        builder = builder.master(master)
+        if SparkContext._active_spark_context is None:  # a running JVM takes no new JARs: use it as it is
+            builder = jars.configure(builder, jar_kinds)
+            for k, v in (jars.s3a_conf() if "s3a" in jar_kinds else {}).items():
+                builder = builder.config(k, v)
         if master.startswith("local"):  # a few shuffle partitions for incremental mode's joins, not 200
             builder = builder.config("spark.sql.shuffle.partitions", str(2 * (os.cpu_count() or 1)))
     spark = builder.config("spark.sql.execution.arrow.maxRecordsPerBatch", "64").getOrCreate()
