@@ -55,13 +55,14 @@ def spark_session(master: str | None = None, jar_kinds: tuple[str, ...] = ()):
     from clinlong.pipelines.spark.java import ensure_java
 
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    if "PYSPARK_GATEWAY_PORT" not in os.environ and SparkSession.getActiveSession() is None:
+    running = SparkContext._active_spark_context is not None  # a running JVM: used as it is, takes no new JARs
+    if "PYSPARK_GATEWAY_PORT" not in os.environ and not running:
         ensure_java()  # python -m starts the JVM: Java 17+ from JAVA_HOME, PATH or /usr/lib/jvm, else one line
     builder = SparkSession.builder.appName("clinlong-embed-notes").config("spark.ui.showConsoleProgress", "true")
     if master or "PYSPARK_GATEWAY_PORT" not in os.environ:  # python -m (spark-submit sets its own master)
         master = master or "local[*]"
         builder = builder.master(master)
-        if SparkContext._active_spark_context is None:  # a running JVM takes no new JARs: use it as it is
+        if not running:
             builder = jars.configure(builder, jar_kinds)
             for k, v in (jars.s3a_conf() if "s3a" in jar_kinds else {}).items():
                 builder = builder.config(k, v)
