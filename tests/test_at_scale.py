@@ -99,7 +99,7 @@ def test_rolling_writer_files_are_within_twice_the_target(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from clinlong.pipelines.core.files import RollingWriter
+    from clinlong.pipelines.delta.writers.rs import RollingWriter
 
     schema = pa.schema([("note_id", pa.int64()), ("v", pa.list_(pa.float32()))])
     rng = np.random.default_rng(0)
@@ -173,7 +173,7 @@ def test_delta_log_transactions_read_through_spark(spark, tmp_path):
     works wherever Spark opens the table): commits, then a checkpoint, then more commits."""
     import pyarrow as pa
 
-    from clinlong.pipelines.core.files import RollingWriter
+    from clinlong.pipelines.delta.writers.rs import RollingWriter
     from clinlong.pipelines.delta.sink import commit
     from clinlong.pipelines.delta.writers import delta_log_txn
 

@@ -236,7 +236,7 @@ def test_spark_side_writer_splits_rows_and_errors(notes_csv, tiny_artifact, spar
     from clinlong.pipelines.core.schema import OutputSpec, error_schema, table_schema
     from clinlong.pipelines.delta.writers import split_rows
     from clinlong.pipelines.spark.sources import read_notes, select_notes
-    from clinlong.pipelines.spark.tasks import combined_schema, embed_rows_and_errors
+    from clinlong.pipelines.delta.writers.spark import combined_schema, embed_rows_and_errors
 
     art = Artifact.open(tiny_artifact)
     notes = select_notes(read_notes(spark, str(notes_csv)), "ROW_ID", "TEXT", "long", keep=("CATEGORY",))

@@ -85,9 +85,19 @@ def test_no_import_cycles():
 
 def test_the_core_and_the_package_import_no_spark():
     code = ("import sys; import clinlong.pipelines, clinlong.pipelines.core.engine, clinlong.pipelines.core.runtime, "
-            "clinlong.pipelines.core.schema, clinlong.pipelines.core.files, clinlong.pipelines.core.config; "
+            "clinlong.pipelines.core.schema, clinlong.pipelines.core.storage, clinlong.pipelines.core.config; "
             "from clinlong.pipelines import load; "
             "assert not [m for m in sys.modules if m.startswith(('pyspark', 'torch', 'transformers'))], "
             "sorted(m for m in sys.modules if m.startswith(('pyspark', 'torch', 'transformers')))[:5]")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_one_place_builds_a_delta_table():
+    """Every delta-rs table is opened by `core.storage.open_table` (`delta.sink.open_table`): one URI rule
+    (s3a:// as s3://) and one set of storage options for the job, its readers, maintain and neighbours."""
+    mods = _modules()
+    builders = sorted(str(p.relative_to(ROOT)) for m, p in mods.items()
+                      if m.startswith("clinlong.pipelines") and "DeltaTable(" in p.read_text())
+    assert builders == ["pipelines/core/storage.py"], builders
+

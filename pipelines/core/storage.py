@@ -69,5 +69,19 @@ def table_filesystem(uri: str, options: dict[str, str] | None = None) -> tuple[p
     return pafs.PyFileSystem(DeltaStorageHandler(delta_rs_uri(uri), options or {})), ""
 
 
+def open_table(table_uri: str, storage_options: dict | None = None, version: int | None = None):
+    """The delta-rs `DeltaTable` at `table_uri` (at `version` when given), or None where there is no table yet:
+    the one place a DeltaTable is built, so every reader, writer and tool opens a table by the same rule
+    (`delta_rs_uri`: `s3a://` as `s3://`, local paths absolute) with the same `--storage-option`s. Raises
+    StorageError for locations delta-rs cannot open (dbfs:, hdfs:). `delta.sink.open_table` is this function."""
+    from deltalake import DeltaTable
+    from deltalake.exceptions import TableNotFoundError
+
+    try:
+        return DeltaTable(delta_rs_uri(table_uri), version=version, storage_options=storage_options or None)
+    except TableNotFoundError:
+        return None
+
+
 def join(root: str, rel: str) -> str:
     return f"{root.rstrip('/')}/{rel}" if root else rel

@@ -1,5 +1,5 @@
 """Delta output through delta-rs: executors write right-sized Parquet files into the table folder
-(pipelines.core.files), the driver commits them (`deltalake`'s write-transaction API) with statistics in
+(pipelines.delta.writers.rs), the driver commits them (`deltalake`'s write-transaction API) with statistics in
 every add action; merge deletes and faithful reads. No vectors pass through the driver.
 
 Exactly once: each commit carries a Delta transaction identifier (app id = the run, version = the
@@ -14,23 +14,14 @@ import time
 
 import pyarrow as pa
 
-from clinlong.pipelines.core.files import WrittenFile
-from clinlong.pipelines.core.storage import delta_rs_uri, is_local
+from clinlong.pipelines.core.storage import delta_rs_uri, is_local, open_table
+
+__all__ = ["CommitConflict", "commit", "committed_version", "delete_matching", "existing_table_schema", "open_table",
+           "read_table"]  # open_table: the one place a DeltaTable is built (core.storage, no Spark: sources use it too)
 
 
 class CommitConflict(Exception):
     """Another writer changed the table in a way this commit cannot be reconciled with."""
-
-
-def open_table(table_uri: str, storage_options: dict | None = None):
-    """The delta-rs table at `table_uri`, or None where there is none yet."""
-    from deltalake import DeltaTable
-    from deltalake.exceptions import TableNotFoundError
-
-    try:
-        return DeltaTable(delta_rs_uri(table_uri), storage_options=storage_options or None)
-    except TableNotFoundError:
-        return None
 
 
 def committed_version(table_uri: str, app_id: str, storage_options: dict | None = None) -> int:
@@ -40,10 +31,11 @@ def committed_version(table_uri: str, app_id: str, storage_options: dict | None 
     return -1 if v is None else int(v)
 
 
-def commit(table_uri: str, files: list[WrittenFile], schema: pa.Schema, mode: str, info: dict,
+def commit(table_uri: str, files: list, schema: pa.Schema, mode: str, info: dict,
            txn: tuple[str, int] | None = None, partition_by: str = "", storage_options: dict | None = None
            ) -> int | None:
-    """Commit the written files as one table version; return the version, or None when `txn` shows the
+    """Commit the written files (`writers.rs.WrittenFile`: path, size, stats, partition values) as one table
+    version; return the version, or None when `txn` shows the
     chunk was already committed (by an earlier attempt of this run). Raises CommitConflict."""
     from deltalake import CommitProperties, Schema, Transaction
     from deltalake.exceptions import CommitFailedError

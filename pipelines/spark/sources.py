@@ -18,7 +18,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import types as T
 
 from clinlong.pipelines.core.config import INPUT_FORMATS
-from clinlong.pipelines.core.storage import StorageError, delta_rs_uri, is_local, local_path, scheme
+from clinlong.pipelines.core.storage import StorageError, delta_rs_uri, is_local, local_path, open_table, scheme
 
 ID_TYPES = (T.IntegerType, T.LongType, T.ShortType, T.StringType)
 CORRUPT = "_corrupt_record"
@@ -181,12 +181,13 @@ def read_delta_rs(spark: SparkSession, uri: str, options: dict | None = None,
                   columns: list[str] | None = None) -> DataFrame:
     """A Delta table planned by delta-rs on the driver (one version, its files) and read by Spark's
     executors, one task per few files, through the same delta-rs dataset (partition values included)."""
-    from deltalake import DeltaTable
     from deltalake.exceptions import DeltaProtocolError
     from pyspark.sql.pandas.types import from_arrow_schema
 
-    table_uri, opts = delta_rs_uri(uri), dict(options or {})
-    dt = DeltaTable(table_uri, storage_options=opts or None)
+    opts = dict(options or {})
+    dt = open_table(uri, opts)
+    if dt is None:
+        raise InputError(f"no Delta table at {uri}")
     try:
         dataset = dt.to_pyarrow_dataset()
     except DeltaProtocolError as e:
@@ -203,9 +204,8 @@ def read_delta_rs(spark: SparkSession, uri: str, options: dict | None = None,
 
     def scan(batches):
         import pyarrow.dataset as pds
-        from deltalake import DeltaTable
 
-        ds = DeltaTable(table_uri, version=version, storage_options=opts or None).to_pyarrow_dataset()
+        ds = open_table(uri, opts, version).to_pyarrow_dataset()
         by_path = {f.path: f for f in ds.get_fragments()}
         for b in batches:
             for p in b.column(0).to_pylist():
@@ -243,10 +243,9 @@ def fingerprint(spark: SparkSession, src: Source, df: DataFrame) -> list:
 
 
 def _delta_version(spark: SparkSession, src: Source) -> int | None:
-    from deltalake import DeltaTable
-
     try:
-        return DeltaTable(delta_rs_uri(src.name), storage_options=src.storage_options or None).version()
+        dt = open_table(src.name, src.storage_options)
+        return None if dt is None else dt.version()
     except StorageError:  # dbfs: and the like: Spark's Delta log
         if delta_spark_available(spark):
             return int(spark.sql(f"DESCRIBE HISTORY delta.`{src.name}` LIMIT 1").first()["version"])

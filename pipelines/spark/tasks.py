@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import os
 import tempfile
 import threading
-import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -28,18 +26,9 @@ import pyarrow as pa
 from clinlong.pipelines.core import faults
 from clinlong.pipelines.core.artifact import Artifact, ArtifactError
 from clinlong.pipelines.core.engine import EmbedOptions, NoteEmbedder, NoteResult, overlapped
-from clinlong.pipelines.core.schema import OutputSpec, build_errors, build_table, null_vector_counts
-from clinlong.pipelines.spark.progress import ProgressReporter
+from clinlong.pipelines.core.schema import OutputSpec, build_table
 
 COUNT_KEYS = ("rows", "notes", "embedded", "tokens", "windows", "model_loads")  # the summed figures of a counts row
-
-# What a task returns to the driver: one row per file it wrote (table "out" or "err") and one of its counts
-# (table ""), with the task's partition and clock times.
-META_SCHEMA = pa.schema([(n, pa.string()) for n in ("table", "path")] + [("size", pa.int64()), ("file_rows", pa.int64())]
-                        + [(n, pa.string()) for n in ("partition_values", "stats")]
-                        + [(n, pa.int64()) for n in COUNT_KEYS]
-                        + [(n, pa.string()) for n in ("errors", "warnings", "device", "gpus")]
-                        + [("task", pa.int64()), ("started", pa.float64()), ("finished", pa.float64())])
 
 log = logging.getLogger("clinlong.tasks")
 
@@ -362,87 +351,6 @@ def _counts(b: Batch, rows: int) -> dict:
             "warnings": dict(b.warnings)}
 
 
-@dataclass(frozen=True)
-class PartTarget:
-    """Where a task writes: the output and errors tables, file-name prefix (run, chunk, driver attempt),
-    the file size to aim for, delta-rs storage options, and where progress goes."""
-
-    table_uri: str
-    errors_uri: str
-    prefix: str
-    run_id: str
-    error_schema: pa.Schema
-    target_bytes: int = 256 << 20
-    storage_options: dict = field(default_factory=dict)
-    chunk: int = 0
-    progress: tuple | None = None  # the driver's JobProgress address
-
-
-def embed_partition(artifact_path: str, options: EmbedOptions, spec: OutputSpec, target: PartTarget) -> ArrowFn:
-    """For delta-rs: the task writes its output and errors rows into files of about the target size
-    (one rolling writer per table and partition value) and returns one metadata row per file written
-    (its Delta add action's fields) plus one row of the task's counts, for the driver's commit."""
-    from clinlong.pipelines.core.files import RollingWriter
-
-    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        from pyspark import TaskContext
-
-        started = time.time()
-        progress = ProgressReporter(target.progress, target.chunk)
-
-        def writer(uri: str, schema: pa.Schema, values: dict | None = None) -> RollingWriter:
-            return RollingWriter(uri, schema, target.target_bytes, target.prefix, values, target.storage_options)
-
-        outs: dict[str, RollingWriter] = {}
-        errs = writer(target.errors_uri, target.error_schema)
-        counts = _TaskCounts()
-        with task_embedder(artifact_path, options) as (emb, loaded):
-            counts.n["model_loads"] += loaded
-            for b in _embedded(emb, batches):
-                rows = 0
-                for values, table in _tables(spec, b):
-                    key = json.dumps(values, sort_keys=True)
-                    if key not in outs:
-                        outs[key] = writer(target.table_uri, spec.file_schema, values or None)
-                    outs[key].write(table)
-                    rows += table.num_rows
-                    b.warnings.update(null_vector_counts(table, spec.granularity))  # spans no piece covers
-                errors = b.error_rows()
-                if errors:
-                    errs.write(build_errors(target.error_schema, errors, spec.model_id, target.run_id))
-                c = _counts(b, rows)
-                counts.add(c)
-                progress.add(c["notes"], c["tokens"])
-        files = [("out", f) for w in outs.values() for f in w.close()] + [("err", f) for f in errs.close()]
-        faults.point("task-after-part")
-        progress.send()
-        ctx = TaskContext.get()
-        task = {"task": ctx.partitionId() if ctx else 0, "started": started, "finished": time.time()}
-        metas = [{"table": t, "path": f.path, "size": f.size, "file_rows": f.rows, "stats": f.stats,
-                  "partition_values": json.dumps(f.partition_values), **task} for t, f in files]
-        metas.append({"table": "", **counts.as_row(), **_where(emb), **task})
-        yield pa.RecordBatch.from_pylist(metas, schema=META_SCHEMA)
-
-    return run
-
-
-class _TaskCounts:
-    """A task's counts over its batches, as one metadata row."""
-
-    def __init__(self):
-        self.n = Counter()
-        self.errors, self.warnings = Counter(), Counter()
-
-    def add(self, c: dict) -> None:
-        self.n.update({k: c[k] for k in COUNT_KEYS})
-        self.errors.update(c["errors"])
-        self.warnings.update(c["warnings"])
-
-    def as_row(self) -> dict:
-        return {**{k: self.n[k] for k in COUNT_KEYS},
-                "errors": json.dumps(dict(self.errors)), "warnings": json.dumps(dict(self.warnings))}
-
-
 def _tables(spec: OutputSpec, b: Batch) -> Iterator[tuple[dict, pa.Table]]:
     """A batch's non-empty output tables (file schema: no partition column), one per partition value,
     each with its partition values ({} when the table is not partitioned)."""
@@ -469,53 +377,3 @@ def embed_rows(artifact_path: str, options: EmbedOptions, spec: OutputSpec) -> A
             yield from full_table(spec, b).to_batches()
 
     return run
-
-
-def embed_rows_and_errors(artifact_path: str, options: EmbedOptions, spec: OutputSpec, error_schema: pa.Schema,
-                          run_id: str, progress: tuple | None = None, chunk: int = 0) -> ArrowFn:
-    """For Spark-side writers: output rows, errors-table rows and one counts row per batch in one stream,
-    told apart by `_kind` (row, error, meta; the counts as JSON in `_meta`). The columns are the output
-    schema's, then the errors table's prefixed `err_`, then `_kind` and `_meta`. Counts travel as rows,
-    so a re-executed task replaces its counts instead of adding them twice."""
-    schema = combined_schema(spec.schema, error_schema)
-
-    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        reporter = ProgressReporter(progress, chunk)
-        with task_embedder(artifact_path, options) as (emb, loads):
-            for b in _embedded(emb, batches):
-                table = full_table(spec, b)
-                b.warnings.update(null_vector_counts(table, spec.granularity))  # spans no piece covers
-                errors = build_errors(error_schema, b.error_rows(), spec.model_id, run_id)
-                counts = {**_counts(b, table.num_rows), **_where(emb), "model_loads": loads}
-                loads = 0  # counted once per task
-                reporter.add(counts["notes"], counts["tokens"])
-                meta = pa.table({"_meta": [json.dumps(counts)]})
-                for t, kind in ((table, "row"), (errors, "error"), (meta, "meta")):
-                    if t.num_rows:
-                        yield from _combined(t, kind, schema).to_batches()
-        faults.point("task-after-part")
-        reporter.send()
-
-    return run
-
-
-def _combined(t: pa.Table, kind: str, schema: pa.Schema) -> pa.Table:
-    """Output, errors or counts rows (`kind` row, error, meta) in the combined schema: their own columns
-    in place, nulls in the others."""
-    def source(name: str) -> str | None:
-        if kind == "error":
-            return name[4:] if name.startswith("err_") else None
-        if kind == "meta":
-            return name if name == "_meta" else None
-        return None if name.startswith("err_") or name == "_meta" else name
-
-    cols = {f.name: t.column(source(f.name)) if source(f.name) else pa.nulls(t.num_rows, f.type)
-            for f in schema if f.name != "_kind"}
-    cols["_kind"] = pa.array([kind] * t.num_rows)
-    return pa.table(cols, schema=schema)
-
-
-def combined_schema(out: pa.Schema, errors: pa.Schema) -> pa.Schema:
-    """Output columns, then the errors table's columns prefixed `err_`, then `_kind` and `_meta`."""
-    return pa.schema(list(out) + [pa.field("err_" + f.name, f.type) for f in errors]
-                     + [pa.field("_kind", pa.string()), pa.field("_meta", pa.string())])
