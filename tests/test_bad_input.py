@@ -121,8 +121,8 @@ def test_a_failing_model_step_costs_only_its_note(tiny_artifact):
     batch is re-run note by note, and only the marked note is recorded (stage embed, exception type)."""
     import pyarrow as pa
 
+    from clinlong.pipelines.core.batches import embed_batches, embedder
     from clinlong.pipelines.core.engine import EmbedOptions
-    from clinlong.pipelines.spark.tasks import _embedded, embedder
 
     emb = embedder(str(tiny_artifact), EmbedOptions())
     bad = emb.artifact.tokenizer.encode("zebra").ids[1]
@@ -136,7 +136,7 @@ def test_a_failing_model_step_costs_only_its_note(tiny_artifact):
     emb.encoder = flaky
     try:
         batch = pa.RecordBatch.from_pydict({"note_id": [1, 2, 3], "text": ["fine", "a zebra", "also fine"]})
-        (b,) = list(_embedded(emb, iter([batch])))
+        (b,) = list(embed_batches(emb, iter([batch])))
     finally:
         emb.encoder = real
     assert [r.skip_reason for r in b.results] == [None, "RuntimeError in the model step", None]
@@ -149,8 +149,8 @@ def test_failures_that_are_not_a_notes_fail_the_task(tiny_artifact):
     import pyarrow as pa
     from onnxruntime.capi.onnxruntime_pybind11_state import Fail
 
+    from clinlong.pipelines.core.batches import ModelStepFailed, embed_batches, embedder, not_the_notes_fault
     from clinlong.pipelines.core.engine import EmbedOptions
-    from clinlong.pipelines.spark.tasks import ModelStepFailed, _embedded, embedder, not_the_notes_fault
 
     class OutOfMemoryError(RuntimeError):
         pass
@@ -169,10 +169,58 @@ def test_failures_that_are_not_a_notes_fail_the_task(tiny_artifact):
     try:
         batch = pa.RecordBatch.from_pydict({"note_id": [1, 2], "text": ["fine", "also fine"]})
         with pytest.raises(ModelStepFailed, match="^MemoryError in the model step") as info:
-            list(_embedded(emb, iter([batch])))
+            list(embed_batches(emb, iter([batch])))
     finally:
         emb.encoder = real
     assert "secret" not in str(info.value) and info.value.__cause__ is None
+
+
+def test_every_front_end_isolates_a_bad_note_the_same_way(tiny_artifact, spark, tmp_path, monkeypatch):
+    """One batch loop (core.batches) for all: a note the model step fails on alone gets the reason
+    "InjectedFault in the model step" and its neighbours are embedded, through the job's task function,
+    the one-liner's predict (in process and on Spark) and the LongformerEmbeddings stage."""
+    import json
+
+    import pyarrow as pa
+    from pyspark.ml import Pipeline
+
+    from clinlong.pipelines import DocumentAssembler, LongformerEmbeddings, SentenceDetector, Tokenizer, load
+    from clinlong.pipelines.core.artifact import Artifact
+    from clinlong.pipelines.core.schema import OutputSpec, error_schema, table_schema
+    from clinlong.pipelines.delta.writers.rs import PartTarget, embed_partition
+
+    texts = ["Pt is fine.", "Pt saw a zebra.", "Pt is also fine."]
+    reason = "InjectedFault in the model step"
+    monkeypatch.setenv("CLINLONG_FAULT_RAISE", "text:zebra")  # this process (in-process front-ends)
+    env = spark.sparkContext.environment
+    env["CLINLONG_FAULT_RAISE"] = "text:zebra"  # the Python workers of functions wrapped from now on
+    try:
+        # the job's task (delta-rs writer), run in this process
+        art = Artifact.open(tiny_artifact)
+        spec = OutputSpec("note", table_schema("note", pa.int64()), art.model_id, art.dimension)
+        target = PartTarget(str(tmp_path / "o"), str(tmp_path / "e"), "t", "r1", error_schema(pa.int64()))
+        batch = pa.RecordBatch.from_pydict({"note_id": [1, 2, 3], "text": texts})
+        (metas,) = list(embed_partition(str(tiny_artifact), EmbedOptions(), spec, target)(iter([batch])))
+        counts = [m for m in metas.to_pylist() if not m["table"]][0]
+        assert counts["embedded"] == 2 and json.loads(counts["errors"]) == {f"embed: {reason}": 1}
+        # predict, in process and on Spark
+        pipe = load(str(tiny_artifact))
+        assert pipe.predict(texts, "note").skip_reason.tolist() == [None, reason, None]
+        sdf = spark.createDataFrame([(i, t) for i, t in enumerate(texts)], "id long, text string")
+        got = pipe.predict(sdf, "note", id_col="id").orderBy("note_id").toPandas()
+        assert got.skip_reason.tolist() == [None, reason, None]
+        # the Spark ML stage
+        stages = Pipeline(stages=[
+            DocumentAssembler().setInputCol("text").setOutputCol("document"),
+            SentenceDetector().setInputCols(["document"]).setOutputCol("sentence"),
+            Tokenizer().setInputCols(["sentence"]).setOutputCol("token"),
+            LongformerEmbeddings().setModelPath(str(tiny_artifact)).setInputCols(["document", "token"])
+            .setOutputCol("embeddings")])
+        rows = {r["id"]: r["embeddings"] for r in stages.fit(sdf).transform(sdf).collect()}
+        assert {a["metadata"].get("skip_reason") for a in rows[1]} == {reason}
+        assert all("skip_reason" not in a["metadata"] for i in (0, 2) for a in rows[i]) and rows[0] and rows[2]
+    finally:
+        env.pop("CLINLONG_FAULT_RAISE", None)
 
 
 def test_job_level_errors_name_the_fix(tiny_artifact, tmp_path, capsys, spark):

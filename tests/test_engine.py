@@ -319,7 +319,7 @@ def test_model_cache_follows_the_artifact_not_its_path(tiny_checkpoint, tiny_art
 
     from clinlong.export.__main__ import run as export
     from clinlong.export.synthetic import write_synthetic_checkpoint
-    from clinlong.pipelines.spark.tasks import embedder
+    from clinlong.pipelines.core.batches import embedder
 
     path = tmp_path / "model"
     shutil.copytree(tiny_artifact, path)

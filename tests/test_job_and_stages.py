@@ -275,7 +275,7 @@ def test_tasks_learn_their_executors_cores(spark):
     torch CPU tasks share them (runtime.CoreShare), GPU tasks give them to BPE."""
     from pyspark import TaskContext
 
-    from clinlong.pipelines.spark.tasks import SHARED_CORES, share_executor_cores
+    from clinlong.pipelines.spark.executor import SHARED_CORES, share_executor_cores
 
     sc = spark.sparkContext
     assert share_executor_cores(sc) == 2

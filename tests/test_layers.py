@@ -101,3 +101,28 @@ def test_one_place_builds_a_delta_table():
                       if m.startswith("clinlong.pipelines") and "DeltaTable(" in p.read_text())
     assert builders == ["pipelines/core/storage.py"], builders
 
+
+MODEL_STEP = {"embed", "prepare", "finish", "analyze", "analyze_many"}  # NoteEmbedder's batch calls
+CORE_ONLY = {"overlapped", "NoteEmbedder", "NoteResult"}
+
+
+def test_batch_and_vector_logic_live_in_the_core():
+    """No module under spark/ or delta/ runs the batch loop itself (the model step, preparation, overlap,
+    results): each front-end (the job's tasks, the one-liner, the ML stages) goes through core.batches, so
+    all isolate a bad note the same way."""
+    found = []
+    for mod, path in _modules().items():
+        if not mod.startswith(("clinlong.pipelines.spark", "clinlong.pipelines.delta")):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Call):
+                continue
+            f = node.func
+            if isinstance(f, ast.Attribute) and f.attr in MODEL_STEP and not (
+                    isinstance(f.value, ast.Name) and f.value.id == "self"):
+                found.append(f"{mod}:{node.lineno} .{f.attr}()")
+            while isinstance(f, ast.Attribute):
+                f = f.value
+            if isinstance(f, ast.Name) and f.id in CORE_ONLY:
+                found.append(f"{mod}:{node.lineno} {f.id}")
+    assert not found, found

@@ -191,7 +191,7 @@ def test_core_share_gives_idle_cores_to_the_tasks_still_running(tmp_path):
 def test_small_arrow_batches_are_joined_to_fill_a_row():
     import pyarrow as pa
 
-    from clinlong.pipelines.spark.tasks import coalesce
+    from clinlong.pipelines.core.batches import coalesce
 
     batches = [pa.record_batch({"note_id": [i], "text": ["x" * 100]}) for i in range(10)]
     batches.insert(3, pa.record_batch({"note_id": pa.array([], pa.int64()), "text": pa.array([], pa.string())}))

@@ -35,12 +35,14 @@ class InjectedFault(RuntimeError):
     """Raised by a raising failpoint (tests only)."""
 
 
-def raise_point(note_ids: list) -> None:
+def raise_point(note_ids: list, texts: list = ()) -> None:
     """Raising failpoints around the model step: `CLINLONG_FAULT_RAISE=model-call` makes every model call
     raise (a broken runtime or device); `CLINLONG_FAULT_RAISE=note:ID` makes every call holding note ID
-    raise (a note the model step cannot take). Unset: a no-op."""
+    raise (a note the model step cannot take); `CLINLONG_FAULT_RAISE=text:WORD` every call holding a text
+    that contains WORD (for callers without note ids: the ML stages). Unset: a no-op."""
     spec = os.environ.get("CLINLONG_FAULT_RAISE")
     if not spec:
         return
-    if spec == "model-call" or (spec.startswith("note:") and spec[5:] in {str(i) for i in note_ids}):
+    if spec == "model-call" or (spec.startswith("note:") and spec[5:] in {str(i) for i in note_ids}) or (
+            spec.startswith("text:") and any(isinstance(t, str) and spec[5:] in t for t in texts)):
         raise InjectedFault("injected fault")

@@ -4,7 +4,7 @@
     spark-submit pipelines/embed_notes.py --notes INPUT --model ARTIFACT --out DELTA_PATH [options]
 
 Reading, embedding and writing run in Spark tasks over Arrow batches (`mapInArrow`); the model is
-loaded once per Python worker, while the driver plans (spark.tasks.Preload). The input is cut into chunks, each committed once under the run's
+loaded once per Python worker, while the driver plans (spark.executor.Preload). The input is cut into chunks, each committed once under the run's
 Delta transaction id (pipelines.delta.writers), so a rerun resumes and a finished run is never written
 twice; what a run is and which notes it owes is pipelines.delta.run_plan. Nothing here logs or prints
 note text.
@@ -20,14 +20,15 @@ import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from clinlong.pipelines.core.artifact import Artifact, ArtifactError
+from clinlong.pipelines.core.batches import ModelStepFailed
 from clinlong.pipelines.core.config import TASKS_PER_CORE, JobConfig
 from clinlong.pipelines.core.options import add_arguments, from_arguments
 from clinlong.pipelines.core.storage import StorageError
 from clinlong.pipelines.delta.sink import CommitConflict
+from clinlong.pipelines.spark.executor import Preload, share_executor_cores
 from clinlong.pipelines.spark.jars import JarError, job_kinds
 from clinlong.pipelines.spark.java import JavaNotFound
 from clinlong.pipelines.spark.sources import InputError
-from clinlong.pipelines.spark.tasks import ModelStepFailed, Preload, share_executor_cores
 
 log = logging.getLogger("clinlong.job")
 

@@ -94,7 +94,7 @@ class EmbeddingsPipeline:
                     progress: bool | None = None) -> pd.DataFrame:
         from tqdm import tqdm  # the text bar: tqdm.auto warns in notebooks without ipywidgets
 
-        from clinlong.pipelines.spark.tasks import embedder
+        from clinlong.pipelines.core.batches import embed_texts, embedder
 
         emb = embedder(str(self.artifact.path), options)
         id_type = pa.array(ids).type if ids else pa.int64()
@@ -104,7 +104,7 @@ class EmbeddingsPipeline:
         tables = []
         for i in range(0, max(len(texts), 1), CHUNK):
             chunk_ids, chunk_texts = ids[i:i + CHUNK], texts[i:i + CHUNK]
-            tables.append(build_table(spec, chunk_ids, chunk_texts, emb.embed(chunk_texts)))
+            tables.append(build_table(spec, chunk_ids, chunk_texts, embed_texts(emb, chunk_texts, chunk_ids)))
             bar.update(len(chunk_texts))
         bar.close()
         return arrow_to_pandas(pa.concat_tables(tables))

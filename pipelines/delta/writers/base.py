@@ -14,11 +14,11 @@ from dataclasses import dataclass
 import pyarrow as pa
 from pyspark.sql import DataFrame, SparkSession
 
+from clinlong.pipelines.core.batches import COUNT_KEYS
 from clinlong.pipelines.core.config import JobConfig
 from clinlong.pipelines.core.schema import OutputSpec
 from clinlong.pipelines.core.storage import is_local, local_path
 from clinlong.pipelines.spark.sources import InputError
-from clinlong.pipelines.spark.tasks import COUNT_KEYS
 
 # Rows of `keys` (aliased s) that the table's rows (t) are deleted by: the same note, text and model.
 KEY_MATCH = "t.note_id = s.note_id AND t.text_sha256 = s.text_sha256 AND t.model_id = s.model_id"

@@ -10,7 +10,6 @@ import json
 import logging
 import time
 import uuid
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -19,24 +18,18 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pyspark.sql import DataFrame
 
-from clinlong.pipelines.core import faults
+from clinlong.pipelines.core import batches, faults
+from clinlong.pipelines.core.batches import COUNT_KEYS, TaskCounts
 from clinlong.pipelines.core.engine import EmbedOptions
 from clinlong.pipelines.core.schema import OutputSpec, build_errors, null_vector_counts
 from clinlong.pipelines.core.storage import StorageError, delta_rs_uri, is_local, join, table_filesystem
 from clinlong.pipelines.delta.sink import commit, committed_version, delete_matching, existing_table_schema, open_table
 from clinlong.pipelines.delta.writers.base import KEY_MATCH, Writer
+from clinlong.pipelines.spark.executor import task_embedder
 from clinlong.pipelines.spark.jars import is_table_name
 from clinlong.pipelines.spark.progress import ProgressReporter
 from clinlong.pipelines.spark.sources import InputError, read_delta_rs
-from clinlong.pipelines.spark.tasks import (
-    COUNT_KEYS,
-    ArrowFn,
-    _counts,
-    _embedded,
-    _tables,
-    _where,
-    task_embedder,
-)
+from clinlong.pipelines.spark.tasks import ArrowFn
 
 log = logging.getLogger("clinlong.job")
 
@@ -212,7 +205,7 @@ def embed_partition(artifact_path: str, options: EmbedOptions, spec: OutputSpec,
     (one rolling writer per table and partition value) and returns one metadata row per file written
     (its Delta add action's fields) plus one row of the task's counts, for the driver's commit."""
 
-    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    def run(rows: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         from pyspark import TaskContext
 
         started = time.time()
@@ -223,22 +216,22 @@ def embed_partition(artifact_path: str, options: EmbedOptions, spec: OutputSpec,
 
         outs: dict[str, RollingWriter] = {}
         errs = writer(target.errors_uri, target.error_schema)
-        counts = _TaskCounts()
+        counts = TaskCounts()
         with task_embedder(artifact_path, options) as (emb, loaded):
             counts.n["model_loads"] += loaded
-            for b in _embedded(emb, batches):
-                rows = 0
-                for values, table in _tables(spec, b):
+            for b in batches.embed_batches(emb, rows):
+                written = 0
+                for values, table in batches.tables(spec, b):
                     key = json.dumps(values, sort_keys=True)
                     if key not in outs:
                         outs[key] = writer(target.table_uri, spec.file_schema, values or None)
                     outs[key].write(table)
-                    rows += table.num_rows
+                    written += table.num_rows
                     b.warnings.update(null_vector_counts(table, spec.granularity))  # spans no piece covers
                 errors = b.error_rows()
                 if errors:
                     errs.write(build_errors(target.error_schema, errors, spec.model_id, target.run_id))
-                c = _counts(b, rows)
+                c = batches.counts(b, written)
                 counts.add(c)
                 progress.add(c["notes"], c["tokens"])
         files = [("out", f) for w in outs.values() for f in w.close()] + [("err", f) for f in errs.close()]
@@ -248,27 +241,10 @@ def embed_partition(artifact_path: str, options: EmbedOptions, spec: OutputSpec,
         task = {"task": ctx.partitionId() if ctx else 0, "started": started, "finished": time.time()}
         metas = [{"table": t, "path": f.path, "size": f.size, "file_rows": f.rows, "stats": f.stats,
                   "partition_values": json.dumps(f.partition_values), **task} for t, f in files]
-        metas.append({"table": "", **counts.as_row(), **_where(emb), **task})
+        metas.append({"table": "", **counts.as_row(), **batches.where(emb), **task})
         yield pa.RecordBatch.from_pylist(metas, schema=META_SCHEMA)
 
     return run
-
-
-class _TaskCounts:
-    """A task's counts over its batches, as one metadata row."""
-
-    def __init__(self):
-        self.n = Counter()
-        self.errors, self.warnings = Counter(), Counter()
-
-    def add(self, c: dict) -> None:
-        self.n.update({k: c[k] for k in COUNT_KEYS})
-        self.errors.update(c["errors"])
-        self.warnings.update(c["warnings"])
-
-    def as_row(self) -> dict:
-        return {**{k: self.n[k] for k in COUNT_KEYS},
-                "errors": json.dumps(dict(self.errors)), "warnings": json.dumps(dict(self.warnings))}
 
 
 class DeltaRsWriter(Writer):

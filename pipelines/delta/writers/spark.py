@@ -13,15 +13,16 @@ import pyarrow as pa
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from clinlong.pipelines.core import faults
+from clinlong.pipelines.core import batches, faults
 from clinlong.pipelines.core.engine import EmbedOptions
 from clinlong.pipelines.core.schema import OutputSpec, build_errors, null_vector_counts
 from clinlong.pipelines.delta.sink import CommitConflict
 from clinlong.pipelines.delta.writers.base import KEY_MATCH, Chunk, Writer
+from clinlong.pipelines.spark.executor import task_embedder
 from clinlong.pipelines.spark.jars import is_table_name
 from clinlong.pipelines.spark.progress import ProgressReporter
 from clinlong.pipelines.spark.sources import InputError
-from clinlong.pipelines.spark.tasks import ArrowFn, _counts, _embedded, _where, full_table, task_embedder
+from clinlong.pipelines.spark.tasks import ArrowFn
 
 log = logging.getLogger("clinlong.job")
 
@@ -34,14 +35,14 @@ def embed_rows_and_errors(artifact_path: str, options: EmbedOptions, spec: Outpu
     so a re-executed task replaces its counts instead of adding them twice."""
     schema = combined_schema(spec.schema, error_schema)
 
-    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    def run(rows: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         reporter = ProgressReporter(progress, chunk)
         with task_embedder(artifact_path, options) as (emb, loads):
-            for b in _embedded(emb, batches):
-                table = full_table(spec, b)
+            for b in batches.embed_batches(emb, rows):
+                table = batches.full_table(spec, b)
                 b.warnings.update(null_vector_counts(table, spec.granularity))  # spans no piece covers
                 errors = build_errors(error_schema, b.error_rows(), spec.model_id, run_id)
-                counts = {**_counts(b, table.num_rows), **_where(emb), "model_loads": loads}
+                counts = {**batches.counts(b, table.num_rows), **batches.where(emb), "model_loads": loads}
                 loads = 0  # counted once per task
                 reporter.add(counts["notes"], counts["tokens"])
                 meta = pa.table({"_meta": [json.dumps(counts)]})

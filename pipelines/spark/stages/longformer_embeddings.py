@@ -132,13 +132,13 @@ class LongformerEmbeddings(AnnotatorStage, HasDimension, HasStorageRef):
         doc_col, tok_col = self.getInputCols()[:2]
 
         def embed(batch: pa.RecordBatch) -> pa.Array:
-            from clinlong.pipelines.spark.tasks import embedder
+            from clinlong.pipelines.core.batches import embed_texts, embedder
 
             emb = embedder(path, opts)
             docs = batch.column(doc_col).to_pylist()
             toks = batch.column(tok_col).to_pylist()
             segments = [(r, d) for r, ds in enumerate(docs) for d in (ds or [])]
-            results = emb.embed([d["result"] for _, d in segments])
+            results = embed_texts(emb, [d["result"] for _, d in segments])  # a note failing alone: its reason
             rows: list[list[tuple]] = [[] for _ in docs]
             vectors = []
             for (r, d), res in zip(segments, results):
