@@ -3,7 +3,9 @@
 One run, one machine, one process tree: the baseline (Spark pandas UDF around Hugging Face
 LongformerModel, fp32), our job at note granularity into Delta at fp32 (and bf16 where this CPU runs it
 faster, or when asked with --precisions), our heavy step alone, a GEMM peak at each precision, scaling with
-note length, and memory on a stream of notes. The baseline and each job row run --repeat times (3) in one
+note length, memory on a stream of notes, and the peer rows: Spark NLP's own LongformerEmbeddings pipeline
+against our job at sentence and note context (benchmarks/peer.py; skipped with a one-line reason where Spark NLP's
+JVM cannot run, which fails the run under CI=1). The baseline and each job row run --repeat times (3) in one
 Spark session each; the median counts and every run's seconds are reported. Base-size synthetic checkpoint
 (the real Clinical-Longformer dimensions), MIMIC-III-like mix of note lengths.
 """
@@ -259,6 +261,13 @@ def format_table(result: dict) -> str:
     m = result["memory_stream"]
     lines.append(f"memory on a stream: RSS {m['rss_mb_after_each_chunk'][0]} -> {m['rss_mb_after_each_chunk'][-1]} MB, "
                  f"growth over a second pass through the same notes {m['growth_second_pass_mb']} MB")
+    if result.get("peer"):
+        from clinlong.benchmarks.peer import format_peer
+
+        lines.append(format_peer(result["peer"]))
+    for key in ("peer_skipped", "peer_failed"):
+        if result.get(key):
+            lines.append(result[key])
     t = result["seconds"]
     lines.append(f"took {t['benchmark']} s (+ {t['setup_checkpoint_and_export']} s one-time checkpoint and export)")
     return "\n".join(lines)
@@ -273,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=3, help="runs of the baseline and of each job row; the median counts")
     p.add_argument("--precisions", help="fp32,bf16 (default: bf16 too only where precision auto picks it, i.e. "
                    "where this CPU's bf16 hardware is faster)")
+    p.add_argument("--no-peer", action="store_true", help="leave out the peer rows (Spark NLP's own pipeline; "
+                   "benchmarks/peer.py), said in the output; under CI=1 the run then fails")
     args = p.parse_args(argv)
     from clinlong.pipelines.core.logs import configure
 
@@ -357,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         "scaling": scaling(art, cores, 1 if args.quick else 3),
         "memory_stream": memory_stream(art, cores, 3 if args.quick else 8),
     }
+    result.update(peer_rows(work, args.quick, cores, args.no_peer))
     result["seconds"] = {"setup_checkpoint_and_export": round(setup_s, 1),
                          "benchmark": round(time.perf_counter() - started - setup_s, 1)}
     png = Path(args.plot) if args.plot else (Path(args.json).with_suffix(".png") if args.json else work / "benchmark.png")
@@ -366,7 +378,25 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).write_text(json.dumps(result, indent=2))
     print(format_table(result))
     print(f"plot: {png}")
-    return 0
+    return 1 if result.get("peer_failed") or (result.get("peer_skipped") and os.environ.get("CI")) else 0
+
+
+def peer_rows(work: Path, quick: bool, cores: int, no_peer: bool) -> dict:
+    """Spark NLP's own pipeline beside our job (benchmarks/peer.py): {"peer": rows}, or a one-line reason why
+    not ({"peer_skipped": ...}, which fails the run under CI=1), or the failure ({"peer_failed": ...})."""
+    from clinlong.benchmarks import peer
+
+    if no_peer:
+        return {"peer": None, "peer_skipped": "peer rows skipped: --no-peer"}
+    reason = peer.unavailable()
+    if reason:
+        return {"peer": None, "peer_skipped": f"peer rows skipped: Spark NLP's JVM: {reason}"}
+    log.info("peer: Spark NLP's LongformerEmbeddings pipeline against our job")
+    try:
+        return {"peer": peer.peer_benchmark(work, quick, cores)}
+    except RuntimeError as e:
+        return {"peer": None, "peer_failed": f"peer rows failed: {str(e).splitlines()[0]}",
+                "peer_failure": str(e)[-3000:]}
 
 
 if __name__ == "__main__":
