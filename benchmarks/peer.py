@@ -104,8 +104,9 @@ def sparknlp_export(ckpt: Path, label: str) -> Path:
     if (out / "saved_model.pb").exists():
         return out
     log.info("exporting %s for Spark NLP (TensorFlow SavedModel; minutes, cached afterwards)", ckpt.name)
-    proc = subprocess.run([str(_tf_python()), "-m", "clinlong.export", str(ckpt), str(out), "--format", "sparknlp",
-                           "--overwrite"], capture_output=True, text=True, cwd=ROOT, timeout=3600,
+    # An absolute checkpoint path: export/sparknlp.py links the weights into a temporary folder by that path.
+    proc = subprocess.run([str(_tf_python()), "-m", "clinlong.export", str(ckpt.resolve()), str(out), "--format",
+                           "sparknlp", "--overwrite"], capture_output=True, text=True, cwd=ROOT, timeout=3600,
                           env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
     if proc.returncode != 0:
         raise RuntimeError(f"the Spark NLP export failed: {proc.stderr.strip().splitlines()[-1:]}")
@@ -371,7 +372,14 @@ def format_peer(p: dict) -> str:
     lines.append(f"sentence context vs Spark NLP: {e['sentences_same_pieces']} of {e['sentences']} sentences on the "
                  f"same pieces; " + (f"{e['token_vectors_compared']} token "
                                      f"vectors compared, max |diff| {e['max_abs_diff']:.2e}, min cosine "
-                                     f"{e['min_cosine']:.7f}" if e["token_vectors_compared"] else "vectors not compared"))
+                                     f"{e['min_cosine']:.7f}" if e["token_vectors_compared"] else
+                                     "vectors not compared (Spark NLP BPE-encodes each of its tokens alone and prefixes "
+                                     "its first piece with the space mark, so its sentences' pieces differ)"))
+    lines.append("tok/s: the notes' BPE tokens (checkpoint tokenizer, <s> and </s> included; the same count for every "
+                 "row) per wall second; x def / x best: against Spark NLP at its defaults / at its fastest batch size; "
+                 "RSS: sampled peak of the local executor (JVM and Python workers); no vec: tokens without a vector "
+                 "(each side's own tokens); trunc: Spark NLP's tokens past maxSentenceLength pieces; dropped: notes "
+                 "missing or without any vector")
     lines.append(f"Spark NLP: defaults read from the model {p['sparknlp']['defaults_read_from_model']}, model load "
                  f"{p['sparknlp']['load_s']} s (outside its rows' wall time), longest sentence it saw "
                  f"{p['sparknlp']['max_sentence_pieces_seen']} pieces")
