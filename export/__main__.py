@@ -28,6 +28,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (atomically)")
     p.add_argument("--name", help="artifact name used in model_id (default: the name of the artifact --overwrite "
                                   "replaces, so a re-export keeps its model_id; else the checkpoint directory's name)")
+    p.add_argument("--global-attention", action="store_true",
+                   help="Longformer: also export encoder_global.onnx (a global_positions input) so that "
+                        "--global-attention cls runs on the onnxruntime backend too (the torch backend needs no "
+                        "second graph); checked against LongformerModel(global_attention_mask=...)")
     p.add_argument("--atol", type=float, default=1e-3, help="parity: max abs difference per value (default 1e-3)")
     p.add_argument("--min-cosine", type=float, default=0.99999, help="parity: min cosine per token (default 0.99999)")
     return p
@@ -72,7 +76,7 @@ def run(argv: list[str] | None = None) -> dict:
     result: dict = {}
     with staged_directory(args.out, args.overwrite) as staging:
         if args.format in ("native", "all"):
-            manifest, report = write_native(ckpt, staging, name, tol, log.info)
+            manifest, report = write_native(ckpt, staging, name, tol, log.info, args.global_attention)
             result.update(manifest=manifest, report=report)
             print(format_report(report))
         if args.format in ("sparknlp", "all"):

@@ -32,6 +32,10 @@ from clinlong.pipelines.core.packing import positions
 
 OPSET = 18
 ONNX_INPUTS = ("input_ids", "position_ids")  # packed rows: positions restart at each sequence
+# --global-attention: a second graph for Longformer's global attention on ONNX Runtime. global_positions
+# (B, G): row indices of each row's global tokens, -1 in unused slots; every axis dynamic.
+ONNX_GLOBAL_FILE = "encoder_global.onnx"
+ONNX_GLOBAL_INPUTS = ("input_ids", "position_ids", "global_positions")
 
 # Strings that stress byte-level BPE beyond the synthetic notes (no real patient data).
 _TOKENIZER_PROBES = ["", " ", "  leading spaces", "Pt. c/o SOB; HR 110s.\n\n\tTabs\r\nCRLF", "[**2101-3-4**]",
@@ -69,13 +73,21 @@ def write_weights(encoder: PackedEncoder, out: Path) -> None:
     save_file({k: v.contiguous() for k, v in encoder.state_dict().items()}, str(out / WEIGHTS_FILE))
 
 
-def write_onnx(encoder: PackedEncoder, ckpt: Checkpoint, out: Path, opset: int = OPSET) -> None:
+def write_onnx(encoder: PackedEncoder, ckpt: Checkpoint, out: Path, opset: int = OPSET,
+               with_global: bool = False) -> None:
     """Export the encoder with dynamic batch and row-length axes; inputs are packed rows (input_ids and
-    position_ids, see core.packing), so a row may be longer than one sequence's max length."""
+    position_ids, see core.packing), so a row may be longer than one sequence's max length. `with_global`:
+    the global-attention graph (ONNX_GLOBAL_FILE), whose third input's number of global tokens is dynamic too."""
     length = min(600, ckpt.encoder_config.max_length)  # an example past one window where the model allows
     example = torch.from_numpy(parity_sequences(ckpt, (length,), length)[length])[None].repeat(2, 1)
     pos = torch.from_numpy(positions([length], ckpt.encoder_config.pad_token_id))[None].repeat(2, 1)
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("row_length")
+    names, file, args = list(ONNX_INPUTS), ONNX_FILE, (example, pos)
+    shapes = {name: {0: batch, 1: seq} for name in ONNX_INPUTS}
+    if with_global:  # two global tokens in the first row, one (and an unused slot) in the second
+        glob = torch.tensor([[0, length // 2], [0, -1]], dtype=torch.int64)
+        names, file, args = list(ONNX_GLOBAL_INPUTS), ONNX_GLOBAL_FILE, (example, pos, glob)
+        shapes["global_positions"] = {0: batch, 1: torch.export.Dim("n_global")}
     # The exporter logs one warning per torchvision op it cannot register ("torchvision is not installed"):
     # noise for an encoder that uses none of them.
     registration = logging.getLogger("torch.onnx._internal.exporter._registration")
@@ -84,9 +96,9 @@ def write_onnx(encoder: PackedEncoder, ckpt: Checkpoint, out: Path, opset: int =
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            encoder, (example, pos), str(out / ONNX_FILE),
-            input_names=list(ONNX_INPUTS), output_names=["last_hidden_state"],
-            dynamic_shapes={name: {0: batch, 1: seq} for name in ONNX_INPUTS},
+            encoder, args, str(out / file),
+            input_names=names, output_names=["last_hidden_state"],
+            dynamic_shapes=shapes,
             opset_version=opset, dynamo=True, external_data=False, verbose=False,
         )
     registration.setLevel(level)
@@ -124,6 +136,7 @@ def tokenizer_traits(tok) -> dict:
 
 
 def write_manifest(ckpt: Checkpoint, out: Path, name: str, report: dict) -> dict:
+    """The manifest; `report["global"]` (export --global-attention) adds the global-attention graph."""
     ec = ckpt.encoder_config
     start, end = ckpt.frame
     files = {f.name: file_sha256(f) for f in sorted(out.iterdir()) if f.is_file() and f.name != MANIFEST_FILE}
@@ -146,9 +159,14 @@ def write_manifest(ckpt: Checkpoint, out: Path, name: str, report: dict) -> dict
         "special_tokens": _special_tokens(ckpt.tokenizer),
         "sequence_frame": {"start": start, "end": end},
         **tokenizer_traits(ckpt.tokenizer),
-        "global_attention": False,
+        # Longformer: the torch weights hold the global projections (--global-attention cls runs on torch)
+        "global_attention": ec.model_type == "longformer",
         "onnx": {"file": ONNX_FILE, "opset": OPSET, "inputs": list(ONNX_INPUTS), "packed": True,
                  "outputs": ["last_hidden_state"], "dtype": "float32"},
+        **({"onnx_global": {"file": ONNX_GLOBAL_FILE, "opset": OPSET, "inputs": list(ONNX_GLOBAL_INPUTS),
+                            "packed": True, "outputs": ["last_hidden_state"], "dtype": "float32",
+                            "parity_max_abs_diff": report["global"]["max_abs_diff"]}}
+           if report.get("global") else {}),
         "tokenizer": TOKENIZER_FILE,
         "torch": {"file": WEIGHTS_FILE, "encoder_config": asdict(ec), "dtype": "float32"},
         "parity": {"file": PARITY_FILE, "passed": report["passed"], "max_abs_diff": report["max_abs_diff"],
@@ -184,8 +202,11 @@ def vector_identity(manifest: dict) -> str:
 
 
 def write_native(ckpt: Checkpoint, out: Path, name: str, tol: Tolerance,
-                 log: Callable[[str], None] = lambda _: None) -> tuple[dict, dict]:
-    """Write the native artifact into `out` (a staging directory); refuse on failed parity."""
+                 log: Callable[[str], None] = lambda _: None, with_global: bool = False) -> tuple[dict, dict]:
+    """Write the native artifact into `out` (a staging directory); refuse on failed parity. `with_global`:
+    also the global-attention graph, checked against LongformerModel(global_attention_mask=...)."""
+    if with_global and ckpt.encoder_config.model_type != "longformer":
+        raise ExportError(f"--global-attention is Longformer's; a {ckpt.encoder_config.model_type} checkpoint has none")
     t = time.perf_counter()
     write_tokenizer(ckpt, out)
     log(f"tokenizer.json written and verified ({time.perf_counter() - t:.1f} s)")
@@ -201,4 +222,17 @@ def write_native(ckpt: Checkpoint, out: Path, name: str, tol: Tolerance,
         raise ExportError(f"parity check failed (max |diff| {report['max_abs_diff']:.2e} at length {worst['length']}, "
                           f"min cosine {report['min_cosine']:.6f}); no artifact written. Report this with the checkpoint")
     log(f"parity passed ({report['seconds']:.1f} s)")
+    if with_global:
+        from clinlong.export.parity import check_global_parity
+
+        t = time.perf_counter()
+        write_onnx(encoder, ckpt, out, with_global=True)
+        log(f"{ONNX_GLOBAL_FILE} exported ({time.perf_counter() - t:.1f} s)")
+        report["global"] = check_global_parity(out / ONNX_GLOBAL_FILE, ckpt, tol)
+        (out / PARITY_FILE).write_text(json.dumps(report, indent=2))
+        if not report["global"]["passed"]:
+            raise ExportError(f"global-attention parity failed (max |diff| {report['global']['max_abs_diff']:.2e}); "
+                              "no artifact written. Report this with the checkpoint")
+        log(f"global-attention parity passed (max |diff| {report['global']['max_abs_diff']:.2e}, "
+            f"{report['global']['seconds']:.1f} s)")
     return write_manifest(ckpt, out, name, report), report

@@ -159,6 +159,63 @@ def check_parity(onnx_path: str | Path, ckpt: Checkpoint, tol: Tolerance = Toler
     }
 
 
+# Global attention (encoder_global.onnx): each length with no, one (<s>) and many global tokens, packed
+# in rows that mix them; the reference is LongformerModel with the same global_attention_mask, alone.
+GLOBAL_ROWS = ((1, 2, 7, 255, 256, 257), (511, 512, 513, 1500), (4096, 7))
+
+
+def global_tokens(n: int, k: int) -> np.ndarray:
+    """The global token offsets of the k-th sequence of length n in a parity row: none, <s>, or many."""
+    if k % 3 == 0:
+        return np.zeros(0, np.int64)
+    if k % 3 == 1:
+        return np.zeros(1, np.int64)
+    return np.asarray(sorted({0, n // 2, n - 1, *range(3, n, 211)}), np.int64)
+
+
+def check_global_parity(onnx_path: str | Path, ckpt: Checkpoint, tol: Tolerance = Tolerance()) -> dict:
+    """The global-attention graph (inputs input_ids, position_ids, global_positions) against Hugging Face's
+    LongformerModel(global_attention_mask=...), fp32, on rows that pack lengths with 0, 1 and many global tokens."""
+    import onnxruntime as ort
+
+    start = time.perf_counter()
+    max_len = ckpt.encoder_config.max_length
+    rows = [[n for n in row if n <= max_len] for row in GLOBAL_ROWS]
+    rows = [r for r in rows if r]
+    seqs = parity_sequences(ckpt, sorted({n for r in rows for n in r}), max_len)
+    model = reference_model(ckpt)
+    pad, padding_idx = ckpt.tokenizer.pad_token_id, ckpt.encoder_config.pad_token_id
+    flat = [(n, k) for r in rows for k, n in enumerate(r)]
+    globs = [global_tokens(n, k) for n, k in flat]
+    index = {key: i for i, key in enumerate(flat)}
+    plan = [[index[(n, k)] for k, n in enumerate(r)] for r in rows]
+    ids, pos, spans = packed_rows([seqs[n] for n, _ in flat], plan, pad, padding_idx)
+    width = max(1, max(sum(len(globs[i]) for i in row) for row in plan))
+    gpos = np.full((len(plan), width), -1, np.int64)
+    for r, row in enumerate(plan):
+        found = [first + globs[i] for i, (first, _) in zip(row, spans[r])]
+        found = np.concatenate(found) if found else np.zeros(0, np.int64)
+        gpos[r, :len(found)] = found
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    out = session.run(["last_hidden_state"], {"input_ids": ids, "position_ids": pos, "global_positions": gpos})[0]
+    results = []
+    for r, row in enumerate(plan):
+        for i, (first, n) in zip(row, spans[r]):
+            mask = torch.zeros(1, n, dtype=torch.int64)
+            mask[0, torch.from_numpy(globs[i])] = 1
+            t = torch.from_numpy(seqs[n])[None]
+            with torch.inference_mode():
+                ref = model(t, attention_mask=torch.ones_like(t), global_attention_mask=mask).last_hidden_state[0]
+            ref = ref.numpy()
+            diff, cos = _compare(ref, out[r, first:first + n])
+            results.append({"length": n, "global_tokens": len(globs[i]), "row": r, "max_abs_diff": diff,
+                            "min_cosine": cos, "passed": bool(diff <= tol.max_abs_diff and cos >= tol.min_cosine)})
+    return {"passed": all(r["passed"] for r in results), "file": Path(onnx_path).name,
+            "reference": "transformers LongformerModel(global_attention_mask=...), fp32, each sequence alone",
+            "results": results, "max_abs_diff": max(r["max_abs_diff"] for r in results),
+            "min_cosine": min(r["min_cosine"] for r in results), "seconds": round(time.perf_counter() - start, 2)}
+
+
 def format_report(report: dict) -> str:
     """The parity report as a small table for terminals."""
     lines = [f"{'length':>7} {'row':>5} {'row len':>7} {'max|diff|':>10} {'min cos':>10}  ok"]

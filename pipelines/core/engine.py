@@ -27,7 +27,7 @@ import numpy as np
 
 from clinlong.pipelines.core.artifact import Artifact
 from clinlong.pipelines.core.devices import DEVICES
-from clinlong.pipelines.core.options import check_types, option
+from clinlong.pipelines.core.options import GLOBAL_ATTENTION, check_types, option
 from clinlong.pipelines.core.runtime import (
     BACKENDS,
     DEFAULT_BATCH_SIZE,
@@ -35,6 +35,7 @@ from clinlong.pipelines.core.runtime import (
     KERNEL_CHOICES,
     PRECISIONS,
     Encoder,
+    check_global_attention,
     resolve_backend,
     resolve_kernel,
     resolve_precision,
@@ -75,6 +76,11 @@ class EmbedOptions:
     attention_kernel: str = option("auto", "sliding-window attention over packed sequences. auto: varlen (flash "
                                    "attention) on GPUs, blocks (the ONNX graph's form) on CPUs; flex: FlexAttention",
                                    choices=KERNEL_CHOICES)
+    global_attention: str = option("none", "Longformer's global attention. none: local attention only, as "
+                                   "LongformerModel without a global_attention_mask; cls: global attention on the "
+                                   "<s> of every sequence (note, window or sentence); onnxruntime needs an artifact "
+                                   "exported with --global-attention",
+                                   choices=GLOBAL_ATTENTION)
     device: str = option("auto", "auto: the GPU Spark assigned the task when CUDA is usable, else the CPU",
                          choices=DEVICES)
     max_chars: int = option(1_000_000, "longer texts go to the errors table (a 10 MB 'note' is a misfiled blob)",
@@ -98,6 +104,8 @@ class EmbedOptions:
         resolve_backend(self.backend, self.precision)
         if self.attention_kernel not in KERNEL_CHOICES:
             raise ValueError(f"attention kernel must be one of {KERNEL_CHOICES}, got {self.attention_kernel!r}")
+        if self.global_attention != "none":
+            check_global_attention(artifact, self.backend, self.precision)
         if not 0 <= self.window_overlap < self.max_length - 2:
             raise ValueError(f"window overlap must be in [0, {self.max_length - 2}) for max length {self.max_length} "
                              f"(window_overlap, --window-overlap; unset, it is {default_overlap(self.max_length)}), "
@@ -384,7 +392,7 @@ class NoteEmbedder:
             budget = _gpu_budget(artifact, self.device, self.precision, options.attention_kernel)
         self.token_budget = budget  # tokens per packed row (model call)
         self.encoder = Encoder(artifact, budget, options.batch_size, threads, self.precision,
-                               options.backend, self.device, options.attention_kernel)
+                               options.backend, self.device, options.attention_kernel, options.global_attention)
 
     def _plan_segment(self, ids: np.ndarray, runs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         starts, width = window_plan(len(ids), self.options.max_length, self.options.window_overlap)

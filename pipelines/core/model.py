@@ -9,6 +9,12 @@ blocks of `b` tokens, and lets every query block attend to the three key blocks 
 own, next) under the mask |i - j| <= b ∧ same sequence. That is exactly Hugging Face's window (each
 token sees `b` tokens on either side) at 3b/(2b+1) ≈ 1.5x its attention FLOPs.
 
+Longformer's global attention (`global_positions`, see `SlidingWindowSelfAttention.forward`): a global
+token attends to every token of its sequence with the `*_global` projections, and every token of its
+sequence attends to it. The local part keeps the windowed kernel as it is; the global keys outside each
+query's window are a small dense part (queries x global tokens) merged with it by log-sum-exp, so no key
+is counted twice; the global tokens' own rows are then replaced by their dense global attention.
+
 BigBird: see `BlockSparseSelfAttention`. Parameter names equal Hugging Face's, so its state dicts load.
 """
 from __future__ import annotations
@@ -142,6 +148,40 @@ class Segments:
     relative: torch.Tensor
     starts: torch.Tensor | None = None
     max_length: int = 0
+    # Longformer's global tokens (see with_globals): row index (B, G) of each, clamped to 0 where unused,
+    # whether it is used, and its sequence (0 where unused).
+    global_index: torch.Tensor | None = None
+    global_valid: torch.Tensor | None = None
+    global_segment: torch.Tensor | None = None
+
+
+def with_globals(segments: Segments, global_positions: torch.Tensor) -> Segments:
+    """`segments` with the global tokens of each row: `global_positions` (B, G) int64 holds their row
+    indices, -1 in unused slots (rows with fewer global tokens than G; G >= 1)."""
+    valid = global_positions.ge(0)
+    index = global_positions.clamp_min(0)
+    segment = torch.gather(segments.segment, 1, index) * valid.to(segments.segment.dtype)
+    return Segments(segments.segment, segments.relative, segments.starts, segments.max_length, index, valid, segment)
+
+
+def global_positions_of(mask: torch.Tensor) -> torch.Tensor:
+    """(B, L) global attention mask (nonzero: global) -> (B, G) row indices, -1 in unused slots (eager only)."""
+    mask = mask.ne(0)
+    count = int(mask.sum(1).max()) if mask.numel() else 0
+    out = torch.full((mask.shape[0], max(count, 1)), -1, dtype=torch.int64, device=mask.device)
+    for row in range(mask.shape[0]):
+        idx = torch.nonzero(mask[row]).reshape(-1)
+        out[row, :len(idx)] = idx
+    return out
+
+
+def _merge(ctx_a: torch.Tensor, lse_a: torch.Tensor, ctx_b: torch.Tensor, lse_b: torch.Tensor) -> torch.Tensor:
+    """Attention over the union of two disjoint key sets from each set's output (B, H, L, d) and
+    log-sum-exp of scores (B, H, L): each output weighted by its share of the softmax's denominator."""
+    lse_a, lse_b = lse_a.float(), lse_b.float()
+    lse = torch.logaddexp(lse_a, lse_b)
+    wa, wb = torch.exp(lse_a - lse)[..., None], torch.exp(lse_b - lse)[..., None]
+    return (ctx_a.float() * wa + ctx_b.float() * wb).to(ctx_a.dtype)
 
 
 def segments_of(position_ids: torch.Tensor, padding_idx: int, with_starts: bool = False) -> Segments:
@@ -162,14 +202,21 @@ def segments_of(position_ids: torch.Tensor, padding_idx: int, with_starts: bool 
 
 class SlidingWindowSelfAttention(nn.Module):
     """Multi-head attention of each token over the `one_sided` tokens on either side of it, within its
-    own packed sequence.
+    own packed sequence, and, where a sequence has global tokens, Longformer's global attention.
 
     Kernels: `blocks`, the explicit form that ONNX traces (query blocks of `one_sided` tokens against
     the three key blocks around them); `flex`, FlexAttention with a block mask "same sequence and
     |i - j| <= one_sided" (GPUs under torch.compile; also runs eagerly on CPUs, which the tests use);
-    `varlen`, flash attention over the flattened sequences with a window (CUDA only)."""
+    `varlen`, flash attention over the flattened sequences with a window (CUDA only).
 
-    def __init__(self, cfg: EncoderConfig, window: int, kernel: str = "blocks"):
+    Global attention (Hugging Face's `LongformerSelfAttention` with a `global_attention_mask`): a local
+    token attends to its window and to every global token of its sequence, keys and values from the
+    usual projections, each key once; a global token attends to every token of its sequence with
+    `query_global`, `key_global` and `value_global`. Every kernel computes its window as without global
+    tokens and returns the log-sum-exp of its scores; the global keys farther than `one_sided` from a
+    query (the ones its window lacks) are a dense (L x G) part merged with it (`_merge`)."""
+
+    def __init__(self, cfg: EncoderConfig, window: int, kernel: str = "blocks", with_global: bool = True):
         super().__init__()
         if window <= 0 or window % 2:
             raise ValueError(f"attention window must be a positive even number, got {window}")
@@ -182,6 +229,11 @@ class SlidingWindowSelfAttention(nn.Module):
         self.query = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.key = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.value = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.with_global = with_global
+        if with_global:
+            self.query_global = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+            self.key_global = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+            self.value_global = nn.Linear(cfg.hidden_size, cfg.hidden_size)
 
     def _blocks3(self, x: torch.Tensor, value=0) -> torch.Tensor:
         """(..., n*b, d) -> (..., n, 3b, d): for each block, the previous, own and next block."""
@@ -200,28 +252,58 @@ class SlidingWindowSelfAttention(nn.Module):
         k = self.key(hidden).reshape(bsz, length, h, d)
         v = self.value(hidden).reshape(bsz, length, h, d)
         scale = 1.0 / math.sqrt(d)
+        glob = segments.global_index is not None
+        if glob and not self.with_global:
+            raise ValueError("this model was built without the global-attention projections (query_global, "
+                             "key_global, value_global); re-export the checkpoint for global attention")
         if self.kernel == "varlen":
-            from torch.nn.attention.varlen import varlen_attn
+            from torch.nn.attention.varlen import AuxRequest, varlen_attn
 
             flat = (lambda t: t.reshape(bsz * length, h, d))
-            ctx = varlen_attn(flat(q), flat(k), flat(v), segments.starts, segments.starts, segments.max_length,
-                              segments.max_length, scale=scale, window_size=(self.one_sided, self.one_sided))
-            return ctx.reshape(bsz, length, dim)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, L, d)
-        if self.kernel == "flex":
-            key = ("flex", self.one_sided)
-            if key not in masks:
-                masks[key] = _flex_block_mask(segments.segment, self.one_sided)
-            ctx = _flex_attention()(q, k, v, block_mask=masks[key], scale=scale)
-            return ctx.transpose(1, 2).reshape(bsz, length, dim)
+            res = varlen_attn(flat(q), flat(k), flat(v), segments.starts, segments.starts, segments.max_length,
+                              segments.max_length, scale=scale, window_size=(self.one_sided, self.one_sided),
+                              return_aux=AuxRequest(lse=True) if glob else None)
+            if not glob:
+                return res.reshape(bsz, length, dim)
+            ctx, lse = res
+            # lse: (tokens, heads) as documented; flash attention's own layout is (heads, tokens)
+            lse = lse.transpose(0, 1) if lse.shape[0] == h and lse.shape[-1] != h else lse
+            ctx = ctx.reshape(bsz, length, h, d).transpose(1, 2)
+            lse = lse.reshape(bsz, length, h).transpose(1, 2)
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        else:
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, L, d)
+            if self.kernel == "flex":
+                key = ("flex", self.one_sided)
+                if key not in masks:
+                    masks[key] = _flex_block_mask(segments.segment, self.one_sided)
+                if not glob:
+                    ctx = _flex_attention()(q, k, v, block_mask=masks[key], scale=scale)
+                    return ctx.transpose(1, 2).reshape(bsz, length, dim)
+                from torch.nn.attention.flex_attention import AuxRequest
+
+                ctx, aux = _flex_attention()(q, k, v, block_mask=masks[key], scale=scale,
+                                             return_aux=AuxRequest(lse=True))
+                lse = aux.lse
+            else:
+                ctx, lse = self._blocks(q, k, v, segments, masks, scale, glob)
+                if not glob:
+                    return ctx.transpose(1, 2).reshape(bsz, length, dim)
+        ctx = self._add_global_keys(q, k, v, ctx, lse, segments, masks, scale)
+        ctx = ctx.transpose(1, 2).reshape(bsz, length, dim)
+        return self._global_rows(hidden, ctx, segments, scale)
+
+    def _blocks(self, q, k, v, segments: Segments, masks: dict, scale: float, with_lse: bool):
+        """The explicit banded form: (B, H, L, d) context, and the log-sum-exp of scores (B, H, L) if asked."""
+        bsz, h, length, d = q.shape
         b = self.one_sided
         n = length // b
         key = ("blocks", b)
         if key not in masks:
             # Query row r of a block against key column c of the three blocks [prev, own, next]:
             # relative distance j - i = c - b - r; allowed when |c - b - r| <= b (and the same sequence).
-            r = torch.arange(b, device=hidden.device)[:, None]
-            c = torch.arange(3 * b, device=hidden.device)[None, :]
+            r = torch.arange(b, device=q.device)[:, None]
+            c = torch.arange(3 * b, device=q.device)[None, :]
             band = (c - b - r).abs() <= b
             seg_q = segments.segment.reshape(bsz, n, b)
             seg_k = self._blocks3(segments.segment[..., None]).reshape(bsz, n, 3 * b)  # outside: 0, as padding
@@ -230,8 +312,51 @@ class SlidingWindowSelfAttention(nn.Module):
         scores = torch.matmul(q, self._blocks3(k).transpose(-1, -2))  # (B, H, n, b, 3b)
         # The dtype's minimum (not -inf) keeps fully masked rows finite (padding sees padding anyway).
         scores = scores.masked_fill(~masks[key], torch.finfo(scores.dtype).min)
-        ctx = torch.matmul(torch.softmax(scores, dim=-1), self._blocks3(v))  # (B, H, n, b, d)
-        return ctx.reshape(bsz, h, length, d).transpose(1, 2).reshape(bsz, length, dim)
+        if not with_lse:
+            ctx = torch.matmul(torch.softmax(scores, dim=-1), self._blocks3(v))  # (B, H, n, b, d)
+            return ctx.reshape(bsz, h, length, d), None
+        lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+        ctx = torch.matmul(torch.exp(scores - lse), self._blocks3(v))
+        return ctx.reshape(bsz, h, length, d), lse.reshape(bsz, h, length)
+
+    def _add_global_keys(self, q, k, v, ctx, lse, segments: Segments, masks: dict, scale: float) -> torch.Tensor:
+        """Merge into the windowed context (B, H, L, d) each query's global keys outside its window."""
+        bsz, h, length, d = q.shape
+        idx = segments.global_index  # (B, G)
+        key = ("global_keys", self.one_sided)
+        if key not in masks:
+            rows = torch.arange(length, device=q.device)
+            far = (rows[None, :, None] - idx[:, None, :]).abs() > self.one_sided  # (B, L, G)
+            same = segments.segment[:, :, None] == segments.global_segment[:, None, :]
+            masks[key] = (far & same & segments.global_valid[:, None, :])[:, None]  # (B, 1, L, G)
+        gather = idx[:, None, :, None].expand(bsz, h, idx.shape[1], d)
+        k_g, v_g = torch.gather(k, 2, gather), torch.gather(v, 2, gather)  # (B, H, G, d)
+        scores = torch.matmul(q * scale, k_g.transpose(-1, -2))  # (B, H, L, G)
+        scores = scores.masked_fill(~masks[key], torch.finfo(scores.dtype).min)
+        lse_g = torch.logsumexp(scores, dim=-1)
+        ctx_g = torch.matmul(torch.softmax(scores, dim=-1), v_g)
+        return _merge(ctx, lse, ctx_g, lse_g)
+
+    def _global_rows(self, hidden: torch.Tensor, ctx: torch.Tensor, segments: Segments, scale: float) -> torch.Tensor:
+        """`ctx` (B, L, D) with each global token's row replaced by its attention over its whole sequence
+        through the global projections (Hugging Face's `_compute_global_attn_output_from_hidden`)."""
+        bsz, length, dim = hidden.shape
+        h, d = self.num_heads, self.head_dim
+        idx, valid = segments.global_index, segments.global_valid
+        n_glob = idx.shape[1]
+        rows = torch.gather(hidden, 1, idx[:, :, None].expand(bsz, n_glob, dim))  # (B, G, D)
+        q = (self.query_global(rows) * scale).reshape(bsz, n_glob, h, d).transpose(1, 2)
+        k = self.key_global(hidden).reshape(bsz, length, h, d).transpose(1, 2)
+        v = self.value_global(hidden).reshape(bsz, length, h, d).transpose(1, 2)
+        scores = torch.matmul(q, k.transpose(-1, -2))  # (B, H, G, L)
+        allowed = (segments.global_segment[:, :, None] == segments.segment[:, None, :]) & valid[:, :, None]
+        scores = scores.masked_fill(~allowed[:, None], torch.finfo(scores.dtype).min)
+        out = torch.matmul(torch.softmax(scores, dim=-1), v).transpose(1, 2).reshape(bsz, n_glob, dim)
+        # Unused slots write to an extra row that is dropped.
+        target = torch.where(valid, idx, torch.full_like(idx, length))
+        padded = torch.cat([ctx, ctx.new_zeros(bsz, 1, dim)], dim=1)
+        padded = padded.scatter(1, target[:, :, None].expand(bsz, n_glob, dim), out.to(ctx.dtype))
+        return padded[:, :length]
 
 
 class BlockSparseSelfAttention(nn.Module):
@@ -360,10 +485,10 @@ class _DenseLayerNorm(nn.Module):
 
 
 class _Attention(nn.Module):
-    def __init__(self, cfg: EncoderConfig, window: int, kernel: str):
+    def __init__(self, cfg: EncoderConfig, window: int, kernel: str, with_global: bool = True):
         super().__init__()
         attention = (BlockSparseSelfAttention(cfg, kernel) if cfg.model_type == "big_bird"
-                     else SlidingWindowSelfAttention(cfg, window, kernel))
+                     else SlidingWindowSelfAttention(cfg, window, kernel, with_global))
         setattr(self, "self", attention)
         self.output = _DenseLayerNorm(cfg.hidden_size, cfg.hidden_size, cfg.layer_norm_eps)
 
@@ -384,9 +509,9 @@ class _Intermediate(nn.Module):
 
 
 class Layer(nn.Module):
-    def __init__(self, cfg: EncoderConfig, window: int, kernel: str = "blocks"):
+    def __init__(self, cfg: EncoderConfig, window: int, kernel: str = "blocks", with_global: bool = True):
         super().__init__()
-        self.attention = _Attention(cfg, window, kernel)
+        self.attention = _Attention(cfg, window, kernel, with_global)
         self.intermediate = _Intermediate(cfg)
         self.output = _DenseLayerNorm(cfg.intermediate_size, cfg.hidden_size, cfg.layer_norm_eps)
 
@@ -396,22 +521,26 @@ class Layer(nn.Module):
 
 
 class _Stack(nn.Module):
-    def __init__(self, cfg: EncoderConfig, kernel: str = "blocks"):
+    def __init__(self, cfg: EncoderConfig, kernel: str = "blocks", with_global: bool = True):
         super().__init__()
         windows = cfg.attention_window or (0,) * cfg.num_hidden_layers  # BigBird layers have no window
-        self.layer = nn.ModuleList(Layer(cfg, w, kernel) for w in windows)
+        self.layer = nn.ModuleList(Layer(cfg, w, kernel, with_global) for w in windows)
 
 
 class PackedEncoder(nn.Module):
-    """`last_hidden_state` of Hugging Face `LongformerModel` (local attention only) or `BigBirdModel`
-    (eval mode), for rows that pack several sequences end to end.
+    """`last_hidden_state` of Hugging Face `LongformerModel` (with or without a global attention mask) or
+    `BigBirdModel` (eval mode), for rows that pack several sequences end to end.
 
     Inputs: `input_ids` (B, L) and `position_ids` (B, L), the RoBERTa-style positions of each packed
     sequence (padding_idx + 1, + 2, ... from its first token; padding_idx on padding; core.packing builds
-    them for every family). Each sequence's vectors equal those of the sequence run alone: positions
-    restart, attention never crosses a sequence."""
+    them for every family); optionally (Longformer) `global_positions` (B, G), the row indices of the
+    global tokens, -1 in unused slots. Each sequence's vectors equal those of the sequence run alone:
+    positions restart, attention never crosses a sequence.
 
-    def __init__(self, cfg: EncoderConfig, kernel: str = "blocks"):
+    `with_global`: Longformer's layers hold the `*_global` projections (artifacts exported before they
+    were kept lack them; such a model runs local attention only)."""
+
+    def __init__(self, cfg: EncoderConfig, kernel: str = "blocks", with_global: bool = True):
         super().__init__()
         if cfg.model_type not in MODEL_TYPES:
             raise ValueError(f"model type must be one of {MODEL_TYPES}, got {cfg.model_type!r}")
@@ -419,10 +548,12 @@ class PackedEncoder(nn.Module):
             raise ValueError(f"{len(cfg.attention_window)} attention windows for {cfg.num_hidden_layers} layers")
         self.config = cfg
         self.kernel = kernel
+        self.with_global = with_global and cfg.model_type == "longformer"
         self.embeddings = Embeddings(cfg)
-        self.encoder = _Stack(cfg, kernel)
+        self.encoder = _Stack(cfg, kernel, self.with_global)
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                global_positions: torch.Tensor | None = None) -> torch.Tensor:
         length = input_ids.shape[1]
         pad_id = self.config.pad_token_id
         multiple = self.config.pad_multiple
@@ -431,6 +562,10 @@ class PackedEncoder(nn.Module):
             input_ids = F.pad(input_ids, (0, pad), value=pad_id)
             position_ids = F.pad(position_ids, (0, pad), value=pad_id)
         segments = segments_of(position_ids, pad_id, with_starts=self.kernel == "varlen")
+        if global_positions is not None:
+            if self.config.model_type != "longformer":
+                raise ValueError(f"global attention is Longformer's; {self.config.model_type} has none")
+            segments = with_globals(segments, global_positions)
         hidden = self.embeddings(input_ids, position_ids)
         masks: dict = {}
         for layer in self.encoder.layer:
@@ -439,7 +574,7 @@ class PackedEncoder(nn.Module):
 
     def load_hf_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Load a Hugging Face state dict (the bare model's or a *ForMaskedLM's, see `encoder_state`);
-        Longformer's global-attention projections, poolers and LM heads are not part of the encoder."""
+        poolers and LM heads are not part of the encoder (Longformer's global projections are)."""
         state = encoder_state(state)
         own = self.state_dict()
         missing = sorted(k for k in own if k not in state)

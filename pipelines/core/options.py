@@ -91,3 +91,9 @@ try:
 except ImportError:  # pragma: no cover - Python < 3.10
     _UnionType = type(None)
 
+
+
+# Longformer's global attention in embeddings (EmbedOptions.global_attention, Encoder): none, as Hugging
+# Face's LongformerModel runs without a global_attention_mask; cls: on the <s> of every sequence (each note,
+# window or sentence), as LongformerForSequenceClassification sets it.
+GLOBAL_ATTENTION = ("none", "cls")

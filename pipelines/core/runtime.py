@@ -18,6 +18,7 @@ import numpy as np
 
 from clinlong.pipelines.core.artifact import Artifact, reading
 from clinlong.pipelines.core.devices import cpu_bf16_pays
+from clinlong.pipelines.core.options import GLOBAL_ATTENTION
 from clinlong.pipelines.core.packing import KERNELS, pack, packed_rows
 
 KERNEL_CHOICES = ("auto", *KERNELS)
@@ -123,20 +124,33 @@ class CoreShare:
 
 
 class _OrtModel:
+    """ONNX Runtime on the exported graph; `with_global`: the global-attention graph (export --global-attention),
+    which takes the global tokens' row indices as a third input."""
+
     row_multiple = 1  # the graph pads each row to whole attention blocks itself
 
-    def __init__(self, artifact: Artifact, threads: int):
+    def __init__(self, artifact: Artifact, threads: int, with_global: bool = False):
         import onnxruntime as ort
+
+        self.with_global = with_global
+        path = artifact.path / artifact.manifest["onnx_global"]["file"] if with_global else artifact.onnx_path
 
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        with reading(artifact.onnx_path):
-            self.session = ort.InferenceSession(str(artifact.onnx_path), opts, providers=["CPUExecutionProvider"])
+        with reading(path):
+            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
-    def __call__(self, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        return self.session.run(["last_hidden_state"], {"input_ids": ids, "position_ids": positions})[0]
+    def __call__(self, ids: np.ndarray, positions: np.ndarray,
+                 global_positions: np.ndarray | None = None) -> np.ndarray:
+        feed = {"input_ids": ids, "position_ids": positions}
+        if self.with_global:  # no global token: one unused slot per row
+            feed["global_positions"] = (global_positions if global_positions is not None
+                                        else np.full((len(ids), 1), -1, np.int64))
+        elif global_positions is not None:
+            raise ValueError("this ONNX graph runs local attention only; re-export with --global-attention")
+        return self.session.run(["last_hidden_state"], feed)[0]
 
 
 def _is_oom(e: BaseException) -> bool:
@@ -171,10 +185,12 @@ class _TorchModel:
         cfg = artifact.encoder_config
         cfg["attention_window"] = tuple(cfg["attention_window"])
         self.kernel = resolve_kernel(kernel, device, artifact.model_type)
-        with torch.device("meta"):  # no random initialisation of weights about to be replaced
-            model = PackedEncoder(EncoderConfig(**cfg), kernel=self.kernel)
         with reading(artifact.torch_weights_path):
             weights = load_file(str(artifact.torch_weights_path))
+        # Artifacts exported before the global projections were kept run local attention only.
+        self.with_global = any(".query_global." in k for k in weights)
+        with torch.device("meta"):  # no random initialisation of weights about to be replaced
+            model = PackedEncoder(EncoderConfig(**cfg), kernel=self.kernel, with_global=self.with_global)
         model.load_state_dict(weights, strict=True, assign=True)
         self.dtype = getattr(torch, self._DTYPES[precision])
         self.device = torch.device(device)
@@ -183,7 +199,9 @@ class _TorchModel:
         self.torch = torch
         self.share: CoreShare | None = None  # set for the duration of a Spark task on a CPU executor
 
-    def __call__(self, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    def __call__(self, ids: np.ndarray, positions: np.ndarray,
+                 global_positions: np.ndarray | None = None) -> np.ndarray:
+        """`global_positions` (B, G): row indices of global tokens, -1 in unused slots (None: local only)."""
         torch = self.torch
         cuda = self.device.type == "cuda"
         if self.share is not None and not cuda:
@@ -192,7 +210,8 @@ class _TorchModel:
             t_ids, t_pos = torch.from_numpy(ids), torch.from_numpy(positions)
             if cuda:  # pinned host memory, asynchronous copies
                 t_ids, t_pos = t_ids.pin_memory(), t_pos.pin_memory()
-            out = self.model(t_ids.to(self.device, non_blocking=cuda), t_pos.to(self.device, non_blocking=cuda))
+            t_glob = None if global_positions is None else torch.from_numpy(global_positions).to(self.device)
+            out = self.model(t_ids.to(self.device, non_blocking=cuda), t_pos.to(self.device, non_blocking=cuda), t_glob)
             return out.float().cpu().numpy()
 
 
@@ -208,11 +227,24 @@ def choose_backend(precision: str, backend: str, device: str) -> tuple[str, str]
 def model_files(artifact: Artifact, backend: str) -> list[str]:
     """The artifact's files a model of this backend reads (what a worker verifies before loading)."""
     m = artifact.manifest
-    return [m["tokenizer"], m["onnx"]["file"] if backend == "onnxruntime" else m["torch"]["file"]]
+    if backend == "onnxruntime":
+        return [m["tokenizer"], m["onnx"]["file"], *([m["onnx_global"]["file"]] if "onnx_global" in m else [])]
+    return [m["tokenizer"], m["torch"]["file"]]
+
+
+def check_global_attention(artifact: Artifact, backend: str, precision: str = "auto") -> None:
+    """Refuse, in one line, global attention where it cannot run: a family without it (BigBird) or the
+    ONNX Runtime backend on an artifact exported without the global-attention graph."""
+    if artifact.model_type != "longformer":
+        raise ValueError(f"global attention is Longformer's; this {artifact.model_type} model has none "
+                         "(use --global-attention none)")
+    if resolve_backend(backend, precision) == "onnxruntime" and "onnx_global" not in artifact.manifest:
+        raise ValueError("global attention on the onnxruntime backend needs the artifact's global-attention graph: "
+                         "re-export with python -m clinlong.export --global-attention, or use --backend torch")
 
 
 def load_model(artifact: Artifact, precision: str = "fp32", backend: str = "auto", threads: int | None = None,
-               device: str = "cpu", kernel: str = "auto"):
+               device: str = "cpu", kernel: str = "auto", global_attention: str = "none"):
     """A model of this artifact for this precision and device (ONNX Runtime or torch). Callers cache it:
     the process's one cache is `pipelines.tasks.embedder`, keyed by the artifact's model_id."""
     backend, precision = choose_backend(precision, backend, device)
@@ -220,7 +252,7 @@ def load_model(artifact: Artifact, precision: str = "fp32", backend: str = "auto
     if backend == "onnxruntime":
         if kernel not in ("auto", "blocks"):
             raise ValueError(f"the ONNX graph has the blocks attention kernel; {kernel} runs with --backend torch")
-        return _OrtModel(artifact, threads)
+        return _OrtModel(artifact, threads, with_global=global_attention != "none")
     return _TorchModel(artifact, threads, precision, device, kernel)
 
 
@@ -240,35 +272,59 @@ class Encoder:
 
     Sequences are packed end to end into one row per model call (core.packing): at most `token_budget`
     tokens and `batch_size` sequences, longest first, so a call costs the tokens it holds, whatever the
-    mix of lengths, and memory stays bounded."""
+    mix of lengths, and memory stays bounded.
+
+    `global_attention` (Longformer): "none", or "cls": global attention on the first token (<s>) of every
+    sequence; a call may instead name each sequence's global tokens (`globals`)."""
 
     def __init__(self, artifact: Artifact, token_budget: int = DEFAULT_TOKEN_BUDGET,
                  batch_size: int = DEFAULT_BATCH_SIZE, threads: int | None = None,
-                 precision: str = "fp32", backend: str = "auto", device: str = "cpu", kernel: str = "auto"):
+                 precision: str = "fp32", backend: str = "auto", device: str = "cpu", kernel: str = "auto",
+                 global_attention: str = "none"):
+        if global_attention not in GLOBAL_ATTENTION:
+            raise ValueError(f"global attention must be one of {GLOBAL_ATTENTION}, got {global_attention!r}")
+        if global_attention != "none":
+            check_global_attention(artifact, backend, precision)
         self.artifact = artifact
         self.device = device
-        self.model = load_model(artifact, precision, backend, threads, device, kernel)
+        self.global_attention = global_attention
+        self.model = load_model(artifact, precision, backend, threads, device, kernel, global_attention)
+        if global_attention != "none" and not getattr(self.model, "with_global", False):
+            raise ValueError("this artifact lacks the global-attention weights (exported before they were kept); "
+                             "re-export it with python -m clinlong.export for --global-attention")
         self.pad_id = artifact.token_id("pad")
         self.padding_idx = int(artifact.encoder_config["pad_token_id"])  # packed rows' position padding (core.packing)
         self.token_budget = token_budget
         self.batch_size = batch_size
         self.row_multiple = getattr(self.model, "row_multiple", 1)
 
-    def __call__(self, sequences: Sequence[np.ndarray]) -> list[np.ndarray]:
+    def __call__(self, sequences: Sequence[np.ndarray],
+                 globals: Sequence[np.ndarray] | None = None) -> list[np.ndarray]:
+        """One (n, dim) array per sequence; `globals`: each sequence's global token offsets (overrides
+        `global_attention`)."""
+        if globals is None and self.global_attention == "cls":
+            globals = [np.zeros(1 if len(s) else 0, np.int64) for s in sequences]
         out: list[np.ndarray | None] = [None] * len(sequences)
         for row in pack([len(s) for s in sequences], self.token_budget, self.batch_size):
-            for i, hidden in self._run_splitting(sequences, row):
+            for i, hidden in self._run_splitting(sequences, row, globals):
                 out[i] = hidden
         return out  # type: ignore[return-value]
 
-    def _run_splitting(self, sequences: Sequence[np.ndarray], row: list[int]) -> list[tuple[int, np.ndarray]]:
+    def _run_splitting(self, sequences: Sequence[np.ndarray], row: list[int],
+                       globals: Sequence[np.ndarray] | None = None) -> list[tuple[int, np.ndarray]]:
         """Run one packed row; on out-of-memory split its sequences in halves and retry, so none is lost.
         A single sequence that does not fit fails the task (Spark retries it) with a clear error."""
         used = sum(len(sequences[i]) for i in row)
         multiple = self.row_multiple
         ids, pos, spans = packed_rows(sequences, [row], self.pad_id, self.padding_idx, -(-used // multiple) * multiple)
+        glob = None
+        if globals is not None:
+            found = [s + np.asarray(globals[i], np.int64) for i, (s, _) in zip(row, spans[0])]
+            flat = np.unique(np.concatenate(found)) if found else np.zeros(0, np.int64)
+            if len(flat):
+                glob = flat[None]
         try:
-            hidden = self.model(ids, pos)[0]
+            hidden = (self.model(ids, pos) if glob is None else self.model(ids, pos, glob))[0]
         except Exception as e:
             if not _is_oom(e):
                 raise
@@ -276,5 +332,6 @@ class Encoder:
                 raise MemoryError(f"one sequence of {used} tokens does not fit on {self.device}; "
                                   "lower --max-length or use a larger device") from None
             half = len(row) // 2
-            return self._run_splitting(sequences, row[:half]) + self._run_splitting(sequences, row[half:])
+            return (self._run_splitting(sequences, row[:half], globals)
+                    + self._run_splitting(sequences, row[half:], globals))
         return [(i, hidden[s:s + n]) for i, (s, n) in zip(row, spans[0])]
