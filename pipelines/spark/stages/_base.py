@@ -77,6 +77,16 @@ class AnnotatorStage(Transformer, DefaultParamsReadable, DefaultParamsWritable):
     def getOutputCol(self) -> str:
         return self.getOrDefault(self.outputCol)
 
+    @property
+    def _to_java(self):
+        """Our stages run in Python and have no JVM twin. Spark NLP's LightPipeline (which hands the JVM the
+        PipelineModel's Java object, stage by stage, and would silently skip an unknown stage there) is
+        refused in one line. A property raising AttributeError keeps `hasattr(stage, "_to_java")` False,
+        as pyspark's tuning persistence and Params.params read it."""
+        raise AttributeError(f"{type(self).__name__} is a clinlong stage that runs in Python, with no JVM object: "
+                             "Spark NLP's LightPipeline runs JVM stages only; use PipelineModel.transform(df), or "
+                             "clinlong.pipelines.load(...).predict(texts) for in-process annotation")
+
     def _check_inputs(self, df: DataFrame) -> None:
         cols = self.getInputCols()
         types = self.inputAnnotatorTypes
