@@ -2,8 +2,10 @@
 
 Spark NLP is the reference here, so its own JAR runs, not our reading of it. What this machine can reach
 (measured): Maven Central serves `com.johnsnowlabs.nlp:spark-nlp_2.12:5.5.3` (Spark 3.5, Scala 2.12) but no
-`spark-nlp_2.13` (7.x, Spark 4); 5.5.3's TensorFlow runtime `tensorflow-cpu_2.12:0.4.4` is not served, so
-sparknlp-jvm.pom.xml substitutes 0.3.3 (TF 2.4.1), the newest served. Our own job runs on pyspark 4.1
+`spark-nlp_2.13` (7.x, Spark 4); 5.5.3's TensorFlow runtime, JSL's `tensorflow-cpu_2.12:0.4.4` (a build of
+TF-Java 0.4), is not served, so sparknlp-jvm.pom.xml takes TF-Java's own `org.tensorflow:tensorflow-core-api:0.4.2`
+(TF 2.7.4, linux-x86_64 natives, JavaCPP 1.5.6), which has every TF-Java class and method 5.5.3 calls (JSL's
+0.3.3, TF 2.4.1, lacks `Session.initialize()`, so saved models could not be loaded back). Our own job runs on pyspark 4.1
 (delta-spark 4.x), so Spark NLP gets its own venv, `.venv-sparknlp-jvm` (pyspark 3.5.8 + spark-nlp 5.5.3 +
 numpy; about 1.3 min to create, reused while its imports work), and its JARs are resolved by Maven into
 ~/.m2 (about 450 MB, once); the class path is cached under ~/.cache/clinlong/sparknlp-jvm.
@@ -23,7 +25,8 @@ from pathlib import Path
 SPARKNLP_VERSION = "5.5.3"
 PYSPARK_VERSION = "3.5.8"
 COORDINATE = f"com.johnsnowlabs.nlp:spark-nlp_2.12:{SPARKNLP_VERSION}"
-TF_RUNTIME = "com.johnsnowlabs.nlp:tensorflow-cpu_2.12:0.3.3"  # TF 2.4.1; 5.5.3 declares 0.4.4 (not served)
+# TF-Java 0.4 (TF 2.7.4); 5.5.3 declares JSL's build of it, tensorflow-cpu_2.12:0.4.4 (not served)
+TF_RUNTIME = "org.tensorflow:tensorflow-core-api:0.4.2"
 ROOT = Path(__file__).resolve().parents[1]
 POM = Path(__file__).with_name("sparknlp-jvm.pom.xml")
 RUNNER = Path(__file__).with_name("sparknlp_runner.py")

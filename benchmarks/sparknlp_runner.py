@@ -111,9 +111,8 @@ def blocked(error):
     text = str(error)
     line = next((ln.strip() for ln in text.splitlines() if "Error" in ln or "Exception" in ln), text[:200])
     if "NoSuchMethodError" in line and "org.tensorflow" in line:
-        return (f"{line.lstrip(': ')} - Spark NLP 5.5.3 reads a saved model with TF-Java 0.4 "
-                "(com.johnsnowlabs.nlp:tensorflow-cpu_2.12:0.4.4, not served by Maven Central here); "
-                "0.3.3 (TF 2.4.1) lacks that method")
+        return (f"{line.lstrip(': ')} - Spark NLP 5.5.3 is built on TF-Java 0.4 (TF 2.7; JSL's "
+                "tensorflow-cpu_2.12:0.4.4, here org.tensorflow:tensorflow-core-api:0.4.2): the class path has another")
     return line
 
 
@@ -161,16 +160,111 @@ def main(spec_path):
             embed(spark, reloaded, notes, spec, "reloaded", result, vectors)
         except Exception as e:  # noqa: BLE001 - recorded in one line, the caller decides
             result["reloaded_blocked"] = blocked(e)
-    if spec.get("pretrained_name"):  # the card's snippet, served from Spark NLP's offline pretrained cache
-        card = LongformerEmbeddings.pretrained(spec["pretrained_name"], spec.get("pretrained_lang", "en")) \
-            .setInputCols(["sentence", "token"]).setOutputCol("embeddings") \
-            .setCaseSensitive(True).setMaxSentenceLength(4096)
+    if spec.get("pretrained_name"):  # the card's snippet, served from Spark NLP's pretrained cache folder
+        name, lang = spec["pretrained_name"], spec.get("pretrained_lang", "en")
+        result["pretrained_cache"] = cache_pretrained(spark, model, name, lang)
+        card = LongformerEmbeddings.pretrained(name, lang) \
+            .setInputCols(["sentence", "token"]) \
+            .setOutputCol("embeddings") \
+            .setCaseSensitive(True) \
+            .setMaxSentenceLength(4096)
         embed(spark, card, notes, spec, "pretrained", result, vectors)
+        result["pretrained_cache"]["s3_client_created"] = _s3_client_created()
     result["driver_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result["jvm_peak_rss_mb"] = jvm_peak_rss_mb(spark)
     spark.stop()
     np.savez(out_dir / "vectors.npz", **vectors)
     (out_dir / "result.json").write_text(json.dumps(result))
+
+
+def cache_pretrained(spark, model, name, lang):
+    """Put `model` where Spark NLP's ResourceDownloader finds a downloaded `name`/`lang`, and serve it offline.
+
+    Spark NLP's own code names the entry (`ResourceMetadata.fileName`: name_lang_libVersion_sparkVersion_
+    epochMillis, `.zip` while zipped), writes the repository line (`ResourceMetadata.addMetadataToFile`) and
+    saves the model (`.write().save()`) as the unzipped folder in `spark.jsl.settings.pretrained.cache_folder`.
+    Spark NLP 5.5.3's S3ResourceDownloader cannot serve it offline: before it looks into the cache it always
+    reads the bucket's metadata.json and asks S3 whether the object exists (bytecode of `download`), and
+    no setting moves that endpoint. So the public downloader is replaced by `_CacheOnly`, which reads the
+    cache folder's metadata.json instead and hands the rest to Spark NLP's own code: `resolveResource`
+    (name, language, versions, newest) and S3ResourceDownloader.downloadAndUnzipFile, which returns the
+    cached folder without downloading when it exists. Everything after that (the model reader, TF-Java) is
+    what `pretrained()` runs online."""
+    from pyspark.java_gateway import ensure_callback_server_started
+
+    jvm = spark._jvm
+    pkg = jvm.com.johnsnowlabs.nlp.pretrained
+    downloader = pkg.ResourceDownloader
+    s3 = downloader.publicDownloader()  # Spark NLP's own, on spark.jsl.settings.pretrained.cache_folder
+    cache = Path(s3.cachePath().toString().replace("file:", "", 1))
+    resource = pkg.ResourceMetadata.apply(
+        name, jvm.scala.Some(lang), jvm.scala.Some(downloader.libVersion()), jvm.scala.Some(downloader.sparkVersion()),
+        True, jvm.java.sql.Timestamp(int(time.time() * 1000)), True, jvm.scala.Some("ml"), "",
+        jvm.scala.Some("LongformerEmbeddings"), jvm.scala.Some("tensorflow"))
+    folder = cache / resource.fileName()[:-len(".zip")]
+    model.write().overwrite().save(str(folder))
+    pkg.ResourceMetadata.addMetadataToFile(str(cache / "metadata.json"), resource)
+    ensure_callback_server_started(spark.sparkContext._gateway)
+    getattr(downloader, "publicDownloader_$eq")(_CacheOnly(spark, s3, cache))
+    return {"cache_folder": str(cache), "entry": folder.name, "metadata_json": (cache / "metadata.json").read_text()}
+
+
+def _s3_client_created():
+    """Whether Spark NLP's S3 client (a lazy val of its S3ResourceDownloader) was ever built: False means no
+    request to S3 was made by this run."""
+    field = _CacheOnly.s3.getClass().getDeclaredField("awsGateway")  # (spark.jars: not on the system loader)
+    field.setAccessible(True)
+    return field.get(_CacheOnly.s3) is not None
+
+
+class _CacheOnly:
+    """Spark NLP's ResourceDownloader interface, answered from the cache folder (see cache_pretrained)."""
+
+    s3 = None
+
+    class Java:
+        implements = ["com.johnsnowlabs.nlp.pretrained.ResourceDownloader"]
+
+    def __init__(self, spark, s3, cache):
+        self.jvm, self.cache = spark._jvm, cache
+        type(self).s3 = s3
+
+    def downloadMetadataIfNeed(self, folder):
+        metadata = self.jvm.com.johnsnowlabs.nlp.pretrained.ResourceMetadata
+        return metadata.readResources(str(self.cache / "metadata.json"))
+
+    def _resolve(self, request):
+        return self.jvm.com.johnsnowlabs.nlp.pretrained.ResourceMetadata.resolveResource(
+            self.downloadMetadataIfNeed(request.folder()), request)
+
+    def download(self, request):
+        found = self._resolve(request)
+        if found.isEmpty():
+            return found
+        resource = found.get()
+        return self.s3.downloadAndUnzipFile(self.jvm.org.apache.hadoop.fs.Path(str(self.cache), resource.fileName()),
+                                            resource, "")
+
+    def getDownloadSize(self, request):
+        found = self._resolve(request)
+        if found.isEmpty():
+            return found
+        folder = self.cache / found.get().fileName()[:-len(".zip")]
+        size = self.jvm.java.lang.reflect.Array.newInstance(self.jvm.java.lang.Long.TYPE, 1)
+        size[0] = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+        # an Option holding a java.lang.Long (py4j would box a Python int as an Integer)
+        return self.jvm.scala.collection.JavaConverters.asScalaBufferConverter(
+            self.jvm.java.util.Arrays.stream(size).boxed().collect(self.jvm.java.util.stream.Collectors.toList())
+        ).asScala().headOption()
+
+    def clearCache(self, request):
+        return None
+
+    def downloadAndUnzipFile(self, path, unzip):
+        return self.s3.downloadAndUnzipFile(path, unzip)
+
+    def fileSystem(self):
+        return self.s3.fileSystem()
 
 
 class _Shift:
