@@ -5,11 +5,12 @@ signature has `input_ids` and `attention_mask` inputs and a `last_hidden_state` 
 BPE tokenizer as `assets/vocab.txt` (tokens in id order, one per line) and `assets/merges.txt`.
 Needs the `sparknlp` extra (tensorflow-cpu, tf-keras); TensorFlow is imported only here.
 
-The graph is written by TensorFlow 2.21 but read by the TensorFlow runtime inside Spark NLP's JAR, which
-is older: TF 2.4.1 in `com.johnsnowlabs.nlp:tensorflow-cpu_2.12:0.3.3`, the newest one Maven Central
-serves here for Spark NLP 5.5.3 (which declares 0.4.4, not served). `downgrade_graph` rewrites the two
-things TF 2.21 writes that this runtime rejects (measured with Spark NLP 5.5.3's own loader; the op
-registry of its TF 2.4.1 lacks both):
+The graph is written by TensorFlow 2.21 but read by the TensorFlow runtime beside Spark NLP's JAR, which
+is older: Spark NLP 5.5.3 declares JSL's TF-Java 0.4 build (`tensorflow-cpu_2.12:0.4.4`, not served here);
+benchmarks/sparknlp-jvm.pom.xml gives it TF-Java's `org.tensorflow:tensorflow-core-api:0.4.2`, TF 2.7.4
+(first measured with JSL's 0.3.3, TF 2.4.1). `downgrade_graph` rewrites the two things TF 2.21 writes that
+these runtimes reject (measured with Spark NLP 5.5.3's own loader on TF 2.4.1; the op registry of TF 2.7.4,
+read through TF-Java 0.4.2, still has no `DisableCopyOnRead` and no `debug_name` attr on `VarHandleOp`):
 - `VarHandleOp` nodes carry a `debug_name` attr -> "NodeDef mentions attr 'debug_name' not in
   Op<name=VarHandleOp ...>"; the attr is informational and is dropped;
 - the saver function calls `DisableCopyOnRead` (a newer op) on each variable before
