@@ -215,11 +215,10 @@ def test_spark_side_writer_counts_come_from_its_rows(notes_csv, tiny_artifact, s
     cfg = JobConfig(notes=str(notes_csv), model=str(tiny_artifact), out=str(tmp_path / "rows"), granularity="token")
     writer = DeltaSparkWriter(spark, cfg, str(art.path), spec, error_schema(id_type), fmt="parquet")
     ctx = Chunk(0, 1, "r1", "clinlong-r1", "r1-c00000-a")
-    version, counts = writer.write_chunk(notes.repartition(3), ctx, lambda pending: {"chunk_counts": len(pending)})
+    chunk = writer.embed_chunk(notes.repartition(3), ctx)
+    writer.commit_chunk(chunk, {"chunk_tasks": chunk.totals.tasks})
     again = writer.embed(notes.repartition(3), ctx)[1]
-    for c in (counts, again):
-        t = Totals()
-        t.add(c)
+    for t in (chunk.totals, Totals.of(again)):
         assert t.notes == 11 and t.embedded == 9
         assert dict(t.errors) == {"check: null text": 1, "check: whitespace-only text": 1}
         assert t.rows == spark.read.parquet(str(tmp_path / "rows")).count() > 100
@@ -235,8 +234,8 @@ def test_spark_side_writer_splits_rows_and_errors(notes_csv, tiny_artifact, spar
     from clinlong.pipelines.core.artifact import Artifact
     from clinlong.pipelines.core.schema import OutputSpec, error_schema, table_schema
     from clinlong.pipelines.delta.writers import split_rows
-    from clinlong.pipelines.spark.sources import read_notes, select_notes
     from clinlong.pipelines.delta.writers.spark import combined_schema, embed_rows_and_errors
+    from clinlong.pipelines.spark.sources import read_notes, select_notes
 
     art = Artifact.open(tiny_artifact)
     notes = select_notes(read_notes(spark, str(notes_csv)), "ROW_ID", "TEXT", "long", keep=("CATEGORY",))
@@ -282,3 +281,33 @@ def test_tasks_learn_their_executors_cores(spark):
     seen = sc.parallelize(range(4), 4).map(lambda _: TaskContext.get().getLocalProperty(SHARED_CORES)).collect()
     assert seen == [f"{sc.applicationId}:2"] * 4
 
+
+
+def test_the_run_is_one_frozen_record(spark, tmp_path):
+    """run_plan.plan decides a run once: identity, run id, app id, chunks, resume point and tasks, in a frozen
+    RunPlan whose parts() are the chunks still to commit (from the resume point on), every note in one."""
+    from dataclasses import FrozenInstanceError
+
+    from clinlong.pipelines.delta.run_plan import plan, with_chunk
+
+    class Writer:  # what planning asks of a writer: an earlier attempt committed chunk 0
+        def committed_version(self, uri, app_id):
+            return 0
+
+    notes = spark.createDataFrame([(i, f"note {i}") for i in range(10)], "note_id long, text string")
+    cfg = JobConfig(notes="n.csv", model="m", out=str(tmp_path / "o"), chunk_notes=4)
+    p = plan(cfg, notes, Writer(), "model-1", ["csv", "n.csv", []], 2)
+    try:
+        assert (p.chunks, p.first, p.input_rows, p.input_total, p.tasks) == (3, 1, 10, 10, 2)
+        assert p.app_id == f"clinlong-{p.run_id}" and p.identity["chunks"] == 3 and p.identity["model"] == "model-1"
+        again = plan(cfg, notes, Writer(), "model-1", ["csv", "n.csv", []], 2)
+        assert again.run_id == p.run_id and again.attempt != p.attempt  # the same run, another driver attempt
+        parts = list(p.parts())
+        assert [c.index for c, _ in parts] == [1, 2] and all(c.prefix.startswith(p.run_id) for c, _ in parts)
+        first = with_chunk(notes, 3).where("_chunk = 0").count()
+        assert sum(df.count() for _, df in parts) + first == 10
+        with pytest.raises(FrozenInstanceError):
+            p.first = 0
+        again.release()
+    finally:
+        p.release()

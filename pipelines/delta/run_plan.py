@@ -1,16 +1,26 @@
 """What a run is and which notes it owes: the run id behind Delta's transaction identifiers, the
 chunk each note belongs to, how a chunk is spread over tasks of equal work, and for `--mode
 incremental` the notes still to embed and the rows that a changed text (or a retried model-step
-failure) has made stale. Pure planning over Spark DataFrames; nothing here writes.
+failure) has made stale. `plan` decides a run as one frozen `RunPlan`; nothing here writes but
+`delete_stale`, which the job calls once the run's chunks are committed.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
+
+from clinlong.pipelines.core.config import JobConfig
+from clinlong.pipelines.delta.writers.base import Chunk, Writer
+
+log = logging.getLogger("clinlong.job")
 
 RESULT_OPTIONS = ("context", "max_length", "case_sensitive", "window_overlap", "token_vector", "precision",
                   "max_chars")  # options that change the output; batch sizes and devices do not
@@ -149,3 +159,101 @@ def retried_errors(pending: DataFrame, errors: DataFrame, model_id: str) -> Data
     keys = pending.select("note_id", text_hash().alias("_sha")).distinct()
     rows = errors.where((F.col("model_id") == model_id) & (F.col("stage") == "embed")).select("note_id", "text_sha256")
     return rows.join(keys, (rows["note_id"] == keys["note_id"]) & (rows["text_sha256"] == keys["_sha"]), "left_semi")
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """One run, decided before any work: what makes it this run (`identity`, hashed into `run_id`; `app_id`
+    is the Delta transaction app id of its commits), the notes it owes (`notes`: the input, or in
+    incremental mode what is not yet embedded or recorded, persisted; `all_notes` the whole input there),
+    how many there are (`input_rows`, of `input_total`), `chunks` of them, the first chunk not committed
+    by an earlier attempt (`first`, the resume point), and `tasks` per chunk."""
+
+    identity: dict
+    run_id: str
+    app_id: str
+    chunks: int
+    first: int
+    tasks: int
+    notes: DataFrame
+    all_notes: DataFrame
+    input_rows: int
+    input_total: int
+    attempt: str = field(default_factory=lambda: uuid.uuid4().hex[:8])  # names this driver's files (its own only)
+
+    def parts(self) -> Iterator[tuple[Chunk, DataFrame]]:
+        """Each chunk still to commit and its notes, balanced over `tasks` tasks of about equal work."""
+        chunked = with_chunk(self.notes, self.chunks)
+        for c in range(self.first, self.chunks):
+            ctx = Chunk(c, self.chunks, self.run_id, self.app_id, f"{self.run_id}-c{c:05d}-{self.attempt}")
+            yield ctx, balance(chunked.where(chunked["_chunk"] == c).drop("_chunk"), self.tasks)
+
+    def release(self) -> None:
+        """Drop the persisted notes."""
+        self.notes.unpersist()
+        if self.all_notes is not self.notes:
+            self.all_notes.unpersist()
+
+
+def run_description(cfg: JobConfig, model_id: str, fingerprint: list) -> dict:
+    """What makes two invocations the same run: input data, columns, model, output, result-changing options."""
+    return {"input": fingerprint, "format": cfg.input_format, "id": [cfg.id_col, cfg.id_type],
+            "text": cfg.text_col, "model": model_id, "granularity": cfg.granularity, "mode": cfg.mode,
+            "vector_dtype": cfg.vector_dtype, "chunk_notes": cfg.chunk_notes, "partition_by": cfg.partition_by,
+            "options": {k: getattr(cfg.options, k) for k in RESULT_OPTIONS}}
+
+
+def plan(cfg: JobConfig, notes: DataFrame, writer: Writer, model_id: str, fingerprint: list,
+         default_tasks: int) -> RunPlan:
+    """The run: its identity (input fingerprint, columns, model, output and result-changing options; in
+    incremental mode the output tables' versions too), the notes it owes (read and counted once, persisted),
+    its chunks, run id, and where an earlier attempt of it stopped (the writer's committed transaction)."""
+    from pyspark import StorageLevel
+
+    ident = run_description(cfg, model_id, fingerprint)
+    all_notes = notes
+    if cfg.mode == "incremental":
+        cols = ["note_id", "text_sha256", "model_id"]
+        done = done_keys(writer.read(cfg.out, cols), writer.read(cfg.errors_path, cols + ["stage"]), model_id)
+        notes = pending(notes, done)
+        ident["tables"] = [writer.version(cfg.out), writer.version(cfg.errors_path)]
+        all_notes = all_notes.persist(StorageLevel.DISK_ONLY)  # the input's size, beside what is left of it
+        total = all_notes.count()
+    notes = notes.persist(StorageLevel.DISK_ONLY)  # read (and planned) once, reused by every chunk
+    n_in = notes.count()
+    if cfg.mode != "incremental":
+        all_notes, total = notes, n_in
+    # Nothing to embed: no commit at all (an overwrite still commits, to empty the table).
+    chunks = 0 if n_in == 0 and cfg.mode != "overwrite" else n_chunks(n_in, cfg.chunk_notes)
+    ident["chunks"] = chunks
+    rid = cfg.run_id or run_id(ident)
+    app_id = f"clinlong-{rid}"
+    first = writer.committed_version(cfg.out, app_id) + 1
+    if first and first >= chunks:
+        log.info("run %s: all %d chunk(s) were committed by an earlier attempt; nothing to do", rid, chunks)
+    elif first:
+        log.info("run %s: chunks 0..%d of %d were committed by an earlier attempt; resuming", rid, first - 1, chunks)
+    tasks = cfg.partitions or default_tasks
+    log.info("run %s: %d input rows in %d chunk(s) of ~%d notes, up to %d task(s) per chunk", rid, n_in, chunks,
+             cfg.chunk_notes or n_in, tasks)
+    return RunPlan(ident, rid, app_id, chunks, first, tasks, notes, all_notes, n_in, total)
+
+
+def delete_stale(writer: Writer, plan: RunPlan, cfg: JobConfig, model_id: str) -> dict:
+    """Incremental mode, after the new rows are committed, one merge commit per table and kind: rows
+    (and error rows) of notes whose text changed, and `embed` error rows of earlier runs for notes this
+    run embedded again. Idempotent, so a crash between the steps is finished by a rerun. Returns the
+    counts deleted (stale_rows_deleted, retried_error_rows_deleted)."""
+    cols = ["note_id", "text_sha256", "model_id"]
+    out, errors = writer.read(cfg.out, cols), writer.read(cfg.errors_path, cols + ["stage", "run_id"])
+    deleted = {"stale_rows_deleted": 0, "retried_error_rows_deleted": 0}
+    model = F.lit(model_id).alias("model_id")
+    if out is not None:
+        deleted["stale_rows_deleted"] = writer.delete_matching(
+            cfg.out, stale(plan.all_notes, out, model_id).select("*", model))
+    if errors is not None:
+        writer.delete_matching(cfg.errors_path, stale(plan.all_notes, errors, model_id).select("*", model))
+        retried = retried_errors(plan.notes, errors, model_id).select("*", model)
+        deleted["retried_error_rows_deleted"] = writer.delete_matching(
+            cfg.errors_path, retried, f"t.stage = 'embed' AND t.run_id <> '{plan.run_id}'")
+    return deleted

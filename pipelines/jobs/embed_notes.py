@@ -6,8 +6,8 @@
 Reading, embedding and writing run in Spark tasks over Arrow batches (`mapInArrow`); the model is
 loaded once per Python worker, while the driver plans (spark.executor.Preload). The input is cut into chunks, each committed once under the run's
 Delta transaction id (pipelines.delta.writers), so a rerun resumes and a finished run is never written
-twice; what a run is and which notes it owes is pipelines.delta.run_plan. Nothing here logs or prints
-note text.
+twice; what a run is and which notes it owes is pipelines.delta.run_plan (`RunPlan`), what it did is
+pipelines.jobs.summary. Nothing here logs or prints note text.
 """
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ import logging
 import os
 import sys
 import time
-import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from clinlong.pipelines.core.artifact import Artifact, ArtifactError
@@ -25,6 +24,7 @@ from clinlong.pipelines.core.config import TASKS_PER_CORE, JobConfig
 from clinlong.pipelines.core.options import add_arguments, from_arguments
 from clinlong.pipelines.core.storage import StorageError
 from clinlong.pipelines.delta.sink import CommitConflict
+from clinlong.pipelines.jobs.summary import format_summary, summary
 from clinlong.pipelines.spark.executor import Preload, share_executor_cores
 from clinlong.pipelines.spark.jars import JarError, job_kinds
 from clinlong.pipelines.spark.java import JavaNotFound
@@ -94,16 +94,38 @@ def run(cfg: JobConfig, spark=None) -> dict:
 
 
 def _run(cfg: JobConfig, spark, artifact: Artifact, profile, verified: Future, start: float) -> dict:
-    """The job's plan and chunks (see run), while the executors load the model and the driver hashes the
-    artifact's files (`verified`, awaited before the first chunk is written)."""
-    from pyspark import StorageLevel
+    """The job: read -> plan -> write chunks -> finish, while the executors load the model and the driver
+    hashes the artifact's files (`verified`, awaited before the first chunk is written)."""
+    from clinlong.pipelines.delta import run_plan
+    from clinlong.pipelines.delta.writers import Totals
+    from clinlong.pipelines.spark import sources
+    from clinlong.pipelines.spark.progress import JobProgress
+
+    source, raw, notes, writer = _read(cfg, spark, artifact)
+    with JobProgress(spark, cfg.progress_every) as progress:  # from the read on: a big input shows progress too
+        plan = run_plan.plan(cfg, notes, writer, artifact.model_id, sources.fingerprint(spark, source, raw),
+                             TASKS_PER_CORE * spark.sparkContext.defaultParallelism)
+        progress.total_notes = plan.input_rows
+        share_executor_cores(spark.sparkContext)
+        verified.result()  # ArtifactError: nothing was written
+        totals, version = Totals(), writer.version(cfg.out)
+        for ctx, part in plan.parts():
+            chunk = writer.embed_chunk(part, ctx, profile, progress.address)
+            so_far = summary(totals + chunk.totals, time.perf_counter() - start, artifact.model_id, cfg, plan)
+            v = writer.commit_chunk(chunk, {**so_far, "chunk": ctx.index})
+            totals += chunk.totals
+            version = v if v is not None else version
+    return _finish(cfg, writer, plan, totals, version, artifact.model_id, start)
+
+
+def _read(cfg: JobConfig, spark, artifact: Artifact):
+    """The input (its source, raw rows, and the (note_id, text[, partition column]) rows) and the run's
+    writer, its outputs checked before any work."""
     from pyspark.sql.pandas.types import to_arrow_type
 
     from clinlong.pipelines.core.schema import OutputSpec, error_schema, table_schema
-    from clinlong.pipelines.delta import run_plan
-    from clinlong.pipelines.delta.writers import Chunk, Totals, make_writer
+    from clinlong.pipelines.delta.writers import make_writer
     from clinlong.pipelines.spark import sources
-    from clinlong.pipelines.spark.progress import JobProgress
 
     keep = (cfg.partition_by,) if cfg.partition_by else ()
     source = sources.resolve(spark, cfg.notes, cfg.input_format, cfg.storage_options)
@@ -111,107 +133,32 @@ def _run(cfg: JobConfig, spark, artifact: Artifact, profile, verified: Future, s
     notes = sources.select_notes(raw, cfg.id_col, cfg.text_col, cfg.id_type, keep)
     id_type = to_arrow_type(notes.schema["note_id"].dataType)
     spec = OutputSpec(cfg.granularity, table_schema(cfg.granularity, id_type, cfg.vector_dtype, cfg.partition_by),
-                      artifact.model_id, artifact.dimension, cfg.options.token_vector, cfg.vector_dtype, cfg.partition_by)
+                      artifact.model_id, artifact.dimension, cfg.options.token_vector, cfg.vector_dtype,
+                      cfg.partition_by)
     writer = make_writer(spark, cfg, str(artifact.path), spec, error_schema(id_type))
     writer.check_outputs()
     log.info("model %s (dim %d), input %s (%s), granularity %s, context %s, max length %d, mode %s, writer %s",
              artifact.model_id, artifact.dimension, source.name, source.kind, cfg.granularity, cfg.options.context,
              cfg.options.max_length, cfg.mode, writer.name)
+    return source, raw, notes, writer
 
-    all_notes = notes
-    ident = _run_description(cfg, artifact.model_id, sources.fingerprint(spark, source, raw))
+
+def _finish(cfg: JobConfig, writer, plan, totals, version: int | None, model_id: str, start: float) -> dict:
+    """The run's summary, after incremental mode's deletes; the persisted notes released."""
+    from clinlong.pipelines.delta import run_plan
+
+    if plan.first == 0 and totals.notes != plan.input_rows:  # a guard, never expected: every row must be accounted
+        raise RuntimeError(f"rows in {plan.input_rows} but tasks accounted for {totals.notes}; the table was not "
+                           f"left inconsistent (every chunk commit is whole), rerun to resume")
+    result = summary(totals, time.perf_counter() - start, model_id, cfg, plan)
+    result["input_total"] = plan.input_total
     if cfg.mode == "incremental":
-        cols = ["note_id", "text_sha256", "model_id"]
-        done = run_plan.done_keys(writer.read(cfg.out, cols), writer.read(cfg.errors_path, cols + ["stage"]),
-                                  artifact.model_id)
-        notes = run_plan.pending(notes, done)
-        ident["tables"] = [writer.version(cfg.out), writer.version(cfg.errors_path)]
-    with JobProgress(spark, cfg.progress_every) as progress:  # from the read on: a big input shows progress too
-        total_in = None
-        if cfg.mode == "incremental":  # the input's size, beside what is left of it (read once, reused)
-            all_notes = all_notes.persist(StorageLevel.DISK_ONLY)
-            total_in = all_notes.count()
-        notes = notes.persist(StorageLevel.DISK_ONLY)  # read (and planned) once, reused by every chunk
-        n_in = progress.total_notes = notes.count()
-        # Nothing to embed: no commit at all (an overwrite still commits, to empty the table).
-        chunks = 0 if n_in == 0 and cfg.mode != "overwrite" else run_plan.n_chunks(n_in, cfg.chunk_notes)
-        ident["chunks"] = chunks
-        rid = cfg.run_id or run_plan.run_id(ident)
-        app_id = f"clinlong-{rid}"
-        first = writer.committed_version(cfg.out, app_id) + 1
-        if first and first >= chunks:
-            log.info("run %s: all %d chunk(s) were committed by an earlier attempt; nothing to do", rid, chunks)
-        elif first:
-            log.info("run %s: chunks 0..%d of %d were committed by an earlier attempt; resuming", rid, first - 1, chunks)
-        tasks = cfg.partitions or TASKS_PER_CORE * spark.sparkContext.defaultParallelism
-        share_executor_cores(spark.sparkContext)
-        log.info("run %s: %d input rows in %d chunk(s) of ~%d notes, up to %d task(s) per chunk", rid, n_in, chunks,
-                 cfg.chunk_notes or n_in, tasks)
-
-        verified.result()  # ArtifactError: nothing was written
-        totals = Totals()
-        chunked = run_plan.with_chunk(notes, chunks)
-        attempt = uuid.uuid4().hex[:8]  # names this driver's files, so it only ever deletes its own
+        result.update(run_plan.delete_stale(writer, plan, cfg, model_id))
         version = writer.version(cfg.out)
-
-        def summary(pending: list[dict] = ()) -> dict:
-            """The run so far, with a chunk's counts not yet committed (for that chunk's commit info)."""
-            t = Totals()
-            t.merge(totals)
-            t.add(list(pending))
-            return _summary(t, time.perf_counter() - start, artifact, cfg, rid, chunks, n_in, first)
-
-        for c in range(first, chunks):
-            part = run_plan.balance(chunked.where(chunked["_chunk"] == c).drop("_chunk"), tasks)
-            ctx = Chunk(c, chunks, rid, app_id, f"{rid}-c{c:05d}-{attempt}")
-            v, counts = writer.write_chunk(part, ctx, summary, profile, progress.address)
-            totals.add(counts)
-            version = v if v is not None else version
-    if first == 0 and totals.notes != n_in:  # a guard, never expected: every row in must be accounted for
-        raise RuntimeError(f"rows in {n_in} but tasks accounted for {totals.notes}; the table was not left "
-                           f"inconsistent (every chunk commit is whole), rerun to resume")
-    result = summary()
-    result["input_total"] = total_in if total_in is not None else n_in
-    if cfg.mode == "incremental":
-        result.update(_delete_stale(writer, all_notes, notes, cfg, artifact.model_id, rid))
-        version = writer.version(cfg.out)
-        all_notes.unpersist()
-    notes.unpersist()
+    plan.release()
     result["version"] = version
     result["errors_version"] = writer.version(cfg.errors_path)  # None: no error row was ever written
     return result
-
-
-def _run_description(cfg: JobConfig, model_id: str, fingerprint: list) -> dict:
-    """What makes two invocations the same run: input data, columns, model, output, result-changing options."""
-    from clinlong.pipelines.delta.run_plan import RESULT_OPTIONS
-
-    return {"input": fingerprint, "format": cfg.input_format, "id": [cfg.id_col, cfg.id_type],
-            "text": cfg.text_col, "model": model_id, "granularity": cfg.granularity, "mode": cfg.mode,
-            "vector_dtype": cfg.vector_dtype, "chunk_notes": cfg.chunk_notes, "partition_by": cfg.partition_by,
-            "options": {k: getattr(cfg.options, k) for k in RESULT_OPTIONS}}
-
-
-def _delete_stale(writer, notes, pending, cfg: JobConfig, model_id: str, run_id: str) -> dict:
-    """Incremental mode, after the new rows are committed, one merge commit per table and kind: rows
-    (and error rows) of notes whose text changed, and `embed` error rows of earlier runs for notes this
-    run embedded again. Idempotent, so a crash between the steps is finished by a rerun."""
-    from pyspark.sql import functions as F
-
-    from clinlong.pipelines.delta import run_plan
-
-    cols = ["note_id", "text_sha256", "model_id"]
-    out, errors = writer.read(cfg.out, cols), writer.read(cfg.errors_path, cols + ["stage", "run_id"])
-    deleted = {"stale_rows_deleted": 0, "retried_error_rows_deleted": 0}
-    model = F.lit(model_id).alias("model_id")
-    if out is not None:
-        deleted["stale_rows_deleted"] = writer.delete_matching(cfg.out, run_plan.stale(notes, out, model_id).select("*", model))
-    if errors is not None:
-        writer.delete_matching(cfg.errors_path, run_plan.stale(notes, errors, model_id).select("*", model))
-        retried = run_plan.retried_errors(pending, errors, model_id).select("*", model)
-        deleted["retried_error_rows_deleted"] = writer.delete_matching(
-            cfg.errors_path, retried, f"t.stage = 'embed' AND t.run_id <> '{run_id}'")
-    return deleted
 
 
 def gpu_profile(cfg: JobConfig):
@@ -224,22 +171,6 @@ def gpu_profile(cfg: JobConfig):
     return ResourceProfileBuilder().require(requests).build
 
 
-def _summary(t, seconds: float, artifact: Artifact, cfg: JobConfig, run_id: str, chunks: int,
-             input_rows: int, first_chunk: int) -> dict:
-    """What this invocation did: rows in = embedded + errors (by stage and reason), tokens, throughput."""
-    return {
-        "rows_in": t.notes, "embedded": t.embedded, "errors": dict(t.errors), "warnings": dict(t.warnings),
-        "tasks": t.tasks, "model_loads_in_tasks": t.model_loads,
-        "input_rows": input_rows, "chunks_resumed_from": first_chunk, "chunks": chunks, "run_id": run_id,
-        "devices": dict(t.devices), "gpu_addresses": dict(t.gpus),
-        "rows_written": t.rows, "bpe_tokens": t.tokens, "windows": t.windows, "seconds": round(seconds, 2),
-        "notes_per_s": round(t.notes / seconds, 2), "tokens_per_s": round(t.tokens / seconds, 1),
-        "model_id": artifact.model_id, "granularity": cfg.granularity, "context": cfg.options.context,
-        "vector_dtype": cfg.vector_dtype, "precision": cfg.options.precision, "out": cfg.out,
-        "errors_out": cfg.errors_path, "mode": cfg.mode,
-    }
-
-
 def task_failure(e: BaseException) -> str | None:
     """The one-line cause of a job that failed because a Spark task kept failing (our ModelStepFailed,
     found in the Python traceback Spark forwards), or None for other exceptions."""
@@ -249,37 +180,6 @@ def task_failure(e: BaseException) -> str | None:
         return None
     line = text[text.rindex(marker):].splitlines()[0]
     return f"a Spark task failed after its retries: {line}"
-
-
-def format_summary(s: dict) -> str:
-    errors = ", ".join(f"{k}: {v}" for k, v in sorted(s["errors"].items())) or "none"
-    warnings = ", ".join(f"{k}: {v}" for k, v in sorted(s["warnings"].items()))
-    resumed = f" (resumed at chunk {s['chunks_resumed_from']})" if s["chunks_resumed_from"] else ""
-    if s["input_rows"] == 0 and s["chunks"] == 0:
-        resumed = f" (nothing to do: no input rows{' left to embed' if s['mode'] == 'incremental' else ''})"
-    elif s["chunks_resumed_from"] == s["chunks"]:
-        resumed = (f" (nothing to do: run {s['run_id']} had committed all {s['chunks']} chunk(s); "
-                   "pass --run-id to write the same input again)")
-    total = s.get("input_total", s["input_rows"])
-    of_input = (f" of {total} input rows, {total - s['input_rows']} already embedded or recorded"
-                if s["mode"] == "incremental" else "")
-    errors_out = (f"errors in {s['errors_out']}" if s.get("errors_version") is not None
-                  else "no errors table (no error rows)")
-    return (f"rows in {s['rows_in']}{of_input}{resumed}, embedded {s['embedded']}, errors {sum(s['errors'].values())} "
-            f"({errors}){'; warnings: ' + warnings if warnings else ''}\n"
-            f"rows written {s['rows_written']} ({s['granularity']} granularity, {s['context']} context), "
-            f"BPE tokens {s['bpe_tokens']}, windows {s['windows']}\n"
-            f"{s['seconds']} s, {s['notes_per_s']} notes/s, {s['tokens_per_s']} tokens/s\n"
-            f"devices: {_counted(s['devices']) or 'none'}; GPU addresses assigned: {_counted(s['gpu_addresses']) or 'none'}"
-            + (f"; models loaded by the embedding tasks: {s['model_loads_in_tasks']} (the others were preloaded)"
-               if s["tasks"] else "") + "\n"
-            + (f"stale rows deleted: {s['stale_rows_deleted']}, retried embed errors cleared: "
-               f"{s['retried_error_rows_deleted']}\n" if "stale_rows_deleted" in s else "")
-            + f"Delta table {s['out']} version {s['version']}, {errors_out} (model {s['model_id']})")
-
-
-def _counted(counts: dict) -> str:
-    return ", ".join(f"{k} x{v}" for k, v in sorted(counts.items()))
 
 
 def main(argv: list[str] | None = None) -> int:

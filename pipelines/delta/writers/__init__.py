@@ -6,8 +6,9 @@
   delta-rs cannot write (`dbfs:/`); its resume checks read Spark's Delta log, not delta-rs.
 
 Each module holds both ends of its format (what its tasks emit, what the driver commits). Both commit each
-chunk under the run's Delta transaction id (app id = run, version = chunk), errors table first, and return
-the counts of what they committed: figures a retried task cannot add twice.
+chunk under the run's Delta transaction id (app id = run, version = chunk), errors table first. A chunk is
+embedded (`embed_chunk`, returning its `Totals`: figures a retried task cannot add twice), then committed
+(`commit_chunk`) with the run's summary so far in the commit info.
 """
 from __future__ import annotations
 
@@ -16,12 +17,12 @@ from pyspark.sql import SparkSession
 
 from clinlong.pipelines.core.config import JobConfig
 from clinlong.pipelines.core.schema import OutputSpec
-from clinlong.pipelines.delta.writers.base import KEY_MATCH, Chunk, Totals, Writer
+from clinlong.pipelines.delta.writers.base import KEY_MATCH, Chunk, Embedded, Totals, Writer
 from clinlong.pipelines.delta.writers.rs import DeltaRsWriter
 from clinlong.pipelines.delta.writers.spark import DeltaSparkWriter, delta_log_txn, split_rows
 from clinlong.pipelines.spark.sources import InputError, delta_spark_available
 
-__all__ = ["KEY_MATCH", "Chunk", "DeltaRsWriter", "DeltaSparkWriter", "Totals", "Writer", "delta_log_txn",
+__all__ = ["KEY_MATCH", "Chunk", "Embedded", "DeltaRsWriter", "DeltaSparkWriter", "Totals", "Writer", "delta_log_txn",
            "make_writer", "split_rows"]
 
 

@@ -58,6 +58,29 @@ class Totals:
         for k in ("errors", "warnings", "devices", "gpus"):
             getattr(self, k).update(getattr(other, k))
 
+    @classmethod
+    def of(cls, counts: list[dict]) -> "Totals":
+        """The totals of the tasks' counts rows (one per task, or per batch for delta-spark)."""
+        t = cls()
+        t.add(counts)
+        return t
+
+    def __add__(self, other: "Totals") -> "Totals":
+        t = Totals()
+        t.merge(self)
+        t.merge(other)
+        return t
+
+
+@dataclass
+class Embedded:
+    """A chunk its tasks have embedded and written, not yet committed: its totals (for the commit info and
+    the run's summary) and what the writer commits (files for delta-rs, persisted rows for delta-spark)."""
+
+    ctx: Chunk
+    totals: Totals
+    payload: object
+
 
 def _as_dict(v) -> dict:
     return v if isinstance(v, dict) else json.loads(v or "{}")
@@ -89,9 +112,15 @@ class Writer:
     def existing_schema(self, uri: str) -> pa.Schema | None:
         raise NotImplementedError
 
-    def write_chunk(self, part: DataFrame, ctx: Chunk, summary, profile=None,
-                    progress: tuple | None = None) -> tuple[int | None, list[dict]]:
-        """Embed and commit one chunk; return (output table version or None, the tasks' counts)."""
+    def embed_chunk(self, part: DataFrame, ctx: Chunk, profile=None, progress: tuple | None = None) -> Embedded:
+        """Run the chunk's tasks (`profile`: their ResourceProfile; `progress`: the driver's JobProgress
+        address); return what they embedded and its totals. Nothing is committed yet."""
+        raise NotImplementedError
+
+    def commit_chunk(self, chunk: Embedded, info: dict) -> int | None:
+        """Commit an embedded chunk, errors table first, under the run's transaction id, with `info` (the run's
+        summary so far) in the commit info; return the output table's version, or None where an earlier
+        attempt of the run had committed the chunk. Raises CommitConflict."""
         raise NotImplementedError
 
     def delete_matching(self, uri: str, keys: DataFrame, condition: str = "") -> int:

@@ -24,7 +24,7 @@ from clinlong.pipelines.core.engine import EmbedOptions
 from clinlong.pipelines.core.schema import OutputSpec, build_errors, null_vector_counts
 from clinlong.pipelines.core.storage import StorageError, delta_rs_uri, is_local, join, table_filesystem
 from clinlong.pipelines.delta.sink import commit, committed_version, delete_matching, existing_table_schema, open_table
-from clinlong.pipelines.delta.writers.base import KEY_MATCH, Writer
+from clinlong.pipelines.delta.writers.base import KEY_MATCH, Embedded, Totals, Writer
 from clinlong.pipelines.spark.executor import task_embedder
 from clinlong.pipelines.spark.jars import is_table_name
 from clinlong.pipelines.spark.progress import ProgressReporter
@@ -274,7 +274,7 @@ class DeltaRsWriter(Writer):
     def existing_schema(self, uri: str) -> pa.Schema | None:
         return existing_table_schema(uri, self.options)
 
-    def write_chunk(self, part, ctx, summary, profile=None, progress=None):
+    def embed_chunk(self, part, ctx, profile=None, progress=None) -> Embedded:
         from pyspark.sql.pandas.types import from_arrow_schema
 
         cfg = self.cfg
@@ -282,10 +282,12 @@ class DeltaRsWriter(Writer):
                             int(cfg.target_file_mb * (1 << 20)), self.options, ctx.index, progress)
         task = embed_partition(self.artifact_path, cfg.options, self.spec, target)
         metas = [r.asDict() for r in part.mapInArrow(task, from_arrow_schema(META_SCHEMA), profile=profile).collect()]
-        counts = [m for m in metas if not m["table"]]
-        info = {**summary(counts), "chunk": ctx.index}
         files = {t: [WrittenFile(m["path"], m["size"], m["stats"], json.loads(m["partition_values"]))
                      for m in metas if m["table"] == t] for t in ("out", "err")}
+        return Embedded(ctx, Totals.of([m for m in metas if not m["table"]]), files)
+
+    def commit_chunk(self, chunk: Embedded, info: dict) -> int | None:
+        cfg, ctx, files = self.cfg, chunk.ctx, chunk.payload
         mode, txn = self._mode(ctx), (ctx.app_id, ctx.index)
         faults.point("driver-before-commit")
         if files["err"] or mode == "overwrite":
@@ -301,9 +303,9 @@ class DeltaRsWriter(Writer):
                             self.options)
         remove_unreferenced(cfg.errors_path, ctx.prefix, {f.path for f in files["err"]}, self.options)
         log.info("chunk %d/%d committed: %d notes in %d task(s), %d output file(s)%s", ctx.index + 1, ctx.count,
-                 sum(m["notes"] for m in counts), len(counts), len(files["out"]),
+                 chunk.totals.notes, chunk.totals.tasks, len(files["out"]),
                  f", table version {version}" if version is not None else "")
-        return version, counts
+        return version
 
     def delete_matching(self, uri, keys, condition=""):
         predicate = KEY_MATCH + (f" AND {condition}" if condition else "")

@@ -17,7 +17,7 @@ from clinlong.pipelines.core import batches, faults
 from clinlong.pipelines.core.engine import EmbedOptions
 from clinlong.pipelines.core.schema import OutputSpec, build_errors, null_vector_counts
 from clinlong.pipelines.delta.sink import CommitConflict
-from clinlong.pipelines.delta.writers.base import KEY_MATCH, Chunk, Writer
+from clinlong.pipelines.delta.writers.base import KEY_MATCH, Chunk, Embedded, Totals, Writer
 from clinlong.pipelines.spark.executor import task_embedder
 from clinlong.pipelines.spark.jars import is_table_name
 from clinlong.pipelines.spark.progress import ProgressReporter
@@ -154,9 +154,13 @@ class DeltaSparkWriter(Writer):
         counts = [json.loads(r["_meta"]) for r in rows.where(F.col("_kind") == "meta").select("_meta").collect()]
         return rows, counts
 
-    def write_chunk(self, part, ctx, summary, profile=None, progress=None):
+    def embed_chunk(self, part, ctx, profile=None, progress=None) -> Embedded:
         rows, counts = self.embed(part, ctx, profile, progress)
-        info = json.dumps({**summary(counts), "chunk": ctx.index})
+        return Embedded(ctx, Totals.of(counts), rows)
+
+    def commit_chunk(self, chunk: Embedded, info: dict) -> int | None:
+        ctx, rows = chunk.ctx, chunk.payload
+        info = json.dumps(info)
         out_rows, error_rows = split_rows(rows, self.spec.schema, self.err_schema)
         faults.point("driver-before-commit")
         for uri, sel, parts in ((self.cfg.errors_path, error_rows, []),
@@ -170,9 +174,8 @@ class DeltaSparkWriter(Writer):
         rows.unpersist()
         version = self.version(self.cfg.out)
         log.info("chunk %d/%d committed: %d notes in %d task(s)%s", ctx.index + 1, ctx.count,
-                 sum(int(m.get("notes") or 0) for m in counts), len(counts),
-                 f", table version {version}" if version is not None else "")
-        return version, counts
+                 chunk.totals.notes, chunk.totals.tasks, f", table version {version}" if version is not None else "")
+        return version
 
     def _save(self, writer, uri: str, ctx: Chunk, attempts: int = 4) -> None:
         """One idempotent write (Delta skips it when (txnAppId, txnVersion) is already in the log). A blind
