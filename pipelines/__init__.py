@@ -1,25 +1,42 @@
 """clinlong.pipelines: Clinical-Longformer embeddings over note tables, in layers that import only downward.
 
-- `core`  (no Spark): text rules, windows, the engine, the model runtime, the artifact reader, the one
-  model definition (`core.model`, also imported by export), output schemas, Parquet files, storage URIs,
-  the job's configuration, logging.
-- `spark`: Spark ML stages, Arrow task functions, sources, progress, the one-liner `load()`.
-- `delta`: the sink (delta-rs), the run plan (chunks, transaction ids, incremental), the writers,
-  maintenance.
-- `jobs`:  `embed_notes`, `neighbours`; `pipelines/embed_notes.py` is the thin file spark-submit runs.
+- `core`  (no Spark): text rules, windows, the engine, the batch loop every front-end shares (`core.batches`),
+  the model runtime, the artifact reader, the one model definition (`core.model`, also imported by export),
+  output schemas, storage URIs (and the one place a Delta table is opened), the job's configuration, logging.
+- `spark`: Spark ML stages, the `mapInArrow` glue, what executors run for Spark's sake (`spark.executor`),
+  sources, progress, the one-liner `load()`.
+- `delta`: the sink (delta-rs), the run plan (`RunPlan`: chunks, transaction ids, incremental), the writers
+  (`delta.writers`: delta-rs with its Parquet files, delta-spark), maintenance.
+- `jobs`:  `embed_notes`, its `summary`, `neighbours`; `pipelines/embed_notes.py` is the thin file
+  spark-submit runs.
 
 `import clinlong.pipelines` imports no Spark: the Spark-facing names below load on first use.
 """
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # what IDEs and type checkers see; at run time the names load on first use (below)
+    from clinlong.pipelines.spark.light import EmbeddingsPipeline, load
+    from clinlong.pipelines.spark.stages import (
+        BigBirdEmbeddings,
+        DocumentAssembler,
+        EmbeddingsFinisher,
+        LongformerEmbeddings,
+        SentenceDetector,
+        SentenceEmbeddings,
+        Tokenizer,
+    )
 
 _LAZY = {
     "load": "spark.light", "EmbeddingsPipeline": "spark.light",
     **{name: "spark.stages" for name in ("DocumentAssembler", "SentenceDetector", "Tokenizer", "LongformerEmbeddings",
                                           "BigBirdEmbeddings", "SentenceEmbeddings", "EmbeddingsFinisher")},
 }
-__all__ = list(_LAZY)
+__all__ = ["load", "EmbeddingsPipeline", "DocumentAssembler", "SentenceDetector", "Tokenizer", "LongformerEmbeddings",
+           "BigBirdEmbeddings", "SentenceEmbeddings", "EmbeddingsFinisher"]
+assert sorted(__all__) == sorted(_LAZY)
 
 
 def __getattr__(name: str):

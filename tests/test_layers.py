@@ -126,3 +126,34 @@ def test_batch_and_vector_logic_live_in_the_core():
             if isinstance(f, ast.Name) and f.id in CORE_ONLY:
                 found.append(f"{mod}:{node.lineno} {f.id}")
     assert not found, found
+
+
+def test_user_errors_live_in_one_module_with_their_exit_codes():
+    """core.errors defines every error a user sees, each with its exit code; the modules that raise them
+    re-export the same classes, and no other module under pipelines/ defines one."""
+    from clinlong.pipelines.core import errors
+    from clinlong.pipelines.core.artifact import ArtifactError
+    from clinlong.pipelines.core.batches import ModelStepFailed
+    from clinlong.pipelines.core.storage import StorageError
+    from clinlong.pipelines.delta.sink import CommitConflict
+    from clinlong.pipelines.jobs.neighbours import NeighboursError
+    from clinlong.pipelines.spark.jars import JarError
+    from clinlong.pipelines.spark.java import JavaNotFound
+    from clinlong.pipelines.spark.sources import InputError
+
+    same = [ArtifactError is errors.ArtifactError, StorageError is errors.StorageError,
+            CommitConflict is errors.CommitConflict, NeighboursError is errors.NeighboursError,
+            JarError is errors.JarError, JavaNotFound is errors.JavaNotFound, InputError is errors.InputError,
+            ModelStepFailed is errors.ModelStepFailed]
+    assert all(same), same
+    codes = {e.__name__: e.exit_code for e in (InputError, errors.OutputError, StorageError, ArtifactError, JarError,
+                                               JavaNotFound, NeighboursError, CommitConflict, ModelStepFailed)}
+    assert codes == {**{k: 2 for k in codes}, "CommitConflict": 3, "ModelStepFailed": 4}
+    assert issubclass(errors.OutputError, InputError)  # callers that catch input errors still catch it
+    defined = []
+    for mod, path in _modules().items():
+        if mod.startswith("clinlong.pipelines") and not mod.endswith((".errors", ".faults")):
+            defined += [f"{mod}.{n.name}" for n in ast.walk(ast.parse(path.read_text()))
+                        if isinstance(n, ast.ClassDef) and any(getattr(b, "id", "").endswith(("Error", "Exception"))
+                                                               for b in n.bases)]
+    assert not defined, defined

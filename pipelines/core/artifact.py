@@ -12,11 +12,9 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+from clinlong.pipelines.core.errors import ArtifactError  # noqa: F401 - re-exported: defined in core.errors
+
 SUPPORTED_FORMAT = ("clinlong-native", 2)  # 2: packed rows (input_ids, position_ids)
-
-
-class ArtifactError(Exception):
-    """The artifact is missing, incomplete or altered; the message says how to fix it."""
 
 
 # The artifact's files: written by export (clinlong.export.native), read here.
@@ -138,7 +136,8 @@ class Artifact:
                 before = f.stat()
                 actual = file_sha256(f)
             if actual != digest:
-                raise ArtifactError(f"artifact file {f} fails its sha256 check (corrupt or altered); re-export the artifact")
+                raise ArtifactError(f"artifact file {f} fails its sha256 check (corrupt or altered); "
+                                    "re-export the artifact")
             verified.add(f, digest, before)
 
     @property

@@ -32,6 +32,7 @@ import pyarrow as pa
 from clinlong.pipelines.core import engine, faults
 from clinlong.pipelines.core.artifact import Artifact
 from clinlong.pipelines.core.engine import EmbedOptions, NoteEmbedder, NoteResult, overlapped
+from clinlong.pipelines.core.errors import ModelStepFailed  # noqa: F401 - re-exported: defined in core.errors
 from clinlong.pipelines.core.schema import OutputSpec, build_table
 
 log = logging.getLogger("clinlong.tasks")
@@ -75,10 +76,6 @@ def embedder(artifact_path: str, options: EmbedOptions) -> NoteEmbedder:
 def loads() -> int:
     """How many models this process has loaded so far (the difference over a call is what it loaded)."""
     return _loads[0]
-
-
-class ModelStepFailed(RuntimeError):
-    """The model step failed for a reason that is not one note's: the task fails and Spark retries it."""
 
 
 def not_the_notes_fault(e: BaseException) -> bool:

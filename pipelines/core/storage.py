@@ -9,13 +9,11 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
+from clinlong.pipelines.core.errors import StorageError  # noqa: F401 - re-exported: defined in core.errors
+
 # Schemes delta-rs (object_store) opens; `s3a`/`s3n` are Hadoop's names for the same S3 buckets.
 _DELTA_RS_SCHEMES = {"s3": "s3", "s3a": "s3", "s3n": "s3", "gs": "gs", "abfss": "abfss", "abfs": "abfs",
                      "az": "az", "adl": "adl", "azure": "azure", "r2": "r2", "memory": "memory"}
-
-
-class StorageError(ValueError):
-    """A table location this writer or reader cannot use; the message names the fix."""
 
 
 def scheme(uri: str) -> str:

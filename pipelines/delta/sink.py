@@ -14,14 +14,11 @@ import time
 
 import pyarrow as pa
 
+from clinlong.pipelines.core.errors import CommitConflict  # noqa: F401 - re-exported: defined in core.errors
 from clinlong.pipelines.core.storage import delta_rs_uri, is_local, open_table
 
 __all__ = ["CommitConflict", "commit", "committed_version", "delete_matching", "existing_table_schema", "open_table",
            "read_table"]  # open_table: the one place a DeltaTable is built (core.storage, no Spark: sources use it too)
-
-
-class CommitConflict(Exception):
-    """Another writer changed the table in a way this commit cannot be reconciled with."""
 
 
 def committed_version(table_uri: str, app_id: str, storage_options: dict | None = None) -> int:

@@ -4,10 +4,11 @@
     spark-submit pipelines/embed_notes.py --notes INPUT --model ARTIFACT --out DELTA_PATH [options]
 
 Reading, embedding and writing run in Spark tasks over Arrow batches (`mapInArrow`); the model is
-loaded once per Python worker, while the driver plans (spark.executor.Preload). The input is cut into chunks, each committed once under the run's
-Delta transaction id (pipelines.delta.writers), so a rerun resumes and a finished run is never written
-twice; what a run is and which notes it owes is pipelines.delta.run_plan (`RunPlan`), what it did is
-pipelines.jobs.summary. Nothing here logs or prints note text.
+loaded once per Python worker, while the driver plans (spark.executor.Preload). The input is cut into
+chunks, each committed once under the run's Delta transaction id (pipelines.delta.writers), so a rerun
+resumes and a finished run is never written twice; what a run is and which notes it owes is
+pipelines.delta.run_plan (`RunPlan`), what it did is pipelines.jobs.summary. Nothing here logs or prints
+note text.
 """
 from __future__ import annotations
 
@@ -18,17 +19,13 @@ import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from clinlong.pipelines.core.artifact import Artifact, ArtifactError
-from clinlong.pipelines.core.batches import ModelStepFailed
+from clinlong.pipelines.core.artifact import Artifact
 from clinlong.pipelines.core.config import TASKS_PER_CORE, JobConfig
+from clinlong.pipelines.core.errors import ModelStepFailed, UserError
 from clinlong.pipelines.core.options import add_arguments, from_arguments
-from clinlong.pipelines.core.storage import StorageError
-from clinlong.pipelines.delta.sink import CommitConflict
 from clinlong.pipelines.jobs.summary import format_summary, summary
 from clinlong.pipelines.spark.executor import Preload, share_executor_cores
-from clinlong.pipelines.spark.jars import JarError, job_kinds
-from clinlong.pipelines.spark.java import JavaNotFound
-from clinlong.pipelines.spark.sources import InputError
+from clinlong.pipelines.spark.jars import job_kinds
 
 log = logging.getLogger("clinlong.job")
 
@@ -36,9 +33,11 @@ log = logging.getLogger("clinlong.job")
 def build_parser() -> argparse.ArgumentParser:
     """The command line, generated from JobConfig's and EmbedOptions' fields (their defaults, choices, help)."""
     p = argparse.ArgumentParser(prog="python -m clinlong.pipelines.embed_notes",
-                                description="Embed a clinical-note table with a Clinical-Longformer-family model into a Delta table.")
+                                description="Embed a clinical-note table with a Clinical-Longformer-family model "
+                                            "into a Delta table.")
     add_arguments(p, JobConfig)
-    p.add_argument("--master", help="Spark master when run with python -m (default local[*]; spark-submit sets its own)")
+    p.add_argument("--master", help="Spark master when run with python -m (default local[*]; spark-submit sets "
+                                    "its own)")
     return p
 
 
@@ -188,19 +187,16 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_args(args)
         spark = spark_session(args.master, job_kinds(cfg.writer, (cfg.notes, cfg.out, cfg.errors_path)))
         summary = run(cfg, spark)
-    except (InputError, ArtifactError, StorageError, ValueError, JarError, JavaNotFound) as e:
+    except (UserError, ValueError) as e:  # input, output, artifact, storage, JARs, Java: 2; a commit conflict: 3
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    except CommitConflict as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
+        return getattr(e, "exit_code", 2)
     except Exception as e:  # noqa: BLE001 - a Spark task failed past its retries: one line, then exit 4
         cause = task_failure(e)
         if cause is None:
             raise
         print(f"error: {cause}; nothing of the failed chunk was committed, committed chunks are kept: "
               "fix the cause and rerun the same command to resume", file=sys.stderr)
-        return 4
+        return ModelStepFailed.exit_code
     print(format_summary(summary))
     return 0
 

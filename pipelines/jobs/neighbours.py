@@ -10,11 +10,8 @@ import sys
 
 import numpy as np
 
+from clinlong.pipelines.core.errors import NeighboursError  # noqa: F401 - re-exported: defined in core.errors
 from clinlong.pipelines.core.storage import StorageError, parse_storage_options
-
-
-class NeighboursError(ValueError):
-    """The table cannot answer the question (not a note table, no such note); one line for the user."""
 
 
 def nearest(table_path: str, note_id, k: int = 5, storage_options: dict | None = None) -> list[tuple[object, float]]:

@@ -28,6 +28,8 @@ from importlib import metadata
 from pathlib import Path
 from urllib.parse import urlparse
 
+from clinlong.pipelines.core.errors import JarError  # noqa: F401 - re-exported: defined in core.errors
+
 SCALA = "2.13"
 DELTA_EXTENSION = "io.delta.sql.DeltaSparkSessionExtension"
 DELTA_CATALOG = "org.apache.spark.sql.delta.catalog.DeltaCatalog"
@@ -44,10 +46,6 @@ EXCLUDES = ("org.apache.hadoop:hadoop-client-api", "org.apache.hadoop:hadoop-cli
             "org.slf4j:slf4j-api", "org.xerial.snappy:snappy-java", "com.github.luben:zstd-jni",
             "org.scala-lang:scala-library")
 MAVEN_CENTRAL = "https://repo1.maven.org/maven2"
-
-
-class JarError(RuntimeError):
-    """A JAR the session needs cannot be resolved or does not fit the installed Spark; one line."""
 
 
 def _pyspark_jars() -> Path:

@@ -1,8 +1,9 @@
 """The Java runtime Spark needs: 17 or newer (Spark 4 is built and tested on 17 and 21).
 
-`ensure_java()` is called before a session starts (the job, the one-liner, the benchmarks): the JDK named by JAVA_HOME, else the `java` on PATH, else a JDK under /usr/lib/jvm (21 or 17
-first, then the newest), as `make` looks for one. Without any, one line names the install instead of
-PySpark's "JAVA_HOME is not set" and its traceback.
+`ensure_java()` is called before a session starts (the job, the one-liner, the benchmarks): the JDK named
+by JAVA_HOME, else the `java` on PATH, else a JDK under /usr/lib/jvm (21 or 17 first, then the newest), as
+`make` looks for one. Without any, one line names the install instead of PySpark's "JAVA_HOME is not set"
+and its traceback.
 """
 from __future__ import annotations
 
@@ -12,15 +13,13 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from clinlong.pipelines.core.errors import JavaNotFound  # noqa: F401 - re-exported: defined in core.errors
+
 MIN_VERSION = 17
 PREFERRED = (21, 17)  # the versions Spark 4 is tested on, before any newer one
 JVM_ROOTS = (Path("/usr/lib/jvm"), Path("/Library/Java/JavaVirtualMachines"))
 INSTALL_HINT = ("install one (Debian/Ubuntu: sudo apt-get install -y openjdk-17-jre-headless; Fedora: sudo dnf "
                 "install java-17-openjdk-headless; macOS: brew install openjdk@17) or set JAVA_HOME to a JDK 17+")
-
-
-class JavaNotFound(RuntimeError):
-    """No Java 17+ runtime was found; the message is one line naming the install."""
 
 
 def java_version(java: Path | str) -> int | None:

@@ -88,7 +88,8 @@ class EmbeddingsPipeline:
                                  "so that output rows can be joined back to it")
             return self._spark(data.select(F.col(id_col).alias("note_id"), F.col(text_col).alias("text")),
                                granularity, options)
-        raise TypeError(f"predict takes a string, a list of strings, a pandas or a Spark DataFrame, not {type(data).__name__}")
+        raise TypeError("predict takes a string, a list of strings, a pandas or a Spark DataFrame, "
+                        f"not {type(data).__name__}")
 
     def _in_process(self, ids: list, texts: list, granularity: str, options: EmbedOptions,
                     progress: bool | None = None) -> pd.DataFrame:

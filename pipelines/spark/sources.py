@@ -18,6 +18,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import types as T
 
 from clinlong.pipelines.core.config import INPUT_FORMATS
+from clinlong.pipelines.core.errors import InputError  # noqa: F401 - re-exported: defined in core.errors
 from clinlong.pipelines.core.storage import StorageError, delta_rs_uri, is_local, local_path, open_table, scheme
 
 ID_TYPES = (T.IntegerType, T.LongType, T.ShortType, T.StringType)
@@ -25,10 +26,6 @@ CORRUPT = "_corrupt_record"
 _IDENT = r"(`[^`]+`|[A-Za-z_][\w$]*)"
 TABLE_NAME = re.compile(rf"^{_IDENT}(\.{_IDENT}){{0,2}}$")  # table, db.table, catalog.schema.table
 _READ_BATCH_ROWS = 256  # rows per Arrow batch read from a Delta file (notes are up to megabytes each)
-
-
-class InputError(Exception):
-    """Bad input detected before any work starts; the message names the fix."""
 
 
 def delta_spark_available(spark: SparkSession) -> bool:
@@ -114,7 +111,8 @@ def _hadoop(spark: SparkSession, uri: str):
 
 
 def _hadoop_aws() -> str:
-    """hadoop-aws' coordinates for the installed pyspark (pipelines.spark.jars), or its name where they cannot be told."""
+    """hadoop-aws' coordinates for the installed pyspark (pipelines.spark.jars), or its name where they cannot
+    be told."""
     from clinlong.pipelines.spark.jars import JarError, coordinates
 
     try:
@@ -359,7 +357,8 @@ def _first_line(e) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
 
 
-def select_notes(df: DataFrame, id_col: str, text_col: str, id_type: str = "auto", keep: tuple[str, ...] = ()) -> DataFrame:
+def select_notes(df: DataFrame, id_col: str, text_col: str, id_type: str = "auto",
+                 keep: tuple[str, ...] = ()) -> DataFrame:
     """Check the id and text columns up front and return (note_id, text, input_error).
 
     `id_type`: auto keeps the id's type (integers widened to long); long or string casts it.
@@ -369,12 +368,14 @@ def select_notes(df: DataFrame, id_col: str, text_col: str, id_type: str = "auto
     names = {f.name: f.dataType for f in df.schema.fields}
     for col, flag in ((id_col, "--id-col"), (text_col, "--text-col"), *((k, "--partition-by") for k in keep)):
         if col not in names:
-            shown = ", ".join(sorted(n for n in names if n != CORRUPT))  # the CSV reader's own column is not the input's
+            shown = ", ".join(sorted(n for n in names if n != CORRUPT))  # (the CSV reader's own column is not one)
             raise InputError(f"input has no column {col!r} (columns: {shown}); set {flag}")
     if not isinstance(names[id_col], ID_TYPES):
-        raise InputError(f"id column {id_col!r} has type {names[id_col].simpleString()}; use an integer or string column")
+        raise InputError(f"id column {id_col!r} has type {names[id_col].simpleString()}; "
+                         "use an integer or string column")
     if not isinstance(names[text_col], (T.StringType, T.BinaryType)):
-        raise InputError(f"text column {text_col!r} has type {names[text_col].simpleString()}, not string; set --text-col")
+        raise InputError(f"text column {text_col!r} has type {names[text_col].simpleString()}, not string; "
+                         "set --text-col")
     note_id = F.col(id_col)
     if id_type == "long" or (id_type == "auto" and not isinstance(names[id_col], T.StringType)):
         note_id = note_id.cast("long")

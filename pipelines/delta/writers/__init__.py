@@ -16,11 +16,12 @@ import pyarrow as pa
 from pyspark.sql import SparkSession
 
 from clinlong.pipelines.core.config import JobConfig
+from clinlong.pipelines.core.errors import OutputError
 from clinlong.pipelines.core.schema import OutputSpec
 from clinlong.pipelines.delta.writers.base import KEY_MATCH, Chunk, Embedded, Totals, Writer
 from clinlong.pipelines.delta.writers.rs import DeltaRsWriter
 from clinlong.pipelines.delta.writers.spark import DeltaSparkWriter, delta_log_txn, split_rows
-from clinlong.pipelines.spark.sources import InputError, delta_spark_available
+from clinlong.pipelines.spark.sources import delta_spark_available
 
 __all__ = ["KEY_MATCH", "Chunk", "Embedded", "DeltaRsWriter", "DeltaSparkWriter", "Totals", "Writer", "delta_log_txn",
            "make_writer", "split_rows"]
@@ -35,6 +36,6 @@ def make_writer(spark: SparkSession, cfg: JobConfig, artifact_path: str, spec: O
     if name == "delta-spark" and not have:
         from clinlong.pipelines.spark.jars import coordinates
 
-        raise InputError(f"--writer delta-spark needs delta-spark's JARs on the classpath (spark-submit --packages "
+        raise OutputError(f"--writer delta-spark needs delta-spark's JARs on the classpath (spark-submit --packages "
                          f"{coordinates(('delta',))[0]}; python -m adds them itself); or use --writer delta-rs")
     return (DeltaSparkWriter if name == "delta-spark" else DeltaRsWriter)(spark, cfg, artifact_path, spec, err_schema)

@@ -16,9 +16,9 @@ from pyspark.sql import DataFrame, SparkSession
 
 from clinlong.pipelines.core.batches import COUNT_KEYS
 from clinlong.pipelines.core.config import JobConfig
+from clinlong.pipelines.core.errors import OutputError
 from clinlong.pipelines.core.schema import OutputSpec
 from clinlong.pipelines.core.storage import is_local, local_path
-from clinlong.pipelines.spark.sources import InputError
 
 # Rows of `keys` (aliased s) that the table's rows (t) are deleted by: the same note, text and model.
 KEY_MATCH = "t.note_id = s.note_id AND t.text_sha256 = s.text_sha256 AND t.model_id = s.model_id"
@@ -136,11 +136,11 @@ class Writer:
                 foreign = not os.path.isdir(os.path.join(path, "_delta_log")) and os.path.isdir(path) and any(
                     not (e.name.startswith("part-") and ".zstd.parquet" in e.name) for e in os.scandir(path))
                 if foreign:  # (uncommitted parts of a killed first chunk are ours: the folder is a table in the making)
-                    raise InputError(f"{uri} is a non-empty folder but not a Delta table; "
+                    raise OutputError(f"{uri} is a non-empty folder but not a Delta table; "
                                      "choose another --out/--errors-out")
             existing = self.existing_schema(uri)
             if existing is not None and self.cfg.mode != "overwrite" and existing != want:
-                raise InputError(f"{uri} holds a table with another schema; use --mode overwrite or another --out")
+                raise OutputError(f"{uri} holds a table with another schema; use --mode overwrite or another --out")
             if existing is not None and self.cfg.mode != "overwrite":
                 self._check_one_model(uri)
 
@@ -153,7 +153,7 @@ class Writer:
         rows = self.read(uri, ["model_id"])
         other = rows.where(F.col("model_id") != self.spec.model_id).limit(1).collect() if rows is not None else []
         if other:
-            raise InputError(f"{uri} holds rows of model {other[0].model_id}, not of this run's model "
+            raise OutputError(f"{uri} holds rows of model {other[0].model_id}, not of this run's model "
                              f"{self.spec.model_id}; a table holds one model's vectors: use --mode overwrite to "
                              "replace them, or another --out/--errors-out")
 

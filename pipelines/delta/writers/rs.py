@@ -21,6 +21,7 @@ from pyspark.sql import DataFrame
 from clinlong.pipelines.core import batches, faults
 from clinlong.pipelines.core.batches import COUNT_KEYS, TaskCounts
 from clinlong.pipelines.core.engine import EmbedOptions
+from clinlong.pipelines.core.errors import OutputError
 from clinlong.pipelines.core.schema import OutputSpec, build_errors, null_vector_counts
 from clinlong.pipelines.core.storage import StorageError, delta_rs_uri, is_local, join, table_filesystem
 from clinlong.pipelines.delta.sink import commit, committed_version, delete_matching, existing_table_schema, open_table
@@ -28,14 +29,15 @@ from clinlong.pipelines.delta.writers.base import KEY_MATCH, Embedded, Totals, W
 from clinlong.pipelines.spark.executor import task_embedder
 from clinlong.pipelines.spark.jars import is_table_name
 from clinlong.pipelines.spark.progress import ProgressReporter
-from clinlong.pipelines.spark.sources import InputError, read_delta_rs
+from clinlong.pipelines.spark.sources import read_delta_rs
 from clinlong.pipelines.spark.tasks import ArrowFn
 
 log = logging.getLogger("clinlong.job")
 
 # What a task returns to the driver: one row per file it wrote (table "out" or "err") and one of its counts
 # (table ""), with the task's partition and clock times.
-META_SCHEMA = pa.schema([(n, pa.string()) for n in ("table", "path")] + [("size", pa.int64()), ("file_rows", pa.int64())]
+META_SCHEMA = pa.schema([(n, pa.string()) for n in ("table", "path")]
+                        + [("size", pa.int64()), ("file_rows", pa.int64())]
                         + [(n, pa.string()) for n in ("partition_values", "stats")]
                         + [(n, pa.int64()) for n in COUNT_KEYS]
                         + [(n, pa.string()) for n in ("errors", "warnings", "device", "gpus")]
@@ -254,12 +256,12 @@ class DeltaRsWriter(Writer):
         super().__init__(*args)
         for uri in (self.cfg.out, self.cfg.errors_path):
             if is_table_name(uri):
-                raise InputError(f"{uri} names a catalog table, which delta-rs cannot write: use --writer delta-spark "
+                raise OutputError(f"{uri} names a catalog table, which delta-rs cannot write: use --writer delta-spark "
                                  "(python -m adds its JARs) or a path")
             try:
                 delta_rs_uri(uri)
             except StorageError as e:
-                raise InputError(str(e)) from None
+                raise OutputError(str(e)) from None
 
     def committed_version(self, uri: str, app_id: str) -> int:
         return committed_version(uri, app_id, self.options)

@@ -15,13 +15,13 @@ from pyspark.sql import functions as F
 
 from clinlong.pipelines.core import batches, faults
 from clinlong.pipelines.core.engine import EmbedOptions
+from clinlong.pipelines.core.errors import OutputError
 from clinlong.pipelines.core.schema import OutputSpec, build_errors, null_vector_counts
 from clinlong.pipelines.delta.sink import CommitConflict
 from clinlong.pipelines.delta.writers.base import KEY_MATCH, Chunk, Embedded, Totals, Writer
 from clinlong.pipelines.spark.executor import task_embedder
 from clinlong.pipelines.spark.jars import is_table_name
 from clinlong.pipelines.spark.progress import ProgressReporter
-from clinlong.pipelines.spark.sources import InputError
 from clinlong.pipelines.spark.tasks import ArrowFn
 
 log = logging.getLogger("clinlong.job")
@@ -138,7 +138,7 @@ class DeltaSparkWriter(Writer):
             if is_table_name(uri) and "." in uri.replace("`", ""):
                 db = uri.rsplit(".", 1)[0]
                 if not self.spark.catalog.databaseExists(db):
-                    raise InputError(f"--out/--errors-out {uri}: Spark's catalog has no schema {db}; create it "
+                    raise OutputError(f"--out/--errors-out {uri}: Spark's catalog has no schema {db}; create it "
                                      f"(CREATE SCHEMA {db}) or name another table")
         super().check_outputs()
 

@@ -44,7 +44,8 @@ class LongformerEmbeddings(AnnotatorStage, HasDimension, HasStorageRef):
     batchSize = Param(Params._dummy(), "batchSize", "max sequences per model call", TypeConverters.toInt)
     tokenVector = Param(Params._dummy(), "tokenVector", "first (Spark NLP) or mean of the token's pieces",
                         TypeConverters.toString)
-    precision = Param(Params._dummy(), "precision", "auto (bf16 on GPUs and bf16 CPUs, else fp32), fp32, bf16 or fp16", TypeConverters.toString)
+    precision = Param(Params._dummy(), "precision", "auto (bf16 on GPUs and bf16 CPUs, else fp32), fp32, bf16 or fp16",
+                      TypeConverters.toString)
 
     def __init__(self):
         super().__init__()
@@ -66,14 +67,15 @@ class LongformerEmbeddings(AnnotatorStage, HasDimension, HasStorageRef):
 
     @classmethod
     def pretrained(cls, name: str | None = None, lang: str | None = None) -> "LongformerEmbeddings":
-        """The artifact registered as `name` under $CLINLONG_MODELS (see pipelines.registry); by default
+        """The artifact registered as `name` under $CLINLONG_MODELS (see core.registry); by default
         the stage's own model (clinical_longformer, clinical_bigbird)."""
         return cls().setModelPath(str(resolve(name or cls.defaultModel[0], lang or cls.defaultModel[1])))
 
     def setModelPath(self, path: str):
         art = Artifact.open(path)
         if art.model_type != self.modelType:
-            other = {"longformer": "LongformerEmbeddings", "big_bird": "BigBirdEmbeddings"}.get(art.model_type, "another stage")
+            other = {"longformer": "LongformerEmbeddings", "big_bird": "BigBirdEmbeddings"}.get(art.model_type,
+                                                                                                 "another stage")
             raise ValueError(f"{path} holds a {art.model_type} model; {type(self).__name__} runs {self.modelType} "
                              f"models: use {other}")
         return self._set(modelPath=str(art.path.resolve()), modelId=art.model_id, dimension=art.dimension)
