@@ -20,8 +20,15 @@ import sys
 import venv
 from pathlib import Path
 
-from clinlong.benchmarks.sparknlp_jvm import (PYSPARK_VERSION, ROOT, SPARKNLP_VERSION, Unavailable, _last_error,
-                                              classpath, java_ok)
+from clinlong.benchmarks.sparknlp_jvm import (
+    PYSPARK_VERSION,
+    ROOT,
+    SPARKNLP_VERSION,
+    Unavailable,
+    _last_error,
+    classpath,
+    java_ok,
+)
 
 VENV = Path(os.environ.get("CLINLONG_SPARKNLP_MIXED_VENV", ROOT / ".venv-sparknlp-mixed"))
 RUNNER = Path(__file__).with_name("sparknlp_mixed_runner.py")

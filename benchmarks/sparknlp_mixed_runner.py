@@ -45,7 +45,8 @@ def one_line(error: BaseException) -> str:
     only "An error occurred while calling oNNN.load.")."""
     text = f"{type(error).__name__}: {error}"
     lines = [ln.strip().lstrip(": ") for ln in text.splitlines() if ln.strip()]
-    jvm = [ln for ln in lines if ln.startswith(("java.", "org.", "com.", "scala.")) and ("Error" in ln or "Exception" in ln)]
+    jvm = [ln for ln in lines
+           if ln.startswith(("java.", "org.", "com.", "scala.")) and ("Error" in ln or "Exception" in ln)]
     return (jvm or lines or ["?"])[0][:400]
 
 
@@ -212,8 +213,10 @@ def main(spec_path):
         return {"stages": sorted(p.name for p in (path / "stages").iterdir()), "same_annotations": same,
                 "max_vector_diff": diff}
 
-    untrained = PipelineModel(stages=[s for s in model.stages if type(s).__name__ not in ("NerDLModel", "ClassifierDLModel")])
-    result["reload_untrained"] = reloaded(untrained, out_dir / "untrained_model", ["lf", "bb", "lf_sentence", "bb_document"])
+    trained = ("NerDLModel", "ClassifierDLModel")
+    untrained = PipelineModel(stages=[s for s in model.stages if type(s).__name__ not in trained])
+    result["reload_untrained"] = reloaded(untrained, out_dir / "untrained_model",
+                                          ["lf", "bb", "lf_sentence", "bb_document"])
     try:
         result["reload_full"] = reloaded(model, out_dir / "pipeline_model",
                                          [c for c in ("lf", "ner", "category_pred") if c in out.columns])
