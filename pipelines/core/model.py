@@ -315,8 +315,11 @@ class SlidingWindowSelfAttention(nn.Module):
         if not with_lse:
             ctx = torch.matmul(torch.softmax(scores, dim=-1), self._blocks3(v))  # (B, H, n, b, d)
             return ctx.reshape(bsz, h, length, d), None
-        lse = torch.logsumexp(scores, dim=-1, keepdim=True)
-        ctx = torch.matmul(torch.exp(scores - lse), self._blocks3(v))
+        # The log-sum-exp from the fused softmax, without another exp pass over the scores: at the row's
+        # largest score m, p = exp(m - lse) >= 1 / 3b, so lse = m - log(p) loses nothing to underflow.
+        probs = torch.softmax(scores, dim=-1)
+        lse = scores.amax(dim=-1) - torch.log(probs.amax(dim=-1))
+        ctx = torch.matmul(probs, self._blocks3(v))
         return ctx.reshape(bsz, h, length, d), lse.reshape(bsz, h, length)
 
     def _add_global_keys(self, q, k, v, ctx, lse, segments: Segments, masks: dict, scale: float) -> torch.Tensor:
@@ -345,13 +348,27 @@ class SlidingWindowSelfAttention(nn.Module):
         idx, valid = segments.global_index, segments.global_valid
         n_glob = idx.shape[1]
         rows = torch.gather(hidden, 1, idx[:, :, None].expand(bsz, n_glob, dim))  # (B, G, D)
-        q = (self.query_global(rows) * scale).reshape(bsz, n_glob, h, d).transpose(1, 2)
-        k = self.key_global(hidden).reshape(bsz, length, h, d).transpose(1, 2)
-        v = self.value_global(hidden).reshape(bsz, length, h, d).transpose(1, 2)
-        scores = torch.matmul(q, k.transpose(-1, -2))  # (B, H, G, L)
+        q = (self.query_global(rows) * scale).reshape(bsz, n_glob, h, d).transpose(1, 2)  # (B, H, G, d)
         allowed = (segments.global_segment[:, :, None] == segments.segment[:, None, :]) & valid[:, :, None]
-        scores = scores.masked_fill(~allowed[:, None], torch.finfo(scores.dtype).min)
-        out = torch.matmul(torch.softmax(scores, dim=-1), v).transpose(1, 2).reshape(bsz, n_glob, dim)
+        exporting = torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()
+        if n_glob * h < dim and not exporting:
+            # Few global tokens (<s> of each sequence): the key and value projections moved to the global
+            # side, q.(W h + b) = (W^T q).h + q.b and sum p (W h + b) = W (sum p h) + b, cost G x L x D
+            # instead of key_global and value_global over all L tokens (L x D x D). q.b is the same for
+            # every key of a row, which a softmax ignores.
+            w_k = self.key_global.weight.reshape(h, d, dim)
+            w_v = self.value_global.weight.reshape(h, d, dim)
+            scores = torch.matmul(torch.einsum("bhgd,hde->bhge", q, w_k), hidden.transpose(1, 2)[:, None])
+            scores = scores.masked_fill(~allowed[:, None], torch.finfo(scores.dtype).min)
+            mixed = torch.matmul(torch.softmax(scores, dim=-1), hidden[:, None])  # (B, H, G, D)
+            out = torch.einsum("bhge,hde->bhgd", mixed, w_v) + self.value_global.bias.reshape(h, 1, d)
+        else:  # Hugging Face's order (and the ONNX graph's, whose number of global tokens is dynamic)
+            k = self.key_global(hidden).reshape(bsz, length, h, d).transpose(1, 2)
+            v = self.value_global(hidden).reshape(bsz, length, h, d).transpose(1, 2)
+            scores = torch.matmul(q, k.transpose(-1, -2))  # (B, H, G, L)
+            scores = scores.masked_fill(~allowed[:, None], torch.finfo(scores.dtype).min)
+            out = torch.matmul(torch.softmax(scores, dim=-1), v)
+        out = out.transpose(1, 2).reshape(bsz, n_glob, dim)
         # Unused slots write to an extra row that is dropped.
         target = torch.where(valid, idx, torch.full_like(idx, length))
         padded = torch.cat([ctx, ctx.new_zeros(bsz, 1, dim)], dim=1)
