@@ -23,7 +23,7 @@ from clinlong.pipelines.delta.writers.base import Chunk, Writer
 log = logging.getLogger("clinlong.job")
 
 RESULT_OPTIONS = ("context", "max_length", "case_sensitive", "window_overlap", "token_vector", "precision",
-                  "max_chars")  # options that change the output; batch sizes and devices do not
+                  "max_chars", "global_attention")  # options that change the output; batch sizes and devices do not
 
 
 def run_id(parts: dict) -> str:
