@@ -45,6 +45,9 @@ def one_line(error: BaseException) -> str:
     only "An error occurred while calling oNNN.load.")."""
     text = f"{type(error).__name__}: {error}"
     lines = [ln.strip().lstrip(": ") for ln in text.splitlines() if ln.strip()]
+    causes = [ln[len("Caused by: "):] for ln in lines if ln.startswith("Caused by: ")]
+    if causes:  # a task failure: the root cause, not "Job aborted due to stage failure"
+        return causes[-1][:400]
     jvm = [ln for ln in lines
            if ln.startswith(("java.", "org.", "com.", "scala.")) and ("Error" in ln or "Exception" in ln)]
     return (jvm or lines or ["?"])[0][:400]
@@ -223,6 +226,24 @@ def main(spec_path):
     except Exception as e:  # noqa: BLE001
         result["blocked"]["PipelineModel.load"] = one_line(e)
         traceback.print_exc()
+
+    # A token no BPE piece covers (U+200B: Spark NLP's Tokenizer keeps it as a token, BigBird's SentencePiece
+    # normalizer drops it): ours gives it an empty `embeddings` array and its skip_reason (no vector is made
+    # up). What Spark NLP's annotators make of that annotation:
+    odd = spark.createDataFrame([(1, "Pt \u200b stable today."), (2, "\u200b first then words.")],
+                                "id long, text string")
+    odd = Pipeline(stages=front + [bb]).fit(odd).transform(odd)
+    uncovered = {"bb": [[(a.result, len(a.embeddings), a.metadata.get("skip_reason")) for a in r["bb"]]
+                        for r in sorted(odd.collect(), key=lambda r: r["id"])]}
+    for name, stage, col in (
+            ("SentenceEmbeddings", SentenceEmbeddings().setInputCols(["sentence", "bb"]).setOutputCol("s"), "s"),
+            ("EmbeddingsFinisher", EmbeddingsFinisher().setInputCols(["bb"]).setOutputCols(["v"]), "v")):
+        try:
+            got = sorted(stage.transform(odd).select("id", col).collect(), key=lambda r: r["id"])
+            uncovered[name] = [[len(a.embeddings) if hasattr(a, "embeddings") else len(a) for a in r[col]] for r in got]
+        except Exception as e:  # noqa: BLE001
+            uncovered[name] = one_line(e)
+    result["uncovered_token"] = uncovered
 
     # Spark NLP's LightPipeline over a PipelineModel holding our stages.
     from sparknlp.base import LightPipeline
