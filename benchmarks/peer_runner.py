@@ -153,6 +153,7 @@ def main(spec_path: str) -> None:
                                    "max_sentence_length_used": model.getMaxSentenceLength(),
                                    "coverage": coverage([tuple(r) for r in rows], len(notes))})
             print(f"spark nlp {run['tag']}: {seconds:.1f} s", file=sys.stderr, flush=True)
+            (out_dir / "partial.json").write_text(json.dumps(result))  # what a run cut short still leaves
     if spec.get("compare"):  # untimed: vectors and pieces for the comparison with our sentence context
         import numpy as np
 
