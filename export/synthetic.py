@@ -9,6 +9,11 @@ The hub is unreachable here, so tests, the demo and benchmarks use these. Famili
 | drbert-4096 | abazoge/DrBERT-4096 | LongformerForMaskedLM | SentencePiece unigram, CamemBERT ids (<s> = 5) | pytorch_model.bin, tokenizer.json |
 | bigbird | yikuan8/Clinical-BigBird | BigBirdForMaskedLM | SentencePiece unigram, [CLS] ... [SEP] | pytorch_model.bin, tokenizer.json |
 
+`--head sequence|token --labels A,B,...` writes a fine-tuned layout instead of the masked-LM one:
+Longformer/BigBird `ForSequenceClassification` or `ForTokenClassification` with a random head, `id2label`
+and `label2id` in config.json (`--multi-label`: problem_type multi_label_classification, sigmoid scores;
+else single_label_classification, softmax), as `save_pretrained` writes a model fine-tuned by users.
+
 Each is built from its Hugging Face config class. `base` has the real checkpoint's config (so timings
 are real); `tiny` keeps its structure (per-layer windows or BigBird's 64-token blocks, 4,096 positions)
 at a size that runs in seconds. Tokenizers are trained on the bundled synthetic notes (English, and
@@ -95,6 +100,7 @@ TINY_OVERRIDES = {
 BIGBIRD_TINY_OVERRIDES = {k: v for k, v in TINY_OVERRIDES.items() if k != "attention_window"}
 
 FAMILIES = ("longformer", "drlongformer", "drbert-4096", "bigbird")
+HEADS = ("sequence", "token")  # ForSequenceClassification, ForTokenClassification
 # CamemBERT's (and so DrBERT's) special tokens and ids; <mask> is the last id.
 CAMEMBERT_SPECIALS = ["<s>NOTUSED", "<pad>", "</s>NOTUSED", "<unk>", "<unk>NOTUSED", "<s>", "</s>"]
 # BigBird's SentencePiece specials: <pad> 0, <s> 1, </s> 2 as in its config; sequences are [CLS] ... [SEP].
@@ -192,12 +198,34 @@ def config_for(size: str, vocab_size: int, family: str = "longformer", ids: dict
     return {**cfg, "vocab_size": vocab_size} if size == "tiny" else cfg
 
 
-def write_synthetic_checkpoint(out: str | Path, size: str = "tiny", seed: int = 0, family: str = "longformer") -> Path:
-    """Write a random-weight checkpoint of `family` to `out` (created, must not exist)."""
+def _head_model(family: str, cfg: dict, head: str):
+    """A fine-tuned layout of the family: its ForSequenceClassification or ForTokenClassification."""
+    import transformers
+
+    prefix, config_class = ("BigBird", transformers.BigBirdConfig) if family == "bigbird" else \
+        ("Longformer", transformers.LongformerConfig)
+    cls = getattr(transformers, f"{prefix}For{'Sequence' if head == 'sequence' else 'Token'}Classification")
+    return cls(config_class(**cfg))
+
+
+def write_synthetic_checkpoint(out: str | Path, size: str = "tiny", seed: int = 0, family: str = "longformer",
+                               head: str | None = None, labels: list[str] | tuple[str, ...] = (),
+                               multi_label: bool = False) -> Path:
+    """Write a random-weight checkpoint of `family` to `out` (created, must not exist); with `head`, a
+    fine-tuned classification layout whose config names `labels` (see the module docstring)."""
     from transformers import BigBirdConfig, BigBirdForMaskedLM, LongformerConfig, LongformerForMaskedLM
 
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; use one of {FAMILIES}")
+    if head is not None:
+        if head not in HEADS:
+            raise ValueError(f"unknown head {head!r}; use one of {HEADS}")
+        if len(labels) < 2 or len(set(labels)) != len(labels):
+            raise ValueError(f"a {head} head needs at least two distinct labels, got {list(labels)}")
+        if multi_label and head != "sequence":
+            raise ValueError("--multi-label is for sequence heads (token heads are single-label)")
+    elif labels or multi_label:
+        raise ValueError("--labels and --multi-label need --head sequence or token")
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty; choose a new directory")
@@ -211,8 +239,19 @@ def write_synthetic_checkpoint(out: str | Path, size: str = "tiny", seed: int = 
             vocab_size = _train_tokenizer(tmp, seed, "json" if family == "drlongformer" else "bpe",
                                           french=family == "drlongformer")
         cfg = config_for(size, vocab_size, family, ids)
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         torch.manual_seed(seed)
+        if head is not None:
+            cfg = {**cfg, "id2label": dict(enumerate(labels)), "label2id": {n: i for i, n in enumerate(labels)},
+                   "problem_type": "multi_label_classification" if multi_label else "single_label_classification"}
+            model = _head_model(family, cfg, head).eval()
+            model.config.architectures = [type(model).__name__]
+            model.save_pretrained(str(tmp), safe_serialization=family == "drlongformer")
+            apply_umask(tmp)
+            if out.exists():
+                out.rmdir()
+            tmp.rename(out)
+            return out
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         if family == "bigbird":
             model = BigBirdForMaskedLM(BigBirdConfig(**cfg)).eval()
         else:
@@ -244,9 +283,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--family", choices=FAMILIES, default="longformer",
                    help="longformer: Clinical-Longformer; drlongformer; drbert-4096; bigbird: Clinical-BigBird")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--head", choices=HEADS, help="a fine-tuned layout: ForSequenceClassification (sequence) or "
+                                                 "ForTokenClassification (token) with a random head")
+    p.add_argument("--labels", default="", help="with --head: comma-separated label names (id2label in order)")
+    p.add_argument("--multi-label", action="store_true",
+                   help="with --head sequence: problem_type multi_label_classification (sigmoid per label)")
     args = p.parse_args(argv)
-    write_synthetic_checkpoint(args.out, args.size, args.seed, args.family)
-    print(f"wrote synthetic {args.family} {args.size} checkpoint to {args.out}")
+    labels = [x.strip() for x in args.labels.split(",") if x.strip()]
+    try:
+        write_synthetic_checkpoint(args.out, args.size, args.seed, args.family, args.head, labels, args.multi_label)
+    except ValueError as e:
+        p.error(str(e))
+    kind = f"{args.head}-classification " if args.head else ""
+    print(f"wrote synthetic {args.family} {args.size} {kind}checkpoint to {args.out}")
     return 0
 
 
