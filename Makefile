@@ -62,7 +62,7 @@ test-fast: $(VENV)/.installed
 # (pyspark 3.5.8 + spark-nlp 5.5.3), resolves benchmarks/sparknlp-jvm.pom.xml with Maven, runs the checks.
 test-sparknlp: $(VENV)/.installed
 	$(JAVA_CHECK)
-	$(PY) -m pytest -n 0 -rs tests/test_export_sparknlp.py tests/test_sparknlp_jvm.py
+	$(PY) -m pytest -n 0 -rs tests/test_export_sparknlp.py tests/test_sparknlp_jvm.py tests/test_sparknlp_mixed.py
 
 clean:
 	rm -rf $(WORK) .pytest_cache

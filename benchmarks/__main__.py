@@ -15,33 +15,15 @@ import argparse
 import json
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+from clinlong.benchmarks.inputs import ensure_artifact, local_spark
 from clinlong.benchmarks.measure import WorkerMemory, flops_per_token, gemm_peak, machine, peak_rss_mb, rss_mb
 
 log = logging.getLogger("clinlong.benchmarks")
-
-
-def ensure_artifact(work: Path, size: str = "base") -> tuple[Path, Path]:
-    """A synthetic checkpoint (base: the real Clinical-Longformer dimensions) and its exported artifact,
-    built once and reused while the artifact's format is the one this pipeline reads."""
-    from clinlong.export.__main__ import run as export
-    from clinlong.export.synthetic import write_synthetic_checkpoint
-    from clinlong.pipelines.core.artifact import MANIFEST_FILE, SUPPORTED_FORMAT
-
-    ckpt, art = work / f"checkpoint-{size}", work / f"artifact-{size}"
-    if not (ckpt / "config.json").exists():
-        log.info("writing the %s-size synthetic checkpoint", size)
-        write_synthetic_checkpoint(ckpt, size, seed=0)
-    manifest = json.loads((art / MANIFEST_FILE).read_text()) if (art / MANIFEST_FILE).exists() else {}
-    if (manifest.get("format"), manifest.get("format_version")) != SUPPORTED_FORMAT:
-        log.info("exporting it (parity check included)")
-        export([str(ckpt), str(art), "--overwrite", "--name", f"synthetic-clinical-longformer-{size}"])
-    return ckpt, art
 
 
 def short_mix(n: int) -> list[str]:
@@ -94,25 +76,11 @@ def write_notes(work: Path, n: int, long_notes: int) -> tuple[Path, list[str]]:
     return path, [x.text for x in notes]
 
 
-def _spark(cores: int):
-    from pyspark.sql import SparkSession
-
-    from clinlong.pipelines.spark.java import ensure_java
-
-    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    ensure_java()
-    spark = (SparkSession.builder.master(f"local[{cores}]").appName("clinlong-benchmarks")
-             .config("spark.ui.enabled", "false").config("spark.task.cpus", "1")
-             .config("spark.sql.execution.arrow.maxRecordsPerBatch", "64").getOrCreate())
-    spark.sparkContext.setLogLevel("ERROR")
-    return spark
-
-
 def run_baseline(notes: Path, ckpt: Path, out: Path, cores: int, repeat: int) -> tuple[list[float], float]:
     """The baseline `repeat` times in one Spark session: the wall seconds of each run, and peak worker RSS."""
     from clinlong.benchmarks.baseline import embed_udf
 
-    spark = _spark(cores)
+    spark = local_spark(cores)
     try:
         seconds = []
         with WorkerMemory() as mem:
@@ -134,7 +102,7 @@ def run_ours(notes: Path, art: Path, out: Path, cores: int, precision: str,
     from clinlong.pipelines.core.engine import EmbedOptions
     from clinlong.pipelines.jobs.embed_notes import JobConfig, run
 
-    spark = _spark(cores)
+    spark = local_spark(cores)
     try:
         seconds = []
         with WorkerMemory() as mem:

@@ -46,8 +46,8 @@ def _min_cosine(ref: list, got: list) -> float:
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from clinlong.benchmarks.__main__ import ensure_artifact
     from clinlong.benchmarks.baseline import hf_run
+    from clinlong.benchmarks.inputs import ensure_artifact
     from clinlong.benchmarks.measure import Clock, flops_per_token, gemm_peak
     from clinlong.export.synthetic_notes import generate_notes
     from clinlong.pipelines.core.artifact import Artifact

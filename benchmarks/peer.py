@@ -19,7 +19,6 @@ dimensions). The Spark NLP exports are cached under ~/.cache/clinlong/sparknlp-j
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -30,87 +29,15 @@ from pathlib import Path
 
 import numpy as np
 
+from clinlong.benchmarks.inputs import ensure_artifact, native_artifact
+from clinlong.benchmarks.sparknlp_jvm import sparknlp_export, wide_checkpoint
+
 log = logging.getLogger("clinlong.benchmarks")
 
 ROOT = Path(__file__).resolve().parents[1]
 PEER_RUNNER = Path(__file__).with_name("peer_runner.py")
-SPARKNLP_TF_VENV = ROOT / ".venv-sparknlp"  # the TensorFlow extra, which writes the SavedModel
-REAL_VOCAB = 50265
 DEFAULT_MAX_SENTENCE = 1024  # Spark NLP's LongformerEmbeddings default maxSentenceLength
 DEFAULT_BATCH = 4  # and batchSize
-
-
-def wide_checkpoint(path: Path) -> Path:
-    """The tiny synthetic Longformer with its embedding matrix grown to 50,265 rows (as tests/test_sparknlp_jvm.py
-    builds it, byte for byte, so both reuse one cached export)."""
-    if (path / "config.json").exists():
-        return path
-    import torch
-    from transformers import AutoModelForMaskedLM
-
-    from clinlong.export.synthetic import write_synthetic_checkpoint
-
-    tmp = path.with_name(path.name + ".partial")
-    if tmp.exists():
-        import shutil
-
-        shutil.rmtree(tmp)
-    ckpt = write_synthetic_checkpoint(tmp, "tiny", seed=0)
-    torch.manual_seed(0)
-    model = AutoModelForMaskedLM.from_pretrained(ckpt)
-    model.resize_token_embeddings(REAL_VOCAB, mean_resizing=False)
-    for f in ckpt.glob("*.bin"):
-        f.unlink()
-    model.save_pretrained(ckpt, safe_serialization=False)
-    tmp.rename(path)
-    return path
-
-
-def native_artifact(ckpt: Path, art: Path, name: str) -> Path:
-    """Our artifact of the checkpoint (export with its parity check), built once."""
-    from clinlong.export.__main__ import run as export
-    from clinlong.pipelines.core.artifact import MANIFEST_FILE, SUPPORTED_FORMAT
-
-    manifest = json.loads((art / MANIFEST_FILE).read_text()) if (art / MANIFEST_FILE).exists() else {}
-    if (manifest.get("format"), manifest.get("format_version")) != SUPPORTED_FORMAT:
-        log.info("exporting %s (parity check included)", ckpt.name)
-        export([str(ckpt), str(art), "--overwrite", "--name", name])
-    return art
-
-
-def _tf_python() -> Path:
-    """`.venv-sparknlp`: the `sparknlp` extra (TensorFlow) that writes the SavedModel, created once."""
-    import venv
-
-    python = SPARKNLP_TF_VENV / "bin" / "python"
-    probe = [str(python), "-c", "import tensorflow, tf_keras, transformers, torch, clinlong.export"]
-    if python.exists() and subprocess.run(probe, capture_output=True).returncode == 0:
-        return python
-    venv.create(SPARKNLP_TF_VENV, with_pip=True, clear=True)
-    subprocess.run([str(python), "-m", "pip", "install", "-q", "-e", f"{ROOT}[sparknlp]"], check=True, cwd=ROOT)
-    return python
-
-
-def sparknlp_export(ckpt: Path, label: str) -> Path:
-    """`--format sparknlp` of the checkpoint, cached under ~/.cache/clinlong/sparknlp-jvm while the checkpoint's
-    files and export/sparknlp.py are unchanged (the key tests/test_sparknlp_jvm.py uses)."""
-    from clinlong.benchmarks.sparknlp_jvm import CACHE
-
-    digest = hashlib.sha256((ROOT / "export" / "sparknlp.py").read_bytes())
-    for f in sorted(ckpt.iterdir()):
-        if f.is_file():
-            digest.update(f.name.encode() + f.read_bytes())
-    out = CACHE / f"export-{label}-{digest.hexdigest()[:16]}"
-    if (out / "saved_model.pb").exists():
-        return out
-    log.info("exporting %s for Spark NLP (TensorFlow SavedModel; minutes, cached afterwards)", ckpt.name)
-    # An absolute checkpoint path: export/sparknlp.py links the weights into a temporary folder by that path.
-    proc = subprocess.run([str(_tf_python()), "-m", "clinlong.export", str(ckpt.resolve()), str(out), "--format",
-                           "sparknlp", "--overwrite"], capture_output=True, text=True, cwd=ROOT, timeout=3600,
-                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
-    if proc.returncode != 0:
-        raise RuntimeError(f"the Spark NLP export failed: {proc.stderr.strip().splitlines()[-1:]}")
-    return out
 
 
 LAB_NAMES = ["WBC", "RBC", "Hgb", "Hct", "MCV", "MCH", "MCHC", "RDW", "Plt", "Glucose", "UreaN", "Creat", "Na", "K",
@@ -215,13 +142,13 @@ def run_ours(notes: Path, art: Path, out: Path, cores: int, context: str) -> dic
 
 
 def _ours_main(spec: dict) -> dict:
-    from clinlong.benchmarks.__main__ import _spark
+    from clinlong.benchmarks.inputs import local_spark
     from clinlong.benchmarks.peer_runner import TreeMemory
     from clinlong.pipelines.core.engine import EmbedOptions
     from clinlong.pipelines.delta.sink import read_table
     from clinlong.pipelines.jobs.embed_notes import JobConfig, run
 
-    spark = _spark(spec["cores"])
+    spark = local_spark(spec["cores"])
     try:
         with TreeMemory(spark.sparkContext._gateway.proc.pid) as mem:
             mem.reset()
@@ -298,8 +225,6 @@ def peer_benchmark(work: Path, quick: bool, cores: int, batch_sizes: list[int] |
         ckpt = wide_checkpoint(work / "checkpoint-tiny-wide")
         art, label = native_artifact(ckpt, work / "artifact-tiny-wide", "synthetic-longformer-tiny-wide"), "tiny-wide"
     else:
-        from clinlong.benchmarks.__main__ import ensure_artifact
-
         (ckpt, art), label = ensure_artifact(work), "base"
     export = sparknlp_export(ckpt, label)
     setup_s = time.perf_counter() - started

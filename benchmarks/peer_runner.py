@@ -105,9 +105,8 @@ def coverage(rows, n_notes: int) -> dict:
 
 def main(spec_path: str) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from sparknlp_runner import configure, embed, jvm_pieces, pipeline_stages, session, _Shift  # noqa: PLC2701
-
     from pyspark.ml import Pipeline
+    from sparknlp_runner import _Shift, configure, embed, jvm_pieces, pipeline_stages, session  # noqa: PLC2701
 
     spec = json.loads(Path(spec_path).read_text())
     out_dir = Path(spec["out"])

@@ -14,12 +14,16 @@ Whatever cannot be set up raises `Unavailable` with one line naming what is miss
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
 import subprocess
 import venv
+from collections.abc import Iterator
 from pathlib import Path
 
 SPARKNLP_VERSION = "5.5.3"
@@ -32,6 +36,22 @@ POM = Path(__file__).with_name("sparknlp-jvm.pom.xml")
 RUNNER = Path(__file__).with_name("sparknlp_runner.py")
 VENV = Path(os.environ.get("CLINLONG_SPARKNLP_JVM_VENV", ROOT / ".venv-sparknlp-jvm"))
 CACHE = Path(os.environ.get("CLINLONG_CACHE", Path.home() / ".cache" / "clinlong")) / "sparknlp-jvm"
+TF_VENV = ROOT / ".venv-sparknlp"  # the `sparknlp` extra (TensorFlow), which writes the SavedModel
+REAL_VOCAB = 50265  # RoBERTa's vocabulary: Spark NLP warms its Longformer up on ids up to 42,752
+log = logging.getLogger("clinlong.benchmarks")
+
+
+@contextlib.contextmanager
+def setup_lock(name: str) -> Iterator[None]:
+    """One process at a time sets up `name` (a venv, the class path, an export): test workers and benchmarks
+    share these, and a venv created twice at once (`clear=True`) breaks both."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / f"{name}.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 class Unavailable(RuntimeError):
@@ -46,6 +66,11 @@ def _last_error(text: str) -> str:
 
 def classpath() -> list[str]:
     """The JARs of sparknlp-jvm.pom.xml (Spark NLP and its runtime dependencies), resolved once by Maven."""
+    with setup_lock("classpath"):
+        return _classpath()
+
+
+def _classpath() -> list[str]:
     cached = CACHE / f"classpath-{hashlib.sha256(POM.read_bytes()).hexdigest()[:12]}.txt"
     if cached.exists():
         jars = cached.read_text().strip().split(os.pathsep)
@@ -68,6 +93,11 @@ def classpath() -> list[str]:
 
 def python() -> Path:
     """The venv's Python with pyspark 3.5 and the spark-nlp Python package of the JAR's version."""
+    with setup_lock("venv-sparknlp-jvm"):
+        return _python()
+
+
+def _python() -> Path:
     py = VENV / "bin" / "python"
     probe = ("import pyspark, sparknlp, numpy, sys; "
              f"sys.exit(not (pyspark.__version__ == '{PYSPARK_VERSION}' and sparknlp.version() == '{SPARKNLP_VERSION}'))")
@@ -80,6 +110,65 @@ def python() -> Path:
         raise Unavailable(f"pyspark=={PYSPARK_VERSION} + spark-nlp=={SPARKNLP_VERSION} cannot be installed into "
                           f"{VENV}: {_last_error(proc.stderr)}")
     return py
+
+
+def tf_python() -> Path:
+    """`.venv-sparknlp`: the `sparknlp` extra (TensorFlow 2.21) that writes the SavedModel, created once
+    (about 5 min on the 2-core VM) and reused while its imports work."""
+    python = TF_VENV / "bin" / "python"
+    probe = [str(python), "-c", "import tensorflow, tf_keras, transformers, torch, clinlong.export"]
+    with setup_lock("venv-sparknlp"):
+        if python.exists() and subprocess.run(probe, capture_output=True).returncode == 0:
+            return python
+        venv.create(TF_VENV, with_pip=True, clear=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "-e", f"{ROOT}[sparknlp]"], check=True, cwd=ROOT)
+    return python
+
+
+def wide_checkpoint(path: Path) -> Path:
+    """The tiny synthetic Longformer with its embedding matrix grown to the real 50,265 rows, at `path` (built
+    once): Spark NLP cannot load a model smaller than RoBERTa's vocabulary. Byte-stable (seed 0), so every
+    caller reuses one cached export."""
+    if (path / "config.json").exists():
+        return path
+    import torch
+    from transformers import AutoModelForMaskedLM
+
+    from clinlong.export.synthetic import write_synthetic_checkpoint
+
+    tmp = path.with_name(path.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    ckpt = write_synthetic_checkpoint(tmp, "tiny", seed=0)
+    torch.manual_seed(0)
+    model = AutoModelForMaskedLM.from_pretrained(ckpt)
+    model.resize_token_embeddings(REAL_VOCAB, mean_resizing=False)
+    for f in ckpt.glob("*.bin"):
+        f.unlink()
+    model.save_pretrained(ckpt, safe_serialization=False)
+    tmp.rename(path)
+    return path
+
+
+def sparknlp_export(ckpt: Path, label: str) -> Path:
+    """`--format sparknlp` of the checkpoint (written by `tf_python()`), cached under CACHE as
+    `export-{label}-{key}` while the checkpoint's files and export/sparknlp.py are unchanged; one process
+    exports at a time. A failed export raises RuntimeError with the exporter's last line."""
+    digest = hashlib.sha256((ROOT / "export" / "sparknlp.py").read_bytes())
+    for f in sorted(ckpt.iterdir()):
+        if f.is_file():
+            digest.update(f.name.encode() + f.read_bytes())
+    out = CACHE / f"export-{label}-{digest.hexdigest()[:16]}"
+    with setup_lock(out.name):
+        if (out / "saved_model.pb").exists():
+            return out
+        log.info("exporting %s for Spark NLP (TensorFlow SavedModel; minutes, cached afterwards)", ckpt.name)
+        proc = subprocess.run([str(tf_python()), "-m", "clinlong.export", str(ckpt), str(out), "--format",
+                               "sparknlp", "--overwrite"], capture_output=True, text=True, cwd=ROOT, timeout=3600,
+                              env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+        if proc.returncode != 0:
+            raise RuntimeError(f"the Spark NLP export of {ckpt.name} failed: {_last_error(proc.stderr)}")
+    return out
 
 
 def java_ok() -> str | None:

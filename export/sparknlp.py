@@ -147,7 +147,7 @@ def write_sparknlp(ckpt: Checkpoint, out: Path, tol: Tolerance,
         weights_dir = Path(tmp) / "checkpoint"
         weights_dir.mkdir()
         for name in ("config.json", ckpt.weights_file):
-            os.symlink(ckpt.path / name, weights_dir / name)
+            os.symlink((ckpt.path / name).resolve(), weights_dir / name)  # a relative checkpoint path too
         model = TFLongformerModel.from_pretrained(str(weights_dir), from_pt=True)
         spec = {"input_ids": tf.TensorSpec((None, None), tf.int32, name="input_ids"),
                 "attention_mask": tf.TensorSpec((None, None), tf.int32, name="attention_mask")}

@@ -24,7 +24,7 @@ def test_flops_formula_gives_clinical_longformers_189_mflop():
 def bench_work(tmp_path_factory):
     """The benchmark's folder with the base-size (real Clinical-Longformer config) synthetic checkpoint
     exported once in this run: the export's parity is tested below, then the benchmark reuses it."""
-    from clinlong.benchmarks.__main__ import ensure_artifact
+    from clinlong.benchmarks.inputs import ensure_artifact
 
     work = tmp_path_factory.mktemp("bench")
     start = time.perf_counter()

@@ -9,14 +9,12 @@ import json
 import os
 import subprocess
 import sys
-import venv
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import ROOT
 
-SPARKNLP_VENV = ROOT / ".venv-sparknlp"
 
 VERIFY = r"""
 import json, os, sys
@@ -48,13 +46,9 @@ print(json.dumps({"inputs": inputs, "outputs": outputs, "diffs": diffs, "newer_o
 
 
 def _sparknlp_python() -> Path:
-    python = SPARKNLP_VENV / "bin" / "python"
-    probe = [str(python), "-c", "import tensorflow, tf_keras, transformers, torch, clinlong.export"]
-    if python.exists() and subprocess.run(probe, capture_output=True).returncode == 0:
-        return python
-    venv.create(SPARKNLP_VENV, with_pip=True, clear=True)
-    subprocess.run([str(python), "-m", "pip", "install", "-q", "-e", f"{ROOT}[sparknlp]"], check=True, cwd=ROOT)
-    return python
+    from clinlong.benchmarks.sparknlp_jvm import tf_python
+
+    return tf_python()
 
 
 @pytest.mark.slow

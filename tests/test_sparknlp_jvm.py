@@ -26,15 +26,12 @@ import json
 import os
 import random
 import re
-import subprocess
 
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT
-
 MAX_LENGTH = 4096
-REAL_VOCAB = 50265
+
 ALIKE_WORDS = ("chest", "melena", "headache", "hypothyroidism", "shortness", "nausea", "productive", "cirrhosis",
                "dyspnea", "afib", "fever", "lower", "abdominal", "altered", "hematemesis", "syncope")
 
@@ -49,41 +46,17 @@ def _require_jvm() -> None:
 
 @pytest.fixture(scope="module")
 def wide_checkpoint(tmp_path_factory):
-    import torch
-    from transformers import AutoModelForMaskedLM
+    from clinlong.benchmarks.sparknlp_jvm import wide_checkpoint
 
-    from clinlong.export.synthetic import write_synthetic_checkpoint
-
-    ckpt = write_synthetic_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-wide-vocab", "tiny", seed=0)
-    torch.manual_seed(0)
-    model = AutoModelForMaskedLM.from_pretrained(ckpt)
-    model.resize_token_embeddings(REAL_VOCAB, mean_resizing=False)
-    for f in ckpt.glob("*.bin"):
-        f.unlink()
-    model.save_pretrained(ckpt, safe_serialization=False)
-    return ckpt
+    return wide_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-wide-vocab")
 
 
 @pytest.fixture(scope="module")
-def sparknlp_export(wide_checkpoint, tmp_path_factory):
-    from tests.test_export_sparknlp import _sparknlp_python
-
-    import hashlib
-
-    from clinlong.benchmarks.sparknlp_jvm import CACHE
+def sparknlp_export(wide_checkpoint):
+    from clinlong.benchmarks.sparknlp_jvm import sparknlp_export
 
     _require_jvm()
-    digest = hashlib.sha256((ROOT / "export" / "sparknlp.py").read_bytes())
-    for f in sorted(wide_checkpoint.iterdir()):
-        digest.update(f.name.encode() + f.read_bytes())
-    out = CACHE / f"export-tiny-wide-{digest.hexdigest()[:16]}"  # reused while checkpoint and exporter match
-    if (out / "saved_model.pb").exists():
-        return out
-    proc = subprocess.run([str(_sparknlp_python()), "-m", "clinlong.export", str(wide_checkpoint), str(out),
-                           "--format", "sparknlp", "--overwrite"], capture_output=True, text=True, cwd=ROOT, timeout=1200,
-                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out
+    return sparknlp_export(wide_checkpoint, "tiny-wide")  # cached while checkpoint and exporter match
 
 
 @pytest.fixture(scope="module")
