@@ -23,7 +23,7 @@ import os
 import shutil
 import subprocess
 import venv
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 SPARKNLP_VERSION = "5.5.3"
@@ -180,31 +180,37 @@ def java_ok() -> str | None:
         f"Spark 3.5 (Spark NLP {SPARKNLP_VERSION}) runs on Java 8/11/17; found {out.splitlines()[0] if out else '?'}"
 
 
-def unavailable_reason() -> str | None:
-    """None when Spark NLP's JVM can run here (setting it up if needed), else one line saying why not."""
+def unavailable_reason(venv_python: Callable[[], Path] | None = None) -> str | None:
+    """None when Spark NLP's JVM can run here (setting it and `venv_python`'s venv up if needed, by default
+    `python()`), else one line saying why not."""
     try:
         reason = java_ok()
         if reason:
             return reason
         classpath()
-        python()
+        (venv_python or python)()
     except Unavailable as e:
         return str(e)
     return None
 
 
-def run(spec: dict, out: Path, timeout: float = 1800) -> dict:
-    """Run benchmarks/sparknlp_runner.py in Spark NLP's venv; returns its result.json (vectors in
-    out/vectors.npz). A failure raises RuntimeError with the runner's last lines."""
+def run(spec: dict, out: Path, timeout: float = 1800, *, runner: Path = RUNNER,
+        venv_python: Callable[[], Path] | None = None, what: str = "Spark NLP's run") -> dict:
+    """Run `runner` (by default benchmarks/sparknlp_runner.py) with `venv_python()`'s Python (by default Spark
+    NLP's venv) on a spec file holding `spec`, the class path and `out`; returns its out/result.json (vectors
+    in out/vectors.npz), its output kept in out/runner.log. A failure raises RuntimeError with the runner's
+    last lines, starting with `what`."""
     out.mkdir(parents=True, exist_ok=True)
     spec = {**spec, "classpath": classpath(), "out": str(out)}
     (out / "spec.json").write_text(json.dumps(spec))
-    env = {k: v for k, v in os.environ.items() if k not in ("PYSPARK_PYTHON", "PYSPARK_DRIVER_PYTHON", "SPARK_HOME")}
-    py = python()
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PYSPARK_PYTHON", "PYSPARK_DRIVER_PYTHON", "SPARK_HOME", "PYTHONPATH")}
+    py = (venv_python or python)()
     env.update(PYSPARK_PYTHON=str(py), PYSPARK_DRIVER_PYTHON=str(py), TF_CPP_MIN_LOG_LEVEL="3")
-    proc = subprocess.run([str(py), str(RUNNER), str(out / "spec.json")], capture_output=True, text=True,
+    proc = subprocess.run([str(py), str(runner), str(out / "spec.json")], capture_output=True, text=True,
                           env=env, timeout=timeout, cwd=out)
+    (out / "runner.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0 or not (out / "result.json").exists():
         tail = [ln for ln in proc.stderr.splitlines() if ln.strip() and not ln.lstrip().startswith("at ")][-15:]
-        raise RuntimeError(f"Spark NLP's run failed (rc {proc.returncode}):\n" + "\n".join(tail))
+        raise RuntimeError(f"{what} failed (rc {proc.returncode}):\n" + "\n".join(tail))
     return json.loads((out / "result.json").read_text())

@@ -20,15 +20,8 @@ import sys
 import venv
 from pathlib import Path
 
-from clinlong.benchmarks.sparknlp_jvm import (
-    PYSPARK_VERSION,
-    ROOT,
-    SPARKNLP_VERSION,
-    Unavailable,
-    _last_error,
-    classpath,
-    java_ok,
-)
+from clinlong.benchmarks import sparknlp_jvm
+from clinlong.benchmarks.sparknlp_jvm import PYSPARK_VERSION, ROOT, SPARKNLP_VERSION, Unavailable, _last_error
 
 VENV = Path(os.environ.get("CLINLONG_SPARKNLP_MIXED_VENV", ROOT / ".venv-sparknlp-mixed"))
 RUNNER = Path(__file__).with_name("sparknlp_mixed_runner.py")
@@ -81,34 +74,13 @@ def python() -> Path:
 
 def unavailable_reason() -> str | None:
     """None when the mixed pipeline can run here (setting it up if needed), else one line saying why not."""
-    try:
-        reason = java_ok()
-        if reason:
-            return reason
-        classpath()
-        python()
-    except Unavailable as e:
-        return str(e)
-    return None
+    return sparknlp_jvm.unavailable_reason(python)
 
 
 def run(spec: dict, out: Path, timeout: float = 1800) -> dict:
     """Run benchmarks/sparknlp_mixed_runner.py in the mixed venv; returns its result.json. A failure raises
     RuntimeError with the runner's last lines."""
-    out.mkdir(parents=True, exist_ok=True)
-    spec = {**spec, "classpath": classpath(), "out": str(out)}
-    (out / "spec.json").write_text(json.dumps(spec))
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("PYSPARK_PYTHON", "PYSPARK_DRIVER_PYTHON", "SPARK_HOME", "PYTHONPATH")}
-    py = python()
-    env.update(PYSPARK_PYTHON=str(py), PYSPARK_DRIVER_PYTHON=str(py), TF_CPP_MIN_LOG_LEVEL="3")
-    proc = subprocess.run([str(py), str(RUNNER), str(out / "spec.json")], capture_output=True, text=True,
-                          env=env, timeout=timeout, cwd=out)
-    (out / "runner.log").write_text(proc.stdout + proc.stderr)
-    if proc.returncode != 0 or not (out / "result.json").exists():
-        tail = [ln for ln in proc.stderr.splitlines() if ln.strip() and not ln.lstrip().startswith("at ")][-15:]
-        raise RuntimeError(f"the mixed pipeline's run failed (rc {proc.returncode}):\n" + "\n".join(tail))
-    return json.loads((out / "result.json").read_text())
+    return sparknlp_jvm.run(spec, out, timeout, runner=RUNNER, venv_python=python, what="the mixed pipeline's run")
 
 
 if __name__ == "__main__":  # set the venv up (or say why not): python -m clinlong.benchmarks.sparknlp_mixed
