@@ -94,8 +94,8 @@ def test_gpu_resource_goes_to_the_embedding_stage_only(tiny_artifact, tmp_path, 
     assert heavy and light, [(s["Stage Name"], s["Resource Profile Id"]) for s in stages]
     # the GPU stages: the embedding stage and the model preload that ran beside the reading stages
     sites = sorted(s["Stage Name"].rsplit(" at ", 1)[-1].rsplit(":", 1)[0].rsplit("/", 1)[-1] for s in heavy)
-    # (the embedding stage's call site is Spark's to name: writers.py, or the JDK's CompletableFuture.java where
-    # Spark 4.1 submits the job from its async path; the preload's is executor.py)
+    # (the embedding stage's call site is Spark's to name: delta/writers/rs.py or spark.py, or the JDK's
+    # CompletableFuture.java where Spark 4.1 submits the job from its async path; the preload's is executor.py)
     assert len(heavy) >= 2 and "executor.py" in sites, [s["Stage Name"] for s in heavy]
     a = DeltaTable(str(tmp_path / "local")).to_pandas().sort_values(["note_id", "text_sha256"])
     b = DeltaTable(str(tmp_path / "gpu")).to_pandas().sort_values(["note_id", "text_sha256"])

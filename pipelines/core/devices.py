@@ -5,6 +5,8 @@ import functools
 import platform
 from dataclasses import dataclass
 
+from clinlong.pipelines.core.options import check_choice
+
 DEVICES = ("auto", "cpu", "cuda")
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of CPUs that compute bf16 natively
 
@@ -40,9 +42,9 @@ def cpu_bf16_flags() -> tuple[str, ...]:
 
 def cpu_bf16_pays() -> bool:
     """Whether this CPU runs bf16 matrix products faster than fp32: with AMX tiles, or AVX512-BF16 on AMD
-    (Zen 4 and later: measured 941 against fp32's 207 GFLOP/s on 2 EPYC cores). Intel's
-    AVX512-BF16 without AMX (Cooper Lake, or a Sapphire/Emerald Rapids whose hypervisor hides AMX) is no
-    faster: 167 against 230 GFLOP/s measured on 2 Emerald Rapids cores, the whole model equal within noise."""
+    (Zen 4 and later). Intel's AVX512-BF16 without AMX (Cooper Lake, or a Sapphire/Emerald Rapids whose
+    hypervisor hides AMX) is no faster than fp32, on matrix products or the whole model (figures: README,
+    Performance)."""
     flags = cpu_bf16_flags()
     return "amx_bf16" in flags or ("avx512_bf16" in flags and cpu_info().vendor == "AuthenticAMD")
 
@@ -75,8 +77,7 @@ def choose_device(device: str = "auto") -> str:
 
     auto: the assigned GPU when CUDA is usable, else the CPU (same numbers, slower). cuda: the assigned
     GPU; outside Spark tasks, the process's current CUDA device (as CUDA_VISIBLE_DEVICES exposes it)."""
-    if device not in DEVICES:
-        raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+    check_choice("device", device, DEVICES)
     if device == "cpu":
         return "cpu"
     gpus = assigned_gpus()

@@ -27,7 +27,7 @@ import numpy as np
 
 from clinlong.pipelines.core.artifact import Artifact
 from clinlong.pipelines.core.devices import DEVICES
-from clinlong.pipelines.core.options import GLOBAL_ATTENTION, check_types, option
+from clinlong.pipelines.core.options import GLOBAL_ATTENTION, check_choice, check_types, option
 from clinlong.pipelines.core.runtime import (
     BACKENDS,
     DEFAULT_BATCH_SIZE,
@@ -94,16 +94,13 @@ class EmbedOptions:
             object.__setattr__(self, "window_overlap", default_overlap(self.max_length))
 
     def validate(self, artifact: Artifact) -> "EmbedOptions":
-        if self.context not in CONTEXTS:
-            raise ValueError(f"context must be one of {CONTEXTS}, got {self.context!r}")
-        if self.token_vector not in TOKEN_VECTORS:
-            raise ValueError(f"token vector must be one of {TOKEN_VECTORS}, got {self.token_vector!r}")
+        check_choice("context", self.context, CONTEXTS)
+        check_choice("token vector", self.token_vector, TOKEN_VECTORS)
         if not 3 <= self.max_length <= artifact.max_length:
             raise ValueError(f"max length must be between 3 and the model's {artifact.max_length} "
                              f"(max_length, --max-length), got {self.max_length}")
         resolve_backend(self.backend, self.precision)
-        if self.attention_kernel not in KERNEL_CHOICES:
-            raise ValueError(f"attention kernel must be one of {KERNEL_CHOICES}, got {self.attention_kernel!r}")
+        check_choice("attention kernel", self.attention_kernel, KERNEL_CHOICES)
         if self.global_attention != "none":
             check_global_attention(artifact, self.backend, self.precision)
         if not 0 <= self.window_overlap < self.max_length - 2:

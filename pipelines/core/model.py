@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from clinlong.pipelines.core.options import check_choice
 from clinlong.pipelines.core.packing import KERNELS
 
 MODEL_TYPES = ("longformer", "big_bird")  # Hugging Face's model_type of each supported family
@@ -220,8 +221,7 @@ class SlidingWindowSelfAttention(nn.Module):
         super().__init__()
         if window <= 0 or window % 2:
             raise ValueError(f"attention window must be a positive even number, got {window}")
-        if kernel not in KERNELS:
-            raise ValueError(f"attention kernel must be one of {KERNELS}, got {kernel!r}")
+        check_choice("attention kernel", kernel, KERNELS)
         self.kernel = kernel
         self.num_heads = cfg.num_attention_heads
         self.head_dim = cfg.hidden_size // cfg.num_attention_heads
@@ -395,8 +395,7 @@ class BlockSparseSelfAttention(nn.Module):
 
     def __init__(self, cfg: EncoderConfig, kernel: str = "blocks"):
         super().__init__()
-        if kernel not in self.KERNELS:
-            raise ValueError(f"BigBird's attention kernel must be one of {self.KERNELS}, got {kernel!r}")
+        check_choice("BigBird's attention kernel", kernel, self.KERNELS)
         self.kernel = kernel
         self.num_heads = cfg.num_attention_heads
         self.head_dim = cfg.hidden_size // cfg.num_attention_heads
@@ -448,8 +447,8 @@ class BlockSparseSelfAttention(nn.Module):
             counted = sparse[:, :, None] & (block[:, None, :] == 0)
             bias = counted.to(q.dtype) * self.block0_bias
             masks["bigbird_dense"] = bias.masked_fill(~allowed, torch.finfo(q.dtype).min)[:, None]
-        # SDPA with a float mask: CPUs' fused kernel. Base size, 2-core EPYC: torch bf16 450 -> 895 tokens/s,
-        # the ONNX graph on onnxruntime 638 -> 868, against the explicit softmax(QK^T + mask)V.
+        # SDPA with a float mask: CPUs' fused kernel, faster than the explicit softmax(QK^T + mask)V on torch
+        # and on onnxruntime alike (figures: README, Performance).
         ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=masks["bigbird_dense"], scale=scale)
         return ctx.transpose(1, 2).reshape(bsz, length, dim)
 
@@ -559,8 +558,7 @@ class PackedEncoder(nn.Module):
 
     def __init__(self, cfg: EncoderConfig, kernel: str = "blocks", with_global: bool = True):
         super().__init__()
-        if cfg.model_type not in MODEL_TYPES:
-            raise ValueError(f"model type must be one of {MODEL_TYPES}, got {cfg.model_type!r}")
+        check_choice("model type", cfg.model_type, MODEL_TYPES)
         if cfg.model_type == "longformer" and len(cfg.attention_window) != cfg.num_hidden_layers:
             raise ValueError(f"{len(cfg.attention_window)} attention windows for {cfg.num_hidden_layers} layers")
         self.config = cfg

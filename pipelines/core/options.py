@@ -19,6 +19,21 @@ def option(default=MISSING, help: str = "", *, choices: tuple | None = None, fla
     return field(default=default, default_factory=default_factory, metadata={"option": meta})
 
 
+def check_choice(name: str, value, choices) -> None:
+    """The one check of a value against its allowed values.
+
+    Args:
+        name: what the message calls the value ("precision", "option precision", ...).
+        value: the value given.
+        choices: the allowed values, shown in the message as given (a tuple, or a sorted list).
+
+    Raises:
+        ValueError: one line, "<name> must be one of <choices>, got <value>", when value is not a choice.
+    """
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
 def _nested(f: Field):
     return f.default if f.default is not MISSING and is_dataclass(f.default) else None
 
@@ -82,8 +97,8 @@ def check_types(obj) -> None:
             want = " or ".join(t.__name__ for t in simple)
             raise ValueError(f"option {f.name} must be {want}, got {value!r}")
         choices = f.metadata.get("option", {}).get("choices")
-        if choices and value not in choices:
-            raise ValueError(f"option {f.name} must be one of {tuple(choices)}, got {value!r}")
+        if choices:
+            check_choice(f"option {f.name}", value, tuple(choices))
 
 
 try:

@@ -18,12 +18,12 @@ import numpy as np
 
 from clinlong.pipelines.core.artifact import Artifact, reading
 from clinlong.pipelines.core.devices import cpu_bf16_pays
-from clinlong.pipelines.core.options import GLOBAL_ATTENTION
+from clinlong.pipelines.core.options import GLOBAL_ATTENTION, check_choice
 from clinlong.pipelines.core.packing import KERNELS, pack, packed_rows
 
 KERNEL_CHOICES = ("auto", *KERNELS)
 
-DEFAULT_TOKEN_BUDGET = 4096  # CPUs: rows of 4,096 tokens ran 1.3x faster than 16,384 (cache); GPUs size theirs
+DEFAULT_TOKEN_BUDGET = 4096  # CPUs: smaller rows stay in cache (figures: README, Performance); GPUs size theirs
 DEFAULT_BATCH_SIZE = 32
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 BACKENDS = ("auto", "onnxruntime", "torch")
@@ -47,8 +47,7 @@ def task_threads() -> int:
 def resolve_precision(precision: str, device: str, backend: str = "auto") -> str:
     """auto: bf16 on GPUs (fp16 where a GPU lacks bf16) and on CPUs where bf16 is faster (AMX, or AMD's
     AVX512-BF16: devices.cpu_bf16_pays), fp32 on other CPUs and with the onnxruntime backend (fp32 kernels)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    check_choice("precision", precision, PRECISIONS)
     if precision != "auto":
         return precision
     if resolve_backend(backend) == "onnxruntime":
@@ -67,12 +66,10 @@ def torch_installed() -> bool:
 def resolve_backend(backend: str, precision: str = "auto") -> str:
     """auto: torch where it is installed, at every precision: its CPU threads follow the cores a Spark
     executor has idle (CoreShare), where an ONNX Runtime session keeps the threads it was built with,
-    and its fp32 runs as fast (within 5% either way, measured). Else onnxruntime: the exported graph, fp32
+    and its fp32 runs as fast (figures: README, Performance). Else onnxruntime: the exported graph, fp32
     only, on the base install."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_choice("precision", precision, PRECISIONS)
+    check_choice("backend", backend, BACKENDS)
     if backend == "auto":
         if torch_installed():
             return "torch"
@@ -163,8 +160,7 @@ def resolve_kernel(kernel: str, device: str, model_type: str = "longformer") -> 
     cuda = device.startswith("cuda")
     if kernel == "auto":
         return ("flex" if model_type == "big_bird" else "varlen") if cuda else "blocks"
-    if kernel not in KERNELS:
-        raise ValueError(f"attention kernel must be one of {KERNEL_CHOICES}, got {kernel!r}")
+    check_choice("attention kernel", kernel, KERNEL_CHOICES)  # "auto" is resolved above
     if kernel == "varlen" and model_type == "big_bird":
         raise ValueError("BigBird's block-sparse attention has no varlen form; use --attention-kernel flex or blocks")
     if kernel == "varlen" and not cuda:
@@ -246,7 +242,7 @@ def check_global_attention(artifact: Artifact, backend: str, precision: str = "a
 def load_model(artifact: Artifact, precision: str = "fp32", backend: str = "auto", threads: int | None = None,
                device: str = "cpu", kernel: str = "auto", global_attention: str = "none"):
     """A model of this artifact for this precision and device (ONNX Runtime or torch). Callers cache it:
-    the process's one cache is `pipelines.tasks.embedder`, keyed by the artifact's model_id."""
+    the process's one cache is `core.batches.embedder`, keyed by the artifact's model_id."""
     backend, precision = choose_backend(precision, backend, device)
     threads = threads or task_threads()
     if backend == "onnxruntime":
@@ -281,8 +277,7 @@ class Encoder:
                  batch_size: int = DEFAULT_BATCH_SIZE, threads: int | None = None,
                  precision: str = "fp32", backend: str = "auto", device: str = "cpu", kernel: str = "auto",
                  global_attention: str = "none"):
-        if global_attention not in GLOBAL_ATTENTION:
-            raise ValueError(f"global attention must be one of {GLOBAL_ATTENTION}, got {global_attention!r}")
+        check_choice("global attention", global_attention, GLOBAL_ATTENTION)
         if global_attention != "none":
             check_global_attention(artifact, backend, precision)
         self.artifact = artifact

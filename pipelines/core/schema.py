@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from clinlong.pipelines.core.engine import SENTENCE_NO_PIECE, TOKEN_NO_PIECE, NoteResult
+from clinlong.pipelines.core.options import check_choice
 
 GRANULARITIES = ("note", "sentence", "token")
 MAX_LIST_VALUES = 2**31 - 1  # values one Arrow list<…> / binary array can hold (int32 offsets)
@@ -26,10 +27,9 @@ VECTOR_DTYPES = ("float32", "float16")
 
 def _vector_type(vector_dtype: str = "float32") -> pa.DataType:
     """array<float>, or for float16 a binary of little-endian halves (Spark and Delta have no float16)."""
+    check_choice("vector dtype", vector_dtype, VECTOR_DTYPES)
     if vector_dtype == "float16":
         return pa.binary()
-    if vector_dtype != "float32":
-        raise ValueError(f"vector dtype must be one of {VECTOR_DTYPES}, got {vector_dtype!r}")
     return pa.list_(pa.field("element", pa.float32()))
 
 
@@ -38,6 +38,7 @@ def table_schema(granularity: str, id_type: pa.DataType, vector_dtype: str = "fl
     """The output table's schema; `partition_by` (an input column carried along as a string) comes last;
     `skip_reasons` (the one-liner's `predict`) adds `skip_reason` (string), see build_table."""
     vec = _vector_type(vector_dtype)
+    check_choice("granularity", granularity, GRANULARITIES)
     if granularity == "note":
         fields = [("note_id", id_type), ("n_tokens", pa.int32()), ("n_windows", pa.int32()), ("embedding", vec),
                   ("model_id", pa.string()), ("text_sha256", pa.string())]
@@ -48,8 +49,6 @@ def table_schema(granularity: str, id_type: pa.DataType, vector_dtype: str = "fl
         fields = [("note_id", id_type), ("sentence_index", pa.int32()), ("token_index", pa.int32()),
                   ("begin", pa.int32()), ("end", pa.int32()), ("token", pa.string()), ("embedding", vec),
                   ("model_id", pa.string()), ("text_sha256", pa.string())]
-    else:
-        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
     if skip_reasons:
         fields.append(("skip_reason", pa.string()))
     if partition_by:

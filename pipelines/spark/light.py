@@ -18,6 +18,7 @@ import pyarrow as pa
 
 from clinlong.pipelines.core.artifact import Artifact
 from clinlong.pipelines.core.engine import EmbedOptions
+from clinlong.pipelines.core.options import check_choice
 from clinlong.pipelines.core.registry import resolve
 from clinlong.pipelines.core.schema import OutputSpec, build_table, table_schema
 
@@ -35,8 +36,7 @@ class EmbeddingsPipeline:
         self.options = options.validate(artifact)
 
     def _granularity(self, output_level: str) -> str:
-        if output_level not in OUTPUT_LEVELS:
-            raise ValueError(f"output_level must be one of {sorted(OUTPUT_LEVELS)}, got {output_level!r}")
+        check_choice("output_level", output_level, sorted(OUTPUT_LEVELS))
         return OUTPUT_LEVELS[output_level]
 
     def predict(self, data, output_level: str = "token", text_col: str = "text", id_col: str | None = None,
