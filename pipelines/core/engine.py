@@ -28,11 +28,11 @@ import numpy as np
 from clinlong.pipelines.core.artifact import Artifact
 from clinlong.pipelines.core.devices import DEVICES
 from clinlong.pipelines.core.options import GLOBAL_ATTENTION, check_choice, check_types, option
+from clinlong.pipelines.core.packing import KERNEL_CHOICES
 from clinlong.pipelines.core.runtime import (
     BACKENDS,
     DEFAULT_BATCH_SIZE,
     DEFAULT_TOKEN_BUDGET,
-    KERNEL_CHOICES,
     PRECISIONS,
     Encoder,
     check_global_attention,

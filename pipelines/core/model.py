@@ -29,7 +29,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from clinlong.pipelines.core.options import check_choice
-from clinlong.pipelines.core.packing import KERNELS
+from clinlong.pipelines.core.packing import BIG_BIRD_KERNELS, KERNELS
 
 MODEL_TYPES = ("longformer", "big_bird")  # Hugging Face's model_type of each supported family
 
@@ -391,11 +391,9 @@ class BlockSparseSelfAttention(nn.Module):
     Kernels: `blocks` (dense scores with that mask and bias per row; what ONNX traces and CPUs run) and
     `flex` (FlexAttention: the mask as block mask, the bias as score_mod; GPUs)."""
 
-    KERNELS = ("blocks", "flex")
-
     def __init__(self, cfg: EncoderConfig, kernel: str = "blocks"):
         super().__init__()
-        check_choice("BigBird's attention kernel", kernel, self.KERNELS)
+        check_choice("BigBird's attention kernel", kernel, BIG_BIRD_KERNELS)
         self.kernel = kernel
         self.num_heads = cfg.num_attention_heads
         self.head_dim = cfg.hidden_size // cfg.num_attention_heads

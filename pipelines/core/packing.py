@@ -13,7 +13,10 @@ import numpy as np
 
 # How the encoder keeps attention inside each packed sequence (core.model.SlidingWindowSelfAttention):
 # blocks (explicit, the ONNX graph's form), flex (FlexAttention block mask), varlen (flash attention, CUDA).
+# BigBird's block-sparse attention has no varlen form. KERNEL_CHOICES: what --attention-kernel accepts.
 KERNELS = ("blocks", "flex", "varlen")
+BIG_BIRD_KERNELS = tuple(k for k in KERNELS if k != "varlen")
+KERNEL_CHOICES = ("auto", *KERNELS)
 
 
 def pack(lengths: Sequence[int], capacity: int, max_sequences: int | None = None) -> list[list[int]]:

@@ -19,9 +19,7 @@ import numpy as np
 from clinlong.pipelines.core.artifact import Artifact, reading
 from clinlong.pipelines.core.devices import cpu_bf16_pays
 from clinlong.pipelines.core.options import GLOBAL_ATTENTION, check_choice
-from clinlong.pipelines.core.packing import KERNELS, pack, packed_rows
-
-KERNEL_CHOICES = ("auto", *KERNELS)
+from clinlong.pipelines.core.packing import BIG_BIRD_KERNELS, KERNEL_CHOICES, pack, packed_rows
 
 DEFAULT_TOKEN_BUDGET = 4096  # CPUs: smaller rows stay in cache (figures: README, Performance); GPUs size theirs
 DEFAULT_BATCH_SIZE = 32
@@ -161,7 +159,7 @@ def resolve_kernel(kernel: str, device: str, model_type: str = "longformer") -> 
     if kernel == "auto":
         return ("flex" if model_type == "big_bird" else "varlen") if cuda else "blocks"
     check_choice("attention kernel", kernel, KERNEL_CHOICES)  # "auto" is resolved above
-    if kernel == "varlen" and model_type == "big_bird":
+    if model_type == "big_bird" and kernel not in BIG_BIRD_KERNELS:
         raise ValueError("BigBird's block-sparse attention has no varlen form; use --attention-kernel flex or blocks")
     if kernel == "varlen" and not cuda:
         raise ValueError("the varlen attention kernel runs on CUDA GPUs only; use --attention-kernel blocks or flex")
