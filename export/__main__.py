@@ -67,6 +67,10 @@ def run(argv: list[str] | None = None) -> dict:
                  else f"windows {sorted(set(ec.attention_window))}")
     log.info(f"{ec.model_type}: {ec.num_hidden_layers} layers, hidden {ec.hidden_size}, max length {ec.max_length}, "
              f"{attention}, weights {ckpt.weights_file}")
+    head = [a for a in ckpt.config.get("architectures") or [] if not a.endswith(("MaskedLM", "Model"))]
+    if head:  # a fine-tuned checkpoint: say that its head stays behind (heads are not exported yet)
+        log.warning(f"{ckpt.name} is a {head[0]} checkpoint ({len(ckpt.config.get('id2label') or {})} labels): "
+                    "its head is not exported; the artifact embeds with its fine-tuned encoder")
     if args.format in ("sparknlp", "all"):
         from clinlong.export.sparknlp import check_supported
 

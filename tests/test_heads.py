@@ -47,3 +47,13 @@ def test_synthetic_head_refusals_are_one_line(argv, needle, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert needle in err
     assert not (tmp_path / "ck").exists()
+
+
+def test_export_of_a_fine_tuned_checkpoint_says_its_head_stays_behind(tmp_path, capfd):
+    from clinlong.export.__main__ import run
+
+    ckpt = write_synthetic_checkpoint(tmp_path / "ck", "tiny", 0, "longformer", "sequence", ["A", "B", "C"], False)
+    result = run([str(ckpt), str(tmp_path / "art")])
+    err = capfd.readouterr().err  # the clinlong loggers' handler writes to stderr
+    assert "LongformerForSequenceClassification checkpoint (3 labels): its head is not exported" in err, err[-2000:]
+    assert result["manifest"]["model_id"]  # the encoder is exported (as an embedding model)
