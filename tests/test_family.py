@@ -4,6 +4,7 @@ Face's own models and tokenizers, from the export's report to the job's Delta ta
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 
 import numpy as np
@@ -86,13 +87,13 @@ def test_bigbird_block0_bias_is_what_hugging_face_computes(family_model):
     sequence misses Hugging Face by far more than the tolerance; a full-attention length is unaffected."""
     import torch
 
-    from clinlong.pipelines.core.model import EncoderConfig, PackedEncoder
+    from clinlong.pipelines.core.model import PackedEncoder
     from clinlong.pipelines.core.packing import packed_rows
 
     checkpoint, art = family_model("bigbird")
     artifact = Artifact.open(art)
     cfg = artifact.encoder_config
-    model = PackedEncoder(EncoderConfig(**{**cfg, "attention_window": ()}))
+    model = PackedEncoder(dataclasses.replace(cfg, attention_window=()))
     from safetensors.torch import load_file
 
     model.load_state_dict(load_file(str(artifact.torch_weights_path)))
@@ -100,7 +101,7 @@ def test_bigbird_block0_bias_is_what_hugging_face_computes(family_model):
         layer.attention.self.block0_bias = 0.0
     for n, near in ((700, True), (1500, False)):
         ids = _sequences(checkpoint, (n,))[0]
-        t_ids, t_pos, _ = packed_rows([np.asarray(ids)], [[0]], 0, cfg["pad_token_id"])
+        t_ids, t_pos, _ = packed_rows([np.asarray(ids)], [[0]], 0, cfg.pad_token_id)
         with torch.inference_mode():
             out = model.eval()(torch.from_numpy(t_ids), torch.from_numpy(t_pos))[0].numpy()
         diff = np.abs(out - hf_reference(checkpoint, ids)).max()

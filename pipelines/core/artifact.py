@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+from clinlong.pipelines.core.encoder_config import EncoderConfig
 from clinlong.pipelines.core.errors import ArtifactError  # noqa: F401 - re-exported: defined in core.errors
 
 SUPPORTED_FORMAT = ("clinlong-native", 2)  # 2: packed rows (input_ids, position_ids)
@@ -161,9 +162,9 @@ class Artifact:
         return self.path / self.manifest["torch"]["file"]
 
     @property
-    def encoder_config(self) -> dict:
-        """The encoder's config for the torch runtime (fields of core.model.EncoderConfig)."""
-        return dict(self.manifest["torch"]["encoder_config"])
+    def encoder_config(self) -> EncoderConfig:
+        """The encoder's config (frozen), as the export recorded it in the manifest."""
+        return EncoderConfig.from_manifest(self.manifest["torch"]["encoder_config"])
 
     def token_id(self, name: str) -> int:
         return int(self.manifest["special_tokens"][name]["id"])

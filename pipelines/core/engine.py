@@ -294,8 +294,8 @@ def _gpu_budget(artifact: Artifact, device: str, precision: str, kernel: str) ->
     kernel = resolve_kernel(kernel, device, artifact.model_type)
     if artifact.model_type == "big_bird" and kernel == "blocks":
         return MAX_LENGTH  # dense scores per row: rows of one longest sequence
-    one_sided = max(cfg["attention_window"], default=2 * cfg.get("block_size", 64)) // 2
-    return gpu_token_budget(free, cfg["hidden_size"], cfg["intermediate_size"], cfg["num_attention_heads"],
+    one_sided = max(cfg.attention_window, default=2 * cfg.block_size) // 2
+    return gpu_token_budget(free, cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads,
                             one_sided, dtype_bytes=4 if precision == "fp32" else 2,
                             kernel=kernel)
 

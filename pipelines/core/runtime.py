@@ -174,17 +174,15 @@ class _TorchModel:
         import torch
         from safetensors.torch import load_file
 
-        from clinlong.pipelines.core.model import EncoderConfig, PackedEncoder
+        from clinlong.pipelines.core.model import PackedEncoder
 
-        cfg = artifact.encoder_config
-        cfg["attention_window"] = tuple(cfg["attention_window"])
         self.kernel = resolve_kernel(kernel, device, artifact.model_type)
         with reading(artifact.torch_weights_path):
             weights = load_file(str(artifact.torch_weights_path))
         # Artifacts exported before the global projections were kept run local attention only.
         self.with_global = any(".query_global." in k for k in weights)
         with torch.device("meta"):  # no random initialisation of weights about to be replaced
-            model = PackedEncoder(EncoderConfig(**cfg), kernel=self.kernel, with_global=self.with_global)
+            model = PackedEncoder(artifact.encoder_config, kernel=self.kernel, with_global=self.with_global)
         model.load_state_dict(weights, strict=True, assign=True)
         self.dtype = getattr(torch, self._DTYPES[precision])
         self.device = torch.device(device)
@@ -286,7 +284,7 @@ class Encoder:
             raise ValueError("this artifact lacks the global-attention weights (exported before they were kept); "
                              "re-export it with python -m clinlong.export for --global-attention")
         self.pad_id = artifact.token_id("pad")
-        self.padding_idx = int(artifact.encoder_config["pad_token_id"])  # packed rows' position padding (core.packing)
+        self.padding_idx = artifact.encoder_config.pad_token_id  # packed rows' position padding (core.packing)
         self.token_budget = token_budget
         self.batch_size = batch_size
         self.row_multiple = getattr(self.model, "row_multiple", 1)
