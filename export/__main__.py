@@ -114,7 +114,22 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted; no artifact was written", file=sys.stderr)
         return 130
+    except Exception as e:  # a library that re-raised the interrupt as its own error (raise X from it)
+        if not _caused_by_interrupt(e):
+            raise
+        print("error: interrupted; no artifact was written", file=sys.stderr)
+        return 130
     return 0
+
+
+def _caused_by_interrupt(error: BaseException) -> bool:
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, KeyboardInterrupt):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
 
 
 if __name__ == "__main__":
