@@ -111,10 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("error: interrupted; no artifact was written", file=sys.stderr)
-        return 130
-    except Exception as e:  # a library that re-raised the interrupt as its own error (raise X from it)
+    except (KeyboardInterrupt, Exception) as e:  # also a library's error raised from the interrupt (raise X from it)
         if not _caused_by_interrupt(e):
             raise
         print("error: interrupted; no artifact was written", file=sys.stderr)
