@@ -14,6 +14,7 @@ from pathlib import Path
 
 from clinlong.pipelines.core.encoder_config import EncoderConfig
 from clinlong.pipelines.core.errors import ArtifactError  # noqa: F401 - re-exported: defined in core.errors
+from clinlong.pipelines.core.heads import Head
 
 SUPPORTED_FORMAT = ("clinlong-native", 2)  # 2: packed rows (input_ids, position_ids)
 
@@ -165,6 +166,14 @@ class Artifact:
     def encoder_config(self) -> EncoderConfig:
         """The encoder's config (frozen), as the export recorded it in the manifest."""
         return EncoderConfig.from_manifest(self.manifest["torch"]["encoder_config"])
+
+    @property
+    def head(self) -> Head | None:
+        """The fine-tuned head (kind, labels in id order, problem_type, activation, the encoder's global attention)
+        of an artifact exported from a *ForSequenceClassification / *ForTokenClassification checkpoint; None for
+        an embedding model. `core.heads.HeadModel.load(artifact)` loads its weights and runs it."""
+        entry = self.manifest.get("head")
+        return Head.from_manifest(entry) if entry else None
 
     def token_id(self, name: str) -> int:
         return int(self.manifest["special_tokens"][name]["id"])

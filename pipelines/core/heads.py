@@ -1,0 +1,226 @@
+"""Fine-tuned heads (issue 24): the classification layer a user trained on top of the encoder, run on the
+encoder's last hidden state from either backend. numpy only (no torch, no Spark), so the ONNX executors run it.
+
+Two kinds, as Hugging Face defines them:
+- `sequence` (`LongformerForSequenceClassification`, `BigBirdForSequenceClassification`): the first token's
+  vector (`<s>` / `[CLS]`) -> dense (hidden x hidden) -> tanh (Longformer) or the config's `hidden_act`
+  (BigBird) -> out_proj (hidden x labels). Longformer's class puts global attention on `<s>` when it is not
+  given a mask, so its encoder run must use global attention `cls` (`Head.global_attention`).
+- `token` (`LongformerForTokenClassification`, `BigBirdForTokenClassification`): one linear layer
+  (hidden x labels) applied to every token's vector; no global attention.
+Scores: softmax over the labels (problem_type single_label_classification) or a sigmoid per label
+(multi_label_classification).
+
+The export (`clinlong.export`) writes the weights to `head.safetensors` (fp32, Hugging Face's names without
+the `classifier.` prefix) and describes the head in the manifest's "head" entry; `Artifact.head` reads
+that back as a `Head`, and `HeadModel.load(artifact)` loads the weights.
+"""
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from clinlong.pipelines.core.artifact import Artifact
+
+HEAD_FILE = "head.safetensors"
+KINDS = ("sequence", "token")
+# problem_type -> how logits become scores (Hugging Face's pipelines read them so).
+ACTIVATIONS = {"single_label_classification": "softmax", "multi_label_classification": "sigmoid"}
+# Architectures whose head this module computes exactly: name -> (kind, activation between dense and out_proj).
+# "hidden_act": BigBird's head uses the config's hidden_act, recorded in the manifest as the head's `dense_act`.
+ARCHITECTURES = {
+    "LongformerForSequenceClassification": ("sequence", "tanh"),
+    "LongformerForTokenClassification": ("token", None),
+    "BigBirdForSequenceClassification": ("sequence", "hidden_act"),
+    "BigBirdForTokenClassification": ("token", None),
+}
+# The weights of each kind (Hugging Face's names under `classifier.`), with their shapes.
+WEIGHT_NAMES = {"sequence": ("dense.weight", "dense.bias", "out_proj.weight", "out_proj.bias"),
+                "token": ("weight", "bias")}
+
+
+def _gelu(x: np.ndarray) -> np.ndarray:
+    """x * Phi(x) with the exact erf (torch's F.gelu default; Hugging Face's "gelu")."""
+    erf = np.vectorize(math.erf, otypes=[np.float64])
+    return (0.5 * x * (1.0 + erf(x.astype(np.float64) / math.sqrt(2.0)))).astype(x.dtype)
+
+
+def _gelu_tanh(x: np.ndarray) -> np.ndarray:
+    """The tanh approximation (Hugging Face's "gelu_new", torch's approximate="tanh")."""
+    return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+# The dense layer's activation of sequence heads: tanh (Longformer) or a BigBird config's hidden_act (the
+# encoder supports the same three, core.model).
+DENSE_ACTIVATIONS = {"tanh": np.tanh, "gelu": _gelu, "gelu_new": _gelu_tanh, "relu": lambda x: np.maximum(x, 0)}
+
+
+@dataclass(frozen=True)
+class Head:
+    """A fine-tuned head as the artifact's manifest describes it.
+
+    kind: "sequence" (one score vector per sequence, from its first token) or "token" (one per token).
+    labels: the label names in id order (the checkpoint's id2label); logits' last axis follows it.
+    problem_type: Hugging Face's, single_label_classification or multi_label_classification.
+    activation: how logits become scores: "softmax" (single-label) or "sigmoid" (multi-label).
+    global_attention: the encoder run the head was trained on: "cls" (Longformer's sequence head: global
+        attention on <s>, as Hugging Face's class sets it by itself) or "none". Pass it to the Encoder.
+    architecture: the checkpoint's class, e.g. LongformerForSequenceClassification.
+    dense_act: a sequence head's activation between dense and out_proj (tanh, or BigBird's hidden_act).
+    file: the weights file in the artifact (HEAD_FILE).
+    """
+
+    kind: str
+    labels: tuple[str, ...]
+    problem_type: str
+    activation: str
+    global_attention: str = "none"
+    architecture: str = ""
+    dense_act: str | None = None
+    file: str = HEAD_FILE
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"head kind must be one of {KINDS}, got {self.kind!r}")
+        if self.activation not in ("softmax", "sigmoid"):
+            raise ValueError(f"head activation must be softmax or sigmoid, got {self.activation!r}")
+        if self.kind == "sequence" and self.dense_act not in DENSE_ACTIVATIONS:
+            raise ValueError(f"sequence head activation must be one of {sorted(DENSE_ACTIVATIONS)}, "
+                             f"got {self.dense_act!r}")
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.labels)
+
+    def to_manifest(self) -> dict:
+        return {"kind": self.kind, "architecture": self.architecture, "labels": list(self.labels),
+                "problem_type": self.problem_type, "activation": self.activation,
+                "global_attention": self.global_attention, "dense_act": self.dense_act, "file": self.file}
+
+    @classmethod
+    def from_manifest(cls, entry: Mapping) -> "Head":
+        return cls(kind=entry["kind"], labels=tuple(entry["labels"]), problem_type=entry["problem_type"],
+                   activation=entry["activation"], global_attention=entry.get("global_attention", "none"),
+                   architecture=entry.get("architecture", ""), dense_act=entry.get("dense_act"),
+                   file=entry.get("file", HEAD_FILE))
+
+
+@dataclass(frozen=True)
+class HeadOutput:
+    """One sequence's result. Sequence heads: logits and probabilities of shape (labels,); token heads:
+    (tokens, labels), one row per token of the sequence (special tokens included). float32."""
+
+    logits: np.ndarray
+    probabilities: np.ndarray
+
+
+def probabilities(logits: np.ndarray, activation: str) -> np.ndarray:
+    """Scores over the last axis: softmax (each row sums to 1) or an independent sigmoid per label."""
+    x = np.asarray(logits, np.float64)
+    if activation == "softmax":
+        e = np.exp(x - x.max(axis=-1, keepdims=True))
+        return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
+    if activation == "sigmoid":
+        return (0.5 * (1.0 + np.tanh(0.5 * x))).astype(np.float32)  # no overflow for large |x|
+    raise ValueError(f"activation must be softmax or sigmoid, got {activation!r}")
+
+
+# safetensors' dtypes this reader knows (the export writes float32).
+_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "BF16": None}
+
+
+def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
+    """The tensors of a small .safetensors file as numpy arrays, without the safetensors package (not part of
+    the ONNX path's install): an 8-byte little-endian header length, a JSON header of
+    {name: {dtype, shape, data_offsets}}, then the data."""
+    raw = Path(path).read_bytes()
+    (size,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + size])
+    data = memoryview(raw)[8 + size:]
+    out = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _DTYPES.get(meta["dtype"])
+        if dtype is None:
+            raise ValueError(f"tensor {name} has dtype {meta['dtype']}, this reader takes F16, F32 and F64")
+        begin, end = meta["data_offsets"]
+        arr = np.frombuffer(data[begin:end], dtype=np.dtype(dtype).newbyteorder("<"))
+        out[name] = arr.reshape(meta["shape"]).astype(np.float32)
+    return out
+
+
+class HeadModel:
+    """A head with its weights; calls take the encoder's last hidden state (from the Encoder of either backend,
+    run with `head.global_attention`)."""
+
+    def __init__(self, head: Head, weights: Mapping[str, np.ndarray]):
+        self.head = head
+        names = WEIGHT_NAMES[head.kind]
+        missing = [n for n in names if n not in weights]
+        if missing:
+            raise ValueError(f"the {head.kind} head's weights lack {missing}")
+        self.weights = {n: np.ascontiguousarray(weights[n], np.float32) for n in names}
+        out = self.weights["out_proj.weight" if head.kind == "sequence" else "weight"]
+        if out.shape[0] != head.num_labels:
+            raise ValueError(f"the head's weights give {out.shape[0]} logits but it names {head.num_labels} labels")
+        self.dimension = out.shape[1]
+        self._dense_act = DENSE_ACTIVATIONS[head.dense_act] if head.kind == "sequence" else None
+
+    @classmethod
+    def load(cls, artifact: "Artifact", verify: bool = True) -> "HeadModel":
+        """The artifact's head (`Artifact.head`) with its weights (sha256-checked with `verify`); a ValueError
+        in one line where the artifact has none."""
+        from clinlong.pipelines.core.artifact import reading
+
+        head = artifact.head
+        if head is None:
+            raise ValueError(f"{artifact.path} holds no fine-tuned head (an embedding model); export a "
+                             "LongformerForSequenceClassification or ...ForTokenClassification checkpoint")
+        if verify:
+            artifact.verify([head.file])
+        path = artifact.path / head.file
+        with reading(path):
+            weights = read_safetensors(path)
+        return cls(head, weights)
+
+    def logits(self, hidden: np.ndarray) -> np.ndarray:
+        """The head's logits, float32.
+
+        Sequence heads: `hidden` (k, dim) holds the first token's (<s>'s) last hidden state of k sequences
+        -> (k, labels). Token heads: `hidden` (n, dim), any tokens' last hidden states -> (n, labels)."""
+        x = np.asarray(hidden, np.float32)
+        if x.ndim != 2 or x.shape[1] != self.dimension:
+            raise ValueError(f"hidden states must be (n, {self.dimension}), got {x.shape}")
+        w = self.weights
+        if self.head.kind == "sequence":
+            x = self._dense_act(x @ w["dense.weight"].T + w["dense.bias"])
+            return (x @ w["out_proj.weight"].T + w["out_proj.bias"]).astype(np.float32)
+        return (x @ w["weight"].T + w["bias"]).astype(np.float32)
+
+    def __call__(self, hidden_states: Sequence[np.ndarray]) -> list[HeadOutput]:
+        """One HeadOutput per sequence. `hidden_states`: each sequence's last hidden state (n_i, dim), as the
+        Encoder returns it (first token <s>/[CLS] first). Sequence heads read each one's first row (n_i >= 1)
+        and give logits/probabilities of shape (labels,); token heads give (n_i, labels). One matrix product
+        for the whole batch."""
+        if not len(hidden_states):
+            return []
+        if self.head.kind == "sequence":
+            if any(len(h) == 0 for h in hidden_states):
+                raise ValueError("a sequence head needs at least the first token of every sequence")
+            logits = self.logits(np.stack([np.asarray(h)[0] for h in hidden_states]))
+            probs = probabilities(logits, self.head.activation)
+            return [HeadOutput(logits[i], probs[i]) for i in range(len(hidden_states))]
+        sizes = [len(h) for h in hidden_states]
+        logits = self.logits(np.concatenate([np.asarray(h).reshape(-1, self.dimension) for h in hidden_states]))
+        probs = probabilities(logits, self.head.activation)
+        bounds = np.cumsum(sizes)[:-1]
+        return [HeadOutput(a, b) for a, b in zip(np.split(logits, bounds), np.split(probs, bounds))]
