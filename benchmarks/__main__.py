@@ -42,7 +42,8 @@ def short_note_mix(ckpt: Path, art: Path, n: int, threads: int, precisions=("fp3
     from clinlong.pipelines.core.engine import EmbedOptions, NoteEmbedder
 
     texts = short_mix(n)
-    prepared = NoteEmbedder(Artifact.open(art, verify=False), EmbedOptions(precision="fp32"), threads=threads).prepare(texts)
+    embedder = NoteEmbedder(Artifact.open(art, verify=False), EmbedOptions(precision="fp32"), threads=threads)
+    prepared = embedder.prepare(texts)
     tokens = sum(len(r) for r in prepared.runs)
     torch.set_num_threads(threads)
     hf_seconds, _ = hf_run(ckpt, prepared.runs, "cpu", "fp32", sort=True)
@@ -203,9 +204,10 @@ def format_table(result: dict) -> str:
     lines = [head]
     for r in result["runs"]:
         cos = r.get("cosine_to_fp32_min")
-        lines.append(f"{r['name']:<32} {r['notes']:>5} {r['bpe_tokens']:>7} {r['wall_s']:>7.1f} {r['tokens_per_s']:>7.0f} "
-                     f"{r['ratio_vs_baseline']:>6.2f} {r['gflops']:>7.1f} {r['fraction_of_peak']:>7.2f} "
-                     f"{(r['peak_rss_mb_per_worker'] or 0):>7.0f} {'' if cos is None else f'{cos:.5f}':>8}")
+        lines.append(f"{r['name']:<32} {r['notes']:>5} {r['bpe_tokens']:>7} {r['wall_s']:>7.1f} "
+                     f"{r['tokens_per_s']:>7.0f} {r['ratio_vs_baseline']:>6.2f} {r['gflops']:>7.1f} "
+                     f"{r['fraction_of_peak']:>7.2f} {(r['peak_rss_mb_per_worker'] or 0):>7.0f} "
+                     f"{'' if cos is None else f'{cos:.5f}':>8}")
     lines.append(f"wall s: median of {result['repeat']} runs per row ("
                  + "; ".join(f"{r['name']}: {', '.join(map(str, r['wall_s_runs']))}" for r in result["runs"]
                              if "wall_s_runs" in r) + ")")
@@ -215,8 +217,8 @@ def format_table(result: dict) -> str:
     lines.append(f"GEMM peak ({result['threads']} threads): " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in p.items())
                  + f"; {result['flops_per_token'] / 1e6:.1f} MFLOP per token")
     sm = result["short_note_mix"]
-    lines.append(f"short-note mix ({sm['notes']} notes, {sm['mean_tokens_per_note']} tokens each): Hugging Face eager fp32 "
-                 f"{sm['hf_eager_sorted_fp32_tokens_per_s']:.0f} tok/s; our heavy step "
+    lines.append(f"short-note mix ({sm['notes']} notes, {sm['mean_tokens_per_note']} tokens each): "
+                 f"Hugging Face eager fp32 {sm['hf_eager_sorted_fp32_tokens_per_s']:.0f} tok/s; our heavy step "
                  + ", ".join(f"{k} {sm[f'ours_heavy_step_{k}_tokens_per_s']:.0f} ({sm[f'ours_heavy_step_{k}_x_hf']}x)"
                              for k in result["precisions"]))
     mc = result["machine"]
@@ -224,7 +226,8 @@ def format_table(result: dict) -> str:
                  f"{', '.join(k for k in ('avx512_bf16', 'amx_bf16') if mc[k]) or 'none'} -> precision auto = "
                  f"{mc['precision_auto']}")
     s = result["scaling"]
-    lines.append("scaling (fp32 heavy step): " + ", ".join(f"{r['tokens']}: {r['seconds']:.2f} s" for r in s["per_length"])
+    lines.append("scaling (fp32 heavy step): "
+                 + ", ".join(f"{r['tokens']}: {r['seconds']:.2f} s" for r in s["per_length"])
                  + f"; fitted exponent {s['fitted_exponent']}")
     m = result["memory_stream"]
     lines.append(f"memory on a stream: RSS {m['rss_mb_after_each_chunk'][0]} -> {m['rss_mb_after_each_chunk'][-1]} MB, "
@@ -283,9 +286,9 @@ def main(argv: list[str] | None = None) -> int:
     log.info("baseline: Spark pandas UDF + Hugging Face LongformerModel, fp32")
     secs, rss = run_baseline(notes_path, ckpt, work / "baseline.parquet", cores, args.repeat)
     base_tokens = tokens_processed(str(ckpt), texts)
-    runs.append({"name": "baseline_pandas_udf_hf_fp32", "precision": "fp32", "notes": n_notes, "bpe_tokens": base_tokens,
-                 "wall_s": float(np.median(secs)), "wall_s_runs": [round(x, 2) for x in secs],
-                 "peak_rss_mb_per_worker": rss})
+    runs.append({"name": "baseline_pandas_udf_hf_fp32", "precision": "fp32", "notes": n_notes,
+                 "bpe_tokens": base_tokens, "wall_s": float(np.median(secs)),
+                 "wall_s_runs": [round(x, 2) for x in secs], "peak_rss_mb_per_worker": rss})
     job_tables = {}
     for prec in precisions:
         log.info(f"our job, note granularity into Delta, {prec}")
@@ -339,7 +342,8 @@ def main(argv: list[str] | None = None) -> int:
     result.update(peer_rows(work, args.quick, cores, args.no_peer))
     result["seconds"] = {"setup_checkpoint_and_export": round(setup_s, 1),
                          "benchmark": round(time.perf_counter() - started - setup_s, 1)}
-    png = Path(args.plot) if args.plot else (Path(args.json).with_suffix(".png") if args.json else work / "benchmark.png")
+    png = (Path(args.plot) if args.plot
+           else Path(args.json).with_suffix(".png") if args.json else work / "benchmark.png")
     plot(result, png)
     result["plot"] = str(png)
     if args.json:

@@ -280,8 +280,9 @@ def peer_benchmark(work: Path, quick: bool, cores: int, batch_sizes: list[int] |
 
 
 def format_peer(p: dict) -> str:
-    lines = [f"peer benchmark ({p['checkpoint']} checkpoint, {p['notes']['notes']} notes, {p['bpe_tokens']} BPE tokens, "
-             f"{p['notes']['notes_over_4096_pieces']} over 4,096 pieces, {p['notes']['lab_dump_notes']} lab dumps; "
+    lines = [f"peer benchmark ({p['checkpoint']} checkpoint, {p['notes']['notes']} notes, {p['bpe_tokens']} "
+             f"BPE tokens, {p['notes']['notes_over_4096_pieces']} over 4,096 pieces, "
+             f"{p['notes']['lab_dump_notes']} lab dumps; "
              f"local[{p['cores']}], fp32; Spark NLP {p['sparknlp']['versions']['sparknlp']}, "
              f"TF {p['sparknlp']['versions']['tensorflow']}):",
              f"{'row':<40} {'wall s':>7} {'tok/s':>7} {'x def':>6} {'x best':>6} {'RSS MB':>7} "
@@ -294,12 +295,14 @@ def format_peer(p: dict) -> str:
                      f"{r['tokens_per_s']:>7.0f} {r['x_sparknlp_defaults']:>6.2f} {r['x_sparknlp_best']:>6.2f} "
                      f"{r['peak_rss_mb_per_executor']:>7.0f} {c['tokens_without_vector']:>6} {trunc!s:>6} {dropped:>7}")
     e = p["sentence_context_vectors_vs_sparknlp"]
+    if e["token_vectors_compared"]:
+        compared = (f"{e['token_vectors_compared']} token vectors compared, max |diff| {e['max_abs_diff']:.2e}, "
+                    f"min cosine {e['min_cosine']:.7f}")
+    else:
+        compared = ("vectors not compared (Spark NLP BPE-encodes each of its tokens alone and prefixes its first "
+                    "piece with the space mark, so its sentences' pieces differ)")
     lines.append(f"sentence context vs Spark NLP: {e['sentences_same_pieces']} of {e['sentences']} sentences on the "
-                 f"same pieces; " + (f"{e['token_vectors_compared']} token "
-                                     f"vectors compared, max |diff| {e['max_abs_diff']:.2e}, min cosine "
-                                     f"{e['min_cosine']:.7f}" if e["token_vectors_compared"] else
-                                     "vectors not compared (Spark NLP BPE-encodes each of its tokens alone and prefixes "
-                                     "its first piece with the space mark, so its sentences' pieces differ)"))
+                 f"same pieces; {compared}")
     lines.append("tok/s: the notes' BPE tokens (checkpoint tokenizer, <s> and </s> included; the same count for every "
                  "row) per wall second; x def / x best: against Spark NLP at its defaults / at its fastest batch size; "
                  "RSS: sampled peak of the local executor (JVM and Python workers); no vec: tokens without a vector "

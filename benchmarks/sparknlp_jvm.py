@@ -5,9 +5,9 @@ Spark NLP is the reference here, so its own JAR runs, not our reading of it. Wha
 `spark-nlp_2.13` (7.x, Spark 4); 5.5.3's TensorFlow runtime, JSL's `tensorflow-cpu_2.12:0.4.4` (a build of
 TF-Java 0.4), is not served, so sparknlp-jvm.pom.xml takes TF-Java's own `org.tensorflow:tensorflow-core-api:0.4.2`
 (TF 2.7.4, linux-x86_64 natives, JavaCPP 1.5.6), which has every TF-Java class and method 5.5.3 calls (JSL's
-0.3.3, TF 2.4.1, lacks `Session.initialize()`, so saved models could not be loaded back). Our own job runs on pyspark 4.1
-(delta-spark 4.x), so Spark NLP gets its own venv, `.venv-sparknlp-jvm` (pyspark 3.5.8 + spark-nlp 5.5.3 +
-numpy; about 1.3 min to create, reused while its imports work), and its JARs are resolved by Maven into
+0.3.3, TF 2.4.1, lacks `Session.initialize()`, so saved models could not be loaded back). Our own job runs on
+pyspark 4.1 (delta-spark 4.x), so Spark NLP gets its own venv, `.venv-sparknlp-jvm` (pyspark 3.5.8 + spark-nlp
+5.5.3 + numpy; about 1.3 min to create, reused while its imports work), and its JARs are resolved by Maven into
 ~/.m2 (about 450 MB, once); the class path is cached under ~/.cache/clinlong/sparknlp-jvm.
 
 Whatever cannot be set up raises `Unavailable` with one line naming what is missing.
@@ -100,7 +100,8 @@ def python() -> Path:
 def _python() -> Path:
     py = VENV / "bin" / "python"
     probe = ("import pyspark, sparknlp, numpy, sys; "
-             f"sys.exit(not (pyspark.__version__ == '{PYSPARK_VERSION}' and sparknlp.version() == '{SPARKNLP_VERSION}'))")
+             f"sys.exit(not (pyspark.__version__ == '{PYSPARK_VERSION}' "
+             f"and sparknlp.version() == '{SPARKNLP_VERSION}'))")
     if py.exists() and subprocess.run([str(py), "-c", probe], capture_output=True).returncode == 0:
         return py
     venv.create(VENV, with_pip=True, clear=True)

@@ -68,7 +68,8 @@ def jvm_pieces(spark, model, rows):
             seq = row.getSeq(col)
             for k in range(seq.length()):
                 annotations.add(annotation.apply(seq.apply(k)))
-        sentences = model._java_obj.tokenizeWithAlignment(unpack(convert.asScalaBufferConverter(annotations).asScala().toSeq()))
+        tokenized = unpack(convert.asScalaBufferConverter(annotations).asScala().toSeq())
+        sentences = model._java_obj.tokenizeWithAlignment(tokenized)
         note = []
         for j in range(sentences.length()):
             pieces = list(sentences.apply(j).tokens())
@@ -102,7 +103,8 @@ def embed(spark, model, notes, spec, tag, result, vectors):
                                    for a in r["embeddings"]] for r in rows],
                    "storage_ref": json.loads(out.schema["embeddings"].json())["metadata"]}
     for i, r in enumerate(rows):
-        vectors[f"{tag}_{i}"] = np.array([a.embeddings for a in r["embeddings"]], np.float32).reshape(len(r["embeddings"]), -1)
+        vecs = r["embeddings"]
+        vectors[f"{tag}_{i}"] = np.array([a.embeddings for a in vecs], np.float32).reshape(len(vecs), -1)
     return out
 
 

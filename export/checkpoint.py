@@ -46,7 +46,8 @@ def resolve(source: str) -> Path:
     if path.exists():
         raise ExportError(f"checkpoint {source} is a file; pass the checkpoint directory that holds config.json")
     if source.count("/") != 1 or source.startswith((".", "/", "~")):
-        raise ExportError(f"checkpoint directory {source} does not exist; pass a local checkpoint directory or a hub id like yikuan8/Clinical-Longformer")
+        raise ExportError(f"checkpoint directory {source} does not exist; pass a local checkpoint directory "
+                          "or a hub id like yikuan8/Clinical-Longformer")
     try:
         from huggingface_hub import snapshot_download
 
@@ -63,7 +64,8 @@ def _read_config(path: Path) -> dict:
     try:
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ExportError(f"{cfg_path} is not valid JSON ({e.__class__.__name__}); re-download the checkpoint") from None
+        raise ExportError(f"{cfg_path} is not valid JSON ({e.__class__.__name__}); "
+                          "re-download the checkpoint") from None
     if cfg.get("model_type") not in MODEL_TYPES:
         raise ExportError(f"config.json describes a {cfg.get('model_type')!r} model, not one of {MODEL_TYPES}; "
                           "pass a Longformer or BigBird checkpoint such as yikuan8/Clinical-Longformer")
@@ -84,7 +86,8 @@ def _read_config(path: Path) -> dict:
 def _encoder_config(cfg: dict) -> EncoderConfig:
     ec = EncoderConfig.from_hf_dict(cfg)
     if ec.hidden_size % ec.num_attention_heads:
-        raise ExportError(f"hidden_size {ec.hidden_size} is not divisible by {ec.num_attention_heads} heads; fix config.json")
+        raise ExportError(f"hidden_size {ec.hidden_size} is not divisible by {ec.num_attention_heads} heads; "
+                          "fix config.json")
     if ec.model_type == "big_bird":
         if cfg.get("attention_type", "block_sparse") not in ("block_sparse", "original_full"):
             raise ExportError(f"attention_type {cfg['attention_type']!r} is not one of block_sparse, original_full; "
@@ -117,7 +120,8 @@ def _read_weights(path: Path) -> tuple[str, dict[str, torch.Tensor]]:
                 return name, load_file(str(f), device="cpu")
             return name, torch.load(f, map_location="cpu", weights_only=True)
         except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
-            raise ExportError(f"weights file {f} is corrupt or truncated ({type(e).__name__}); re-download it") from None
+            raise ExportError(f"weights file {f} is corrupt or truncated ({type(e).__name__}); "
+                              "re-download it") from None
         except Exception as e:  # safetensors raises its own error type
             raise ExportError(f"weights file {f} could not be read ({type(e).__name__}); re-download it") from None
     raise ExportError(f"{path} has no weights ({' or '.join(WEIGHT_FILES)}); download the checkpoint's weights")
@@ -154,8 +158,8 @@ def _check_shapes(ec: EncoderConfig, state: dict[str, torch.Tensor], tokenizer) 
         raise ExportError(f"the weights lack {ec.model_type} embeddings (embeddings.position_embeddings / "
                           "word_embeddings); pass the checkpoint that config.json describes")
     if pos.shape[0] != ec.max_position_embeddings:
-        raise ExportError(f"max_position_embeddings is {ec.max_position_embeddings} in config.json but the weights hold "
-                          f"{pos.shape[0]} positions; use the config.json that came with these weights")
+        raise ExportError(f"max_position_embeddings is {ec.max_position_embeddings} in config.json but the weights "
+                          f"hold {pos.shape[0]} positions; use the config.json that came with these weights")
     if words.shape[0] != ec.vocab_size:
         raise ExportError(f"vocab_size is {ec.vocab_size} in config.json but the weights hold {words.shape[0]} rows; "
                           "use the config.json that came with these weights")
@@ -163,8 +167,8 @@ def _check_shapes(ec: EncoderConfig, state: dict[str, torch.Tensor], tokenizer) 
         raise ExportError(f"the tokenizer has {len(tokenizer)} tokens but the model only {ec.vocab_size} embeddings; "
                           "use the tokenizer that came with these weights")
     if tokenizer.pad_token_id != ec.pad_token_id:
-        raise ExportError(f"the tokenizer pads with id {tokenizer.pad_token_id} but config.json says {ec.pad_token_id}; "
-                          "use the tokenizer that came with these weights")
+        raise ExportError(f"the tokenizer pads with id {tokenizer.pad_token_id} but config.json says "
+                          f"{ec.pad_token_id}; use the tokenizer that came with these weights")
 
 
 def sequence_frame(tokenizer) -> tuple[int, int]:

@@ -220,7 +220,8 @@ def write_native(ckpt: Checkpoint, out: Path, name: str, tol: Tolerance,
     if not report["passed"]:
         worst = max(report["results"], key=lambda r: r["max_abs_diff"])
         raise ExportError(f"parity check failed (max |diff| {report['max_abs_diff']:.2e} at length {worst['length']}, "
-                          f"min cosine {report['min_cosine']:.6f}); no artifact written. Report this with the checkpoint")
+                          f"min cosine {report['min_cosine']:.6f}); no artifact written. "
+                          "Report this with the checkpoint")
     log(f"parity passed ({report['seconds']:.1f} s)")
     if with_global:
         from clinlong.export.parity import check_global_parity

@@ -58,8 +58,8 @@ def check_supported(ckpt: Checkpoint) -> None:
                           "use --format native (the pipeline's BigBirdEmbeddings runs it)")
     kind = json.loads(ckpt.tokenizer.backend_tokenizer.to_str())["model"]["type"]
     if kind != "BPE":
-        raise ExportError(f"Spark NLP's LongformerEmbeddings reads a byte-level BPE tokenizer (vocab.txt + merges.txt); "
-                          f"this checkpoint's is {kind}: use --format native")
+        raise ExportError("Spark NLP's LongformerEmbeddings reads a byte-level BPE tokenizer "
+                          f"(vocab.txt + merges.txt); this checkpoint's is {kind}: use --format native")
 
 
 def write_assets(ckpt: Checkpoint, assets: Path) -> None:

@@ -2,8 +2,9 @@
 
 A failed, interrupted or disk-full export leaves no OUT (or the previous OUT untouched with
 --overwrite; a kill between the two renames of an overwrite is repaired by the next export, which
-puts the previous OUT back before anything else). Staging folders are named `.NAME.partial-PID-XXXX`; those left by a killed process
-(its pid no longer alive) are removed the next time anything is exported to the same OUT.
+puts the previous OUT back before anything else). Staging folders are named `.NAME.partial-PID-XXXX`;
+those left by a killed process (its pid no longer alive) are removed the next time anything is exported
+to the same OUT.
 """
 from __future__ import annotations
 

@@ -1,13 +1,16 @@
 """Random-weight checkpoints in the file layouts and key names of the supported family.
 
-The hub is unreachable here, so tests, the demo and benchmarks use these. Families (`--family`):
+The hub is unreachable here, so tests, the demo and benchmarks use these. Families (`--family`), each
+with what it stands for, its model, its tokenizer and its files:
 
-| family | stands for | model | tokenizer | files |
-| --- | --- | --- | --- | --- |
-| longformer | yikuan8/Clinical-Longformer | LongformerForMaskedLM | byte-level BPE | pytorch_model.bin, vocab.json + merges.txt |
-| drlongformer | abazoge/DrLongformer | LongformerForMaskedLM | byte-level BPE | model.safetensors, tokenizer.json |
-| drbert-4096 | abazoge/DrBERT-4096 | LongformerForMaskedLM | SentencePiece unigram, CamemBERT ids (<s> = 5) | pytorch_model.bin, tokenizer.json |
-| bigbird | yikuan8/Clinical-BigBird | BigBirdForMaskedLM | SentencePiece unigram, [CLS] ... [SEP] | pytorch_model.bin, tokenizer.json |
+- `longformer`: yikuan8/Clinical-Longformer; LongformerForMaskedLM; byte-level BPE;
+  pytorch_model.bin, vocab.json + merges.txt
+- `drlongformer`: abazoge/DrLongformer; LongformerForMaskedLM; byte-level BPE;
+  model.safetensors, tokenizer.json
+- `drbert-4096`: abazoge/DrBERT-4096; LongformerForMaskedLM; SentencePiece unigram, CamemBERT ids (<s> = 5);
+  pytorch_model.bin, tokenizer.json
+- `bigbird`: yikuan8/Clinical-BigBird; BigBirdForMaskedLM; SentencePiece unigram, [CLS] ... [SEP];
+  pytorch_model.bin, tokenizer.json
 
 `--head sequence|token --labels A,B,...` writes a fine-tuned layout instead of the masked-LM one:
 Longformer/BigBird `ForSequenceClassification` or `ForTokenClassification` with a random head, `id2label`
@@ -190,7 +193,8 @@ def config_for(size: str, vocab_size: int, family: str = "longformer", ids: dict
     if family == "bigbird":
         if size == "base":  # the real vocabulary size; the synthetic tokenizer uses its first ids
             return {**CLINICAL_BIGBIRD_CONFIG, "sep_token_id": ids["[SEP]"]}
-        return {**CLINICAL_BIGBIRD_CONFIG, **BIGBIRD_TINY_OVERRIDES, "vocab_size": vocab_size, "sep_token_id": ids["[SEP]"]}
+        return {**CLINICAL_BIGBIRD_CONFIG, **BIGBIRD_TINY_OVERRIDES, "vocab_size": vocab_size,
+                "sep_token_id": ids["[SEP]"]}
     cfg = {**CLINICAL_LONGFORMER_CONFIG, **(TINY_OVERRIDES if size == "tiny" else {})}
     if family == "drbert-4096":  # DrBERT's vocabulary and CamemBERT ids in the Longformer architecture
         return {**cfg, "vocab_size": vocab_size, "bos_token_id": ids["<s>"], "eos_token_id": ids["</s>"],

@@ -58,6 +58,7 @@ _ECG = ["Sinus rhythm. Normal ECG.", "Sinus tachycardia. Left axis deviation.",
         "Atrial fibrillation with rapid ventricular response. Nonspecific ST-T wave changes.",
         "Sinus bradycardia. Prolonged QT interval.", "Normal sinus rhythm. Q waves in leads III and aVF.",
         "Left bundle branch block. Compared to the previous tracing of [**2101-3-4**] no change."]
+_TECHNIQUES = ["Single portable AP view of the chest.", "Axial images were obtained following IV contrast."]
 
 
 @dataclass(frozen=True)
@@ -92,9 +93,11 @@ def _hpi(rng: random.Random, age: int, sex: str) -> str:
         f"In the ED, initial VS were T {rng.uniform(36.5, 39.5):.1f} HR {rng.randint(60, 130)} "
         f"BP {rng.randint(90, 180)}/{rng.randint(50, 100)} RR {rng.randint(12, 30)} O2 sat {rng.randint(85, 100)}% RA.",
         "He was given ASA 325 mg, SL NTG x3 and started on a heparin gtt.",
-        f"Labs were notable for a Cr of {rng.uniform(0.7, 4.0):.1f} (baseline 1.1) and a trop of {rng.uniform(0.01, 2.5):.2f}.",
+        f"Labs were notable for a Cr of {rng.uniform(0.7, 4.0):.1f} (baseline 1.1) "
+        f"and a trop of {rng.uniform(0.01, 2.5):.2f}.",
         f"CXR showed {rng.choice(_FINDINGS).lower()}",
-        f"He was seen by Dr. [**Last Name (STitle) {rng.randint(100, 9999)}**] of cardiology who recommended admission to the CCU.",
+        f"He was seen by Dr. [**Last Name (STitle) {rng.randint(100, 9999)}**] of cardiology "
+        "who recommended admission to the CCU.",
         "On arrival to the floor, pt. reports that his symptoms have improved.",
     ]
     return " ".join(rng.sample(parts, rng.randint(4, len(parts))))
@@ -110,10 +113,12 @@ def _hospital_course(rng: random.Random, n_problems: int) -> str:
     for i in range(n_problems):
         problem = rng.choice(_SYMPTOMS + _HISTORY)
         body = " ".join([
-            f"# {problem.capitalize()}: Pt. was treated with {rng.choice(_MEDS)[0].lower()} and monitored on telemetry.",
+            f"# {problem.capitalize()}: Pt. was treated with {rng.choice(_MEDS)[0].lower()} "
+            "and monitored on telemetry.",
             rng.choice(_NURSING),
             f"Repeat studies on {_deid_date(rng)} showed {rng.choice(_FINDINGS).lower()}",
-            f"He will follow up with Dr. [**First Name (STitle) {rng.randint(10, 999)}**] in [**Hospital1 18**] clinic.",
+            f"He will follow up with Dr. [**First Name (STitle) {rng.randint(10, 999)}**] "
+            "in [**Hospital1 18**] clinic.",
             rng.choice(_NURSING),
         ])
         out.append(body)
@@ -125,9 +130,11 @@ def discharge_summary(rng: random.Random) -> str:
     sections = [
         f"Admission Date:  {_deid_date(rng)}              Discharge Date:   {_deid_date(rng)}\n\n"
         f"Date of Birth:  {_deid_date(rng)}             Sex:   {sex}\n\nService: MEDICINE\n",
-        f"ALLERGIES:\nPatient recorded as having {rng.choice(['No Known Allergies', 'Penicillins', 'Sulfa (Sulfonamides)', 'Codeine'])} to Drugs\n",
+        "ALLERGIES:\nPatient recorded as having "
+        f"{rng.choice(['No Known Allergies', 'Penicillins', 'Sulfa (Sulfonamides)', 'Codeine'])} to Drugs\n",
         f"Attending:[**First Name3 (LF) {rng.randint(100, 9999)}**]\nChief Complaint:\n{rng.choice(_SYMPTOMS)}\n",
-        "Major Surgical or Invasive Procedure:\n" + rng.choice(["None", "Cardiac catheterization with DES to LAD", "EGD", "Intubation"]) + "\n",
+        "Major Surgical or Invasive Procedure:\n"
+        + rng.choice(["None", "Cardiac catheterization with DES to LAD", "EGD", "Intubation"]) + "\n",
         "HISTORY OF PRESENT ILLNESS:\n" + _hpi(rng, age, sex) + "\n",
         "PAST MEDICAL HISTORY:\n" + "\n".join(f"- {h}" for h in rng.sample(_HISTORY, rng.randint(3, 8))) + "\n",
         "MEDICATIONS ON ADMISSION:\n" + _med_list(rng) + "\n",
@@ -137,7 +144,8 @@ def discharge_summary(rng: random.Random) -> str:
         "LUNGS: CTAB, no wheezes.\nABD: soft, NT/ND, + BS.\nEXT: no c/c/e, 2+ DP pulses.\n",
         "PERTINENT RESULTS:\n" + "\n".join(
             f"{_deid_date(rng)} 0{rng.randint(1, 9)}:{rng.randint(10, 59)}AM BLOOD WBC-{rng.uniform(3, 20):.1f} "
-            f"RBC-{rng.uniform(2.5, 5.5):.2f} Hgb-{rng.uniform(7, 16):.1f} Hct-{rng.uniform(21, 48):.1f} Plt Ct-{rng.randint(50, 450)}"
+            f"RBC-{rng.uniform(2.5, 5.5):.2f} Hgb-{rng.uniform(7, 16):.1f} Hct-{rng.uniform(21, 48):.1f} "
+            f"Plt Ct-{rng.randint(50, 450)}"
             for _ in range(rng.randint(2, 8))) + "\n",
         "BRIEF HOSPITAL COURSE:\n" + _hospital_course(rng, rng.randint(15, 60)) + "\n",
         "DISCHARGE MEDICATIONS:\n" + _med_list(rng) + "\n",
@@ -152,12 +160,16 @@ def discharge_summary(rng: random.Random) -> str:
 
 
 def radiology(rng: random.Random) -> str:
-    study = rng.choice(["CHEST (PORTABLE AP)", "CT ABDOMEN W/CONTRAST", "CT HEAD W/O CONTRAST", "LIVER OR GALLBLADDER US"])
+    study = rng.choice(["CHEST (PORTABLE AP)", "CT ABDOMEN W/CONTRAST", "CT HEAD W/O CONTRAST",
+                        "LIVER OR GALLBLADDER US"])
     return (
-        f"{_deid_date(rng)} {rng.randint(1, 12)}:{rng.randint(10, 59)} PM\n {study}   Clip # [**Clip Number (Radiology) {rng.randint(1000, 99999)}**]\n"
-        f" Reason: {rng.choice(_SYMPTOMS)}\n_____________________________________________________________________________\n"
-        f"FINAL REPORT\nINDICATION: {rng.randint(20, 95)}-year-old with {rng.choice(_HISTORY)}, now with {rng.choice(_SYMPTOMS)}.\n\n"
-        f"COMPARISON: {_deid_date(rng)}.\n\nTECHNIQUE: {rng.choice(['Single portable AP view of the chest.', 'Axial images were obtained following IV contrast.'])}\n\n"
+        f"{_deid_date(rng)} {rng.randint(1, 12)}:{rng.randint(10, 59)} PM\n {study}   "
+        f"Clip # [**Clip Number (Radiology) {rng.randint(1000, 99999)}**]\n"
+        f" Reason: {rng.choice(_SYMPTOMS)}\n"
+        "_____________________________________________________________________________\n"
+        f"FINAL REPORT\nINDICATION: {rng.randint(20, 95)}-year-old with {rng.choice(_HISTORY)}, "
+        f"now with {rng.choice(_SYMPTOMS)}.\n\n"
+        f"COMPARISON: {_deid_date(rng)}.\n\nTECHNIQUE: {rng.choice(_TECHNIQUES)}\n\n"
         f"FINDINGS: {_sentences(rng, _FINDINGS, rng.randint(3, 12))} The {rng.choice(_ORGANS)} is unremarkable.\n\n"
         f"IMPRESSION:\n1. {rng.choice(_FINDINGS)}\n2. {rng.choice(_FINDINGS)}\n"
     )
@@ -175,7 +187,8 @@ def ecg(rng: random.Random) -> str:
 
 def physician(rng: random.Random) -> str:
     age, sex = rng.randint(25, 95), rng.choice(["M", "F"])
-    return (f"MICU Attending Note\nChief Complaint: {rng.choice(_SYMPTOMS)}\n24 Hour Events:\n{_sentences(rng, _NURSING, 3)}\n"
+    return (f"MICU Attending Note\nChief Complaint: {rng.choice(_SYMPTOMS)}\n"
+            f"24 Hour Events:\n{_sentences(rng, _NURSING, 3)}\n"
             f"HPI: {_hpi(rng, age, sex)}\nAssessment and Plan:\n{_hospital_course(rng, rng.randint(2, 6))}\n")
 
 
@@ -207,7 +220,8 @@ _FRENCH = ["Le patient a été admis à l'hôpital aujourd'hui pour une douleur 
            "Il présente une fièvre à 39 °C depuis hier soir.", "L'examen clinique retrouve des crépitants aux bases.",
            "Pas d'œdème des membres inférieurs.", "La radiographie pulmonaire montre un épanchement pleural gauche.",
            "Traitement : paracétamol 1 g trois fois par jour.", "Antécédents : HTA, diabète de type 2, FA sous AVK.",
-           "L'évolution est favorable sous antibiothérapie.", "Sortie prévue à J5 avec un contrôle chez le médecin traitant.",
+           "L'évolution est favorable sous antibiothérapie.",
+           "Sortie prévue à J5 avec un contrôle chez le médecin traitant.",
            "Mme [**Nom 1234**] est âgée de 78 ans.", "Elle n'a pas d'allergie connue.",
            "Électrocardiogramme : rythme sinusal régulier, pas de trouble de la repolarisation."]
 _FRENCH_HEADERS = ["MOTIF D'HOSPITALISATION :", "HISTOIRE DE LA MALADIE :", "EXAMEN CLINIQUE :", "CONCLUSION :"]

@@ -173,9 +173,9 @@ def test_delta_log_transactions_read_through_spark(spark, tmp_path):
     works wherever Spark opens the table): commits, then a checkpoint, then more commits."""
     import pyarrow as pa
 
-    from clinlong.pipelines.delta.writers.rs import RollingWriter
     from clinlong.pipelines.delta.sink import commit
     from clinlong.pipelines.delta.writers import delta_log_txn
+    from clinlong.pipelines.delta.writers.rs import RollingWriter
 
     uri = str(tmp_path / "t")
     schema = pa.schema([("note_id", pa.int64())])

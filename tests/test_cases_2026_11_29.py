@@ -67,7 +67,8 @@ TEXTS_AS_STORED = ["a\r\nb", "c\nd", "e\rf", "g\r\n\r\nh\u2028i\u0085j\fk\tl", '
 def test_csv_fields_are_read_as_stored_with_every_line_ending(spark, tmp_path, sep, bom):
     from clinlong.pipelines.spark import sources
 
-    body = sep.join(["ROW_ID,TEXT"] + [f'{i},"{t.replace(chr(34), chr(34) * 2)}"' for i, t in enumerate(TEXTS_AS_STORED)])
+    body = sep.join(["ROW_ID,TEXT"]
+                    + [f'{i},"{t.replace(chr(34), chr(34) * 2)}"' for i, t in enumerate(TEXTS_AS_STORED)])
     path = tmp_path / "notes.csv"
     path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + (body + sep).encode())
     df = sources.select_notes(sources.read_notes(spark, str(path)), "ROW_ID", "TEXT", "long")
@@ -163,7 +164,13 @@ def test_job_and_stages_give_null_vectors_counted_in_the_summary(family_model, s
     from deltalake import DeltaTable
     from pyspark.ml import Pipeline
 
-    from clinlong.pipelines import DocumentAssembler, LongformerEmbeddings, SentenceDetector, SentenceEmbeddings, Tokenizer
+    from clinlong.pipelines import (
+        DocumentAssembler,
+        LongformerEmbeddings,
+        SentenceDetector,
+        SentenceEmbeddings,
+        Tokenizer,
+    )
     from clinlong.pipelines.jobs.embed_notes import JobConfig, run
 
     _, art = family_model("drbert-4096")
@@ -280,7 +287,8 @@ def test_stage_max_sentence_length_runs_and_every_token_gets_a_vector(tiny_artif
     res = NoteEmbedder(art, EmbedOptions(max_length=max_length, precision="fp32")).embed([text])[0]
     assert res.n_tokens >= 1020 and res.n_windows > 1
     df = spark.createDataFrame([(1, text)], "id long, text string")
-    stage = LongformerEmbeddings().setModelPath(str(tiny_artifact)).setMaxSentenceLength(max_length).setPrecision("fp32")
+    stage = (LongformerEmbeddings().setModelPath(str(tiny_artifact)).setMaxSentenceLength(max_length)
+             .setPrecision("fp32"))
     model = Pipeline(stages=[DocumentAssembler().setInputCol("text").setOutputCol("document"),
                              SentenceDetector().setInputCols(["document"]).setOutputCol("sentence"),
                              Tokenizer().setInputCols(["sentence"]).setOutputCol("token"),

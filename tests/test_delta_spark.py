@@ -71,7 +71,8 @@ def test_jar_coordinates_follow_the_installed_spark(delta_jars, tmp_path, monkey
 
 
 @pytest.mark.slow
-def test_delta_spark_and_s3a_end_to_end(delta_jars, tiny_artifact, s3, tmp_path, record_property):
+@pytest.mark.usefixtures("s3")
+def test_delta_spark_and_s3a_end_to_end(delta_jars, tiny_artifact, tmp_path, record_property):
     """One process with Delta's and hadoop-aws' JARs (tests/delta_spark_checks.py), which also starts the two runs
     that need drivers of their own: every granularity through Spark's Delta writer (`auto` picks it) equal to the
     delta-rs writer's table, commit info and numRecords equal to the summary, a rerun commits nothing; an input

@@ -42,9 +42,10 @@ FP32 = EmbedOptions(precision="fp32")  # tables compared vector by vector at 1e-
 
 
 def job_cmd(notes: Path, model: Path, out: Path, *extra: str) -> list[str]:
+    # local[N,F]: Spark retries a failed task up to F times
     return [sys.executable, "-m", "clinlong.pipelines.embed_notes", "--notes", str(notes), "--model", str(model),
             "--out", str(out), "--id-type", "long", "--chunk-notes", CHUNK, "--progress-every", "0",
-            "--master", "local[2,4]", "--precision", "fp32", *extra]  # local[N,F]: Spark retries a failed task up to F times
+            "--master", "local[2,4]", "--precision", "fp32", *extra]
 
 
 def run_job(cmd: list[str], fault: str = "", timeout: float = 300) -> subprocess.CompletedProcess:
@@ -202,7 +203,8 @@ def test_incremental_embeds_new_and_changed_notes_only(tiny_artifact, spark, tmp
     changed = {3: "Pt now afebrile. Repeat CXR clear.", 7: "Discharged home in stable condition."}
     v2 = write_notes(tmp_path / "v2.csv", n=36, edit=changed)  # notes 31-36 are new, 3 and 7 changed
     out = tmp_path / "t"
-    base = dict(model=str(tiny_artifact), out=str(out), id_type="long", mode="incremental", chunk_notes=10, options=FP32)
+    base = dict(model=str(tiny_artifact), out=str(out), id_type="long", mode="incremental", chunk_notes=10,
+                options=FP32)
     s1 = run(JobConfig(notes=str(v1), **base), spark)
     assert (s1["rows_in"], s1["embedded"]) == (30, 24)
     s2 = run(JobConfig(notes=str(v2), **base), spark)
@@ -295,7 +297,8 @@ def test_partitioned_by_category_resumes_and_reads_everywhere(notes, tiny_artifa
     assert folders == {f"CATEGORY={c.replace('/', '%2F')}" for c in set(got.CATEGORY)}
     assert_same_tables(out, clean)
     per_cat = got.CATEGORY.value_counts().to_dict()
-    assert pl.read_delta(str(out))["CATEGORY"].value_counts().to_pandas().set_index("CATEGORY")["count"].to_dict() == per_cat
+    polars_counts = pl.read_delta(str(out))["CATEGORY"].value_counts().to_pandas()
+    assert polars_counts.set_index("CATEGORY")["count"].to_dict() == per_cat
     assert dict(_duckdb().sql(f"SELECT CATEGORY, count(*) FROM delta_scan('{out}') GROUP BY 1").fetchall()) == per_cat
 
 

@@ -28,7 +28,8 @@ REAL_LAYOUT = {"config.json", "pytorch_model.bin", "vocab.json", "merges.txt",
 
 def _export_cli(*args: str, **kw) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "clinlong.export", *args], capture_output=True, text=True, env=env, **kw)
+    return subprocess.run([sys.executable, "-m", "clinlong.export", *args], capture_output=True, text=True, env=env,
+                          **kw)
 
 
 def _error_line(capsys) -> str:
@@ -197,7 +198,8 @@ def test_config_not_longformer(tiny_checkpoint, tmp_path, capsys):
     ck = _broken_copy(tiny_checkpoint, tmp_path / "ck")
     cfg = json.loads((ck / "config.json").read_text())
     (ck / "config.json").write_text(json.dumps({**cfg, "model_type": "bert"}))
-    _assert_refused(capsys, tmp_path, [str(ck), str(tmp_path / "out")], "'bert'", "not one of ('longformer', 'big_bird')")
+    _assert_refused(capsys, tmp_path, [str(ck), str(tmp_path / "out")], "'bert'",
+                    "not one of ('longformer', 'big_bird')")
     (ck / "config.json").write_text("{ nope")
     _assert_refused(capsys, tmp_path, [str(ck), str(tmp_path / "out")], "not valid JSON")
     (ck / "config.json").unlink()

@@ -15,7 +15,6 @@ import pytest
 
 from tests.conftest import ROOT
 
-
 VERIFY = r"""
 import json, os, sys
 os.environ["TF_USE_LEGACY_KERAS"] = "1"; os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
@@ -37,9 +36,11 @@ rng = np.random.default_rng(0)
 diffs = {}
 for n in (1, 9, 300, 700, 1500):
     ids = np.array([[0, *rng.integers(4, len(tok) - 1, max(n - 2, 0)), 2][:n]])
-    got = sig(input_ids=tf.constant(ids, tf.int32), attention_mask=tf.ones(ids.shape, tf.int32))["last_hidden_state"].numpy()
+    got = sig(input_ids=tf.constant(ids, tf.int32),
+              attention_mask=tf.ones(ids.shape, tf.int32))["last_hidden_state"].numpy()
     with torch.inference_mode():
-        ref = model(input_ids=torch.tensor(ids), attention_mask=torch.ones(ids.shape, dtype=torch.long)).last_hidden_state.numpy()
+        ref = model(input_ids=torch.tensor(ids),
+                    attention_mask=torch.ones(ids.shape, dtype=torch.long)).last_hidden_state.numpy()
     diffs[n] = float(np.abs(got - ref).max())
 print(json.dumps({"inputs": inputs, "outputs": outputs, "diffs": diffs, "newer_ops": newer_ops}))
 """
@@ -56,8 +57,8 @@ def test_sparknlp_savedmodel_loads_with_parity_and_assets(tiny_checkpoint, tmp_p
     python = _sparknlp_python()
     out = tmp_path / "sparknlp"
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    proc = subprocess.run([str(python), "-m", "clinlong.export", str(tiny_checkpoint), str(out), "--format", "sparknlp"],
-                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+    proc = subprocess.run([str(python), "-m", "clinlong.export", str(tiny_checkpoint), str(out),
+                           "--format", "sparknlp"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "saved_model.pb").exists() and (out / "variables").is_dir()
     report = json.loads((out / "sparknlp_parity.json").read_text())
@@ -80,8 +81,10 @@ def test_sparknlp_savedmodel_loads_with_parity_and_assets(tiny_checkpoint, tmp_p
     vocab = json.loads((tiny_checkpoint / "vocab.json").read_text(encoding="utf-8"))
     lines = (out / "assets" / "vocab.txt").read_text(encoding="utf-8").split("\n")[:-1]
     assert lines == [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
-    ours = [m for m in (out / "assets" / "merges.txt").read_text(encoding="utf-8").splitlines() if not m.startswith("#")]
-    theirs = [m for m in (tiny_checkpoint / "merges.txt").read_text(encoding="utf-8").splitlines() if m and not m.startswith("#")]
+    ours = [m for m in (out / "assets" / "merges.txt").read_text(encoding="utf-8").splitlines()
+            if not m.startswith("#")]
+    theirs = [m for m in (tiny_checkpoint / "merges.txt").read_text(encoding="utf-8").splitlines()
+              if m and not m.startswith("#")]
     assert ours == theirs
 
 

@@ -115,8 +115,8 @@ def test_french_offsets_word_pieces_and_vectors(family_model):
     text = "Le patient est arrivé à l'hôpital aujourd'hui.  Il n'a pas de fièvre \u200b.\nÉvolution : favorable."
     res = NoteEmbedder(Artifact.open(art), EmbedOptions(precision="fp32")).embed([text])[0]
     words = [text[b:e + 1] for b, e, _ in res.tokens]
-    assert ["l'hôpital", "aujourd'hui", "n'a", "fièvre", "Évolution"] == [w for w in words if w in
-                                                                        ("l'hôpital", "aujourd'hui", "n'a", "fièvre", "Évolution")]
+    kept = ["l'hôpital", "aujourd'hui", "n'a", "fièvre", "Évolution"]
+    assert kept == [w for w in words if w in kept]
     tok = AutoTokenizer.from_pretrained(str(checkpoint))
     enc = tok(text)
     pieces = tok.convert_ids_to_tokens(enc["input_ids"])[1:-1]

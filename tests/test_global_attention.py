@@ -152,9 +152,8 @@ def test_global_attention_cls_through_the_engine_equals_hugging_face_per_window(
 
 
 def test_one_liner_takes_the_option_and_it_changes_the_vectors(tiny_artifact):
-    from clinlong.pipelines import load
-
     from clinlong.export.synthetic_notes import generate_notes
+    from clinlong.pipelines import load
 
     text = ["\n\n".join(n.text for n in generate_notes(3, seed=4))]  # past <s>'s window: its tokens gain it
     local = load(str(tiny_artifact), precision="fp32", backend="torch").predict(text)

@@ -77,7 +77,8 @@ def test_bad_job_input_fails_before_work(args, needle, notes_csv, tiny_artifact,
 
 
 def test_missing_input_and_non_delta_output(tiny_artifact, tmp_path, capsys, spark):
-    assert main(["--notes", str(tmp_path / "nope.csv"), "--model", str(tiny_artifact), "--out", str(tmp_path / "o")]) == 2
+    assert main(["--notes", str(tmp_path / "nope.csv"), "--model", str(tiny_artifact),
+                 "--out", str(tmp_path / "o")]) == 2
     assert "does not exist" in capsys.readouterr().err
     (tmp_path / "plain").mkdir()
     (tmp_path / "plain" / "x.txt").write_text("x")
@@ -120,7 +121,8 @@ def test_stages_pipeline_schema_metadata_persistence(tiny_artifact, spark, tmp_p
         assert out.schema[col].dataType == Annotation.arrayType(), col
         assert out.schema[col].metadata["annotatorType"] == kind
     art = Artifact.open(tiny_artifact)
-    assert out.schema["embeddings"].metadata == {"annotatorType": "word_embeddings", "dimension": 64, "ref": art.model_id}
+    assert out.schema["embeddings"].metadata == {"annotatorType": "word_embeddings", "dimension": 64,
+                                                 "ref": art.model_id}
     rows = {r["id"]: r for r in out.collect()}
     assert rows[2]["embeddings"] == [] and rows[3]["token"] == []
     # Token vectors equal the engine's (note context, first piece) for the same note.

@@ -35,7 +35,8 @@ def test_notebooks_execute_in_order(tmp_path, monkeypatch):
     monkeypatch.setenv("MPLBACKEND", "Agg")
     for path in NOTEBOOKS:
         nb = nbformat.read(path, as_version=4)
-        NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+        NotebookClient(nb, timeout=600, kernel_name="python3",
+                       resources={"metadata": {"path": str(tmp_path)}}).execute()
         errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
         assert not errors, (path.name, errors)
         streams = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs

@@ -17,4 +17,5 @@ def test_checkout_root_on_sys_path_imports_the_checkout_without_an_install():
     done = subprocess.run([sys.executable, "-S", "-c", script], capture_output=True, text=True, cwd=ROOT,
                           env={"PATH": "/usr/bin:/bin"})  # -S: no site .pth files, so no editable install
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split() == [str(ROOT / "pipelines" / "core" / "artifact.py"), str(ROOT / "export" / "staging.py")]
+    assert done.stdout.split() == [str(ROOT / "pipelines" / "core" / "artifact.py"),
+                                   str(ROOT / "export" / "staging.py")]

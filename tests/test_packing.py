@@ -160,7 +160,11 @@ def test_overlapped_keeps_order_and_counts_waits():
     from clinlong.pipelines.core.engine import Stalls, overlapped
 
     stalls = Stalls()
-    slow = (lambda x: (time.sleep(0.05), x * 2)[1])
+
+    def slow(x):
+        time.sleep(0.05)
+        return x * 2
+
     assert list(overlapped(slow, lambda y: y + 1, range(5), stalls)) == [1, 3, 5, 7, 9]
     assert 0 < stalls.waited <= stalls.total and 0 < stalls.fraction <= 1
 

@@ -3,10 +3,11 @@
 Spark NLP 5.5.3's JAR (Maven Central; its TF runtime, JSL's unserved tensorflow-cpu_2.12:0.4.4, replaced by
 TF-Java's org.tensorflow:tensorflow-core-api:0.4.2, TF 2.7.4, see benchmarks/sparknlp-jvm.pom.xml) runs the
 `clinical_longformer` card's pipeline (DocumentAssembler -> SentenceDetector -> Tokenizer ->
-LongformerEmbeddings.loadSavedModel(our export), case-sensitive, max sentence length 4096) in its own venv (pyspark 3.5.8). Its token vectors are compared, sentence by
-sentence, with Hugging Face's LongformerModel (torch, fp32) run on exactly the BPE pieces Spark NLP's own
-tokenizer produced, and with our job at --context sentence --granularity token; then the Spark NLP model is
-saved with `.write().save()`, loaded back and run again.
+LongformerEmbeddings.loadSavedModel(our export), case-sensitive, max sentence length 4096) in its own venv
+(pyspark 3.5.8). Its token vectors are compared, sentence by sentence, with Hugging Face's LongformerModel
+(torch, fp32) run on exactly the BPE pieces Spark NLP's own tokenizer produced, and with our job at
+--context sentence --granularity token; then the Spark NLP model is saved with `.write().save()`, loaded
+back and run again.
 
 Point 5: the card's snippet as written (`LongformerEmbeddings.pretrained("clinical_longformer", "en")`,
 setInputCols, setCaseSensitive, setMaxSentenceLength) runs in Spark NLP's JVM on the model loaded from our

@@ -70,8 +70,9 @@ def note_vectors(table_path: Path) -> dict:
 @pytest.mark.slow
 def test_standalone_cluster_without_clinlong_installed(tiny_artifact, tmp_path):
     """Both ways the README ships the code, on a cluster whose Python lacks clinlong: the wheel, copied to a
-    .zip, through --py-files (zip import; PySpark ignores a .whl there on executors), and a venv-pack archive through --archives with spark.pyspark.python. Both
-    tables equal each other and the engine's own note vectors (no Spark) for the same texts."""
+    .zip, through --py-files (zip import; PySpark ignores a .whl there on executors), and a venv-pack archive
+    through --archives with spark.pyspark.python. Both tables equal each other and the engine's own note
+    vectors (no Spark) for the same texts."""
     import pandas as pd
 
     from clinlong.pipelines.core.artifact import Artifact

@@ -8,7 +8,8 @@ from clinlong.pipelines.core.text import detect_sentences, lowercase_keep_offset
 from clinlong.pipelines.core.windows import assign_pieces, window_plan, window_starts
 
 NOTE = """HISTORY OF PRESENT ILLNESS:
-Pt. is a 67 y/o M seen by Dr. [**Last Name (STitle) 1234**] on [**2101-3-4**]. He takes ASA q.d. and 2.5 mg IV. Repeat labs
+Pt. is a 67 y/o M seen by Dr. [**Last Name (STitle) 1234**] on [**2101-3-4**]. He takes ASA q.d. and 2.5 mg IV. \
+Repeat labs
 were stable.
 MEDICATIONS ON ADMISSION:
 1. Aspirin 81 mg PO daily

@@ -208,7 +208,8 @@ class NoteResult:
             starts = np.repeat(lo[spans], blocks) + SUM_BLOCK * (np.arange(blocks.sum()) - first)
             stops = np.minimum(starts + SUM_BLOCK, np.repeat(hi[spans], blocks))
             if (starts[1:] < stops[:-1]).any():  # overlapping or unordered spans: one sum each
-                partial = np.stack([self.piece_vectors[a:b].sum(axis=0) for a, b in zip(starts.tolist(), stops.tolist())])
+                partial = np.stack([self.piece_vectors[a:b].sum(axis=0)
+                                    for a, b in zip(starts.tolist(), stops.tolist())])
             else:
                 partial = _block_sums(self.piece_vectors, starts, stops)
             sums = np.add.reduceat(partial.astype(np.float64), np.cumsum(blocks) - blocks, axis=0)
@@ -424,7 +425,10 @@ class NoteEmbedder:
             if enc.ids:
                 parts[k].append((b, enc))
         out = []
-        cat = (lambda xs: np.concatenate(xs) if xs else np.zeros(0, np.int64))
+
+        def cat(xs):
+            return np.concatenate(xs) if xs else np.zeros(0, np.int64)
+
         for result, segs in zip(results, parts):
             runs: list[np.ndarray] = []
             starts, ends, piece_run, piece_pos = [], [], [], []

@@ -1,9 +1,10 @@
 """Clinical sentence detection and word tokenization on character offsets (`end` inclusive).
 
 Rules tuned for clinical notes: titles and abbreviations ("Dr.", "pt.", "vs.") never end sentences,
-dosing abbreviations ("q.d.", "b.i.d.") only before a capitalized word, decimals never; de-identification brackets ("[**2101-3-4**]") are never split; numbered and
-bulleted list items and section headers on their own line ("HISTORY OF PRESENT ILLNESS:") start new
-sentences; blank lines separate paragraphs; a line wrapped mid-sentence is joined.
+dosing abbreviations ("q.d.", "b.i.d.") only before a capitalized word, decimals never; de-identification
+brackets ("[**2101-3-4**]") are never split; numbered and bulleted list items and section headers on their
+own line ("HISTORY OF PRESENT ILLNESS:") start new sentences; blank lines separate paragraphs; a line
+wrapped mid-sentence is joined.
 
 Words are whole in any Unicode form: combining marks (general category M: Mn, Mc, Me), the zero-width
 joiner and non-joiner (U+200D, U+200C) and variation selectors (U+FE00-FE0F, U+E0100-E01EF) continue

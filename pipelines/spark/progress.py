@@ -54,7 +54,8 @@ class JobProgress:
             eta = f"{elapsed * max(self.total_notes - notes, 0) / notes:.0f} s"
         else:
             eta = f"{elapsed * (total - done) / done:.0f} s" if done and total else "unknown"
-        return (f"tasks {done}/{total} ({running} running), notes {notes}{f'/{self.total_notes}' if self.total_notes else ''} "
+        of_total = f"/{self.total_notes}" if self.total_notes else ""
+        return (f"tasks {done}/{total} ({running} running), notes {notes}{of_total} "
                 f"({notes / elapsed:.2f}/s), tokens {tokens} ({tokens / elapsed:.0f}/s), elapsed {elapsed:.0f} s, "
                 f"ETA {eta}")
 
@@ -133,7 +134,8 @@ class ProgressReporter:
             from pyspark import TaskContext
 
             ctx = TaskContext.get()
-            where = {"partition": ctx.partitionId(), "attempt": ctx.attemptNumber()} if ctx else {"partition": 0, "attempt": 0}
+            where = ({"partition": ctx.partitionId(), "attempt": ctx.attemptNumber()} if ctx
+                     else {"partition": 0, "attempt": 0})
             if self._sock is None:
                 self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             self._sock.sendto(json.dumps({"chunk": self.chunk, **where, **self.counts}).encode(), tuple(self.address))

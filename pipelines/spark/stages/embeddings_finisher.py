@@ -15,7 +15,8 @@ class EmbeddingsFinisher(AnnotatorStage):
     outputCols = Param(Params._dummy(), "outputCols", "output columns, one per input", TypeConverters.toListString)
     outputAsVector = Param(Params._dummy(), "outputAsVector", "array<vector> instead of array<array<float>>",
                            TypeConverters.toBoolean)
-    cleanAnnotations = Param(Params._dummy(), "cleanAnnotations", "drop the annotation columns", TypeConverters.toBoolean)
+    cleanAnnotations = Param(Params._dummy(), "cleanAnnotations", "drop the annotation columns",
+                             TypeConverters.toBoolean)
 
     def __init__(self):
         super().__init__()
