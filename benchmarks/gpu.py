@@ -9,6 +9,10 @@ fp32 on a sample of notes. Needs torch, transformers, onnx and onnxruntime (for 
 
     python -m clinlong.benchmarks.gpu [--work work/bench] [--notes 400] [--json OUT]
     python -m clinlong.benchmarks.gpu --device cpu --size tiny   # a smoke run without a GPU (12 notes, ~1 min)
+
+Also, at the first precision: each kernel with global attention on every window's <s> (`--global-attention
+cls`, issue 24: the windowed kernel plus a dense global part merged by log-sum-exp), and with `--profile
+FILE` a torch.profiler table of the top kernels of our model step.
 """
 from __future__ import annotations
 
@@ -43,6 +47,21 @@ def _min_cosine(ref: list, got: list) -> float:
     return worst
 
 
+def _profile(emb, prepared, cuda: bool, path: Path) -> None:
+    """torch.profiler over one model step of the batch: the top kernels by device time (CPU time on a CPU)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+    with profile(activities=activities) as prof:
+        emb.finish(prepared)
+        if cuda:
+            torch.cuda.synchronize()
+    key = "cuda_time_total" if cuda else "cpu_time_total"
+    path.write_text(prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=90) + "\n")
+    print(f"profile of the model step written to {path}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     import torch
 
@@ -61,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", default="base", choices=("base", "tiny"), help="synthetic checkpoint size")
     p.add_argument("--precisions", help="comma-separated (default bf16,fp16 on a GPU, bf16 in a CPU smoke run)")
     p.add_argument("--json")
+    p.add_argument("--profile", help="write a torch.profiler table (top kernels by device time) of our model "
+                   "step at the first precision and kernel to this file")
     args = p.parse_args(argv)
     device = args.device
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -119,6 +140,18 @@ def main(argv: list[str] | None = None) -> int:
                 emb.finish(prepared)
             row(f"ours_model_{kernel}", prec, clock.seconds, kernel=kernel, min_cosine_to_hf_fp32=round(cos, 6),
                 token_budget=emb.encoder.token_budget)
+            local_seconds = clock.seconds
+            if args.profile and prec == precisions[0] and kernel == kernels[0]:
+                _profile(emb, prepared, cuda, Path(args.profile))
+            if prec == precisions[0] and art.model_type == "longformer":
+                glob = NoteEmbedder(art, EmbedOptions(precision=prec, attention_kernel=kernel, global_attention="cls"),
+                                    device=device, threads=threads)
+                glob.encoder(sequences[:8])
+                with Clock(device) as clock:
+                    glob.finish(prepared)
+                row(f"ours_model_{kernel}_global_cls", prec, clock.seconds, kernel=kernel, global_attention="cls",
+                    seconds_vs_local=round(clock.seconds / local_seconds, 3))
+                del glob
             stalls = Stalls()
             batches = [texts[i:i + NOTES_PER_BATCH] for i in range(0, len(texts), NOTES_PER_BATCH)]
             with Clock(device) as clock:

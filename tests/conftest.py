@@ -111,3 +111,22 @@ def pytest_terminal_summary(terminalreporter):
         if text and rep.when == "call":
             terminalreporter.write_sep("=", f"figures from {rep.nodeid}")
             terminalreporter.write_line(text)
+
+
+# BigBird's lengths: both sides of its switch to full attention (704 = 11 blocks of 64), on and off the block size.
+BIGBIRD_SWEEP = (1, 2, 63, 64, 65, 127, 703, 704, 705, 706, 767, 768, 769, 1000, 2049, 4095, 4096)
+
+
+def family_sequences(checkpoint, lengths):
+    """Framed token ids (the tokenizer's own framing) of synthetic note text cut to each length."""
+    from transformers import AutoTokenizer
+
+    from clinlong.export.synthetic_notes import generate_french_notes
+
+    tok = AutoTokenizer.from_pretrained(str(checkpoint))
+    texts = " ".join(generate_french_notes(300, seed=5))
+    body = tok(texts, add_special_tokens=False)["input_ids"]
+    framed = tok("x")["input_ids"]
+    start, end = framed[0], framed[-1]
+    assert len(body) >= max(lengths)
+    return [[start] if n == 1 else [start, *body[:n - 2], end] for n in lengths]

@@ -16,25 +16,12 @@ from clinlong.export.synthetic_notes import generate_french_notes
 from clinlong.pipelines.core.artifact import Artifact
 from clinlong.pipelines.core.engine import EmbedOptions, NoteEmbedder
 from clinlong.pipelines.core.runtime import Encoder
-from tests.conftest import PHI_MARKER, hf_reference, write_test_notes
+from tests.conftest import BIGBIRD_SWEEP, PHI_MARKER, family_sequences, hf_reference, write_test_notes
 from tests.test_pipeline_parity import ATOL, rows_match_hugging_face
 
 FAMILIES = ("drlongformer", "drbert-4096", "bigbird")
-# Lengths run packed together (mixed in rows) against Hugging Face each alone. BigBird's: both sides of
-# its switch to full attention (704 = 11 blocks of 64) and lengths on and off the block size.
+# Lengths run packed together (mixed in rows) against Hugging Face each alone (BigBird's: conftest.BIGBIRD_SWEEP).
 SWEEP = (1, 2, 3, 255, 256, 257, 511, 513, 1023, 2000, 4095, 4096)
-BIGBIRD_SWEEP = (1, 2, 63, 64, 65, 127, 703, 704, 705, 706, 767, 768, 769, 1000, 2049, 4095, 4096)
-
-
-def _sequences(checkpoint, lengths):
-    """Framed token ids (the tokenizer's own framing) of synthetic note text cut to each length."""
-    tok = AutoTokenizer.from_pretrained(str(checkpoint))
-    texts = " ".join(generate_french_notes(300, seed=5))
-    body = tok(texts, add_special_tokens=False)["input_ids"]
-    framed = tok("x")["input_ids"]
-    start, end = framed[0], framed[-1]
-    assert len(body) >= max(lengths)
-    return [[start] if n == 1 else [start, *body[:n - 2], end] for n in lengths]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -71,7 +58,7 @@ def test_export_report_and_manifest(family, family_model):
 def test_parity_at_every_length_packed_with_mixed_lengths(family, backend, kernel, family_model):
     checkpoint, art = family_model(family)
     lengths = BIGBIRD_SWEEP if family == "bigbird" else SWEEP
-    seqs = _sequences(checkpoint, lengths)
+    seqs = family_sequences(checkpoint, lengths)
     encoder = Encoder(Artifact.open(art), precision="fp32", backend=backend, kernel=kernel)
     got = encoder([np.asarray(s, np.int64) for s in seqs])  # packed: short sequences share rows
     for n, ids, vecs in zip(lengths, seqs, got):
@@ -100,7 +87,7 @@ def test_bigbird_block0_bias_is_what_hugging_face_computes(family_model):
     for layer in model.encoder.layer:
         layer.attention.self.block0_bias = 0.0
     for n, near in ((700, True), (1500, False)):
-        ids = _sequences(checkpoint, (n,))[0]
+        ids = family_sequences(checkpoint, (n,))[0]
         t_ids, t_pos, _ = packed_rows([np.asarray(ids)], [[0]], 0, cfg.pad_token_id)
         with torch.inference_mode():
             out = model.eval()(torch.from_numpy(t_ids), torch.from_numpy(t_pos))[0].numpy()

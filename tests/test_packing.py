@@ -110,6 +110,10 @@ def test_varlen_kernel_is_refused_on_cpus():
     assert resolve_kernel("auto", "cpu") == "blocks" and resolve_kernel("auto", "cuda:0") == "varlen"
     with pytest.raises(ValueError, match="CUDA GPUs only"):
         resolve_kernel("varlen", "cpu")
+    # flash attention has no fp32: auto takes FlexAttention there, an explicit varlen is refused in one line
+    assert resolve_kernel("auto", "cuda:0", precision="fp32") == "flex"
+    with pytest.raises(ValueError, match="bf16 or fp16 only"):
+        resolve_kernel("varlen", "cuda:0", precision="fp32")
 
 
 @pytest.mark.parametrize("vendor, flags, auto", [

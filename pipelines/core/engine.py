@@ -74,7 +74,8 @@ class EmbedOptions:
                           "the exported ONNX graph, fp32",
                           choices=BACKENDS)
     attention_kernel: str = option("auto", "sliding-window attention over packed sequences. auto: varlen (flash "
-                                   "attention) on GPUs, blocks (the ONNX graph's form) on CPUs; flex: FlexAttention",
+                                   "attention; flex at fp32) on GPUs, blocks (the ONNX graph's form) on CPUs; "
+                                   "flex: FlexAttention",
                                    choices=KERNEL_CHOICES)
     global_attention: str = option("none", "Longformer's global attention. none: local attention only, as "
                                    "LongformerModel without a global_attention_mask; cls: global attention on the "
@@ -292,7 +293,7 @@ def _gpu_budget(artifact: Artifact, device: str, precision: str, kernel: str) ->
 
     free, _ = torch.cuda.mem_get_info(torch.device(device))
     cfg = artifact.encoder_config
-    kernel = resolve_kernel(kernel, device, artifact.model_type)
+    kernel = resolve_kernel(kernel, device, artifact.model_type, precision)
     if artifact.model_type == "big_bird" and kernel == "blocks":
         return MAX_LENGTH  # dense scores per row: rows of one longest sequence
     one_sided = max(cfg.attention_window, default=2 * cfg.block_size) // 2

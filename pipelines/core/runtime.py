@@ -152,17 +152,23 @@ def _is_oom(e: BaseException) -> bool:
     return isinstance(e, MemoryError) or "out of memory" in str(e).lower()
 
 
-def resolve_kernel(kernel: str, device: str, model_type: str = "longformer") -> str:
+def resolve_kernel(kernel: str, device: str, model_type: str = "longformer", precision: str = "bf16") -> str:
     """auto: flash attention over the packed sequences (`varlen`) on GPUs, the blocked form on CPUs;
-    BigBird (no sliding window for varlen): FlexAttention on GPUs."""
+    BigBird (no sliding window for varlen) and fp32 (flash attention computes in bf16/fp16 only):
+    FlexAttention on GPUs. Refused in one line: varlen on a CPU, at fp32, or for BigBird."""
     cuda = device.startswith("cuda")
     if kernel == "auto":
-        return ("flex" if model_type == "big_bird" else "varlen") if cuda else "blocks"
+        if not cuda:
+            return "blocks"
+        return "flex" if model_type == "big_bird" or precision == "fp32" else "varlen"
     check_choice("attention kernel", kernel, KERNEL_CHOICES)  # "auto" is resolved above
     if model_type == "big_bird" and kernel not in BIG_BIRD_KERNELS:
         raise ValueError("BigBird's block-sparse attention has no varlen form; use --attention-kernel flex or blocks")
     if kernel == "varlen" and not cuda:
         raise ValueError("the varlen attention kernel runs on CUDA GPUs only; use --attention-kernel blocks or flex")
+    if kernel == "varlen" and precision == "fp32":
+        raise ValueError("the varlen attention kernel (flash attention) computes in bf16 or fp16 only; "
+                         "use --precision bf16/fp16, or --attention-kernel flex at fp32")
     return kernel
 
 
@@ -176,7 +182,7 @@ class _TorchModel:
 
         from clinlong.pipelines.core.model import PackedEncoder
 
-        self.kernel = resolve_kernel(kernel, device, artifact.model_type)
+        self.kernel = resolve_kernel(kernel, device, artifact.model_type, precision)
         with reading(artifact.torch_weights_path):
             weights = load_file(str(artifact.torch_weights_path))
         # Artifacts exported before the global projections were kept run local attention only.
