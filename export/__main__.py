@@ -1,4 +1,5 @@
-"""`python -m clinlong.export CHECKPOINT OUT [--format native|sparknlp|all] [--overwrite]`."""
+"""`python -m clinlong.export CHECKPOINT OUT [--format native|sparknlp|all] [--overwrite]`: an encoder checkpoint
+(LongformerForMaskedLM, ...) or a fine-tuned classification one (its head exported too, core.heads)."""
 from __future__ import annotations
 
 import argparse
@@ -17,8 +18,14 @@ def _on_signal(signum, _frame):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m clinlong.export",
-                                description="Turn a Hugging Face Longformer checkpoint into verified model artifacts.")
+    p = argparse.ArgumentParser(
+        prog="python -m clinlong.export",
+        description="Turn a Hugging Face Longformer or BigBird checkpoint into verified model artifacts. A "
+                    "fine-tuned *ForSequenceClassification or *ForTokenClassification checkpoint keeps its head: "
+                    "head.safetensors, the labels of its id2label and its problem_type (single-label: softmax, "
+                    "multi-label: sigmoid; regression is refused) in the manifest, its logits checked against "
+                    "Hugging Face's own class; Longformer's sequence head runs with global attention on <s>, so "
+                    "its global graph is exported too.")
     p.add_argument("checkpoint", help="local checkpoint directory, or a hub id where the hub is reachable")
     p.add_argument("out", help="artifact directory to create")
     p.add_argument("--format", choices=("native", "sparknlp", "all"), default="native",
@@ -35,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--atol", type=float, default=1e-3, help="parity: max abs difference per value (default 1e-3)")
     p.add_argument("--min-cosine", type=float, default=0.99999, help="parity: min cosine per token (default 0.99999)")
     return p
+
+
+def _label_list(labels, shown: int = 8) -> str:
+    return ", ".join(labels[:shown]) + (f", ... ({len(labels) - shown} more)" if len(labels) > shown else "")
 
 
 def _existing_name(out) -> str | None:
@@ -67,10 +78,21 @@ def run(argv: list[str] | None = None) -> dict:
                  else f"windows {sorted(set(ec.attention_window))}")
     log.info(f"{ec.model_type}: {ec.num_hidden_layers} layers, hidden {ec.hidden_size}, max length {ec.max_length}, "
              f"{attention}, weights {ckpt.weights_file}")
-    head = [a for a in ckpt.config.get("architectures") or [] if not a.endswith(("MaskedLM", "Model"))]
-    if head:  # a fine-tuned checkpoint: say that its head stays behind (heads are not exported yet)
-        log.warning(f"{ckpt.name} is a {head[0]} checkpoint ({len(ckpt.config.get('id2label') or {})} labels): "
-                    "its head is not exported; the artifact embeds with its fine-tuned encoder")
+    if ckpt.head is not None:
+        h = ckpt.head.head
+        log.info(f"{h.architecture}: a {h.kind} head, {h.num_labels} labels ({_label_list(h.labels)}), "
+                 f"{h.problem_type} ({h.activation})"
+                 + ("" if ckpt.head.problem_type_given else "; config.json names no problem_type: single-label "
+                    "softmax, as Hugging Face's pipelines read it")
+                 + ("; its encoder runs with global attention on <s> (encoder_global.onnx is exported too)"
+                    if h.global_attention == "cls" else ""))
+        if args.format in ("sparknlp", "all"):
+            log.warning("the Spark NLP folder holds the encoder alone (LongformerEmbeddings); the head is exported "
+                        "in the native artifact (--format native or all)")
+    elif ckpt.other_head:  # a fine-tuned checkpoint whose head is not exported (question answering, ...)
+        log.warning(f"{ckpt.name} is a {ckpt.other_head} checkpoint: its head is not exported (heads exported: "
+                    "*ForSequenceClassification, *ForTokenClassification); the artifact embeds with its "
+                    "fine-tuned encoder")
     if args.format in ("sparknlp", "all"):
         from clinlong.export.sparknlp import check_supported
 

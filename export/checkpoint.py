@@ -12,12 +12,23 @@ import torch
 
 from clinlong.export.errors import ExportError
 from clinlong.pipelines.core.artifact import file_sha256
+from clinlong.pipelines.core.heads import ACTIVATIONS, ARCHITECTURES, DENSE_ACTIVATIONS, WEIGHT_NAMES, Head
 from clinlong.pipelines.core.model import MODEL_TYPES, EncoderConfig, encoder_state
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 SENTENCEPIECE_FILES = ("sentencepiece.bpe.model", "spiece.model")  # CamemBERT/DrBERT's, BigBird's
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", *SENTENCEPIECE_FILES, "tokenizer_config.json",
                    "special_tokens_map.json")
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """A fine-tuned checkpoint's head: its description (core.heads.Head) and its weights (Hugging Face's names
+    under `classifier.`, without the prefix)."""
+
+    head: Head
+    weights: dict[str, torch.Tensor]
+    problem_type_given: bool  # False: config.json has none; single-label softmax, as Hugging Face's pipelines read it
 
 
 @dataclass
@@ -32,6 +43,8 @@ class Checkpoint:
     weights_file: str
     sha256: str  # over config, weights and tokenizer files, in name order
     frame: tuple[int, int]  # the ids the tokenizer puts around a text (see sequence_frame)
+    head: HeadSpec | None = None  # a *ForSequenceClassification / *ForTokenClassification checkpoint's head
+    other_head: str | None = None  # the architecture of a fine-tuned checkpoint whose head is not exported (QA, ...)
 
     @property
     def name(self) -> str:
@@ -182,18 +195,91 @@ def sequence_frame(tokenizer) -> tuple[int, int]:
     return framed[0], framed[-1]
 
 
+def fine_tuned_architecture(cfg: dict) -> str | None:
+    """The checkpoint's class when it is a fine-tuned one (not *Model or *ForMaskedLM), e.g.
+    LongformerForSequenceClassification; None for an encoder or a masked-LM checkpoint."""
+    return next((a for a in cfg.get("architectures") or [] if not a.endswith(("MaskedLM", "Model"))), None)
+
+
+def read_head(cfg: dict, state: dict[str, torch.Tensor]) -> HeadSpec | None:
+    """The head of a sequence- or token-classification checkpoint (core.heads.ARCHITECTURES), checked against
+    config.json (id2label, problem_type) and the weights; None for other checkpoints. Every refusal is one line."""
+    arch = fine_tuned_architecture(cfg)
+    if arch not in ARCHITECTURES:
+        return None
+    family = "BigBird" if cfg["model_type"] == "big_bird" else "Longformer"
+    if not arch.startswith(family):
+        raise ExportError(f"config.json names a {arch} but describes a {cfg['model_type']} model; "
+                          "use the config.json that came with these weights")
+    kind, dense = ARCHITECTURES[arch]
+    id2label = cfg.get("id2label")
+    if not isinstance(id2label, dict) or not id2label:
+        raise ExportError(f"config.json of this {arch} checkpoint has no id2label; add the label names in id order "
+                          '(e.g. "id2label": {"0": "NEGATIVE", "1": "POSITIVE"}), as save_pretrained writes them')
+    try:
+        by_id = {int(k): str(v) for k, v in id2label.items()}
+    except (TypeError, ValueError):
+        raise ExportError("config.json's id2label keys must be the label ids 0, 1, ...; fix id2label") from None
+    if sorted(by_id) != list(range(len(by_id))):
+        raise ExportError(f"config.json's id2label has ids {sorted(by_id)}, not 0..{len(by_id) - 1}; fix id2label")
+    labels = tuple(by_id[i] for i in range(len(by_id)))
+    if len(set(labels)) != len(labels):
+        dup = sorted({n for n in labels if labels.count(n) > 1})
+        raise ExportError(f"config.json's id2label names {dup} more than once; give each label id its own name")
+    problem_type = cfg.get("problem_type")
+    if problem_type == "regression" or len(labels) == 1:
+        raise ExportError(f"this {arch} checkpoint is a regression head ({len(labels)} output, problem_type "
+                          f"{problem_type}); only classification heads are exported (single_label_classification, "
+                          "multi_label_classification)")
+    given = problem_type is not None
+    problem_type = problem_type or "single_label_classification"  # Hugging Face's pipelines: softmax for > 1 label
+    if problem_type not in ACTIVATIONS:
+        raise ExportError(f"problem_type {problem_type!r} is not one of {sorted(ACTIVATIONS)}; fix config.json")
+    if kind == "token" and problem_type != "single_label_classification":
+        raise ExportError(f"a token-classification head is single-label (softmax per token), config.json says "
+                          f"{problem_type}; fix problem_type")
+    dense_act = None
+    if kind == "sequence":
+        dense_act = "tanh" if dense == "tanh" else str(cfg.get("hidden_act") or "gelu_new")
+        if dense_act not in DENSE_ACTIVATIONS:
+            raise ExportError(f"the head's activation {dense_act!r} is not supported ({sorted(DENSE_ACTIVATIONS)})")
+    weights = {k[len("classifier."):]: v.float() for k, v in state.items() if k.startswith("classifier.")}
+    missing = [f"classifier.{n}" for n in WEIGHT_NAMES[kind] if n not in weights]
+    if missing:
+        raise ExportError(f"the weights lack the {arch} head ({', '.join(missing)}); "
+                          "pass the checkpoint that config.json describes")
+    weights = {n: weights[n] for n in WEIGHT_NAMES[kind]}
+    hidden = int(cfg["hidden_size"])
+    out = weights["out_proj.weight" if kind == "sequence" else "weight"]
+    shapes = {"sequence": {"dense.weight": (hidden, hidden), "dense.bias": (hidden,),
+                           "out_proj.weight": (len(labels), hidden), "out_proj.bias": (len(labels),)},
+              "token": {"weight": (len(labels), hidden), "bias": (len(labels),)}}[kind]
+    bad = [n for n, shape in shapes.items() if tuple(weights[n].shape) != shape]
+    if bad:
+        raise ExportError(f"the head's classifier.{bad[0]} has shape {tuple(weights[bad[0]].shape)}, expected "
+                          f"{shapes[bad[0]]} ({len(labels)} labels in id2label, hidden size {hidden}; the head gives "
+                          f"{out.shape[0]} logits); use the config.json that came with these weights")
+    head = Head(kind=kind, labels=labels, problem_type=problem_type, activation=ACTIVATIONS[problem_type],
+                global_attention="cls" if kind == "sequence" and family == "Longformer" else "none",
+                architecture=arch, dense_act=dense_act)
+    return HeadSpec(head, weights, given)
+
+
 def read_checkpoint(source: str) -> Checkpoint:
     """Load `source` (directory or hub id), checking that config, weights and tokenizer agree."""
     path = resolve(source)
     cfg = _read_config(path)
     ec = _encoder_config(cfg)
     weights_file, state = _read_weights(path)
+    head = read_head(cfg, state)  # a fine-tuned head's refusals come before the tokenizer's work
     tokenizer = _read_tokenizer(path)
     _check_shapes(ec, state, tokenizer)
     frame = sequence_frame(tokenizer)
+    arch = fine_tuned_architecture(cfg)
     h = hashlib.sha256()
     for name in sorted({"config.json", weights_file, *TOKENIZER_FILES}):
         if (path / name).is_file():
             h.update(f"{name}:{file_sha256(path / name)}\n".encode())
     return Checkpoint(path=path, config=cfg, encoder_config=ec, state_dict=state, tokenizer=tokenizer,
-                      weights_file=weights_file, sha256=h.hexdigest(), frame=frame)
+                      weights_file=weights_file, sha256=h.hexdigest(), frame=frame, head=head,
+                      other_head=arch if arch and head is None else None)

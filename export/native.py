@@ -27,6 +27,7 @@ from clinlong.pipelines.core.artifact import (
     WEIGHTS_FILE,
     file_sha256,
 )
+from clinlong.pipelines.core.heads import HEAD_FILE
 from clinlong.pipelines.core.model import PackedEncoder
 from clinlong.pipelines.core.packing import positions
 
@@ -71,6 +72,14 @@ def write_weights(encoder: PackedEncoder, out: Path) -> None:
     from safetensors.torch import save_file
 
     save_file({k: v.contiguous() for k, v in encoder.state_dict().items()}, str(out / WEIGHTS_FILE))
+
+
+def write_head(ckpt: Checkpoint, out: Path) -> None:
+    """A fine-tuned checkpoint's head weights (fp32, Hugging Face's names without `classifier.`), read by
+    core.heads without the safetensors package."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in ckpt.head.weights.items()}, str(out / HEAD_FILE))
 
 
 def write_onnx(encoder: PackedEncoder, ckpt: Checkpoint, out: Path, opset: int = OPSET,
@@ -167,6 +176,8 @@ def write_manifest(ckpt: Checkpoint, out: Path, name: str, report: dict) -> dict
                             "packed": True, "outputs": ["last_hidden_state"], "dtype": "float32",
                             "parity_max_abs_diff": report["global"]["max_abs_diff"]}}
            if report.get("global") else {}),
+        **({"head": {**ckpt.head.head.to_manifest(), "parity_max_abs_diff": report["head"]["max_abs_diff"]}}
+           if ckpt.head is not None else {}),
         "tokenizer": TOKENIZER_FILE,
         "torch": {"file": WEIGHTS_FILE, "encoder_config": asdict(ec), "dtype": "float32"},
         "parity": {"file": PARITY_FILE, "passed": report["passed"], "max_abs_diff": report["max_abs_diff"],
@@ -188,23 +199,33 @@ VECTOR_FILES = (WEIGHTS_FILE, TOKENIZER_FILE)
 VECTOR_KEYS = ("format", "format_version", "architecture", "model_type", "dimension", "num_layers", "max_length",
                "attention_windows", "block_sparse", "pad_multiple", "vocab_size", "special_tokens",
                "sequence_frame", "case_sensitive", "word_marker", "global_attention")
+# A fine-tuned head's entries that determine its scores (with the digest of HEAD_FILE); never its parity figures.
+HEAD_KEYS = ("kind", "architecture", "labels", "problem_type", "activation", "global_attention", "dense_act")
 
 
 def vector_identity(manifest: dict) -> str:
     """The hex sha256 behind `model_id`: the digests of the weights and the tokenizer, the encoder config and
     the manifest entries in VECTOR_KEYS, as canonical JSON. Two exports of one checkpoint get the same id
     (the parity report's timings and the creation date do not count); any change that can move a vector
-    (weights, tokenizer, config, the artifact format) gives another."""
+    (weights, tokenizer, config, the artifact format) gives another. A fine-tuned head (manifest "head") counts
+    too: its weights' digest and HEAD_KEYS (labels in order, problem type, ...); an embedding model's identity
+    is unchanged by this."""
     identity = {"files": {f: manifest["files"][f] for f in VECTOR_FILES},
                 "encoder_config": manifest["torch"]["encoder_config"],
                 **{k: manifest[k] for k in VECTOR_KEYS if k in manifest}}
+    if manifest.get("head"):
+        head = manifest["head"]
+        identity["head"] = {"file": manifest["files"][head["file"]], **{k: head.get(k) for k in HEAD_KEYS}}
     return hashlib.sha256(json.dumps(identity, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def write_native(ckpt: Checkpoint, out: Path, name: str, tol: Tolerance,
                  log: Callable[[str], None] = lambda _: None, with_global: bool = False) -> tuple[dict, dict]:
     """Write the native artifact into `out` (a staging directory); refuse on failed parity. `with_global`:
-    also the global-attention graph, checked against LongformerModel(global_attention_mask=...)."""
+    also the global-attention graph, checked against LongformerModel(global_attention_mask=...). A fine-tuned
+    checkpoint (`ckpt.head`) adds HEAD_FILE, its logits checked against Hugging Face's own class; a head run with
+    global attention on <s> (Longformer's sequence classification) brings the global graph with it."""
+    with_global = with_global or (ckpt.head is not None and ckpt.head.head.global_attention == "cls")
     if with_global and ckpt.encoder_config.model_type != "longformer":
         raise ExportError(f"--global-attention is Longformer's; a {ckpt.encoder_config.model_type} checkpoint has none")
     t = time.perf_counter()
@@ -236,4 +257,19 @@ def write_native(ckpt: Checkpoint, out: Path, name: str, tol: Tolerance,
                               "no artifact written. Report this with the checkpoint")
         log(f"global-attention parity passed (max |diff| {report['global']['max_abs_diff']:.2e}, "
             f"{report['global']['seconds']:.1f} s)")
+    if ckpt.head is not None:
+        from clinlong.export.parity import check_head_parity
+
+        write_head(ckpt, out)
+        graph = ONNX_GLOBAL_FILE if ckpt.head.head.global_attention == "cls" else ONNX_FILE
+        report["head"] = check_head_parity(out / graph, out / HEAD_FILE, ckpt, tol, torch_encoder=encoder)
+        (out / PARITY_FILE).write_text(json.dumps(report, indent=2))
+        h = report["head"]
+        if not h["passed"]:
+            worst = max(h["results"] + h["torch"]["results"], key=lambda r: r["max_abs_diff"])
+            raise ExportError(f"head parity failed (logits max |diff| {worst['max_abs_diff']:.2e} at length "
+                              f"{worst['length']} against {ckpt.head.head.architecture}); no artifact written. "
+                              "Report this with the checkpoint")
+        log(f"{HEAD_FILE}: {ckpt.head.head.kind} head, logits parity passed against {ckpt.head.head.architecture} "
+            f"(max |diff| {h['max_abs_diff']:.2e}, {h['seconds']:.1f} s)")
     return write_manifest(ckpt, out, name, report), report

@@ -216,6 +216,126 @@ def check_global_parity(onnx_path: str | Path, ckpt: Checkpoint, tol: Tolerance 
             "min_cosine": min(r["min_cosine"] for r in results), "seconds": round(time.perf_counter() - start, 2)}
 
 
+# Fine-tuned heads: logits of the artifact (encoder graph + core.heads on head.safetensors) against Hugging Face's
+# own class (LongformerForSequenceClassification, ...), fp32, each sequence alone.
+
+def reference_head_model(ckpt: Checkpoint):
+    """Hugging Face's own class of the checkpoint's head (e.g. LongformerForSequenceClassification), fp32, eval,
+    holding all of the checkpoint's weights."""
+    import transformers
+
+    from clinlong.export.errors import ExportError
+
+    arch = ckpt.head.head.architecture
+    config_class = transformers.BigBirdConfig if ckpt.encoder_config.model_type == "big_bird" else \
+        transformers.LongformerConfig
+    model = getattr(transformers, arch)(config_class(**ckpt.config))
+    missing, _ = model.load_state_dict(ckpt.state_dict, strict=False)
+    missing = [k for k in missing if not k.endswith("position_ids")]
+    if missing:
+        raise ExportError(f"the checkpoint lacks {len(missing)} {arch} weights (e.g. {missing[:3]}); "
+                          "pass the checkpoint that config.json describes")
+    return model.eval()
+
+
+def reference_head_run(model, ids: np.ndarray, global_tokens: np.ndarray | None = None) -> np.ndarray:
+    """Logits of one unpadded sequence from Hugging Face's class: (labels,) for a sequence head, (n, labels) for
+    a token head. `global_tokens` (Longformer): offsets of the global tokens (None: the class's own default,
+    which for sequence classification is <s>)."""
+    encoder = getattr(model, "bert", None)
+    if encoder is not None and hasattr(encoder, "set_attention_type"):  # BigBird: see reference_run
+        encoder.set_attention_type(model.config.attention_type)
+    t = torch.from_numpy(ids)[None]
+    kw = {}
+    if global_tokens is not None:
+        mask = torch.zeros_like(t)
+        mask[0, torch.from_numpy(np.asarray(global_tokens, np.int64))] = 1
+        kw["global_attention_mask"] = mask
+    with torch.inference_mode():
+        return model(input_ids=t, attention_mask=torch.ones_like(t), **kw).logits[0].numpy()
+
+
+def check_head_parity(onnx_path: str | Path, head_path: str | Path, ckpt: Checkpoint, tol: Tolerance = Tolerance(),
+                      torch_encoder=None) -> dict:
+    """The head's logits through the artifact's encoder graph (`onnx_path`: the global-attention graph where the
+    head runs with global attention on <s>) on packed rows mixing the parity lengths, and core.heads on
+    `head_path`, against Hugging Face's own class on each sequence alone. With `torch_encoder`, a mixed-length
+    row of TORCH_CHECK_LENGTHS through the torch module too (reported under "torch")."""
+    import onnxruntime as ort
+    import transformers
+
+    from clinlong.pipelines.core.heads import HeadModel, read_safetensors
+
+    start = time.perf_counter()
+    spec = ckpt.head.head
+    cls_global = spec.global_attention == "cls"
+    max_len = ckpt.encoder_config.max_length
+    parity_lengths, parity_rows = parity_plan(ckpt.encoder_config.model_type)
+    seqs = parity_sequences(ckpt, parity_lengths, max_len)
+    model = reference_head_model(ckpt)
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # BigBird warns at every switch to full attention
+    try:
+        reference = {n: reference_head_run(model, ids) for n, ids in seqs.items()}
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    head = HeadModel(spec, read_safetensors(head_path))
+    pad, padding_idx = ckpt.tokenizer.pad_token_id, ckpt.encoder_config.pad_token_id
+    lengths = sorted(seqs)
+
+    def compare(n: int, out) -> dict:
+        diff = float(np.abs(out.logits - reference[n]).max())
+        probs = float(np.abs(out.probabilities - np.asarray(_scores(reference[n], spec.activation))).max())
+        ok = diff <= tol.max_abs_diff and bool(np.isfinite(out.logits).all())
+        return {"length": n, "max_abs_diff": diff, "max_abs_diff_probabilities": probs, "passed": ok}
+
+    rows = [[lengths.index(n) for n in row if n in seqs] for row in parity_rows]
+    rows = [r for r in rows if r]
+    ids, pos, spans = packed_rows([seqs[n] for n in lengths], rows, pad, padding_idx)
+    feed = {"input_ids": ids, "position_ids": pos}
+    if cls_global:  # each sequence's first token
+        feed["global_positions"] = np.full((len(rows), max(len(r) for r in rows)), -1, np.int64)
+        for r, row_spans in enumerate(spans):
+            feed["global_positions"][r, :len(row_spans)] = [first for first, _ in row_spans]
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    out = session.run(["last_hidden_state"], feed)[0]
+    results = []
+    for r, row in enumerate(rows):
+        outputs = head([out[r, first:first + n] for first, n in spans[r]])
+        results += [{**compare(lengths[i], o), "row": r} for i, o in zip(row, outputs)]
+    torch_rows = []
+    if torch_encoder is not None:
+        batch = [n for n in TORCH_CHECK_LENGTHS if n in seqs]
+        t_ids, t_pos, t_spans = packed_rows([seqs[n] for n in batch], [list(range(len(batch)))], pad, padding_idx)
+        glob = torch.tensor([[first for first, _ in t_spans[0]]]) if cls_global else None
+        with torch.inference_mode():
+            t_out = torch_encoder(torch.from_numpy(t_ids), torch.from_numpy(t_pos), glob).numpy()[0]
+        outputs = head([t_out[first:first + n] for first, n in t_spans[0]])
+        torch_rows = [compare(n, o) for n, o in zip(batch, outputs)]
+    return {
+        "passed": all(r["passed"] for r in results + torch_rows),
+        "kind": spec.kind, "labels": list(spec.labels), "activation": spec.activation,
+        "tolerance": {"max_abs_diff": tol.max_abs_diff},
+        "reference": f"transformers {transformers.__version__} {spec.architecture}, fp32, each sequence alone"
+                     + (" (global attention on <s>, as the class sets it without a mask)" if cls_global else ""),
+        "candidate": f"{Path(onnx_path).name} on onnxruntime {ort.__version__}, packed rows mixing lengths"
+                     + (", global attention on each sequence's <s>" if cls_global else "")
+                     + f", then core.heads on {Path(head_path).name}",
+        "results": sorted(results, key=lambda r: r["length"]),
+        "max_abs_diff": max(r["max_abs_diff"] for r in results),
+        "max_abs_diff_probabilities": max(r["max_abs_diff_probabilities"] for r in results),
+        "torch": {"candidate": "core.model.PackedEncoder in torch fp32, one packed row, then core.heads",
+                  "results": torch_rows},
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+
+
+def _scores(logits: np.ndarray, activation: str) -> np.ndarray:
+    """Hugging Face's logits as scores, by torch (the reference side of the probabilities' comparison)."""
+    t = torch.from_numpy(np.asarray(logits))
+    return (t.softmax(-1) if activation == "softmax" else t.sigmoid()).numpy()
+
+
 def format_report(report: dict) -> str:
     """The parity report as a small table for terminals."""
     lines = [f"{'length':>7} {'row':>5} {'row len':>7} {'max|diff|':>10} {'min cos':>10}  ok"]
@@ -226,4 +346,9 @@ def format_report(report: dict) -> str:
     lines.append(f"overall: max|diff| {report['max_abs_diff']:.2e} (tolerance {t['max_abs_diff']:.0e}), "
                  f"min cosine {report['min_cosine']:.7f} (tolerance {t['min_cosine']}) -> "
                  f"{'PASSED' if report['passed'] else 'FAILED'}")
+    if report.get("head"):
+        h = report["head"]
+        lines.append(f"head ({h['kind']}, {len(h['labels'])} labels, {h['activation']}): logits max|diff| "
+                     f"{h['max_abs_diff']:.2e} against Hugging Face's own class on {len(h['results'])} sequences "
+                     f"(tolerance {h['tolerance']['max_abs_diff']:.0e}) -> {'PASSED' if h['passed'] else 'FAILED'}")
     return "\n".join(lines)

@@ -209,7 +209,16 @@ def _head_model(family: str, cfg: dict, head: str):
     prefix, config_class = ("BigBird", transformers.BigBirdConfig) if family == "bigbird" else \
         ("Longformer", transformers.LongformerConfig)
     cls = getattr(transformers, f"{prefix}For{'Sequence' if head == 'sequence' else 'Token'}Classification")
-    return cls(config_class(**cfg))
+    model = cls(config_class(**cfg))
+    # Hugging Face initialises a head with std 0.02 and zero biases: logits near 0.03 that any error would hide
+    # in. A fine-tuned head's are of order one: weights of std 1/sqrt(fan in) (out_proj 2x), biases of std 0.5.
+    with torch.no_grad():
+        for name, param in model.classifier.named_parameters():
+            if name.endswith("weight"):
+                param.normal_(0.0, (2.0 if "out_proj" in name else 1.0) / param.shape[1] ** 0.5)
+            else:
+                param.normal_(0.0, 0.5)
+    return model
 
 
 def write_synthetic_checkpoint(out: str | Path, size: str = "tiny", seed: int = 0, family: str = "longformer",

@@ -129,7 +129,8 @@ def probabilities(logits: np.ndarray, activation: str) -> np.ndarray:
         e = np.exp(x - x.max(axis=-1, keepdims=True))
         return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
     if activation == "sigmoid":
-        return (0.5 * (1.0 + np.tanh(0.5 * x))).astype(np.float32)  # no overflow for large |x|
+        e = np.exp(-np.abs(x))  # no overflow for large |x|, full relative precision on both sides
+        return np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(np.float32)
     raise ValueError(f"activation must be softmax or sigmoid, got {activation!r}")
 
 
