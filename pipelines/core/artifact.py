@@ -14,7 +14,7 @@ from pathlib import Path
 
 from clinlong.pipelines.core.encoder_config import EncoderConfig
 from clinlong.pipelines.core.errors import ArtifactError  # noqa: F401 - re-exported: defined in core.errors
-from clinlong.pipelines.core.heads import Head
+from clinlong.pipelines.core.heads import Head, HeadModel, read_safetensors
 
 SUPPORTED_FORMAT = ("clinlong-native", 2)  # 2: packed rows (input_ids, position_ids)
 
@@ -174,6 +174,21 @@ class Artifact:
         an embedding model. `core.heads.HeadModel.load(artifact)` loads its weights and runs it."""
         entry = self.manifest.get("head")
         return Head.from_manifest(entry) if entry else None
+
+    def load_head(self, verify: bool = True) -> HeadModel:
+        """The fine-tuned head with its weights (HeadModel: logits and probabilities from the encoder's last
+        hidden state), its file sha256-checked with `verify`; one ArtifactError line for an embedding model."""
+        head = self.head
+        if head is None:
+            raise ArtifactError(f"{self.path} holds no fine-tuned head (an embedding model); export a "
+                                "*ForSequenceClassification or *ForTokenClassification checkpoint for classification "
+                                "or NER: python -m clinlong.export CHECKPOINT OUT")
+        if verify:
+            self.verify([head.file])
+        path = self.path / head.file
+        with reading(path):
+            weights = read_safetensors(path)
+        return HeadModel(head, weights)
 
     def token_id(self, name: str) -> int:
         return int(self.manifest["special_tokens"][name]["id"])

@@ -23,12 +23,8 @@ import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
-
-if TYPE_CHECKING:
-    from clinlong.pipelines.core.artifact import Artifact
 
 HEAD_FILE = "head.safetensors"
 KINDS = ("sequence", "token")
@@ -177,21 +173,9 @@ class HeadModel:
         self._dense_act = DENSE_ACTIVATIONS[head.dense_act] if head.kind == "sequence" else None
 
     @classmethod
-    def load(cls, artifact: "Artifact", verify: bool = True) -> "HeadModel":
-        """The artifact's head (`Artifact.head`) with its weights (sha256-checked with `verify`); a ValueError
-        in one line where the artifact has none."""
-        from clinlong.pipelines.core.artifact import reading
-
-        head = artifact.head
-        if head is None:
-            raise ValueError(f"{artifact.path} holds no fine-tuned head (an embedding model); export a "
-                             "LongformerForSequenceClassification or ...ForTokenClassification checkpoint")
-        if verify:
-            artifact.verify([head.file])
-        path = artifact.path / head.file
-        with reading(path):
-            weights = read_safetensors(path)
-        return cls(head, weights)
+    def load(cls, artifact, verify: bool = True) -> "HeadModel":
+        """The head of `artifact` (a core.artifact.Artifact) with its weights: `artifact.load_head(verify)`."""
+        return artifact.load_head(verify)
 
     def logits(self, hidden: np.ndarray) -> np.ndarray:
         """The head's logits, float32.
