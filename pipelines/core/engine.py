@@ -297,9 +297,11 @@ def _gpu_budget(artifact: Artifact, device: str, precision: str, kernel: str) ->
     if artifact.model_type == "big_bird" and kernel == "blocks":
         return MAX_LENGTH  # dense scores per row: rows of one longest sequence
     one_sided = max(cfg.attention_window, default=2 * cfg.block_size) // 2
-    return gpu_token_budget(free, cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads,
-                            one_sided, dtype_bytes=4 if precision == "fp32" else 2,
-                            kernel=kernel)
+    budget = gpu_token_budget(free, cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads,
+                              one_sided, dtype_bytes=4 if precision == "fp32" else 2, kernel=kernel)
+    # FlexAttention's rows are padded to a power of two (runtime._TorchModel.row_width): a budget that is one
+    # keeps a full row within the memory it was sized for.
+    return 1 << (budget.bit_length() - 1) if kernel == "flex" else budget
 
 
 def word_starts(text: str, offsets: np.ndarray, tokens: list[str], marker: str,

@@ -186,7 +186,9 @@ class SlidingWindowSelfAttention(nn.Module):
         if self.kernel == "varlen":
             from torch.nn.attention.varlen import AuxRequest, varlen_attn
 
-            flat = (lambda t: t.reshape(bsz * length, h, d))
+            def flat(t: torch.Tensor) -> torch.Tensor:
+                return t.reshape(bsz * length, h, d)
+
             res = varlen_attn(flat(q), flat(k), flat(v), segments.starts, segments.starts, segments.max_length,
                               segments.max_length, scale=scale, window_size=(self.one_sided, self.one_sided),
                               return_aux=AuxRequest(lse=True) if glob else None)
@@ -349,7 +351,8 @@ class BlockSparseSelfAttention(nn.Module):
     def forward(self, hidden: torch.Tensor, segments: Segments, masks: dict) -> torch.Tensor:
         bsz, length, dim = hidden.shape
         h, d = self.num_heads, self.head_dim
-        q, k, v = (proj(hidden).reshape(bsz, length, h, d).transpose(1, 2) for proj in (self.query, self.key, self.value))
+        q, k, v = (proj(hidden).reshape(bsz, length, h, d).transpose(1, 2)
+                   for proj in (self.query, self.key, self.value))
         scale = 1.0 / math.sqrt(d)
         if "bigbird" not in masks:
             masks["bigbird"] = self.layout(segments)
@@ -410,6 +413,10 @@ def _flex_attention():
     if not torch.cuda.is_available():
         warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
         return flex_attention
+    # One compiled kernel per row length (a power of two, see runtime._TorchModel.row_width), precision and
+    # form (with or without the log-sum-exp): more than torch._dynamo's default of 8, past which it falls back
+    # to dense attention silently (seen on the H200 run of 2026-11-29).
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     return torch.compile(flex_attention, dynamic=False)
 
 

@@ -122,7 +122,9 @@ class _OrtModel:
     """ONNX Runtime on the exported graph; `with_global`: the global-attention graph (export --global-attention),
     which takes the global tokens' row indices as a third input."""
 
-    row_multiple = 1  # the graph pads each row to whole attention blocks itself
+    @staticmethod
+    def row_width(used: int) -> int:
+        return used  # the graph pads each row to whole attention blocks itself
 
     def __init__(self, artifact: Artifact, threads: int, with_global: bool = False):
         import onnxruntime as ort
@@ -174,7 +176,10 @@ def resolve_kernel(kernel: str, device: str, model_type: str = "longformer", pre
 
 class _TorchModel:
     _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-    FLEX_ROW_MULTIPLE = 4096  # compiled FlexAttention sees few row lengths, so it compiles a few times, not per batch
+    # Compiled FlexAttention compiles once per row length: rows are padded to a power of two from 4,096, so a
+    # GPU's budget of 65,536 tokens makes 5 lengths per precision (rows padded to multiples of 4,096 made 16
+    # and hit torch._dynamo's recompile limit on the H200 run of 2026-11-29, falling back to dense attention).
+    FLEX_MIN_ROW = 4096
 
     def __init__(self, artifact: Artifact, threads: int, precision: str, device: str = "cpu", kernel: str = "auto"):
         import torch
@@ -193,9 +198,13 @@ class _TorchModel:
         self.dtype = getattr(torch, self._DTYPES[precision])
         self.device = torch.device(device)
         self.model = model.eval().to(self.device, self.dtype)
-        self.row_multiple = self.FLEX_ROW_MULTIPLE if self.kernel == "flex" and self.device.type == "cuda" else 1
+        self.pow2_rows = self.kernel == "flex" and self.device.type == "cuda"
         self.torch = torch
         self.share: CoreShare | None = None  # set for the duration of a Spark task on a CPU executor
+
+    def row_width(self, used: int) -> int:
+        """The padded length of a packed row holding `used` tokens."""
+        return max(self.FLEX_MIN_ROW, 1 << (used - 1).bit_length()) if self.pow2_rows else used
 
     def __call__(self, ids: np.ndarray, positions: np.ndarray,
                  global_positions: np.ndarray | None = None) -> np.ndarray:
@@ -210,7 +219,15 @@ class _TorchModel:
                 t_ids, t_pos = t_ids.pin_memory(), t_pos.pin_memory()
             t_glob = None if global_positions is None else torch.from_numpy(global_positions).to(self.device)
             out = self.model(t_ids.to(self.device, non_blocking=cuda), t_pos.to(self.device, non_blocking=cuda), t_glob)
-            return out.float().cpu().numpy()
+            if not cuda:
+                return out.float().numpy()
+            # The vectors leave the GPU through page-locked host memory (torch's caching host allocator reuses
+            # it): the copy to pageable memory was 78% of the model step's device time on the H200 run of
+            # 2026-11-29 (benchmarks/gpu_check.sh's profile.txt).
+            host = torch.empty(out.shape, dtype=torch.float32, pin_memory=True)
+            host.copy_(out.float(), non_blocking=True)
+            torch.cuda.current_stream(self.device).synchronize()
+            return host.numpy()
 
 
 def choose_backend(precision: str, backend: str, device: str) -> tuple[str, str]:
@@ -293,7 +310,6 @@ class Encoder:
         self.padding_idx = artifact.encoder_config.pad_token_id  # packed rows' position padding (core.packing)
         self.token_budget = token_budget
         self.batch_size = batch_size
-        self.row_multiple = getattr(self.model, "row_multiple", 1)
 
     def __call__(self, sequences: Sequence[np.ndarray],
                  globals: Sequence[np.ndarray] | None = None) -> list[np.ndarray]:
@@ -312,8 +328,7 @@ class Encoder:
         """Run one packed row; on out-of-memory split its sequences in halves and retry, so none is lost.
         A single sequence that does not fit fails the task (Spark retries it) with a clear error."""
         used = sum(len(sequences[i]) for i in row)
-        multiple = self.row_multiple
-        ids, pos, spans = packed_rows(sequences, [row], self.pad_id, self.padding_idx, -(-used // multiple) * multiple)
+        ids, pos, spans = packed_rows(sequences, [row], self.pad_id, self.padding_idx, self.model.row_width(used))
         glob = None
         if globals is not None:
             found = [s + np.asarray(globals[i], np.int64) for i, (s, _) in zip(row, spans[0])]
@@ -328,6 +343,10 @@ class Encoder:
             if len(row) == 1:
                 raise MemoryError(f"one sequence of {used} tokens does not fit on {self.device}; "
                                   "lower --max-length or use a larger device") from None
+            hidden = None
+        if hidden is None:
+            # Retried outside the except clause: the exception's traceback holds the failed attempt's
+            # activations, and retrying inside it ran every half out of GPU memory too (H200 run, 2026-11-29).
             half = len(row) // 2
             return (self._run_splitting(sequences, row[:half], globals)
                     + self._run_splitting(sequences, row[half:], globals))
