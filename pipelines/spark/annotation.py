@@ -12,6 +12,7 @@ from pyspark.sql import types as T
 from clinlong.pipelines.core.schema import MAX_LIST_VALUES
 
 DOCUMENT, TOKEN, WORD_EMBEDDINGS, SENTENCE_EMBEDDINGS = "document", "token", "word_embeddings", "sentence_embeddings"
+CATEGORY, NAMED_ENTITY, CHUNK = "category", "named_entity", "chunk"  # heads (issue 24) and NerConverter
 
 ANNOTATION = T.StructType([
     T.StructField("annotatorType", T.StringType(), False),
