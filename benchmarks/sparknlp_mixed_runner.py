@@ -40,6 +40,16 @@ LABELS_SQL = """transform(token, (t, i) -> named_struct(
     'embeddings', cast(array() AS array<float>)))"""
 
 
+def pooling_diff(rows, tokens: str, sentences: str) -> float:
+    """Max |Spark NLP's SentenceEmbeddings (AVERAGE) - the mean of our token vectors of that sentence|."""
+    worst = 0.0
+    for r in rows:
+        for s in r[sentences]:
+            toks = [a.embeddings for a in r[tokens] if a.metadata["sentence"] == s.metadata["sentence"]]
+            mean = [sum(col) / len(toks) for col in zip(*toks)]
+            worst = max(worst, max(abs(x - y) for x, y in zip(mean, s.embeddings)))
+    return worst
+
 def one_line(error: BaseException) -> str:
     """The line that names the error: a JVM exception's own line where Py4J wraps one (its first line is
     only "An error occurred while calling oNNN.load.")."""
@@ -177,13 +187,7 @@ def main(spec_path):
                        "lf_vectors": [len(v) for v in r["lf_vectors"]],
                        "bb_document_vectors": [len(v) for v in r["bb_document_vectors"]]} for r in rows]
     # Spark NLP's SentenceEmbeddings over our vectors, against the mean of our token vectors in Python
-    worst = 0.0
-    for r in rows:
-        for s in r["lf_sentence"]:
-            toks = [a.embeddings for a in r["lf"] if a.metadata["sentence"] == s.metadata["sentence"]]
-            mean = [sum(col) / len(toks) for col in zip(*toks)]
-            worst = max(worst, max(abs(x - y) for x, y in zip(mean, s.embeddings)))
-    result["sentence_mean_max_diff"] = worst
+    result["sentence_mean_max_diff"] = pooling_diff(rows, "lf", "lf_sentence")
 
     # A NerDL model trained on our storageRef, fed vectors labelled with another one.
     if "ner" in out.columns:
@@ -230,9 +234,9 @@ def main(spec_path):
     # A token no BPE piece covers (U+200B: Spark NLP's Tokenizer keeps it as a token, BigBird's SentencePiece
     # normalizer drops it): ours gives it an empty `embeddings` array and its skip_reason (no vector is made
     # up). What Spark NLP's annotators make of that annotation:
-    odd = spark.createDataFrame([(1, "Pt \u200b stable today."), (2, "\u200b first then words.")],
-                                "id long, text string")
-    odd = Pipeline(stages=front + [bb]).fit(odd).transform(odd)
+    odd_in = spark.createDataFrame([(1, "Pt \u200b stable today."), (2, "\u200b first then words.")],
+                                   "id long, text string")
+    odd = Pipeline(stages=front + [bb]).fit(odd_in).transform(odd_in)
     uncovered = {"bb": [[(a.result, len(a.embeddings), a.metadata.get("skip_reason")) for a in r["bb"]]
                         for r in sorted(odd.collect(), key=lambda r: r["id"])]}
     for name, stage, col in (
@@ -243,6 +247,18 @@ def main(spec_path):
             uncovered[name] = [[len(a.embeddings) if hasattr(a, "embeddings") else len(a) for a in r[col]] for r in got]
         except Exception as e:  # noqa: BLE001
             uncovered[name] = one_line(e)
+    # ... and with keepTokensWithoutVector=False, which leaves such tokens out of our column for them.
+    try:
+        left_out = bb.copy().setKeepTokensWithoutVector(False)
+        pooled = (Pipeline(stages=front + [left_out]).fit(odd_in).transform(odd_in)
+                  .transform(SentenceEmbeddings().setInputCols(["sentence", "bb"]).setOutputCol("s").transform))
+        got = sorted(pooled.select("id", "bb", "s").collect(), key=lambda r: r["id"])
+        uncovered["left_out"] = {
+            "bb": [[(a.result, len(a.embeddings)) for a in r["bb"]] for r in got],
+            "SentenceEmbeddings": [[len(a.embeddings) for a in r["s"]] for r in got],
+            "max_pool_diff": pooling_diff(got, "bb", "s")}
+    except Exception as e:  # noqa: BLE001
+        uncovered["left_out"] = one_line(e)
     result["uncovered_token"] = uncovered
 
     # Spark NLP's LightPipeline over a PipelineModel holding our stages.

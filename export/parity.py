@@ -264,7 +264,7 @@ def check_head_parity(onnx_path: str | Path, head_path: str | Path, ckpt: Checkp
     import onnxruntime as ort
     import transformers
 
-    from clinlong.pipelines.core.heads import HeadModel, read_safetensors
+    from clinlong.pipelines.core.heads import HeadModel, read_head_weights
 
     start = time.perf_counter()
     spec = ckpt.head.head
@@ -279,7 +279,7 @@ def check_head_parity(onnx_path: str | Path, head_path: str | Path, ckpt: Checkp
         reference = {n: reference_head_run(model, ids) for n, ids in seqs.items()}
     finally:
         transformers.logging.set_verbosity(verbosity)
-    head = HeadModel(spec, read_safetensors(head_path))
+    head = HeadModel(spec, read_head_weights(head_path))
     pad, padding_idx = ckpt.tokenizer.pad_token_id, ckpt.encoder_config.pad_token_id
     lengths = sorted(seqs)
 

@@ -197,6 +197,14 @@ def test_job_and_stages_give_null_vectors_counted_in_the_summary(family_model, s
                for r in rows.values() for a in r["embeddings"] if not a["embeddings"])
     sent = [(i, a["begin"]) for i, r in rows.items() for a in r["sentence_embeddings"] if not a["embeddings"]]
     assert sorted(sent) == [(1, 15), (2, 14)]
+    # For Spark NLP's annotators, which need a vector in every annotation: keepTokensWithoutVector=False leaves
+    # exactly those tokens out; every other annotation is the same, and the token column still has them all.
+    model.stages[3].setKeepTokensWithoutVector(False)
+    dropped = {r["id"]: r for r in model.transform(df).collect()}
+    for i, r in rows.items():
+        kept = [(a["begin"], a["end"], a["result"], list(a["embeddings"])) for a in r["embeddings"] if a["embeddings"]]
+        assert [(a["begin"], a["end"], a["result"], list(a["embeddings"])) for a in dropped[i]["embeddings"]] == kept
+        assert len(dropped[i]["token"]) == len(r["token"]) == len(r["embeddings"])
 
 
 # ---- kind 3: words are whole in any Unicode form ----------------------------------------------------------

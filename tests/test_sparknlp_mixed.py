@@ -164,12 +164,21 @@ def test_a_token_without_a_vector_in_spark_nlp(mixed_run):
     """U+200B is a token to Spark NLP's Tokenizer and no piece to BigBird's SentencePiece normalizer: ours
     keeps the annotation with an empty `embeddings` array and its skip_reason (never a made-up vector).
     EmbeddingsFinisher passes the empty array on; Spark NLP 5.5.3's SentenceEmbeddings cannot pool it
-    (measured: java.lang.ArrayIndexOutOfBoundsException: Index 0 out of bounds for length 0)."""
+    (measured: java.lang.ArrayIndexOutOfBoundsException: Index 0 out of bounds for length 0), and does pool our
+    column with keepTokensWithoutVector=False."""
     odd = mixed_run["uncovered_token"]
     first = odd["bb"][1][0]
     assert first == ["\u200b", 0, "token has no BPE piece"], odd["bb"]
     assert all(n == DIM for row in odd["bb"] for t, n, _ in row if t != "\u200b")
     assert odd["EmbeddingsFinisher"][1][0] == 0 and DIM in odd["EmbeddingsFinisher"][1], odd
+    # With keepTokensWithoutVector=False our column leaves U+200B out, and Spark NLP's SentenceEmbeddings pools
+    # what is left: the mean of our vectors of each sentence.
+    left = odd["left_out"]
+    assert not isinstance(left, str), left
+    assert [[t for t, _ in row] for row in left["bb"]] == [[t for t, _, _ in row if t != "\u200b"] for row in odd["bb"]]
+    assert all(n == DIM for row in left["bb"] for _, n in row)
+    assert left["SentenceEmbeddings"] and all(n == DIM for row in left["SentenceEmbeddings"] for n in row), left
+    assert left["max_pool_diff"] <= 1e-5, left["max_pool_diff"]
     if isinstance(odd["SentenceEmbeddings"], str):
         pytest.xfail(f"Spark NLP's SentenceEmbeddings over a token with no vector: {odd['SentenceEmbeddings']}")
 

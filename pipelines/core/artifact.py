@@ -14,7 +14,7 @@ from pathlib import Path
 
 from clinlong.pipelines.core.encoder_config import EncoderConfig
 from clinlong.pipelines.core.errors import ArtifactError  # noqa: F401 - re-exported: defined in core.errors
-from clinlong.pipelines.core.heads import Head, HeadModel, read_safetensors
+from clinlong.pipelines.core.heads import Head, HeadModel, read_head_weights
 
 SUPPORTED_FORMAT = ("clinlong-native", 2)  # 2: packed rows (input_ids, position_ids)
 
@@ -187,7 +187,7 @@ class Artifact:
             self.verify([head.file])
         path = self.path / head.file
         with reading(path):
-            weights = read_safetensors(path)
+            weights = read_head_weights(path)
         return HeadModel(head, weights)
 
     def token_id(self, name: str) -> int:

@@ -17,9 +17,7 @@ that back as a `Head`, and `HeadModel.load(artifact)` loads the weights.
 """
 from __future__ import annotations
 
-import json
 import math
-import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,29 +128,12 @@ def probabilities(logits: np.ndarray, activation: str) -> np.ndarray:
     raise ValueError(f"activation must be softmax or sigmoid, got {activation!r}")
 
 
-# safetensors' dtypes this reader knows (the export writes float32).
-_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "BF16": None}
+def read_head_weights(path: str | Path) -> dict[str, np.ndarray]:
+    """The head's tensors (safetensors file) as float32 numpy arrays, read by the safetensors package's numpy
+    loader (no torch)."""
+    from safetensors.numpy import load_file
 
-
-def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
-    """The tensors of a small .safetensors file as numpy arrays, without the safetensors package (not part of
-    the ONNX path's install): an 8-byte little-endian header length, a JSON header of
-    {name: {dtype, shape, data_offsets}}, then the data."""
-    raw = Path(path).read_bytes()
-    (size,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8:8 + size])
-    data = memoryview(raw)[8 + size:]
-    out = {}
-    for name, meta in header.items():
-        if name == "__metadata__":
-            continue
-        dtype = _DTYPES.get(meta["dtype"])
-        if dtype is None:
-            raise ValueError(f"tensor {name} has dtype {meta['dtype']}, this reader takes F16, F32 and F64")
-        begin, end = meta["data_offsets"]
-        arr = np.frombuffer(data[begin:end], dtype=np.dtype(dtype).newbyteorder("<"))
-        out[name] = arr.reshape(meta["shape"]).astype(np.float32)
-    return out
+    return {name: arr.astype(np.float32) for name, arr in load_file(str(path)).items()}
 
 
 class HeadModel:

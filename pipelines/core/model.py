@@ -376,7 +376,7 @@ class BlockSparseSelfAttention(nn.Module):
             bias = counted.to(q.dtype) * self.block0_bias
             masks["bigbird_dense"] = bias.masked_fill(~allowed, torch.finfo(q.dtype).min)[:, None]
         # SDPA with a float mask: CPUs' fused kernel, faster than the explicit softmax(QK^T + mask)V on torch
-        # and on onnxruntime alike (figures: README, Performance).
+        # and on onnxruntime alike (figures: README, "BigBird at inference").
         ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=masks["bigbird_dense"], scale=scale)
         return ctx.transpose(1, 2).reshape(bsz, length, dim)
 

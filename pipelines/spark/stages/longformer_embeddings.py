@@ -6,7 +6,10 @@ maxSentenceLength run as overlapping windows) and feeding `sentence` gives Spark
 behaviour. A token's vector is its first BPE piece's. A token that no BPE piece covers (its characters
 are dropped by a SentencePiece normalizer), and every token of an annotation that cannot be embedded,
 keeps its annotation with an empty `embeddings` array and the reason in its metadata (`skip_reason`):
-no vector is made up.
+no vector is made up. Spark NLP's annotators that pool token vectors need a vector in every annotation
+(SentenceEmbeddings 5.5.3 fails on an empty one: ArrayIndexOutOfBoundsException); for them,
+`setKeepTokensWithoutVector(False)` leaves such tokens out of the output column (they stay in the token
+column, so the two columns say which tokens have no vector).
 
 maxSentenceLength accepts 3 to 4096 (at most the artifact's max length, checked at transform); the
 window overlap of longer notes follows it (pipelines.core.windows.default_overlap).
@@ -46,12 +49,16 @@ class LongformerEmbeddings(AnnotatorStage, HasDimension, HasStorageRef):
                         TypeConverters.toString)
     precision = Param(Params._dummy(), "precision", "auto (bf16 on GPUs and bf16 CPUs, else fp32), fp32, bf16 or fp16",
                       TypeConverters.toString)
+    keepTokensWithoutVector = Param(Params._dummy(), "keepTokensWithoutVector",
+                                    "True: a token with no vector keeps its annotation, an empty embeddings array and "
+                                    "its skip_reason; False: it is left out (for Spark NLP's SentenceEmbeddings)",
+                                    TypeConverters.toBoolean)
 
     def __init__(self):
         super().__init__()
         self._setDefault(inputCols=["document", "token"], outputCol="embeddings", caseSensitive=True,
                          maxSentenceLength=MAX_LENGTH, batchSize=8, tokenVector="first",
-                         precision=EmbedOptions.precision)
+                         precision=EmbedOptions.precision, keepTokensWithoutVector=True)
 
     @classmethod
     def load(cls, path: str) -> "LongformerEmbeddings":
@@ -109,6 +116,12 @@ class LongformerEmbeddings(AnnotatorStage, HasDimension, HasStorageRef):
     def setTokenVector(self, value: str):
         return self._set(tokenVector=value)
 
+    def setKeepTokensWithoutVector(self, value: bool):
+        return self._set(keepTokensWithoutVector=value)
+
+    def getKeepTokensWithoutVector(self) -> bool:
+        return self.getOrDefault(self.keepTokensWithoutVector)
+
     def _artifact(self) -> Artifact:
         if not self.isSet(self.modelPath):
             raise ValueError(f"{type(self).__name__} has no model: use .pretrained(name, lang) or .setModelPath(dir)")
@@ -132,6 +145,7 @@ class LongformerEmbeddings(AnnotatorStage, HasDimension, HasStorageRef):
         opts = self.options().validate(art)
         path, dim = str(art.path), art.dimension
         doc_col, tok_col = self.getInputCols()[:2]
+        keep_empty = self.getKeepTokensWithoutVector()
 
         def embed(batch: pa.RecordBatch) -> pa.Array:
             from clinlong.pipelines.core.batches import embed_texts, embedder
@@ -155,6 +169,9 @@ class LongformerEmbeddings(AnnotatorStage, HasDimension, HasStorageRef):
                     res.tokens = [(t["begin"] - b0, t["end"] - b0, 0) for t in inside]
                     vecs = res.token_vectors(opts.token_vector)
                     why = [TOKEN_NO_PIECE if m else None for m in np.isnan(vecs).any(axis=1)]
+                if not keep_empty:
+                    kept = [i for i, reason in enumerate(why) if reason is None]
+                    vecs, inside, why = vecs[kept], [inside[i] for i in kept], [why[i] for i in kept]
                 vectors.append(vecs)
                 for t, reason in zip(inside, why):
                     meta = {"sentence": dict(t["metadata"] or ()).get("sentence", "0"), "token": t["result"],
