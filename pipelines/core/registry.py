@@ -15,6 +15,8 @@ ALIASES = {
     "en.embed.bigbird.clinical": ("clinical_bigbird", "en"),
     "en.embed.bigbird.clinical_bigbird": ("clinical_bigbird", "en"),
 }
+# nlu-style task names of fine-tuned heads (LANG.TASK.FAMILY.NAME resolves to NAME in LANG): classification, NER.
+HEAD_TASKS = ("classify", "ner")
 # The Hugging Face checkpoint each registered name is exported from (named in the error that says how).
 HUB_IDS = {"clinical_longformer": "yikuan8/Clinical-Longformer", "drlongformer": "abazoge/DrLongformer",
            "drbert_4096": "abazoge/DrBERT-4096", "clinical_bigbird": "yikuan8/Clinical-BigBird"}
@@ -30,6 +32,9 @@ def resolve(name: str = "clinical_longformer", lang: str = "en") -> Path:
         name, lang = ALIASES[name]
     if Path(name).expanduser().is_dir() and (Path(name).expanduser() / MANIFEST_FILE).exists():
         return Path(name).expanduser()
+    lang_, task, family, *rest = name.split(".") + ["", "", ""]
+    if task in HEAD_TASKS and family in ("longformer", "bigbird") and rest[0] and not rest[1]:
+        name, lang = rest[0], lang_  # nlu style for fine-tuned heads: en.classify.longformer.<name> -> <name>_en
     if "/" in name or "\\" in name or name.startswith(("~", ".")):  # a path, not a registered name
         path = Path(name).expanduser()
         what = "is a folder without manifest.json" if path.is_dir() else "does not exist"
