@@ -21,21 +21,32 @@ if TYPE_CHECKING:  # what IDEs and type checkers see; at run time the names load
     from clinlong.pipelines.spark.light import EmbeddingsPipeline, load
     from clinlong.pipelines.spark.stages import (
         BigBirdEmbeddings,
+        BigBirdForSequenceClassification,
+        BigBirdForTokenClassification,
         DocumentAssembler,
         EmbeddingsFinisher,
         LongformerEmbeddings,
+        LongformerForSequenceClassification,
+        LongformerForTokenClassification,
+        NerConverter,
         SentenceDetector,
         SentenceEmbeddings,
         Tokenizer,
     )
 
+# Fine-tuned heads (issue 24) and the chunker of their tags.
+HEAD_STAGES = ("LongformerForSequenceClassification", "BigBirdForSequenceClassification",
+               "LongformerForTokenClassification", "BigBirdForTokenClassification", "NerConverter")
 _LAZY = {
     "load": "spark.light", "EmbeddingsPipeline": "spark.light",
     **{name: "spark.stages" for name in ("DocumentAssembler", "SentenceDetector", "Tokenizer", "LongformerEmbeddings",
-                                          "BigBirdEmbeddings", "SentenceEmbeddings", "EmbeddingsFinisher")},
+                                          "BigBirdEmbeddings", "SentenceEmbeddings", "EmbeddingsFinisher",
+                                          *HEAD_STAGES)},
 }
 __all__ = ["load", "EmbeddingsPipeline", "DocumentAssembler", "SentenceDetector", "Tokenizer", "LongformerEmbeddings",
-           "BigBirdEmbeddings", "SentenceEmbeddings", "EmbeddingsFinisher"]
+           "BigBirdEmbeddings", "SentenceEmbeddings", "EmbeddingsFinisher", "LongformerForSequenceClassification",
+           "BigBirdForSequenceClassification", "LongformerForTokenClassification", "BigBirdForTokenClassification",
+           "NerConverter"]
 assert sorted(__all__) == sorted(_LAZY)
 
 
