@@ -296,6 +296,12 @@ def test_wrong_models_are_refused_in_one_line(models, tmp_path):
     with pytest.raises(ValueError, match="has no model"):
         LongformerForSequenceClassification().getLabels()
     assert LongformerForSequenceClassification.pretrained(seq).getClasses() == list(SEQUENCE_LABELS)
+    multi = tmp_path / "multi"  # a multi-label head's manifest: its stage defaults to sigmoid scores
+    shutil.copytree(seq, multi)
+    manifest = json.loads((multi / "manifest.json").read_text())
+    manifest["head"].update(problem_type="multi_label_classification", activation="sigmoid")
+    (multi / "manifest.json").write_text(json.dumps(manifest))
+    assert LongformerForSequenceClassification().setModelPath(str(multi)).getActivation() == "sigmoid"
 
 
 def test_a_bad_note_is_isolated(models, spark, monkeypatch):
