@@ -303,6 +303,7 @@ class Encoder:
         self.device = device
         self.global_attention = global_attention
         self.model = load_model(artifact, precision, backend, threads, device, kernel, global_attention)
+        self.row_width = self.model.row_width  # the padded length of a row holding n tokens (the kernel's rule)
         if global_attention != "none" and not getattr(self.model, "with_global", False):
             raise ValueError("this artifact lacks the global-attention weights (exported before they were kept); "
                              "re-export it with python -m clinlong.export for --global-attention")
@@ -328,7 +329,7 @@ class Encoder:
         """Run one packed row; on out-of-memory split its sequences in halves and retry, so none is lost.
         A single sequence that does not fit fails the task (Spark retries it) with a clear error."""
         used = sum(len(sequences[i]) for i in row)
-        ids, pos, spans = packed_rows(sequences, [row], self.pad_id, self.padding_idx, self.model.row_width(used))
+        ids, pos, spans = packed_rows(sequences, [row], self.pad_id, self.padding_idx, self.row_width(used))
         glob = None
         if globals is not None:
             found = [s + np.asarray(globals[i], np.int64) for i, (s, _) in zip(row, spans[0])]
