@@ -11,6 +11,8 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
+from clinlong.pipelines.core.artifact import Artifact
+from clinlong.pipelines.core.engine import MAX_LENGTH, EmbedOptions
 from clinlong.pipelines.spark.annotation import ANNOTATIONS, ARROW_ANNOTATIONS, column_metadata
 
 
@@ -50,6 +52,71 @@ class HasDimension(Params):
 
     def getDimension(self) -> int:
         return self.getOrDefault(self.dimension)
+
+
+class HasModel(Params):
+    """The Params of a stage that runs an exported artifact (Spark NLP's names: caseSensitive, maxSentenceLength,
+    batchSize), our `precision`, and the artifact's path and model_id; `load` refuses an artifact whose model_id
+    differs from the one the stage was saved with. Defaults: case-sensitive, 4,096 pieces, 8 sequences a call."""
+
+    modelPath = Param(Params._dummy(), "modelPath", "native artifact directory", TypeConverters.toString)
+    modelId = Param(Params._dummy(), "modelId", "the artifact's model_id (checked when a saved stage is loaded)",
+                    TypeConverters.toString)
+    caseSensitive = Param(Params._dummy(), "caseSensitive", "keep case before BPE", TypeConverters.toBoolean)
+    maxSentenceLength = Param(Params._dummy(), "maxSentenceLength", f"max BPE pieces per sequence (<= {MAX_LENGTH})",
+                              TypeConverters.toInt)
+    batchSize = Param(Params._dummy(), "batchSize", "max sequences per model call", TypeConverters.toInt)
+    precision = Param(Params._dummy(), "precision", "auto (bf16 on GPUs and bf16 CPUs, else fp32), fp32, bf16 or fp16",
+                      TypeConverters.toString)
+
+    def __init__(self):
+        super().__init__()
+        self._setDefault(caseSensitive=True, maxSentenceLength=MAX_LENGTH, batchSize=8,
+                         precision=EmbedOptions.precision)
+
+    @classmethod
+    def load(cls, path: str):
+        """Spark ML persistence's load, refusing an artifact other than the one the stage was saved with."""
+        stage = super().load(path)
+        if stage.isSet(stage.modelPath) and stage.isSet(stage.modelId):
+            found = Artifact.open(stage.getOrDefault(stage.modelPath), verify=False).model_id
+            if found != stage.getOrDefault(stage.modelId):
+                raise ValueError(f"the saved {cls.__name__} at {path} was built with model "
+                                 f"{stage.getOrDefault(stage.modelId)}, but {stage.getOrDefault(stage.modelPath)} now "
+                                 f"holds {found}; put that artifact back there or call setModelPath on another copy")
+        return stage
+
+    def setCaseSensitive(self, value: bool):
+        return self._set(caseSensitive=value)
+
+    def getCaseSensitive(self) -> bool:
+        return self.getOrDefault(self.caseSensitive)
+
+    def setMaxSentenceLength(self, value: int):
+        if not 3 <= value <= MAX_LENGTH:
+            raise ValueError(f"maxSentenceLength must be between 3 and {MAX_LENGTH}, got {value}")
+        return self._set(maxSentenceLength=value)
+
+    def getMaxSentenceLength(self) -> int:
+        return self.getOrDefault(self.maxSentenceLength)
+
+    def setBatchSize(self, value: int):
+        return self._set(batchSize=value)
+
+    def getBatchSize(self) -> int:
+        return self.getOrDefault(self.batchSize)
+
+    def setPrecision(self, value: str):
+        return self._set(precision=value)
+
+    def getPrecision(self) -> str:
+        return self.getOrDefault(self.precision)
+
+    def _model_options(self, **extra) -> EmbedOptions:
+        """The engine options these Params give (note context: each annotation of the first input is a note)."""
+        return EmbedOptions(context="note", max_length=self.getMaxSentenceLength(),
+                            case_sensitive=self.getCaseSensitive(), batch_size=self.getBatchSize(),
+                            precision=self.getPrecision(), **extra)
 
 
 class AnnotatorStage(Transformer, DefaultParamsReadable, DefaultParamsWritable):

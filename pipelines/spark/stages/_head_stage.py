@@ -7,13 +7,12 @@ checked on load, and the run of each annotation of the first input column throug
 from __future__ import annotations
 
 import numpy as np
-from pyspark.ml.param import Param, Params, TypeConverters
 
 from clinlong.pipelines.core.artifact import Artifact
-from clinlong.pipelines.core.engine import MAX_LENGTH, EmbedOptions
+from clinlong.pipelines.core.engine import EmbedOptions
 from clinlong.pipelines.core.registry import resolve
 from clinlong.pipelines.spark.annotation import DOCUMENT, TOKEN
-from clinlong.pipelines.spark.stages._base import AnnotatorStage
+from clinlong.pipelines.spark.stages._base import AnnotatorStage, HasModel
 
 FAMILY_PREFIX = {"longformer": "Longformer", "big_bird": "BigBird"}
 
@@ -23,39 +22,15 @@ def score_text(x) -> str:
     return str(np.float32(x))
 
 
-class HeadStage(AnnotatorStage):
+class HeadStage(HasModel, AnnotatorStage):
     """Base of the head stages; subclasses set `headKind` ("sequence" or "token") and `modelType`."""
 
     modelType = "longformer"
     headKind = "sequence"
     inputAnnotatorTypes = ((DOCUMENT,), (TOKEN,))
-    modelPath = Param(Params._dummy(), "modelPath", "native artifact directory (a fine-tuned head's export)",
-                      TypeConverters.toString)
-    modelId = Param(Params._dummy(), "modelId", "the artifact's model_id (checked when a saved stage is loaded)",
-                    TypeConverters.toString)
-    caseSensitive = Param(Params._dummy(), "caseSensitive", "keep case before BPE", TypeConverters.toBoolean)
-    maxSentenceLength = Param(Params._dummy(), "maxSentenceLength", f"max BPE pieces per sequence (<= {MAX_LENGTH})",
-                              TypeConverters.toInt)
-    batchSize = Param(Params._dummy(), "batchSize", "max sequences per model call", TypeConverters.toInt)
-    precision = Param(Params._dummy(), "precision", "auto (bf16 on GPUs and bf16 CPUs, else fp32), fp32, bf16 or fp16",
-                      TypeConverters.toString)
-
     def __init__(self):
         super().__init__()
-        self._setDefault(inputCols=["document", "token"], caseSensitive=True, maxSentenceLength=MAX_LENGTH,
-                         batchSize=8, precision=EmbedOptions.precision)
-
-    @classmethod
-    def load(cls, path: str):
-        """Spark ML persistence's load, refusing an artifact other than the one the stage was saved with."""
-        stage = super().load(path)
-        if stage.isSet(stage.modelPath) and stage.isSet(stage.modelId):
-            found = Artifact.open(stage.getOrDefault(stage.modelPath), verify=False).model_id
-            if found != stage.getOrDefault(stage.modelId):
-                raise ValueError(f"the saved {cls.__name__} at {path} was built with model "
-                                 f"{stage.getOrDefault(stage.modelId)}, but {stage.getOrDefault(stage.modelPath)} now "
-                                 f"holds {found}; put that artifact back there or call setModelPath on another copy")
-        return stage
+        self._setDefault(inputCols=["document", "token"])
 
     @classmethod
     def pretrained(cls, name: str, lang: str = "en"):
@@ -81,32 +56,6 @@ class HeadStage(AnnotatorStage):
     def getClasses(self) -> list[str]:
         return self.getLabels()
 
-    def setCaseSensitive(self, value: bool):
-        return self._set(caseSensitive=value)
-
-    def getCaseSensitive(self) -> bool:
-        return self.getOrDefault(self.caseSensitive)
-
-    def setMaxSentenceLength(self, value: int):
-        if not 3 <= value <= MAX_LENGTH:
-            raise ValueError(f"maxSentenceLength must be between 3 and {MAX_LENGTH}, got {value}")
-        return self._set(maxSentenceLength=value)
-
-    def getMaxSentenceLength(self) -> int:
-        return self.getOrDefault(self.maxSentenceLength)
-
-    def setBatchSize(self, value: int):
-        return self._set(batchSize=value)
-
-    def getBatchSize(self) -> int:
-        return self.getOrDefault(self.batchSize)
-
-    def setPrecision(self, value: str):
-        return self._set(precision=value)
-
-    def getPrecision(self) -> str:
-        return self.getOrDefault(self.precision)
-
     def _artifact(self) -> Artifact:
         from clinlong.pipelines.core.head_runs import check_head
 
@@ -117,9 +66,7 @@ class HeadStage(AnnotatorStage):
         return art
 
     def options(self) -> EmbedOptions:
-        return EmbedOptions(context="note", max_length=self.getMaxSentenceLength(),
-                            case_sensitive=self.getCaseSensitive(), batch_size=self.getBatchSize(),
-                            precision=self.getPrecision())
+        return self._model_options()
 
 
 def run_segments(path: str, opts: EmbedOptions, docs: list) -> tuple[list[tuple[int, int, dict]], list]:

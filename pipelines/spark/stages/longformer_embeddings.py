@@ -27,28 +27,19 @@ from pyspark.ml.param import Param, Params, TypeConverters
 from pyspark.sql import DataFrame
 
 from clinlong.pipelines.core.artifact import Artifact
-from clinlong.pipelines.core.engine import MAX_LENGTH, TOKEN_NO_PIECE, EmbedOptions
+from clinlong.pipelines.core.engine import TOKEN_NO_PIECE, EmbedOptions
 from clinlong.pipelines.core.registry import resolve
 from clinlong.pipelines.spark.annotation import DOCUMENT, TOKEN, WORD_EMBEDDINGS, annotations_array, column_metadata
-from clinlong.pipelines.spark.stages._base import AnnotatorStage, HasDimension, HasStorageRef
+from clinlong.pipelines.spark.stages._base import AnnotatorStage, HasDimension, HasModel, HasStorageRef
 
 
-class LongformerEmbeddings(AnnotatorStage, HasDimension, HasStorageRef):
+class LongformerEmbeddings(HasModel, AnnotatorStage, HasDimension, HasStorageRef):
     modelType = "longformer"  # the artifact family this stage runs (core.model.MODEL_TYPES)
     defaultModel = ("clinical_longformer", "en")
     inputAnnotatorTypes = ((DOCUMENT,), (TOKEN,))
     outputAnnotatorType = WORD_EMBEDDINGS
-    modelPath = Param(Params._dummy(), "modelPath", "native artifact directory", TypeConverters.toString)
-    modelId = Param(Params._dummy(), "modelId", "the artifact's model_id (checked when a saved stage is loaded)",
-                    TypeConverters.toString)
-    caseSensitive = Param(Params._dummy(), "caseSensitive", "keep case before BPE", TypeConverters.toBoolean)
-    maxSentenceLength = Param(Params._dummy(), "maxSentenceLength", f"max BPE pieces per sequence (<= {MAX_LENGTH})",
-                              TypeConverters.toInt)
-    batchSize = Param(Params._dummy(), "batchSize", "max sequences per model call", TypeConverters.toInt)
     tokenVector = Param(Params._dummy(), "tokenVector", "first (Spark NLP) or mean of the token's pieces",
                         TypeConverters.toString)
-    precision = Param(Params._dummy(), "precision", "auto (bf16 on GPUs and bf16 CPUs, else fp32), fp32, bf16 or fp16",
-                      TypeConverters.toString)
     keepTokensWithoutVector = Param(Params._dummy(), "keepTokensWithoutVector",
                                     "True: a token with no vector keeps its annotation, an empty embeddings array and "
                                     "its skip_reason; False: it is left out (for Spark NLP's SentenceEmbeddings)",
@@ -56,21 +47,8 @@ class LongformerEmbeddings(AnnotatorStage, HasDimension, HasStorageRef):
 
     def __init__(self):
         super().__init__()
-        self._setDefault(inputCols=["document", "token"], outputCol="embeddings", caseSensitive=True,
-                         maxSentenceLength=MAX_LENGTH, batchSize=8, tokenVector="first",
-                         precision=EmbedOptions.precision, keepTokensWithoutVector=True)
-
-    @classmethod
-    def load(cls, path: str) -> "LongformerEmbeddings":
-        """Spark ML persistence's load, refusing an artifact other than the one the stage was saved with."""
-        stage = super().load(path)
-        if stage.isSet(stage.modelPath) and stage.isSet(stage.modelId):
-            found = Artifact.open(stage.getOrDefault(stage.modelPath), verify=False).model_id
-            if found != stage.getOrDefault(stage.modelId):
-                raise ValueError(f"the saved {cls.__name__} at {path} was built with model "
-                                 f"{stage.getOrDefault(stage.modelId)}, but {stage.getOrDefault(stage.modelPath)} now "
-                                 f"holds {found}; put that artifact back there or call setModelPath on another copy")
-        return stage
+        self._setDefault(inputCols=["document", "token"], outputCol="embeddings", tokenVector="first",
+                         keepTokensWithoutVector=True)
 
     @classmethod
     def pretrained(cls, name: str | None = None, lang: str | None = None) -> "LongformerEmbeddings":
@@ -86,32 +64,6 @@ class LongformerEmbeddings(AnnotatorStage, HasDimension, HasStorageRef):
             raise ValueError(f"{path} holds a {art.model_type} model; {type(self).__name__} runs {self.modelType} "
                              f"models: use {other}")
         return self._set(modelPath=str(art.path.resolve()), modelId=art.model_id, dimension=art.dimension)
-
-    def setCaseSensitive(self, value: bool):
-        return self._set(caseSensitive=value)
-
-    def getCaseSensitive(self) -> bool:
-        return self.getOrDefault(self.caseSensitive)
-
-    def setMaxSentenceLength(self, value: int):
-        if not 3 <= value <= MAX_LENGTH:
-            raise ValueError(f"maxSentenceLength must be between 3 and {MAX_LENGTH}, got {value}")
-        return self._set(maxSentenceLength=value)
-
-    def getMaxSentenceLength(self) -> int:
-        return self.getOrDefault(self.maxSentenceLength)
-
-    def setBatchSize(self, value: int):
-        return self._set(batchSize=value)
-
-    def getBatchSize(self) -> int:
-        return self.getOrDefault(self.batchSize)
-
-    def setPrecision(self, value: str):
-        return self._set(precision=value)
-
-    def getPrecision(self) -> str:
-        return self.getOrDefault(self.precision)
 
     def setTokenVector(self, value: str):
         return self._set(tokenVector=value)
@@ -131,10 +83,7 @@ class LongformerEmbeddings(AnnotatorStage, HasDimension, HasStorageRef):
         return self.getOrDefault(self.storageRef) if self.isSet(self.storageRef) else self._artifact().model_id
 
     def options(self) -> EmbedOptions:
-        return EmbedOptions(context="note", max_length=self.getMaxSentenceLength(),
-                            case_sensitive=self.getCaseSensitive(), batch_size=self.getBatchSize(),
-                            token_vector=self.getOrDefault(self.tokenVector),
-                            precision=self.getPrecision())
+        return self._model_options(token_vector=self.getOrDefault(self.tokenVector))
 
     def _column_metadata(self) -> dict:
         return column_metadata(WORD_EMBEDDINGS, self._artifact().dimension, self.getStorageRef())
