@@ -271,8 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     ckpt, art = ensure_artifact(work)
     setup_s = time.perf_counter() - started
-    cfg = json.loads((art / "manifest.json").read_text())["torch"]["encoder_config"]
-    fpt = flops_per_token(cfg)
+    from clinlong.pipelines.core.artifact import Artifact
+
+    fpt = flops_per_token(Artifact.open(art, verify=False).encoder_config)
     notes_path, texts = write_notes(work, n_notes, n_long)
     peaks = {prec: gemm_peak(prec, cores) for prec in precisions}
     log.info(f"{n_notes} notes, {args.repeat} runs per row; GEMM peak "

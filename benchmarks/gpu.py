@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     kernels = GPU_KERNELS if cuda else ("blocks",)  # varlen runs on CUDA only; eager FlexAttention on CPUs is dense
     ckpt, art_path = ensure_artifact(Path(args.work), args.size)
     art = Artifact.open(art_path, verify=False)
-    fpt = flops_per_token(art.manifest["torch"]["encoder_config"])
+    fpt = flops_per_token(art.encoder_config)
     texts = [n.text for n in generate_notes(n_notes, seed=7)]
     threads = os.cpu_count() or 1
     torch.set_num_threads(threads)

@@ -3,17 +3,21 @@ from __future__ import annotations
 
 import os
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from clinlong.pipelines.core.encoder_config import EncoderConfig
 
 
-def flops_per_token(cfg: dict) -> float:
+def flops_per_token(cfg: EncoderConfig) -> float:
     """Useful FLOPs per token: dense layers plus windowed attention, per layer, times layers.
 
     per layer = 2 * (4 d^2 + 2 d d_ff)          Q, K, V, output projections and the feed-forward
               + 2 * 2 * d * (w + 1)             QK^T and PV over the w + 1 keys of a window w
     (embeddings, LayerNorm, softmax and GELU are ignored; Clinical-Longformer: 188.8 MFLOP/token).
     BigBird counts the 8 key blocks a block-sparse query block reads (3 sliding, 2 global, 3 random) as w + 1."""
-    d, dff = cfg["hidden_size"], cfg["intermediate_size"]
-    windows = cfg["attention_window"] or [8 * cfg.get("block_size", 64) - 1] * cfg["num_hidden_layers"]
+    d, dff = cfg.hidden_size, cfg.intermediate_size
+    windows = cfg.attention_window or (8 * cfg.block_size - 1,) * cfg.num_hidden_layers
     return float(sum(2 * (4 * d * d + 2 * d * dff) + 4 * d * (w + 1) for w in windows))
 
 

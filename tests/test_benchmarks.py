@@ -16,8 +16,9 @@ from tests.conftest import ROOT
 def test_flops_formula_gives_clinical_longformers_189_mflop():
     from clinlong.benchmarks.measure import flops_per_token
     from clinlong.export.synthetic import CLINICAL_LONGFORMER_CONFIG
+    from clinlong.pipelines.core.encoder_config import EncoderConfig
 
-    assert abs(flops_per_token(CLINICAL_LONGFORMER_CONFIG) / 1e6 - 188.8) < 0.1
+    assert abs(flops_per_token(EncoderConfig.from_hf_dict(CLINICAL_LONGFORMER_CONFIG)) / 1e6 - 188.8) < 0.1
 
 
 @pytest.fixture(scope="module")
