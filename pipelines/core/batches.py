@@ -47,11 +47,12 @@ _EMBEDDERS_LOCK = threading.Lock()
 _loads = [0]  # models this process has loaded (a task tells those it loaded itself: see `loads`)
 
 
-def embedder(artifact_path: str, options: EmbedOptions) -> NoteEmbedder:
+def embedder(artifact_path: str, options: EmbedOptions, engine: type[NoteEmbedder] = NoteEmbedder) -> NoteEmbedder:
     """The process's embedder for this artifact, options and device (the GPU Spark assigned this task, or
     the CPU), and the threads set for it. Keyed by the artifact's model_id, read from its manifest on every
     call: an artifact re-exported in place is a new model, never the old one under the new id. A model is
     verified (sha256 of the files it reads) and loaded once, then reused across batches and tasks.
+    `engine`: the NoteEmbedder class to build (core.head_runs.HeadRunner for a fine-tuned head).
 
     Raises:
         ArtifactError: the artifact is missing, incomplete or fails its checksums.
@@ -64,11 +65,11 @@ def embedder(artifact_path: str, options: EmbedOptions) -> NoteEmbedder:
     device = choose_device(options.device)
     threads = set_task_threads()
     art = Artifact.open(artifact_path, verify=False)
-    key = (art.model_id, options, device, threads)
+    key = (engine, art.model_id, options, device, threads)
     with _EMBEDDERS_LOCK:
         if key not in _EMBEDDERS:
             art.verify(model_files(art, choose_backend(options.precision, options.backend, device)[0]))
-            _EMBEDDERS[key] = NoteEmbedder(art, options, threads=threads, device=device)
+            _EMBEDDERS[key] = engine(art, options, threads=threads, device=device)
             _loads[0] += 1
         return _EMBEDDERS[key]
 

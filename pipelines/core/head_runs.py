@@ -13,7 +13,6 @@ Scores are `core.heads.probabilities(logits, activation)`: softmax or sigmoid, t
 from __future__ import annotations
 
 import dataclasses
-import threading
 
 import numpy as np
 
@@ -21,10 +20,6 @@ from clinlong.pipelines.core.artifact import Artifact, ArtifactError
 from clinlong.pipelines.core.engine import EmbedOptions, NoteEmbedder, NoteResult
 
 KIND_CLASSES = {"sequence": "ForSequenceClassification", "token": "ForTokenClassification"}
-
-_RUNNERS: dict[tuple, "HeadRunner"] = {}
-_RUNNERS_LOCK = threading.Lock()
-
 
 def check_head(artifact: Artifact, kind: str, stage: str) -> None:
     """One-line ArtifactError unless `artifact` holds a fine-tuned head of `kind` ("sequence" or "token")."""
@@ -97,19 +92,8 @@ def token_logits(result: NoteResult) -> np.ndarray:
 
 
 def head_runner(artifact_path: str, options: EmbedOptions) -> HeadRunner:
-    """The process's HeadRunner for this artifact, options and device, loaded (and sha256-verified) once and
-    reused across batches and tasks, as `core.batches.embedder` does for embeddings."""
-    from clinlong.pipelines.core.devices import choose_device
-    from clinlong.pipelines.core.logs import configure
-    from clinlong.pipelines.core.runtime import choose_backend, model_files, set_task_threads
+    """The process's HeadRunner for this artifact, options and device: `core.batches.embedder`'s cache (loaded
+    and sha256-verified once, the head's file too, then reused across batches and tasks)."""
+    from clinlong.pipelines.core.batches import embedder
 
-    configure()
-    device = choose_device(options.device)
-    threads = set_task_threads()
-    art = Artifact.open(artifact_path, verify=False)
-    key = (art.model_id, options, device, threads)
-    with _RUNNERS_LOCK:
-        if key not in _RUNNERS:
-            art.verify(model_files(art, choose_backend(options.precision, options.backend, device)[0]))
-            _RUNNERS[key] = HeadRunner(art, options, threads=threads, device=device, verify=True)
-        return _RUNNERS[key]
+    return embedder(artifact_path, options, engine=HeadRunner)
