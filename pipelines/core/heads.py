@@ -24,10 +24,13 @@ from pathlib import Path
 
 import numpy as np
 
+from clinlong.pipelines.core.options import check_choice
+
 HEAD_FILE = "head.safetensors"
 KINDS = ("sequence", "token")
 # problem_type -> how logits become scores (Hugging Face's pipelines read them so).
 ACTIVATIONS = {"single_label_classification": "softmax", "multi_label_classification": "sigmoid"}
+SCORE_ACTIVATIONS = ("softmax", "sigmoid")  # how logits become scores (`probabilities`)
 # Architectures whose head this module computes exactly: name -> (kind, activation between dense and out_proj).
 # "hidden_act": BigBird's head uses the config's hidden_act, recorded in the manifest as the head's `dense_act`.
 ARCHITECTURES = {
@@ -82,13 +85,10 @@ class Head:
     file: str = HEAD_FILE
 
     def __post_init__(self):
-        if self.kind not in KINDS:
-            raise ValueError(f"head kind must be one of {KINDS}, got {self.kind!r}")
-        if self.activation not in ("softmax", "sigmoid"):
-            raise ValueError(f"head activation must be softmax or sigmoid, got {self.activation!r}")
-        if self.kind == "sequence" and self.dense_act not in DENSE_ACTIVATIONS:
-            raise ValueError(f"sequence head activation must be one of {sorted(DENSE_ACTIVATIONS)}, "
-                             f"got {self.dense_act!r}")
+        check_choice("head kind", self.kind, KINDS)
+        check_choice("head activation", self.activation, SCORE_ACTIVATIONS)
+        if self.kind == "sequence":
+            check_choice("sequence head activation", self.dense_act, sorted(DENSE_ACTIVATIONS))
 
     @property
     def num_labels(self) -> int:
@@ -118,14 +118,13 @@ class HeadOutput:
 
 def probabilities(logits: np.ndarray, activation: str) -> np.ndarray:
     """Scores over the last axis: softmax (each row sums to 1) or an independent sigmoid per label."""
+    check_choice("activation", activation, SCORE_ACTIVATIONS)
     x = np.asarray(logits, np.float64)
     if activation == "softmax":
         e = np.exp(x - x.max(axis=-1, keepdims=True))
         return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
-    if activation == "sigmoid":
-        e = np.exp(-np.abs(x))  # no overflow for large |x|, full relative precision on both sides
-        return np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(np.float32)
-    raise ValueError(f"activation must be softmax or sigmoid, got {activation!r}")
+    e = np.exp(-np.abs(x))  # sigmoid: no overflow for large |x|, full relative precision on both sides
+    return np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(np.float32)
 
 
 def read_head_weights(path: str | Path) -> dict[str, np.ndarray]:

@@ -22,11 +22,10 @@ import pyarrow as pa
 from pyspark.ml.param import Param, Params, TypeConverters
 from pyspark.sql import DataFrame
 
-from clinlong.pipelines.core.heads import probabilities
+from clinlong.pipelines.core.heads import SCORE_ACTIVATIONS, probabilities
+from clinlong.pipelines.core.options import check_choice
 from clinlong.pipelines.spark.annotation import CATEGORY, annotations_array
 from clinlong.pipelines.spark.stages._head_stage import HeadStage, run_segments, score_text
-
-ACTIVATIONS = ("softmax", "sigmoid")
 
 
 class LongformerForSequenceClassification(HeadStage):
@@ -51,8 +50,7 @@ class LongformerForSequenceClassification(HeadStage):
         return self.getOrDefault(self.coalesceSentences)
 
     def setActivation(self, value: str):
-        if value not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {value!r}")
+        check_choice("activation", value, SCORE_ACTIVATIONS)
         return self._set(activation=value)
 
     def getActivation(self) -> str:
