@@ -9,6 +9,7 @@ JVM cannot run, which fails the run under CI=1). The baseline and each job row r
 Spark session each; the median counts and every run's seconds are reported. Base-size synthetic checkpoint
 (the real Clinical-Longformer dimensions), MIMIC-III-like mix of note lengths.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,8 +49,12 @@ def short_note_mix(ckpt: Path, art: Path, n: int, threads: int, precisions=("fp3
     torch.set_num_threads(threads)
     hf_seconds, _ = hf_run(ckpt, prepared.runs, "cpu", "fp32", sort=True)
     hf_tps = tokens / hf_seconds
-    result = {"notes": n, "bpe_tokens": tokens, "mean_tokens_per_note": round(tokens / n, 1),
-              "hf_eager_sorted_fp32_tokens_per_s": round(hf_tps, 1)}
+    result = {
+        "notes": n,
+        "bpe_tokens": tokens,
+        "mean_tokens_per_note": round(tokens / n, 1),
+        "hf_eager_sorted_fp32_tokens_per_s": round(hf_tps, 1),
+    }
     for prec in precisions:
         secs, useful, _ = heavy_step(art, texts, prec, threads)
         result[f"ours_heavy_step_{prec}_tokens_per_s"] = round(useful / secs, 1)
@@ -72,8 +77,9 @@ def write_notes(work: Path, n: int, long_notes: int) -> tuple[Path, list[str]]:
     notes = longs + shorts
     random.Random(0).shuffle(notes)
     path = work / f"notes-{n}-{long_notes}.parquet"
-    pd.DataFrame({"ROW_ID": [x.row_id for x in notes], "CATEGORY": [x.category for x in notes],
-                  "TEXT": [x.text for x in notes]}).to_parquet(path)
+    pd.DataFrame(
+        {"ROW_ID": [x.row_id for x in notes], "CATEGORY": [x.category for x in notes], "TEXT": [x.text for x in notes]}
+    ).to_parquet(path)
     return path, [x.text for x in notes]
 
 
@@ -89,15 +95,17 @@ def run_baseline(notes: Path, ckpt: Path, out: Path, cores: int, repeat: int) ->
                 start = time.perf_counter()
                 df = spark.read.parquet(str(notes)).repartition(cores)
                 df.select("ROW_ID", embed_udf(str(ckpt))("TEXT").alias("embedding")).write.mode("overwrite").parquet(
-                    str(out))
+                    str(out)
+                )
                 seconds.append(time.perf_counter() - start)
         return seconds, round(mem.peak_mb, 1)
     finally:
         spark.stop()
 
 
-def run_ours(notes: Path, art: Path, out: Path, cores: int, precision: str,
-             repeat: int) -> tuple[list[float], float, dict]:
+def run_ours(
+    notes: Path, art: Path, out: Path, cores: int, precision: str, repeat: int
+) -> tuple[list[float], float, dict]:
     """Our job `repeat` times in one Spark session (each run a new run id, overwriting the table): the wall
     seconds of each run, peak worker RSS, and the last run's summary."""
     from clinlong.pipelines.core.engine import EmbedOptions
@@ -109,9 +117,18 @@ def run_ours(notes: Path, art: Path, out: Path, cores: int, precision: str,
         with WorkerMemory() as mem:
             for _ in range(repeat):
                 start = time.perf_counter()
-                summary = run(JobConfig(notes=str(notes), model=str(art), out=str(out), mode="overwrite",
-                                        run_id=f"bench-{time.time_ns()}", partitions=cores,
-                                        options=EmbedOptions(precision=precision)), spark)
+                summary = run(
+                    JobConfig(
+                        notes=str(notes),
+                        model=str(art),
+                        out=str(out),
+                        mode="overwrite",
+                        run_id=f"bench-{time.time_ns()}",
+                        partitions=cores,
+                        options=EmbedOptions(precision=precision),
+                    ),
+                    spark,
+                )
                 seconds.append(time.perf_counter() - start)
         return seconds, round(mem.peak_mb, 1), summary
     finally:
@@ -199,39 +216,60 @@ def plot(result: dict, path: Path) -> None:
 
 
 def format_table(result: dict) -> str:
-    head = f"{'run':<32} {'notes':>5} {'tokens':>7} {'wall s':>7} {'tok/s':>7} {'x base':>6} {'GFLOP/s':>7} " \
-           f"{'of peak':>7} {'RSS MB':>7} {'cos fp32':>8}"
+    head = (
+        f"{'run':<32} {'notes':>5} {'tokens':>7} {'wall s':>7} {'tok/s':>7} {'x base':>6} {'GFLOP/s':>7} "
+        f"{'of peak':>7} {'RSS MB':>7} {'cos fp32':>8}"
+    )
     lines = [head]
     for r in result["runs"]:
         cos = r.get("cosine_to_fp32_min")
-        lines.append(f"{r['name']:<32} {r['notes']:>5} {r['bpe_tokens']:>7} {r['wall_s']:>7.1f} "
-                     f"{r['tokens_per_s']:>7.0f} {r['ratio_vs_baseline']:>6.2f} {r['gflops']:>7.1f} "
-                     f"{r['fraction_of_peak']:>7.2f} {(r['peak_rss_mb_per_worker'] or 0):>7.0f} "
-                     f"{'' if cos is None else f'{cos:.5f}':>8}")
-    lines.append(f"wall s: median of {result['repeat']} runs per row ("
-                 + "; ".join(f"{r['name']}: {', '.join(map(str, r['wall_s_runs']))}" for r in result["runs"]
-                             if "wall_s_runs" in r) + ")")
+        lines.append(
+            f"{r['name']:<32} {r['notes']:>5} {r['bpe_tokens']:>7} {r['wall_s']:>7.1f} "
+            f"{r['tokens_per_s']:>7.0f} {r['ratio_vs_baseline']:>6.2f} {r['gflops']:>7.1f} "
+            f"{r['fraction_of_peak']:>7.2f} {(r['peak_rss_mb_per_worker'] or 0):>7.0f} "
+            f"{'' if cos is None else f'{cos:.5f}':>8}"
+        )
+    lines.append(
+        f"wall s: median of {result['repeat']} runs per row ("
+        + "; ".join(
+            f"{r['name']}: {', '.join(map(str, r['wall_s_runs']))}" for r in result["runs"] if "wall_s_runs" in r
+        )
+        + ")"
+    )
     if result["skipped"]:
         lines.append(result["skipped"])
     p = result["gemm_peak_gflops"]
-    lines.append(f"GEMM peak ({result['threads']} threads): " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in p.items())
-                 + f"; {result['flops_per_token'] / 1e6:.1f} MFLOP per token")
+    lines.append(
+        f"GEMM peak ({result['threads']} threads): "
+        + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in p.items())
+        + f"; {result['flops_per_token'] / 1e6:.1f} MFLOP per token"
+    )
     sm = result["short_note_mix"]
-    lines.append(f"short-note mix ({sm['notes']} notes, {sm['mean_tokens_per_note']} tokens each): "
-                 f"Hugging Face eager fp32 {sm['hf_eager_sorted_fp32_tokens_per_s']:.0f} tok/s; our heavy step "
-                 + ", ".join(f"{k} {sm[f'ours_heavy_step_{k}_tokens_per_s']:.0f} ({sm[f'ours_heavy_step_{k}_x_hf']}x)"
-                             for k in result["precisions"]))
+    lines.append(
+        f"short-note mix ({sm['notes']} notes, {sm['mean_tokens_per_note']} tokens each): "
+        f"Hugging Face eager fp32 {sm['hf_eager_sorted_fp32_tokens_per_s']:.0f} tok/s; our heavy step "
+        + ", ".join(
+            f"{k} {sm[f'ours_heavy_step_{k}_tokens_per_s']:.0f} ({sm[f'ours_heavy_step_{k}_x_hf']}x)"
+            for k in result["precisions"]
+        )
+    )
     mc = result["machine"]
-    lines.append(f"machine: {mc['cpu']}, {mc['cores']} cores; bf16 hardware: "
-                 f"{', '.join(k for k in ('avx512_bf16', 'amx_bf16') if mc[k]) or 'none'} -> precision auto = "
-                 f"{mc['precision_auto']}")
+    lines.append(
+        f"machine: {mc['cpu']}, {mc['cores']} cores; bf16 hardware: "
+        f"{', '.join(k for k in ('avx512_bf16', 'amx_bf16') if mc[k]) or 'none'} -> precision auto = "
+        f"{mc['precision_auto']}"
+    )
     s = result["scaling"]
-    lines.append("scaling (fp32 heavy step): "
-                 + ", ".join(f"{r['tokens']}: {r['seconds']:.2f} s" for r in s["per_length"])
-                 + f"; fitted exponent {s['fitted_exponent']}")
+    lines.append(
+        "scaling (fp32 heavy step): "
+        + ", ".join(f"{r['tokens']}: {r['seconds']:.2f} s" for r in s["per_length"])
+        + f"; fitted exponent {s['fitted_exponent']}"
+    )
     m = result["memory_stream"]
-    lines.append(f"memory on a stream: RSS {m['rss_mb_after_each_chunk'][0]} -> {m['rss_mb_after_each_chunk'][-1]} MB, "
-                 f"growth over a second pass through the same notes {m['growth_second_pass_mb']} MB")
+    lines.append(
+        f"memory on a stream: RSS {m['rss_mb_after_each_chunk'][0]} -> {m['rss_mb_after_each_chunk'][-1]} MB, "
+        f"growth over a second pass through the same notes {m['growth_second_pass_mb']} MB"
+    )
     if result.get("peer"):
         from clinlong.benchmarks.peer import format_peer
 
@@ -251,10 +289,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plot", help="PNG path (default: next to --json, else WORK/benchmark.png)")
     p.add_argument("--work", default="work/bench", help="folder for the checkpoint, artifact, notes and outputs")
     p.add_argument("--repeat", type=int, default=3, help="runs of the baseline and of each job row; the median counts")
-    p.add_argument("--precisions", help="fp32,bf16 (default: bf16 too only where precision auto picks it, i.e. "
-                   "where this CPU's bf16 hardware is faster)")
-    p.add_argument("--no-peer", action="store_true", help="leave out the peer rows (Spark NLP's own pipeline; "
-                   "benchmarks/peer.py), said in the output; under CI=1 the run then fails")
+    p.add_argument(
+        "--precisions",
+        help="fp32,bf16 (default: bf16 too only where precision auto picks it, i.e. "
+        "where this CPU's bf16 hardware is faster)",
+    )
+    p.add_argument(
+        "--no-peer",
+        action="store_true",
+        help="leave out the peer rows (Spark NLP's own pipeline; "
+        "benchmarks/peer.py), said in the output; under CI=1 the run then fails",
+    )
     args = p.parse_args(argv)
     from clinlong.pipelines.core.logs import configure
 
@@ -265,9 +310,14 @@ def main(argv: list[str] | None = None) -> int:
     n_notes, n_long = (8, 1) if args.quick else (40, 8)
     auto = machine()["precision_auto"]
     precisions = args.precisions.split(",") if args.precisions else ["fp32", *(["bf16"] if auto == "bf16" else [])]
-    skipped = "" if "bf16" in precisions else (
-        "bf16 rows skipped: precision auto picks fp32 on this CPU (no bf16 hardware that is faster here); "
-        "pass --precisions fp32,bf16 to run them")
+    skipped = (
+        ""
+        if "bf16" in precisions
+        else (
+            "bf16 rows skipped: precision auto picks fp32 on this CPU (no bf16 hardware that is faster here); "
+            "pass --precisions fp32,bf16 to run them"
+        )
+    )
     started = time.perf_counter()
     ckpt, art = ensure_artifact(work)
     setup_s = time.perf_counter() - started
@@ -276,8 +326,11 @@ def main(argv: list[str] | None = None) -> int:
     fpt = flops_per_token(Artifact.open(art, verify=False).encoder_config)
     notes_path, texts = write_notes(work, n_notes, n_long)
     peaks = {prec: gemm_peak(prec, cores) for prec in precisions}
-    log.info(f"{n_notes} notes, {args.repeat} runs per row; GEMM peak "
-             + ", ".join(f"{k} {v:.0f}" for k, v in peaks.items()) + f" GFLOP/s on {cores} threads")
+    log.info(
+        f"{n_notes} notes, {args.repeat} runs per row; GEMM peak "
+        + ", ".join(f"{k} {v:.0f}" for k, v in peaks.items())
+        + f" GFLOP/s on {cores} threads"
+    )
     if skipped:
         log.info(skipped)
 
@@ -287,33 +340,59 @@ def main(argv: list[str] | None = None) -> int:
     log.info("baseline: Spark pandas UDF + Hugging Face LongformerModel, fp32")
     secs, rss = run_baseline(notes_path, ckpt, work / "baseline.parquet", cores, args.repeat)
     base_tokens = tokens_processed(str(ckpt), texts)
-    runs.append({"name": "baseline_pandas_udf_hf_fp32", "precision": "fp32", "notes": n_notes,
-                 "bpe_tokens": base_tokens, "wall_s": float(np.median(secs)),
-                 "wall_s_runs": [round(x, 2) for x in secs], "peak_rss_mb_per_worker": rss})
+    runs.append(
+        {
+            "name": "baseline_pandas_udf_hf_fp32",
+            "precision": "fp32",
+            "notes": n_notes,
+            "bpe_tokens": base_tokens,
+            "wall_s": float(np.median(secs)),
+            "wall_s_runs": [round(x, 2) for x in secs],
+            "peak_rss_mb_per_worker": rss,
+        }
+    )
     job_tables = {}
     for prec in precisions:
         log.info(f"our job, note granularity into Delta, {prec}")
         out = work / f"delta-{prec}"
         secs, rss, summary = run_ours(notes_path, art, out, cores, prec, args.repeat)
         job_tables[prec] = out
-        runs.append({"name": f"ours_job_delta_{prec}", "precision": prec, "notes": summary["rows_in"],
-                     "bpe_tokens": summary["bpe_tokens"] + 2 * summary["embedded"], "wall_s": float(np.median(secs)),
-                     "wall_s_runs": [round(x, 2) for x in secs], "peak_rss_mb_per_worker": rss})
+        runs.append(
+            {
+                "name": f"ours_job_delta_{prec}",
+                "precision": prec,
+                "notes": summary["rows_in"],
+                "bpe_tokens": summary["bpe_tokens"] + 2 * summary["embedded"],
+                "wall_s": float(np.median(secs)),
+                "wall_s_runs": [round(x, 2) for x in secs],
+                "peak_rss_mb_per_worker": rss,
+            }
+        )
     heavy = {}
     for prec in precisions:
         log.info(f"our heavy step alone, {prec}")
         secs, tokens, out = heavy_step(art, texts, prec, cores)
         heavy[prec] = out
-        runs.append({"name": f"ours_heavy_step_{prec}", "precision": prec, "notes": n_notes, "bpe_tokens": tokens,
-                     "wall_s": secs, "peak_rss_mb_per_worker": round(peak_rss_mb(), 1)})
+        runs.append(
+            {
+                "name": f"ours_heavy_step_{prec}",
+                "precision": prec,
+                "notes": n_notes,
+                "bpe_tokens": tokens,
+                "wall_s": secs,
+                "peak_rss_mb_per_worker": round(peak_rss_mb(), 1),
+            }
+        )
 
     token_cos = note_cos = None
     if "bf16" in precisions:
         from clinlong.pipelines.delta.sink import read_table
 
         token_cos = float(min(cosine_rows(a, b).min() for a, b in zip(heavy["fp32"], heavy["bf16"])))
-        t32, t16 = (read_table(str(job_tables[p]), ["note_id", "embedding"]).to_pandas().sort_values("note_id")
-                    for p in ("fp32", "bf16"))
+        t32, t16 = (
+            read_table(str(job_tables[p]), ["note_id", "embedding"]).to_pandas().sort_values("note_id")
+            for p in ("fp32", "bf16")
+        )
         note_cos = float(cosine_rows(np.stack(t32.embedding), np.stack(t16.embedding)).min())
     base_tps = runs[0]["bpe_tokens"] / runs[0]["wall_s"]
     for r in runs:
@@ -329,22 +408,31 @@ def main(argv: list[str] | None = None) -> int:
     short = short_note_mix(ckpt, art, 12 if args.quick else 120, cores, precisions)
     log.info("scaling and memory")
     result = {
-        "machine": machine(), "threads": cores, "quick": args.quick,
+        "machine": machine(),
+        "threads": cores,
+        "quick": args.quick,
         "flops_per_token": fpt,
         "flops_formula": "per layer 2*(4*d^2 + 2*d*d_ff) + 4*d*(w+1), summed over layers",
         "gemm_peak_gflops": {k: round(v, 1) for k, v in peaks.items()},
-        "runs": runs, "repeat": args.repeat, "precisions": precisions, "skipped": skipped,
-        "cosine_bf16_vs_fp32": ({"per_token_min": round(token_cos, 6), "per_note_min": round(note_cos, 6)}
-                                if token_cos is not None else None),
+        "runs": runs,
+        "repeat": args.repeat,
+        "precisions": precisions,
+        "skipped": skipped,
+        "cosine_bf16_vs_fp32": (
+            {"per_token_min": round(token_cos, 6), "per_note_min": round(note_cos, 6)}
+            if token_cos is not None
+            else None
+        ),
         "short_note_mix": short,
         "scaling": scaling(art, cores, 1 if args.quick else 3),
         "memory_stream": memory_stream(art, cores, 3 if args.quick else 8),
     }
     result.update(peer_rows(work, args.quick, cores, args.no_peer))
-    result["seconds"] = {"setup_checkpoint_and_export": round(setup_s, 1),
-                         "benchmark": round(time.perf_counter() - started - setup_s, 1)}
-    png = (Path(args.plot) if args.plot
-           else Path(args.json).with_suffix(".png") if args.json else work / "benchmark.png")
+    result["seconds"] = {
+        "setup_checkpoint_and_export": round(setup_s, 1),
+        "benchmark": round(time.perf_counter() - started - setup_s, 1),
+    }
+    png = Path(args.plot) if args.plot else Path(args.json).with_suffix(".png") if args.json else work / "benchmark.png"
     plot(result, png)
     result["plot"] = str(png)
     if args.json:
@@ -368,8 +456,11 @@ def peer_rows(work: Path, quick: bool, cores: int, no_peer: bool) -> dict:
     try:
         return {"peer": peer.peer_benchmark(work, quick, cores)}
     except RuntimeError as e:
-        return {"peer": None, "peer_failed": f"peer rows failed: {str(e).splitlines()[0]}",
-                "peer_failure": str(e)[-3000:]}
+        return {
+            "peer": None,
+            "peer_failed": f"peer rows failed: {str(e).splitlines()[0]}",
+            "peer_failure": str(e)[-3000:],
+        }
 
 
 if __name__ == "__main__":

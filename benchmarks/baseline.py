@@ -1,6 +1,7 @@
 """The baseline users build when Spark NLP is slow: a Spark Arrow pandas UDF around Hugging Face
 `LongformerModel` (cached per worker), fixed batches of rows, torch eager fp32, no global attention,
 mean note vectors (attention mask), written to Parquet."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -23,8 +24,10 @@ def _model(checkpoint: str):
         hf_logging.set_verbosity_error()
         ctx = TaskContext.get()
         torch.set_num_threads(max(1, int(ctx.cpus())) if ctx else 1)  # same threads as our tasks: a fair baseline
-        _CACHE[checkpoint] = (AutoTokenizer.from_pretrained(checkpoint),
-                              LongformerModel.from_pretrained(checkpoint, add_pooling_layer=False).eval())
+        _CACHE[checkpoint] = (
+            AutoTokenizer.from_pretrained(checkpoint),
+            LongformerModel.from_pretrained(checkpoint, add_pooling_layer=False).eval(),
+        )
     return _CACHE[checkpoint]
 
 
@@ -39,7 +42,7 @@ def embed_udf(checkpoint: str):
         tok, model = _model(checkpoint)
         out = []
         for i in range(0, len(texts), BATCH_ROWS):
-            chunk = [t if isinstance(t, str) else "" for t in texts.iloc[i:i + BATCH_ROWS]]
+            chunk = [t if isinstance(t, str) else "" for t in texts.iloc[i : i + BATCH_ROWS]]
             enc = tok(chunk, padding=True, truncation=True, max_length=4096, return_tensors="pt")
             with torch.inference_mode():
                 hidden = model(**enc).last_hidden_state
@@ -93,11 +96,11 @@ def hf_run(ckpt: Path, sequences: list[np.ndarray], device: str, precision: str,
                 ids = torch.full((len(batch), width), pad, dtype=torch.long)
                 mask = torch.zeros((len(batch), width), dtype=torch.long)
                 for r, i in enumerate(batch):
-                    ids[r, :lengths[i]] = torch.from_numpy(sequences[i])
-                    mask[r, :lengths[i]] = 1
+                    ids[r, : lengths[i]] = torch.from_numpy(sequences[i])
+                    mask[r, : lengths[i]] = 1
                 hidden = model(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
                 if precision == "fp32":  # the reference: kept for the cosine of every other row
                     for r, i in enumerate(batch):
-                        out[i] = hidden[r, :lengths[i]].float().cpu().numpy()
+                        out[i] = hidden[r, : lengths[i]].float().cpu().numpy()
     del model
     return clock.seconds, out

@@ -14,6 +14,7 @@ Also, at the first precision: each kernel with global attention on every window'
 cls`, issue 24: the windowed kernel plus a dense global part merged by log-sum-exp), and with `--profile
 FILE` a torch.profiler table of the top kernels of our model step.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -74,14 +75,21 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m clinlong.benchmarks.gpu", description=__doc__.splitlines()[0])
     p.add_argument("--work", default="work/bench")
-    p.add_argument("--notes", type=int, help=f"notes to run (default {GPU_NOTES} on a GPU, {SMOKE_NOTES} on the CPU: a "
-                   "smoke run of the script that fits a minute on 2 cores)")
+    p.add_argument(
+        "--notes",
+        type=int,
+        help=f"notes to run (default {GPU_NOTES} on a GPU, {SMOKE_NOTES} on the CPU: a "
+        "smoke run of the script that fits a minute on 2 cores)",
+    )
     p.add_argument("--device", default="cuda:0", help="cuda:N, or cpu for a smoke run of this script")
     p.add_argument("--size", default="base", choices=("base", "tiny"), help="synthetic checkpoint size")
     p.add_argument("--precisions", help="comma-separated (default bf16,fp16 on a GPU, bf16 in a CPU smoke run)")
     p.add_argument("--json")
-    p.add_argument("--profile", help="write a torch.profiler table (top kernels by device time) of our model "
-                   "step at the first precision and kernel to this file")
+    p.add_argument(
+        "--profile",
+        help="write a torch.profiler table (top kernels by device time) of our model "
+        "step at the first precision and kernel to this file",
+    )
     args = p.parse_args(argv)
     device = args.device
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -114,10 +122,17 @@ def main(argv: list[str] | None = None) -> int:
 
     def row(name: str, prec: str, seconds: float, **extra) -> dict:
         tps = useful / seconds
-        r = {"name": name, "precision": prec, "seconds": round(seconds, 3), "tokens_per_s": round(tps),
-             "tflops": _sig(tps * fpt / 1e12), "gemm_peak_tflops": _sig(peaks[prec] / 1e3),
-             "fraction_of_peak": round(tps * fpt / 1e9 / peaks[prec], 3),
-             "mimic_hours": round(MIMIC_TOKENS / tps / 3600, 3), **extra}
+        r = {
+            "name": name,
+            "precision": prec,
+            "seconds": round(seconds, 3),
+            "tokens_per_s": round(tps),
+            "tflops": _sig(tps * fpt / 1e12),
+            "gemm_peak_tflops": _sig(peaks[prec] / 1e3),
+            "fraction_of_peak": round(tps * fpt / 1e9 / peaks[prec], 3),
+            "mimic_hours": round(MIMIC_TOKENS / tps / 3600, 3),
+            **extra,
+        }
         if cuda:
             r["gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
             torch.cuda.reset_peak_memory_stats()
@@ -132,35 +147,57 @@ def main(argv: list[str] | None = None) -> int:
             row(f"hf_eager_{'sorted' if sort else '8_rows'}", prec, seconds)
     for prec in precisions:
         for kernel in kernels:
-            emb = NoteEmbedder(art, EmbedOptions(precision=prec, attention_kernel=kernel), device=device,
-                               threads=threads)
+            emb = NoteEmbedder(
+                art, EmbedOptions(precision=prec, attention_kernel=kernel), device=device, threads=threads
+            )
             # Warm-up: one untimed pass compiles FlexAttention for each row length and fills torch's pinned
             # host-memory cache, as the first batches of a long job do; the timed pass is the steady state.
             emb.finish(prepared)
             cos = _min_cosine(reference, emb.encoder([sequences[i] for i in sample]))
             with Clock(device) as clock:
                 emb.finish(prepared)
-            row(f"ours_model_{kernel}", prec, clock.seconds, kernel=kernel, min_cosine_to_hf_fp32=round(cos, 6),
-                token_budget=emb.encoder.token_budget)
+            row(
+                f"ours_model_{kernel}",
+                prec,
+                clock.seconds,
+                kernel=kernel,
+                min_cosine_to_hf_fp32=round(cos, 6),
+                token_budget=emb.encoder.token_budget,
+            )
             local_seconds = clock.seconds
             if args.profile and prec == precisions[0] and kernel == kernels[0]:
                 _profile(emb, prepared, cuda, Path(args.profile))
             if prec == precisions[0] and art.model_type == "longformer":
-                glob = NoteEmbedder(art, EmbedOptions(precision=prec, attention_kernel=kernel, global_attention="cls"),
-                                    device=device, threads=threads)
+                glob = NoteEmbedder(
+                    art,
+                    EmbedOptions(precision=prec, attention_kernel=kernel, global_attention="cls"),
+                    device=device,
+                    threads=threads,
+                )
                 glob.finish(prepared)  # warm-up, as above
                 with Clock(device) as clock:
                     glob.finish(prepared)
-                row(f"ours_model_{kernel}_global_cls", prec, clock.seconds, kernel=kernel, global_attention="cls",
-                    seconds_vs_local=round(clock.seconds / local_seconds, 3))
+                row(
+                    f"ours_model_{kernel}_global_cls",
+                    prec,
+                    clock.seconds,
+                    kernel=kernel,
+                    global_attention="cls",
+                    seconds_vs_local=round(clock.seconds / local_seconds, 3),
+                )
                 del glob
             stalls = Stalls()
-            batches = [texts[i:i + NOTES_PER_BATCH] for i in range(0, len(texts), NOTES_PER_BATCH)]
+            batches = [texts[i : i + NOTES_PER_BATCH] for i in range(0, len(texts), NOTES_PER_BATCH)]
             with Clock(device) as clock:
                 for _ in overlapped(emb.prepare, emb.finish, batches, stalls):
                     pass
-            row(f"ours_with_preparation_{kernel}", prec, clock.seconds, kernel=kernel,
-                model_waits_for_preparation=round(stalls.fraction, 3))
+            row(
+                f"ours_with_preparation_{kernel}",
+                prec,
+                clock.seconds,
+                kernel=kernel,
+                model_waits_for_preparation=round(stalls.fraction, 3),
+            )
             del emb
     hf_sorted = {r["precision"]: r["tokens_per_s"] for r in rows if r["name"] == "hf_eager_sorted"}
     for r in rows:
@@ -168,10 +205,16 @@ def main(argv: list[str] | None = None) -> int:
             r["x_hf_sorted"] = round(r["tokens_per_s"] / hf_sorted[r["precision"]], 2)
     result = {
         "device": torch.cuda.get_device_name(device) if cuda else f"cpu ({platform.processor() or platform.machine()})",
-        "host_cores": threads, "torch": torch.__version__, "model": art.model_id, "notes": len(texts),
-        "useful_tokens": useful, "model_tokens": tokens, "flops_per_token": fpt,
+        "host_cores": threads,
+        "torch": torch.__version__,
+        "model": art.model_id,
+        "notes": len(texts),
+        "useful_tokens": useful,
+        "model_tokens": tokens,
+        "flops_per_token": fpt,
         "preparation_tokens_per_s_per_core": round(useful / prep_seconds / threads),
-        "gemm_peak_tflops": {k: _sig(v / 1e3) for k, v in peaks.items()}, "runs": rows,
+        "gemm_peak_tflops": {k: _sig(v / 1e3) for k, v in peaks.items()},
+        "runs": rows,
     }
     print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=2))
     if args.json:

@@ -3,6 +3,7 @@
 Shared by `python -m clinlong.benchmarks`, its peer rows (benchmarks/peer.py) and the GPU benchmark, so none
 of them imports another's entry point.
 """
+
 from __future__ import annotations
 
 import json
@@ -47,8 +48,13 @@ def local_spark(cores: int):
 
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     ensure_java()
-    spark = (SparkSession.builder.master(f"local[{cores}]").appName("clinlong-benchmarks")
-             .config("spark.ui.enabled", "false").config("spark.task.cpus", "1")
-             .config("spark.sql.execution.arrow.maxRecordsPerBatch", "64").getOrCreate())
+    spark = (
+        SparkSession.builder.master(f"local[{cores}]")
+        .appName("clinlong-benchmarks")
+        .config("spark.ui.enabled", "false")
+        .config("spark.task.cpus", "1")
+        .config("spark.sql.execution.arrow.maxRecordsPerBatch", "64")
+        .getOrCreate()
+    )
     spark.sparkContext.setLogLevel("ERROR")
     return spark

@@ -1,4 +1,5 @@
 """Measurements shared by the benchmark runs: GEMM peak, useful FLOPs, memory, machine."""
+
 from __future__ import annotations
 
 import os
@@ -21,8 +22,9 @@ def flops_per_token(cfg: EncoderConfig) -> float:
     return float(sum(2 * (4 * d * d + 2 * d * dff) + 4 * d * (w + 1) for w in windows))
 
 
-def gemm_peak(precision: str, threads: int, m: int = 4096, k: int = 768, n: int = 3072, repeat: int = 8,
-              device: str = "cpu") -> float:
+def gemm_peak(
+    precision: str, threads: int, m: int = 4096, k: int = 768, n: int = 3072, repeat: int = 8, device: str = "cpu"
+) -> float:
     """Best-of GFLOP/s of a (m x k) @ (k x n) GEMM, the encoder's FFN shape, at this precision and thread count."""
     import torch
 
@@ -125,6 +127,12 @@ def machine() -> dict:
     from clinlong.pipelines.core.runtime import resolve_precision
 
     cpu = cpu_info()
-    return {"cpu": cpu.model, "vendor": cpu.vendor, "cores": os.cpu_count(), "amx_bf16": "amx_bf16" in cpu.flags,
-            "avx512_bf16": "avx512_bf16" in cpu.flags, "avx512f": "avx512f" in cpu.flags,
-            "precision_auto": resolve_precision("auto", "cpu")}
+    return {
+        "cpu": cpu.model,
+        "vendor": cpu.vendor,
+        "cores": os.cpu_count(),
+        "amx_bf16": "amx_bf16" in cpu.flags,
+        "avx512_bf16": "avx512_bf16" in cpu.flags,
+        "avx512f": "avx512f" in cpu.flags,
+        "precision_auto": resolve_precision("auto", "cpu"),
+    }

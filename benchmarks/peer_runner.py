@@ -7,6 +7,7 @@ and of its vectors (a few integers per token), from which coverage is counted af
 executor's memory is sampled (the JVM and any child process, summed) and its peak reset at each run's start.
 No note text is printed.
 """
+
 from __future__ import annotations
 
 import json
@@ -97,10 +98,18 @@ def coverage(rows, n_notes: int) -> dict:
             else:
                 other += 1
         sentences_cut += len(cut)
-    return {"notes_in": n_notes, "notes_out": len(rows), "notes_dropped": n_notes - len(rows),
-            "notes_without_any_vector": notes_without_vector, "tokens": tokens, "tokens_with_vector": vectors,
-            "tokens_without_vector": tokens - vectors, "tokens_truncated": truncated,
-            "tokens_without_vector_other": other, "sentences_truncated": sentences_cut}
+    return {
+        "notes_in": n_notes,
+        "notes_out": len(rows),
+        "notes_dropped": n_notes - len(rows),
+        "notes_without_any_vector": notes_without_vector,
+        "tokens": tokens,
+        "tokens_with_vector": vectors,
+        "tokens_without_vector": tokens - vectors,
+        "tokens_truncated": truncated,
+        "tokens_without_vector_other": other,
+        "sentences_truncated": sentences_cut,
+    }
 
 
 def main(spec_path: str) -> None:
@@ -117,16 +126,25 @@ def main(spec_path: str) -> None:
     import sparknlp
     from sparknlp.annotator import LongformerEmbeddings
 
-    result["versions"] = {"spark": spark.version, "sparknlp": sparknlp.version(),
-                          "tensorflow": spark._jvm.org.tensorflow.TensorFlow.version()}
+    result["versions"] = {
+        "spark": spark.version,
+        "sparknlp": sparknlp.version(),
+        "tensorflow": spark._jvm.org.tensorflow.TensorFlow.version(),
+    }
     result["startup_s"] = round(time.perf_counter() - t0, 2)
     notes = [(int(n["id"]), n["text"]) for n in map(json.loads, Path(spec["notes"]).read_text().splitlines())]
     t = time.perf_counter()
-    model = LongformerEmbeddings.loadSavedModel(spec["model"], spark).setInputCols(["sentence", "token"]) \
+    model = (
+        LongformerEmbeddings.loadSavedModel(spec["model"], spark)
+        .setInputCols(["sentence", "token"])
         .setOutputCol("embeddings")
+    )
     result["load_s"] = round(time.perf_counter() - t, 2)
-    result["defaults"] = {"batchSize": model.getBatchSize(), "maxSentenceLength": model.getMaxSentenceLength(),
-                          "caseSensitive": model.getCaseSensitive()}
+    result["defaults"] = {
+        "batchSize": model.getBatchSize(),
+        "maxSentenceLength": model.getMaxSentenceLength(),
+        "caseSensitive": model.getCaseSensitive(),
+    }
     df = spark.createDataFrame(notes, "id long, text string").repartition(spec["partitions"]).cache()
     df.count()
     fitted = Pipeline(stages=pipeline_stages(model)).fit(df)
@@ -142,15 +160,28 @@ def main(spec_path: str) -> None:
             fitted = Pipeline(stages=pipeline_stages(model)).fit(df)
             mem.reset()
             start = time.perf_counter()
-            rows = fitted.transform(df).selectExpr(
-                "id", "transform(token, t -> t.begin)", "transform(token, t -> int(t.metadata['sentence']))",
-                "transform(embeddings, e -> e.begin)", "transform(embeddings, e -> int(e.metadata['sentence']))",
-            ).collect()
+            rows = (
+                fitted.transform(df)
+                .selectExpr(
+                    "id",
+                    "transform(token, t -> t.begin)",
+                    "transform(token, t -> int(t.metadata['sentence']))",
+                    "transform(embeddings, e -> e.begin)",
+                    "transform(embeddings, e -> int(e.metadata['sentence']))",
+                )
+                .collect()
+            )
             seconds = time.perf_counter() - start
-            result["runs"].append({**run, "seconds": round(seconds, 3), "peak_rss_mb": round(mem.peak_mb, 1),
-                                   "batch_size_used": model.getBatchSize(),
-                                   "max_sentence_length_used": model.getMaxSentenceLength(),
-                                   "coverage": coverage([tuple(r) for r in rows], len(notes))})
+            result["runs"].append(
+                {
+                    **run,
+                    "seconds": round(seconds, 3),
+                    "peak_rss_mb": round(mem.peak_mb, 1),
+                    "batch_size_used": model.getBatchSize(),
+                    "max_sentence_length_used": model.getMaxSentenceLength(),
+                    "coverage": coverage([tuple(r) for r in rows], len(notes)),
+                }
+            )
             print(f"spark nlp {run['tag']}: {seconds:.1f} s", file=sys.stderr, flush=True)
             (out_dir / "partial.json").write_text(json.dumps(result))  # what a run cut short still leaves
     if spec.get("compare"):  # untimed: vectors and pieces for the comparison with our sentence context

@@ -12,6 +12,7 @@ pyspark 4.1 (delta-spark 4.x), so Spark NLP gets its own venv, `.venv-sparknlp-j
 
 Whatever cannot be set up raises `Unavailable` with one line naming what is missing.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -81,12 +82,25 @@ def _classpath() -> list[str]:
         raise Unavailable(f"{COORDINATE}: Maven (mvn) is not on PATH to resolve it from Maven Central")
     CACHE.mkdir(parents=True, exist_ok=True)
     tmp = cached.with_suffix(".tmp")
-    proc = subprocess.run([mvn, "-q", "-B", "-f", str(POM), "dependency:build-classpath",
-                           f"-Dmdep.outputFile={tmp}", "-Dmdep.includeScope=runtime"],
-                          capture_output=True, text=True, timeout=3600)
+    proc = subprocess.run(
+        [
+            mvn,
+            "-q",
+            "-B",
+            "-f",
+            str(POM),
+            "dependency:build-classpath",
+            f"-Dmdep.outputFile={tmp}",
+            "-Dmdep.includeScope=runtime",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
     if proc.returncode != 0 or not tmp.exists():
-        raise Unavailable(f"{COORDINATE} (with {TF_RUNTIME}) cannot be resolved by Maven: "
-                          f"{_last_error(proc.stdout + proc.stderr)}")
+        raise Unavailable(
+            f"{COORDINATE} (with {TF_RUNTIME}) cannot be resolved by Maven: {_last_error(proc.stdout + proc.stderr)}"
+        )
     tmp.replace(cached)
     return cached.read_text().strip().split(os.pathsep)
 
@@ -99,17 +113,33 @@ def python() -> Path:
 
 def _python() -> Path:
     py = VENV / "bin" / "python"
-    probe = ("import pyspark, sparknlp, numpy, sys; "
-             f"sys.exit(not (pyspark.__version__ == '{PYSPARK_VERSION}' "
-             f"and sparknlp.version() == '{SPARKNLP_VERSION}'))")
+    probe = (
+        "import pyspark, sparknlp, numpy, sys; "
+        f"sys.exit(not (pyspark.__version__ == '{PYSPARK_VERSION}' "
+        f"and sparknlp.version() == '{SPARKNLP_VERSION}'))"
+    )
     if py.exists() and subprocess.run([str(py), "-c", probe], capture_output=True).returncode == 0:
         return py
     venv.create(VENV, with_pip=True, clear=True)
-    proc = subprocess.run([str(py), "-m", "pip", "install", "-q", f"pyspark=={PYSPARK_VERSION}",
-                           f"spark-nlp=={SPARKNLP_VERSION}", "numpy"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            str(py),
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            f"pyspark=={PYSPARK_VERSION}",
+            f"spark-nlp=={SPARKNLP_VERSION}",
+            "numpy",
+        ],
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0:
-        raise Unavailable(f"pyspark=={PYSPARK_VERSION} + spark-nlp=={SPARKNLP_VERSION} cannot be installed into "
-                          f"{VENV}: {_last_error(proc.stderr)}")
+        raise Unavailable(
+            f"pyspark=={PYSPARK_VERSION} + spark-nlp=={SPARKNLP_VERSION} cannot be installed into "
+            f"{VENV}: {_last_error(proc.stderr)}"
+        )
     return py
 
 
@@ -164,9 +194,14 @@ def sparknlp_export(ckpt: Path, label: str) -> Path:
         if (out / "saved_model.pb").exists():
             return out
         log.info("exporting %s for Spark NLP (TensorFlow SavedModel; minutes, cached afterwards)", ckpt.name)
-        proc = subprocess.run([str(tf_python()), "-m", "clinlong.export", str(ckpt), str(out), "--format",
-                               "sparknlp", "--overwrite"], capture_output=True, text=True, cwd=ROOT, timeout=3600,
-                              env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+        proc = subprocess.run(
+            [str(tf_python()), "-m", "clinlong.export", str(ckpt), str(out), "--format", "sparknlp", "--overwrite"],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=3600,
+            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+        )
         if proc.returncode != 0:
             raise RuntimeError(f"the Spark NLP export of {ckpt.name} failed: {_last_error(proc.stderr)}")
     return out
@@ -177,8 +212,10 @@ def java_ok() -> str | None:
     if java is None:
         return "Spark NLP's JVM needs Java 8/11/17 (Spark 3.5) and no `java` is on PATH"
     out = subprocess.run([java, "-version"], capture_output=True, text=True).stderr
-    return None if any(f'version "{v}' in out for v in ("1.8", "11", "17")) else \
-        f"Spark 3.5 (Spark NLP {SPARKNLP_VERSION}) runs on Java 8/11/17; found {out.splitlines()[0] if out else '?'}"
+    if any(f'version "{v}' in out for v in ("1.8", "11", "17")):
+        return None
+    found = out.splitlines()[0] if out else "?"
+    return f"Spark 3.5 (Spark NLP {SPARKNLP_VERSION}) runs on Java 8/11/17; found {found}"
 
 
 def unavailable_reason(venv_python: Callable[[], Path] | None = None) -> str | None:
@@ -195,8 +232,15 @@ def unavailable_reason(venv_python: Callable[[], Path] | None = None) -> str | N
     return None
 
 
-def run(spec: dict, out: Path, timeout: float = 1800, *, runner: Path = RUNNER,
-        venv_python: Callable[[], Path] | None = None, what: str = "Spark NLP's run") -> dict:
+def run(
+    spec: dict,
+    out: Path,
+    timeout: float = 1800,
+    *,
+    runner: Path = RUNNER,
+    venv_python: Callable[[], Path] | None = None,
+    what: str = "Spark NLP's run",
+) -> dict:
     """Run `runner` (by default benchmarks/sparknlp_runner.py) with `venv_python()`'s Python (by default Spark
     NLP's venv) on a spec file holding `spec`, the class path and `out`; returns its out/result.json (vectors
     in out/vectors.npz), its output kept in out/runner.log. A failure raises RuntimeError with the runner's
@@ -204,12 +248,21 @@ def run(spec: dict, out: Path, timeout: float = 1800, *, runner: Path = RUNNER,
     out.mkdir(parents=True, exist_ok=True)
     spec = {**spec, "classpath": classpath(), "out": str(out)}
     (out / "spec.json").write_text(json.dumps(spec))
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("PYSPARK_PYTHON", "PYSPARK_DRIVER_PYTHON", "SPARK_HOME", "PYTHONPATH")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("PYSPARK_PYTHON", "PYSPARK_DRIVER_PYTHON", "SPARK_HOME", "PYTHONPATH")
+    }
     py = (venv_python or python)()
     env.update(PYSPARK_PYTHON=str(py), PYSPARK_DRIVER_PYTHON=str(py), TF_CPP_MIN_LOG_LEVEL="3")
-    proc = subprocess.run([str(py), str(runner), str(out / "spec.json")], capture_output=True, text=True,
-                          env=env, timeout=timeout, cwd=out)
+    proc = subprocess.run(
+        [str(py), str(runner), str(out / "spec.json")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        cwd=out,
+    )
     (out / "runner.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0 or not (out / "result.json").exists():
         tail = [ln for ln in proc.stderr.splitlines() if ln.strip() and not ln.lstrip().startswith("at ")][-15:]

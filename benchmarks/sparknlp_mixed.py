@@ -11,6 +11,7 @@ benchmarks/sparknlp_jvm.py's (one Maven class path, cached).
 
 Whatever cannot be set up raises `Unavailable` (sparknlp_jvm's) with one line naming what is missing.
 """
+
 from __future__ import annotations
 
 import json
@@ -41,8 +42,12 @@ def requirements() -> list[str]:
 
 
 def _site_packages(py: Path) -> Path:
-    out = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                         capture_output=True, text=True, check=True).stdout.strip()
+    out = subprocess.run(
+        [str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     return Path(out)
 
 
@@ -51,23 +56,33 @@ def python() -> Path:
     py = VENV / "bin" / "python"
     stamp = VENV / "clinlong-requirements.json"
     wanted = requirements()
-    probe = ("import sys, pyspark, sparknlp, onnxruntime, clinlong; "
-             "from clinlong.pipelines.spark.stages import LongformerEmbeddings; "
-             f"sys.exit(not (pyspark.__version__ == '{PYSPARK_VERSION}' and sparknlp.version() == '{SPARKNLP_VERSION}' "
-             f"and clinlong.__file__ == {str(ROOT / 'clinlong' / '__init__.py')!r}))")
-    if py.exists() and stamp.exists() and json.loads(stamp.read_text()) == wanted and \
-            subprocess.run([str(py), "-c", probe], capture_output=True, cwd="/").returncode == 0:
+    probe = (
+        "import sys, pyspark, sparknlp, onnxruntime, clinlong; "
+        "from clinlong.pipelines.spark.stages import LongformerEmbeddings; "
+        f"sys.exit(not (pyspark.__version__ == '{PYSPARK_VERSION}' and sparknlp.version() == '{SPARKNLP_VERSION}' "
+        f"and clinlong.__file__ == {str(ROOT / 'clinlong' / '__init__.py')!r}))"
+    )
+    if (
+        py.exists()
+        and stamp.exists()
+        and json.loads(stamp.read_text()) == wanted
+        and subprocess.run([str(py), "-c", probe], capture_output=True, cwd="/").returncode == 0
+    ):
         return py
     venv.create(VENV, with_pip=True, clear=True)
     proc = subprocess.run([str(py), "-m", "pip", "install", "-q", *wanted], capture_output=True, text=True)
     if proc.returncode != 0:
-        raise Unavailable(f"{' '.join(wanted[:2])} + clinlong's base install cannot be installed into {VENV}: "
-                          f"{_last_error(proc.stderr)}")
+        raise Unavailable(
+            f"{' '.join(wanted[:2])} + clinlong's base install cannot be installed into {VENV}: "
+            f"{_last_error(proc.stderr)}"
+        )
     (_site_packages(py) / "clinlong-checkout.pth").write_text(f"{ROOT}\n")
     proc = subprocess.run([str(py), "-c", probe], capture_output=True, text=True, cwd="/")
     if proc.returncode != 0:
-        raise Unavailable(f"clinlong does not import under pyspark {PYSPARK_VERSION} in {VENV}: "
-                          f"{_last_error(proc.stderr) if proc.stderr else 'a version differs'}")
+        raise Unavailable(
+            f"clinlong does not import under pyspark {PYSPARK_VERSION} in {VENV}: "
+            f"{_last_error(proc.stderr) if proc.stderr else 'a version differs'}"
+        )
     stamp.write_text(json.dumps(wanted))
     return py
 

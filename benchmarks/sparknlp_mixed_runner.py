@@ -17,6 +17,7 @@ Python stages running Arrow batches):
 Each Spark NLP step that can fail on its own (training, saving, loading, LightPipeline) is recorded as
 its one-line error under result["blocked"], so the caller sees every finding of one run.
 """
+
 import json
 import resource
 import sys
@@ -50,30 +51,37 @@ def pooling_diff(rows, tokens: str, sentences: str) -> float:
             worst = max(worst, max(abs(x - y) for x, y in zip(mean, s.embeddings)))
     return worst
 
+
 def one_line(error: BaseException) -> str:
     """The line that names the error: a JVM exception's own line where Py4J wraps one (its first line is
     only "An error occurred while calling oNNN.load.")."""
     text = f"{type(error).__name__}: {error}"
     lines = [ln.strip().lstrip(": ") for ln in text.splitlines() if ln.strip()]
-    causes = [ln[len("Caused by: "):] for ln in lines if ln.startswith("Caused by: ")]
+    causes = [ln[len("Caused by: ") :] for ln in lines if ln.startswith("Caused by: ")]
     if causes:  # a task failure: the root cause, not "Job aborted due to stage failure"
         return causes[-1][:400]
-    jvm = [ln for ln in lines
-           if ln.startswith(("java.", "org.", "com.", "scala.")) and ("Error" in ln or "Exception" in ln)]
+    jvm = [
+        ln
+        for ln in lines
+        if ln.startswith(("java.", "org.", "com.", "scala.")) and ("Error" in ln or "Exception" in ln)
+    ]
     return (jvm or lines or ["?"])[0][:400]
 
 
 def session(spec):
     from pyspark.sql import SparkSession
 
-    spark = (SparkSession.builder.master(spec.get("master", "local[2]")).appName("clinlong-sparknlp-mixed")
-             .config("spark.jars", ",".join(spec["classpath"]))
-             .config("spark.driver.memory", spec.get("driver_memory", "4g"))
-             .config("spark.ui.enabled", "false")
-             .config("spark.sql.shuffle.partitions", "2")
-             .config("spark.serializer", "org.apache.spark.serializer.KryoSerializer")
-             .config("spark.kryoserializer.buffer.max", "2000M")
-             .getOrCreate())
+    spark = (
+        SparkSession.builder.master(spec.get("master", "local[2]"))
+        .appName("clinlong-sparknlp-mixed")
+        .config("spark.jars", ",".join(spec["classpath"]))
+        .config("spark.driver.memory", spec.get("driver_memory", "4g"))
+        .config("spark.ui.enabled", "false")
+        .config("spark.sql.shuffle.partitions", "2")
+        .config("spark.serializer", "org.apache.spark.serializer.KryoSerializer")
+        .config("spark.kryoserializer.buffer.max", "2000M")
+        .getOrCreate()
+    )
     spark.sparkContext.setLogLevel("ERROR")
     return spark
 
@@ -101,46 +109,97 @@ def main(spec_path):
     from clinlong.pipelines import BigBirdEmbeddings, LongformerEmbeddings
     from clinlong.pipelines.core.runtime import resolve_backend
 
-    result["versions"] = {"pyspark": pyspark.__version__, "spark": spark.version, "sparknlp": sparknlp.version(),
-                          "tensorflow": spark._jvm.org.tensorflow.TensorFlow.version(),
-                          "clinlong": clinlong.__version__, "clinlong_file": clinlong.__file__,
-                          "backend": resolve_backend("auto", "auto")}
+    result["versions"] = {
+        "pyspark": pyspark.__version__,
+        "spark": spark.version,
+        "sparknlp": sparknlp.version(),
+        "tensorflow": spark._jvm.org.tensorflow.TensorFlow.version(),
+        "clinlong": clinlong.__version__,
+        "clinlong_file": clinlong.__file__,
+        "backend": resolve_backend("auto", "auto"),
+    }
     result["startup_s"] = time.perf_counter() - t0
 
     notes = [json.loads(ln) for ln in Path(spec["notes"]).read_text().splitlines()]
-    raw = spark.createDataFrame([(int(n["id"]), n["text"], n["category"]) for n in notes],
-                                "id long, text string, category string").repartition(2)
+    raw = spark.createDataFrame(
+        [(int(n["id"]), n["text"], n["category"]) for n in notes], "id long, text string, category string"
+    ).repartition(2)
 
-    front = [DocumentAssembler().setInputCol("text").setOutputCol("document"),
-             SentenceDetector().setInputCols(["document"]).setOutputCol("sentence"),
-             Tokenizer().setInputCols(["sentence"]).setOutputCol("token")]
+    front = [
+        DocumentAssembler().setInputCol("text").setOutputCol("document"),
+        SentenceDetector().setInputCols(["document"]).setOutputCol("sentence"),
+        Tokenizer().setInputCols(["sentence"]).setOutputCol("token"),
+    ]
     # The labels are computed once, on the tokens Spark NLP's own front end gives, and travel with the
     # input rows, so the pipeline below (the same front end again) trains one pipeline end to end.
     tokens = Pipeline(stages=front).fit(raw).transform(raw)
     labels = tokens.select("id", F.expr(LABELS_SQL).alias("label", metadata={"annotatorType": "named_entity"}))
     df = raw.join(labels, "id").cache()
-    result["tags"] = {r["tag"]: r["n"] for r in
-                      df.select(F.explode("label.result").alias("tag")).groupBy("tag").count()
-                      .withColumnRenamed("count", "n").collect()}
+    result["tags"] = {
+        r["tag"]: r["n"]
+        for r in df.select(F.explode("label.result").alias("tag"))
+        .groupBy("tag")
+        .count()
+        .withColumnRenamed("count", "n")
+        .collect()
+    }
 
-    lf = (LongformerEmbeddings().setModelPath(spec["longformer"]).setInputCols(["document", "token"])
-          .setOutputCol("lf").setCaseSensitive(True).setMaxSentenceLength(4096).setBatchSize(8))
-    bb = (BigBirdEmbeddings().setModelPath(spec["bigbird"]).setInputCols(["sentence", "token"])
-          .setOutputCol("bb").setCaseSensitive(True).setMaxSentenceLength(4096))
-    ner = (NerDLApproach().setInputCols(["sentence", "token", "lf"]).setLabelColumn("label").setOutputCol("ner")
-           .setMaxEpochs(spec.get("epochs", 3)).setLr(0.01).setBatchSize(8).setRandomSeed(0).setVerbose(0)
-           .setEnableOutputLogs(False))
-    classifier = (ClassifierDLApproach().setInputCols(["bb_document"]).setLabelColumn("category")
-                  .setOutputCol("category_pred").setMaxEpochs(spec.get("epochs", 3)).setLr(0.01).setBatchSize(8)
-                  .setRandomSeed(0).setEnableOutputLogs(False))
+    lf = (
+        LongformerEmbeddings()
+        .setModelPath(spec["longformer"])
+        .setInputCols(["document", "token"])
+        .setOutputCol("lf")
+        .setCaseSensitive(True)
+        .setMaxSentenceLength(4096)
+        .setBatchSize(8)
+    )
+    bb = (
+        BigBirdEmbeddings()
+        .setModelPath(spec["bigbird"])
+        .setInputCols(["sentence", "token"])
+        .setOutputCol("bb")
+        .setCaseSensitive(True)
+        .setMaxSentenceLength(4096)
+    )
+    ner = (
+        NerDLApproach()
+        .setInputCols(["sentence", "token", "lf"])
+        .setLabelColumn("label")
+        .setOutputCol("ner")
+        .setMaxEpochs(spec.get("epochs", 3))
+        .setLr(0.01)
+        .setBatchSize(8)
+        .setRandomSeed(0)
+        .setVerbose(0)
+        .setEnableOutputLogs(False)
+    )
+    classifier = (
+        ClassifierDLApproach()
+        .setInputCols(["bb_document"])
+        .setLabelColumn("category")
+        .setOutputCol("category_pred")
+        .setMaxEpochs(spec.get("epochs", 3))
+        .setLr(0.01)
+        .setBatchSize(8)
+        .setRandomSeed(0)
+        .setEnableOutputLogs(False)
+    )
     stages = front + [
-        lf, bb,
+        lf,
+        bb,
         SentenceEmbeddings().setInputCols(["sentence", "lf"]).setOutputCol("lf_sentence").setPoolingStrategy("AVERAGE"),
-        SentenceEmbeddings().setInputCols(["document", "bb"]).setOutputCol("bb_document").setPoolingStrategy("AVERAGE")
+        SentenceEmbeddings()
+        .setInputCols(["document", "bb"])
+        .setOutputCol("bb_document")
+        .setPoolingStrategy("AVERAGE")
         .setDimension(128),  # lf_sentence keeps Spark NLP's default: it does not read the input's dimension
     ]
-    finisher = (EmbeddingsFinisher().setInputCols(["lf", "lf_sentence", "bb_document"])
-                .setOutputCols(["lf_vectors", "lf_sentence_vectors", "bb_document_vectors"]).setCleanAnnotations(False))
+    finisher = (
+        EmbeddingsFinisher()
+        .setInputCols(["lf", "lf_sentence", "bb_document"])
+        .setOutputCols(["lf_vectors", "lf_sentence_vectors", "bb_document_vectors"])
+        .setCleanAnnotations(False)
+    )
     t = time.perf_counter()
     try:  # the whole pipeline, both trained Spark NLP annotators included, fitted as one
         model = Pipeline(stages=stages + [ner, classifier, finisher]).fit(df)
@@ -164,11 +223,13 @@ def main(spec_path):
     rows = sorted(out.collect(), key=lambda r: r["id"])
     result["transform_s"] = time.perf_counter() - t
 
-    cols = ["document", "sentence", "token", "lf", "bb", "lf_sentence", "bb_document", "label"] + \
-        [c for c in ("ner", "category_pred") if c in out.columns]
+    cols = ["document", "sentence", "token", "lf", "bb", "lf_sentence", "bb_document", "label"] + [
+        c for c in ("ner", "category_pred") if c in out.columns
+    ]
     result["metadata"] = {c: metadata(out, c) for c in cols}
-    result["finished_types"] = {c: out.schema[c].dataType.simpleString()
-                                for c in ("lf_vectors", "lf_sentence_vectors", "bb_document_vectors")}
+    result["finished_types"] = {
+        c: out.schema[c].dataType.simpleString() for c in ("lf_vectors", "lf_sentence_vectors", "bb_document_vectors")
+    }
     result["storage_refs"] = {"lf": lf.getStorageRef(), "bb": bb.getStorageRef()}
     for s in model.stages:  # Spark NLP's stages, as their JVM objects hold it (trained models set it there)
         if type(s).__module__.startswith("sparknlp") and s._java_obj.hasParam("storageRef"):
@@ -182,18 +243,29 @@ def main(spec_path):
         return [a.begin, a.end, a.result, dict(a.metadata), len(a.embeddings)]
 
     keep = ["token", "sentence", "lf", "bb", "lf_sentence", "bb_document", "label", "ner", "category_pred"]
-    result["rows"] = [{"id": r["id"], "category": r["category"],
-                       **{c: [ann(a) for a in r[c]] for c in keep if c in out.columns},
-                       "lf_vectors": [len(v) for v in r["lf_vectors"]],
-                       "bb_document_vectors": [len(v) for v in r["bb_document_vectors"]]} for r in rows]
+    result["rows"] = [
+        {
+            "id": r["id"],
+            "category": r["category"],
+            **{c: [ann(a) for a in r[c]] for c in keep if c in out.columns},
+            "lf_vectors": [len(v) for v in r["lf_vectors"]],
+            "bb_document_vectors": [len(v) for v in r["bb_document_vectors"]],
+        }
+        for r in rows
+    ]
     # Spark NLP's SentenceEmbeddings over our vectors, against the mean of our token vectors in Python
     result["sentence_mean_max_diff"] = pooling_diff(rows, "lf", "lf_sentence")
 
     # A NerDL model trained on our storageRef, fed vectors labelled with another one.
     if "ner" in out.columns:
         nermodel = next(s for s in model.stages if type(s).__name__ == "NerDLModel")
-        other = LongformerEmbeddings().setModelPath(spec["longformer"]).setInputCols(["document", "token"]) \
-            .setOutputCol("lf").setStorageRef("another_ref")
+        other = (
+            LongformerEmbeddings()
+            .setModelPath(spec["longformer"])
+            .setInputCols(["document", "token"])
+            .setOutputCol("lf")
+            .setStorageRef("another_ref")
+        )
         try:
             nermodel.transform(other.transform(Pipeline(stages=front).fit(df).transform(df))).collect()
             result["wrong_ref"] = "accepted"
@@ -213,20 +285,34 @@ def main(spec_path):
         got = sorted(again.transform(df).select("id", *cols).collect(), key=lambda r: r["id"])
         same, diff = {}, {}
         for c in cols:
-            same[c] = all([(a.begin, a.end, a.result) for a in x[c]] == [(a.begin, a.end, a.result) for a in y[c]]
-                          for x, y in zip(rows, got))
-            diff[c] = max((abs(u - v) for x, y in zip(rows, got) for a, b in zip(x[c], y[c])
-                           for u, v in zip(a.embeddings, b.embeddings)), default=0.0)
-        return {"stages": sorted(p.name for p in (path / "stages").iterdir()), "same_annotations": same,
-                "max_vector_diff": diff}
+            same[c] = all(
+                [(a.begin, a.end, a.result) for a in x[c]] == [(a.begin, a.end, a.result) for a in y[c]]
+                for x, y in zip(rows, got)
+            )
+            diff[c] = max(
+                (
+                    abs(u - v)
+                    for x, y in zip(rows, got)
+                    for a, b in zip(x[c], y[c])
+                    for u, v in zip(a.embeddings, b.embeddings)
+                ),
+                default=0.0,
+            )
+        return {
+            "stages": sorted(p.name for p in (path / "stages").iterdir()),
+            "same_annotations": same,
+            "max_vector_diff": diff,
+        }
 
     trained = ("NerDLModel", "ClassifierDLModel")
     untrained = PipelineModel(stages=[s for s in model.stages if type(s).__name__ not in trained])
-    result["reload_untrained"] = reloaded(untrained, out_dir / "untrained_model",
-                                          ["lf", "bb", "lf_sentence", "bb_document"])
+    result["reload_untrained"] = reloaded(
+        untrained, out_dir / "untrained_model", ["lf", "bb", "lf_sentence", "bb_document"]
+    )
     try:
-        result["reload_full"] = reloaded(model, out_dir / "pipeline_model",
-                                         [c for c in ("lf", "ner", "category_pred") if c in out.columns])
+        result["reload_full"] = reloaded(
+            model, out_dir / "pipeline_model", [c for c in ("lf", "ner", "category_pred") if c in out.columns]
+        )
     except Exception as e:  # noqa: BLE001
         result["blocked"]["PipelineModel.load"] = one_line(e)
         traceback.print_exc()
@@ -234,14 +320,20 @@ def main(spec_path):
     # A token no BPE piece covers (U+200B: Spark NLP's Tokenizer keeps it as a token, BigBird's SentencePiece
     # normalizer drops it): ours gives it an empty `embeddings` array and its skip_reason (no vector is made
     # up). What Spark NLP's annotators make of that annotation:
-    odd_in = spark.createDataFrame([(1, "Pt \u200b stable today."), (2, "\u200b first then words.")],
-                                   "id long, text string")
+    odd_in = spark.createDataFrame(
+        [(1, "Pt \u200b stable today."), (2, "\u200b first then words.")], "id long, text string"
+    )
     odd = Pipeline(stages=front + [bb]).fit(odd_in).transform(odd_in)
-    uncovered = {"bb": [[(a.result, len(a.embeddings), a.metadata.get("skip_reason")) for a in r["bb"]]
-                        for r in sorted(odd.collect(), key=lambda r: r["id"])]}
+    uncovered = {
+        "bb": [
+            [(a.result, len(a.embeddings), a.metadata.get("skip_reason")) for a in r["bb"]]
+            for r in sorted(odd.collect(), key=lambda r: r["id"])
+        ]
+    }
     for name, stage, col in (
-            ("SentenceEmbeddings", SentenceEmbeddings().setInputCols(["sentence", "bb"]).setOutputCol("s"), "s"),
-            ("EmbeddingsFinisher", EmbeddingsFinisher().setInputCols(["bb"]).setOutputCols(["v"]), "v")):
+        ("SentenceEmbeddings", SentenceEmbeddings().setInputCols(["sentence", "bb"]).setOutputCol("s"), "s"),
+        ("EmbeddingsFinisher", EmbeddingsFinisher().setInputCols(["bb"]).setOutputCols(["v"]), "v"),
+    ):
         try:
             got = sorted(stage.transform(odd).select("id", col).collect(), key=lambda r: r["id"])
             uncovered[name] = [[len(a.embeddings) if hasattr(a, "embeddings") else len(a) for a in r[col]] for r in got]
@@ -250,19 +342,25 @@ def main(spec_path):
     # ... and with keepTokensWithoutVector=False, which leaves such tokens out of our column for them.
     try:
         left_out = bb.copy().setKeepTokensWithoutVector(False)
-        pooled = (Pipeline(stages=front + [left_out]).fit(odd_in).transform(odd_in)
-                  .transform(SentenceEmbeddings().setInputCols(["sentence", "bb"]).setOutputCol("s").transform))
+        pooled = (
+            Pipeline(stages=front + [left_out])
+            .fit(odd_in)
+            .transform(odd_in)
+            .transform(SentenceEmbeddings().setInputCols(["sentence", "bb"]).setOutputCol("s").transform)
+        )
         got = sorted(pooled.select("id", "bb", "s").collect(), key=lambda r: r["id"])
         uncovered["left_out"] = {
             "bb": [[(a.result, len(a.embeddings)) for a in r["bb"]] for r in got],
             "SentenceEmbeddings": [[len(a.embeddings) for a in r["s"]] for r in got],
-            "max_pool_diff": pooling_diff(got, "bb", "s")}
+            "max_pool_diff": pooling_diff(got, "bb", "s"),
+        }
     except Exception as e:  # noqa: BLE001
         uncovered["left_out"] = one_line(e)
     result["uncovered_token"] = uncovered
 
     # Spark NLP's LightPipeline over a PipelineModel holding our stages.
     from sparknlp.base import LightPipeline
+
     try:
         light = LightPipeline(model)
         result["light_pipeline"] = {"annotate": light.annotate(notes[0]["text"])}

@@ -8,6 +8,7 @@ With "pieces", the BPE pieces each sentence was run on are read from Spark NLP's
 (`LongformerEmbeddings.tokenizeWithAlignment` over its `TokenizedWithSentence`), so a reference can run on
 exactly the same ids.
 """
+
 import json
 import resource
 import sys
@@ -20,13 +21,16 @@ import numpy as np
 def session(spec):
     from pyspark.sql import SparkSession
 
-    builder = (SparkSession.builder.master(spec.get("master", "local[2]")).appName("clinlong-sparknlp-jvm")
-               .config("spark.jars", ",".join(spec["classpath"]))
-               .config("spark.driver.memory", spec.get("driver_memory", "4g"))
-               .config("spark.ui.enabled", "false")
-               .config("spark.sql.shuffle.partitions", "2")
-               .config("spark.serializer", "org.apache.spark.serializer.KryoSerializer")
-               .config("spark.kryoserializer.buffer.max", "2000M"))
+    builder = (
+        SparkSession.builder.master(spec.get("master", "local[2]"))
+        .appName("clinlong-sparknlp-jvm")
+        .config("spark.jars", ",".join(spec["classpath"]))
+        .config("spark.driver.memory", spec.get("driver_memory", "4g"))
+        .config("spark.ui.enabled", "false")
+        .config("spark.sql.shuffle.partitions", "2")
+        .config("spark.serializer", "org.apache.spark.serializer.KryoSerializer")
+        .config("spark.kryoserializer.buffer.max", "2000M")
+    )
     if spec.get("cache_pretrained"):
         builder = builder.config("spark.jsl.settings.pretrained.cache_folder", spec["cache_pretrained"])
     spark = builder.getOrCreate()
@@ -38,10 +42,12 @@ def pipeline_stages(embeddings):
     from sparknlp.annotator import SentenceDetector, Tokenizer
     from sparknlp.base import DocumentAssembler
 
-    return [DocumentAssembler().setInputCol("text").setOutputCol("document"),
-            SentenceDetector().setInputCols(["document"]).setOutputCol("sentence"),
-            Tokenizer().setInputCols(["sentence"]).setOutputCol("token"),
-            embeddings]
+    return [
+        DocumentAssembler().setInputCol("text").setOutputCol("document"),
+        SentenceDetector().setInputCols(["document"]).setOutputCol("sentence"),
+        Tokenizer().setInputCols(["sentence"]).setOutputCol("token"),
+        embeddings,
+    ]
 
 
 def configure(embeddings, spec):
@@ -90,18 +96,36 @@ def embed(spark, model, notes, spec, tag, result, vectors):
     start = time.perf_counter()
     out = fitted.transform(df).select("id", "sentence", "token", "embeddings")
     if spec.get("timing_only"):
-        counts = out.selectExpr("size(token) as t", "size(embeddings) as e", "size(sentence) as s") \
-            .groupBy().sum().collect()[0]
-        result[tag] = {"seconds": time.perf_counter() - start, "tokens": counts[0], "vectors": counts[1],
-                       "sentences": counts[2], "notes": len(notes)}
+        counts = (
+            out.selectExpr("size(token) as t", "size(embeddings) as e", "size(sentence) as s")
+            .groupBy()
+            .sum()
+            .collect()[0]
+        )
+        result[tag] = {
+            "seconds": time.perf_counter() - start,
+            "tokens": counts[0],
+            "vectors": counts[1],
+            "sentences": counts[2],
+            "notes": len(notes),
+        }
         return None
     rows = sorted(out.collect(), key=lambda r: r["id"])
     seconds = time.perf_counter() - start
-    result[tag] = {"seconds": seconds, "ids": [r["id"] for r in rows],
-                   "sentences": annotations(rows, "sentence"), "tokens": annotations(rows, "token"),
-                   "embeddings": [[[a.begin, a.end, a.result, int(a.metadata["sentence"]), int(a.metadata["pieceId"])]
-                                   for a in r["embeddings"]] for r in rows],
-                   "storage_ref": json.loads(out.schema["embeddings"].json())["metadata"]}
+    result[tag] = {
+        "seconds": seconds,
+        "ids": [r["id"] for r in rows],
+        "sentences": annotations(rows, "sentence"),
+        "tokens": annotations(rows, "token"),
+        "embeddings": [
+            [
+                [a.begin, a.end, a.result, int(a.metadata["sentence"]), int(a.metadata["pieceId"])]
+                for a in r["embeddings"]
+            ]
+            for r in rows
+        ],
+        "storage_ref": json.loads(out.schema["embeddings"].json())["metadata"],
+    }
     for i, r in enumerate(rows):
         vecs = r["embeddings"]
         vectors[f"{tag}_{i}"] = np.array([a.embeddings for a in vecs], np.float32).reshape(len(vecs), -1)
@@ -113,8 +137,10 @@ def blocked(error):
     text = str(error)
     line = next((ln.strip() for ln in text.splitlines() if "Error" in ln or "Exception" in ln), text[:200])
     if "NoSuchMethodError" in line and "org.tensorflow" in line:
-        return (f"{line.lstrip(': ')} - Spark NLP 5.5.3 is built on TF-Java 0.4 (TF 2.7; JSL's "
-                "tensorflow-cpu_2.12:0.4.4, here org.tensorflow:tensorflow-core-api:0.4.2): the class path has another")
+        return (
+            f"{line.lstrip(': ')} - Spark NLP 5.5.3 is built on TF-Java 0.4 (TF 2.7; JSL's "
+            "tensorflow-cpu_2.12:0.4.4, here org.tensorflow:tensorflow-core-api:0.4.2): the class path has another"
+        )
     return line
 
 
@@ -139,8 +165,11 @@ def main(spec_path):
     import sparknlp
     from sparknlp.annotator import LongformerEmbeddings
 
-    result["versions"] = {"spark": spark.version, "sparknlp": sparknlp.version(),
-                          "tensorflow": spark._jvm.org.tensorflow.TensorFlow.version()}
+    result["versions"] = {
+        "spark": spark.version,
+        "sparknlp": sparknlp.version(),
+        "tensorflow": spark._jvm.org.tensorflow.TensorFlow.version(),
+    }
     result["startup_s"] = time.perf_counter() - start
     notes = [(int(n["id"]), n["text"]) for n in map(json.loads, Path(spec["notes"]).read_text().splitlines())]
     t = time.perf_counter()
@@ -165,11 +194,13 @@ def main(spec_path):
     if spec.get("pretrained_name"):  # the card's snippet, served from Spark NLP's pretrained cache folder
         name, lang = spec["pretrained_name"], spec.get("pretrained_lang", "en")
         result["pretrained_cache"] = cache_pretrained(spark, model, name, lang)
-        card = LongformerEmbeddings.pretrained(name, lang) \
-            .setInputCols(["sentence", "token"]) \
-            .setOutputCol("embeddings") \
-            .setCaseSensitive(True) \
+        card = (
+            LongformerEmbeddings.pretrained(name, lang)
+            .setInputCols(["sentence", "token"])
+            .setOutputCol("embeddings")
+            .setCaseSensitive(True)
             .setMaxSentenceLength(4096)
+        )
         embed(spark, card, notes, spec, "pretrained", result, vectors)
         result["pretrained_cache"]["s3_client_created"] = _s3_client_created()
     result["driver_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -200,10 +231,19 @@ def cache_pretrained(spark, model, name, lang):
     s3 = downloader.publicDownloader()  # Spark NLP's own, on spark.jsl.settings.pretrained.cache_folder
     cache = Path(s3.cachePath().toString().replace("file:", "", 1))
     resource = pkg.ResourceMetadata.apply(
-        name, jvm.scala.Some(lang), jvm.scala.Some(downloader.libVersion()), jvm.scala.Some(downloader.sparkVersion()),
-        True, jvm.java.sql.Timestamp(int(time.time() * 1000)), True, jvm.scala.Some("ml"), "",
-        jvm.scala.Some("LongformerEmbeddings"), jvm.scala.Some("tensorflow"))
-    folder = cache / resource.fileName()[:-len(".zip")]
+        name,
+        jvm.scala.Some(lang),
+        jvm.scala.Some(downloader.libVersion()),
+        jvm.scala.Some(downloader.sparkVersion()),
+        True,
+        jvm.java.sql.Timestamp(int(time.time() * 1000)),
+        True,
+        jvm.scala.Some("ml"),
+        "",
+        jvm.scala.Some("LongformerEmbeddings"),
+        jvm.scala.Some("tensorflow"),
+    )
+    folder = cache / resource.fileName()[: -len(".zip")]
     model.write().overwrite().save(str(folder))
     pkg.ResourceMetadata.addMetadataToFile(str(cache / "metadata.json"), resource)
     ensure_callback_server_started(spark.sparkContext._gateway)
@@ -237,27 +277,33 @@ class _CacheOnly:
 
     def _resolve(self, request):
         return self.jvm.com.johnsnowlabs.nlp.pretrained.ResourceMetadata.resolveResource(
-            self.downloadMetadataIfNeed(request.folder()), request)
+            self.downloadMetadataIfNeed(request.folder()), request
+        )
 
     def download(self, request):
         found = self._resolve(request)
         if found.isEmpty():
             return found
         resource = found.get()
-        return self.s3.downloadAndUnzipFile(self.jvm.org.apache.hadoop.fs.Path(str(self.cache), resource.fileName()),
-                                            resource, "")
+        return self.s3.downloadAndUnzipFile(
+            self.jvm.org.apache.hadoop.fs.Path(str(self.cache), resource.fileName()), resource, ""
+        )
 
     def getDownloadSize(self, request):
         found = self._resolve(request)
         if found.isEmpty():
             return found
-        folder = self.cache / found.get().fileName()[:-len(".zip")]
+        folder = self.cache / found.get().fileName()[: -len(".zip")]
         size = self.jvm.java.lang.reflect.Array.newInstance(self.jvm.java.lang.Long.TYPE, 1)
         size[0] = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
         # an Option holding a java.lang.Long (py4j would box a Python int as an Integer)
-        return self.jvm.scala.collection.JavaConverters.asScalaBufferConverter(
-            self.jvm.java.util.Arrays.stream(size).boxed().collect(self.jvm.java.util.stream.Collectors.toList())
-        ).asScala().headOption()
+        return (
+            self.jvm.scala.collection.JavaConverters.asScalaBufferConverter(
+                self.jvm.java.util.Arrays.stream(size).boxed().collect(self.jvm.java.util.stream.Collectors.toList())
+            )
+            .asScala()
+            .headOption()
+        )
 
     def clearCache(self, request):
         return None

@@ -8,6 +8,7 @@ are installed under clinlong/ as usual. In a source checkout this file is found 
 checkout's root is on sys.path (Python started there, as Spark's workers are by spark-submit run from
 it), so its package path also names the checkout's root, where those folders are.
 """
+
 import warnings as _warnings
 from pathlib import Path as _Path
 

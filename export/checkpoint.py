@@ -1,4 +1,5 @@
 """Read and validate a Hugging Face checkpoint of the family (Longformer, BigBird; local directory or hub id)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -17,8 +18,14 @@ from clinlong.pipelines.core.model import MODEL_TYPES, EncoderConfig, encoder_st
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 SENTENCEPIECE_FILES = ("sentencepiece.bpe.model", "spiece.model")  # CamemBERT/DrBERT's, BigBird's
-TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", *SENTENCEPIECE_FILES, "tokenizer_config.json",
-                   "special_tokens_map.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "vocab.json",
+    "merges.txt",
+    *SENTENCEPIECE_FILES,
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)
 
 
 @dataclass(frozen=True)
@@ -59,15 +66,19 @@ def resolve(source: str) -> Path:
     if path.exists():
         raise ExportError(f"checkpoint {source} is a file; pass the checkpoint directory that holds config.json")
     if source.count("/") != 1 or source.startswith((".", "/", "~")):
-        raise ExportError(f"checkpoint directory {source} does not exist; pass a local checkpoint directory "
-                          "or a hub id like yikuan8/Clinical-Longformer")
+        raise ExportError(
+            f"checkpoint directory {source} does not exist; pass a local checkpoint directory "
+            "or a hub id like yikuan8/Clinical-Longformer"
+        )
     try:
         from huggingface_hub import snapshot_download
 
         return Path(snapshot_download(source, allow_patterns=["*.json", "*.txt", "*.model", "*.safetensors", "*.bin"]))
     except Exception as e:  # network, auth, missing repo
-        raise ExportError(f"could not download {source} from the Hugging Face hub ({type(e).__name__}); "
-                          "download the checkpoint elsewhere and pass its local directory") from None
+        raise ExportError(
+            f"could not download {source} from the Hugging Face hub ({type(e).__name__}); "
+            "download the checkpoint elsewhere and pass its local directory"
+        ) from None
 
 
 def _read_config(path: Path) -> dict:
@@ -77,19 +88,30 @@ def _read_config(path: Path) -> dict:
     try:
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ExportError(f"{cfg_path} is not valid JSON ({e.__class__.__name__}); "
-                          "re-download the checkpoint") from None
+        raise ExportError(
+            f"{cfg_path} is not valid JSON ({e.__class__.__name__}); re-download the checkpoint"
+        ) from None
     if cfg.get("model_type") not in MODEL_TYPES:
-        raise ExportError(f"config.json describes a {cfg.get('model_type')!r} model, not one of {MODEL_TYPES}; "
-                          "pass a Longformer or BigBird checkpoint such as yikuan8/Clinical-Longformer")
-    required = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                "intermediate_size", "max_position_embeddings")
+        raise ExportError(
+            f"config.json describes a {cfg.get('model_type')!r} model, not one of {MODEL_TYPES}; "
+            "pass a Longformer or BigBird checkpoint such as yikuan8/Clinical-Longformer"
+        )
+    required = (
+        "vocab_size",
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "intermediate_size",
+        "max_position_embeddings",
+    )
     if cfg["model_type"] == "big_bird":
         if cfg.get("is_decoder") or cfg.get("add_cross_attention"):
             raise ExportError("config.json describes a BigBird decoder; pass an encoder checkpoint (is_decoder false)")
         if cfg.get("position_embedding_type", "absolute") != "absolute":
-            raise ExportError(f"position_embedding_type {cfg['position_embedding_type']!r} is not supported; "
-                              "BigBird checkpoints use absolute positions")
+            raise ExportError(
+                f"position_embedding_type {cfg['position_embedding_type']!r} is not supported; "
+                "BigBird checkpoints use absolute positions"
+            )
     missing = [k for k in required if k not in cfg]
     if missing:
         raise ExportError(f"config.json lacks {', '.join(missing)}; re-download the checkpoint")
@@ -99,25 +121,32 @@ def _read_config(path: Path) -> dict:
 def _encoder_config(cfg: dict) -> EncoderConfig:
     ec = EncoderConfig.from_hf_dict(cfg)
     if ec.hidden_size % ec.num_attention_heads:
-        raise ExportError(f"hidden_size {ec.hidden_size} is not divisible by {ec.num_attention_heads} heads; "
-                          "fix config.json")
+        raise ExportError(
+            f"hidden_size {ec.hidden_size} is not divisible by {ec.num_attention_heads} heads; fix config.json"
+        )
     if ec.model_type == "big_bird":
         if cfg.get("attention_type", "block_sparse") not in ("block_sparse", "original_full"):
-            raise ExportError(f"attention_type {cfg['attention_type']!r} is not one of block_sparse, original_full; "
-                              "fix config.json")
+            raise ExportError(
+                f"attention_type {cfg['attention_type']!r} is not one of block_sparse, original_full; fix config.json"
+            )
         if ec.block_size < 1 or ec.num_random_blocks < 0:
-            raise ExportError(f"block_size {ec.block_size} / num_random_blocks {ec.num_random_blocks} are invalid; "
-                              "fix config.json")
+            raise ExportError(
+                f"block_size {ec.block_size} / num_random_blocks {ec.num_random_blocks} are invalid; fix config.json"
+            )
         return ec
     if len(ec.attention_window) != ec.num_hidden_layers:
-        raise ExportError(f"config.json has {len(ec.attention_window)} attention windows for "
-                          f"{ec.num_hidden_layers} layers; give one window per layer or a single number")
+        raise ExportError(
+            f"config.json has {len(ec.attention_window)} attention windows for "
+            f"{ec.num_hidden_layers} layers; give one window per layer or a single number"
+        )
     bad = [w for w in ec.attention_window if w <= 0 or w % 2]
     if bad:
         raise ExportError(f"attention windows must be positive and even, config.json has {bad}; fix attention_window")
     if ec.max_length < 1:
-        raise ExportError(f"max_position_embeddings {ec.max_position_embeddings} leaves no room for tokens after "
-                          f"the padding index {ec.pad_token_id}; fix config.json")
+        raise ExportError(
+            f"max_position_embeddings {ec.max_position_embeddings} leaves no room for tokens after "
+            f"the padding index {ec.pad_token_id}; fix config.json"
+        )
     return ec
 
 
@@ -133,8 +162,9 @@ def _read_weights(path: Path) -> tuple[str, dict[str, torch.Tensor]]:
                 return name, load_file(str(f), device="cpu")
             return name, torch.load(f, map_location="cpu", weights_only=True)
         except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
-            raise ExportError(f"weights file {f} is corrupt or truncated ({type(e).__name__}); "
-                              "re-download it") from None
+            raise ExportError(
+                f"weights file {f} is corrupt or truncated ({type(e).__name__}); re-download it"
+            ) from None
         except Exception as e:  # safetensors raises its own error type
             raise ExportError(f"weights file {f} could not be read ({type(e).__name__}); re-download it") from None
     raise ExportError(f"{path} has no weights ({' or '.join(WEIGHT_FILES)}); download the checkpoint's weights")
@@ -147,19 +177,26 @@ def _read_tokenizer(path: Path):
     has_bpe = (path / "vocab.json").is_file() and (path / "merges.txt").is_file()
     spm = next((name for name in SENTENCEPIECE_FILES if (path / name).is_file()), None)
     if not (has_fast or has_bpe or spm):
-        raise ExportError(f"{path} has no tokenizer (tokenizer.json, vocab.json with merges.txt, or "
-                          f"{' / '.join(SENTENCEPIECE_FILES)}); copy the checkpoint's tokenizer files into it")
+        raise ExportError(
+            f"{path} has no tokenizer (tokenizer.json, vocab.json with merges.txt, or "
+            f"{' / '.join(SENTENCEPIECE_FILES)}); copy the checkpoint's tokenizer files into it"
+        )
     from transformers import AutoTokenizer
 
     try:
         tok = AutoTokenizer.from_pretrained(str(path), use_fast=True)
     except Exception as e:
-        hint = ("; converting a SentencePiece model needs: pip install sentencepiece protobuf"
-                if spm and not has_fast else "; re-download them")
+        hint = (
+            "; converting a SentencePiece model needs: pip install sentencepiece protobuf"
+            if spm and not has_fast
+            else "; re-download them"
+        )
         raise ExportError(f"the tokenizer files in {path} could not be loaded ({type(e).__name__}){hint}") from None
     if not tok.is_fast:
-        raise ExportError(f"the tokenizer in {path} has no fast (Rust) form; add its tokenizer.json "
-                          "(tokenizer.save_pretrained writes one)")
+        raise ExportError(
+            f"the tokenizer in {path} has no fast (Rust) form; add its tokenizer.json "
+            "(tokenizer.save_pretrained writes one)"
+        )
     return tok
 
 
@@ -168,30 +205,42 @@ def _check_shapes(ec: EncoderConfig, state: dict[str, torch.Tensor], tokenizer) 
     pos = state.get("embeddings.position_embeddings.weight")
     words = state.get("embeddings.word_embeddings.weight")
     if pos is None or words is None:
-        raise ExportError(f"the weights lack {ec.model_type} embeddings (embeddings.position_embeddings / "
-                          "word_embeddings); pass the checkpoint that config.json describes")
+        raise ExportError(
+            f"the weights lack {ec.model_type} embeddings (embeddings.position_embeddings / "
+            "word_embeddings); pass the checkpoint that config.json describes"
+        )
     if pos.shape[0] != ec.max_position_embeddings:
-        raise ExportError(f"max_position_embeddings is {ec.max_position_embeddings} in config.json but the weights "
-                          f"hold {pos.shape[0]} positions; use the config.json that came with these weights")
+        raise ExportError(
+            f"max_position_embeddings is {ec.max_position_embeddings} in config.json but the weights "
+            f"hold {pos.shape[0]} positions; use the config.json that came with these weights"
+        )
     if words.shape[0] != ec.vocab_size:
-        raise ExportError(f"vocab_size is {ec.vocab_size} in config.json but the weights hold {words.shape[0]} rows; "
-                          "use the config.json that came with these weights")
+        raise ExportError(
+            f"vocab_size is {ec.vocab_size} in config.json but the weights hold {words.shape[0]} rows; "
+            "use the config.json that came with these weights"
+        )
     if len(tokenizer) > ec.vocab_size:
-        raise ExportError(f"the tokenizer has {len(tokenizer)} tokens but the model only {ec.vocab_size} embeddings; "
-                          "use the tokenizer that came with these weights")
+        raise ExportError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model only {ec.vocab_size} embeddings; "
+            "use the tokenizer that came with these weights"
+        )
     if tokenizer.pad_token_id != ec.pad_token_id:
-        raise ExportError(f"the tokenizer pads with id {tokenizer.pad_token_id} but config.json says "
-                          f"{ec.pad_token_id}; use the tokenizer that came with these weights")
+        raise ExportError(
+            f"the tokenizer pads with id {tokenizer.pad_token_id} but config.json says "
+            f"{ec.pad_token_id}; use the tokenizer that came with these weights"
+        )
 
 
 def sequence_frame(tokenizer) -> tuple[int, int]:
     """The ids the tokenizer puts around a text (<s> ... </s>, [CLS] ... [SEP]), read from what it does."""
     bare = tokenizer("x", add_special_tokens=False)["input_ids"]
     framed = tokenizer("x")["input_ids"]
-    i = next((i for i in range(len(framed) - len(bare) + 1) if framed[i:i + len(bare)] == bare), None)
+    i = next((i for i in range(len(framed) - len(bare) + 1) if framed[i : i + len(bare)] == bare), None)
     if i != 1 or len(framed) != len(bare) + 2:
-        raise ExportError("the tokenizer does not frame a text with one start and one end token; "
-                          "pass a checkpoint whose tokenizer adds e.g. <s> ... </s> or [CLS] ... [SEP]")
+        raise ExportError(
+            "the tokenizer does not frame a text with one start and one end token; "
+            "pass a checkpoint whose tokenizer adds e.g. <s> ... </s> or [CLS] ... [SEP]"
+        )
     return framed[0], framed[-1]
 
 
@@ -209,13 +258,17 @@ def read_head(cfg: dict, state: dict[str, torch.Tensor]) -> HeadSpec | None:
         return None
     family = "BigBird" if cfg["model_type"] == "big_bird" else "Longformer"
     if not arch.startswith(family):
-        raise ExportError(f"config.json names a {arch} but describes a {cfg['model_type']} model; "
-                          "use the config.json that came with these weights")
+        raise ExportError(
+            f"config.json names a {arch} but describes a {cfg['model_type']} model; "
+            "use the config.json that came with these weights"
+        )
     kind, dense = ARCHITECTURES[arch]
     id2label = cfg.get("id2label")
     if not isinstance(id2label, dict) or not id2label:
-        raise ExportError(f"config.json of this {arch} checkpoint has no id2label; add the label names in id order "
-                          '(e.g. "id2label": {"0": "NEGATIVE", "1": "POSITIVE"}), as save_pretrained writes them')
+        raise ExportError(
+            f"config.json of this {arch} checkpoint has no id2label; add the label names in id order "
+            '(e.g. "id2label": {"0": "NEGATIVE", "1": "POSITIVE"}), as save_pretrained writes them'
+        )
     try:
         by_id = {int(k): str(v) for k, v in id2label.items()}
     except (TypeError, ValueError):
@@ -228,40 +281,59 @@ def read_head(cfg: dict, state: dict[str, torch.Tensor]) -> HeadSpec | None:
         raise ExportError(f"config.json's id2label names {dup} more than once; give each label id its own name")
     problem_type = cfg.get("problem_type")
     if problem_type == "regression" or len(labels) == 1:
-        raise ExportError(f"this {arch} checkpoint is a regression head ({len(labels)} output, problem_type "
-                          f"{problem_type}); only classification heads are exported (single_label_classification, "
-                          "multi_label_classification)")
+        raise ExportError(
+            f"this {arch} checkpoint is a regression head ({len(labels)} output, problem_type "
+            f"{problem_type}); only classification heads are exported (single_label_classification, "
+            "multi_label_classification)"
+        )
     given = problem_type is not None
     problem_type = problem_type or "single_label_classification"  # Hugging Face's pipelines: softmax for > 1 label
     if problem_type not in ACTIVATIONS:
         raise ExportError(f"problem_type {problem_type!r} is not one of {sorted(ACTIVATIONS)}; fix config.json")
     if kind == "token" and problem_type != "single_label_classification":
-        raise ExportError(f"a token-classification head is single-label (softmax per token), config.json says "
-                          f"{problem_type}; fix problem_type")
+        raise ExportError(
+            f"a token-classification head is single-label (softmax per token), config.json says "
+            f"{problem_type}; fix problem_type"
+        )
     dense_act = None
     if kind == "sequence":
         dense_act = "tanh" if dense == "tanh" else str(cfg.get("hidden_act") or "gelu_new")
         if dense_act not in DENSE_ACTIVATIONS:
             raise ExportError(f"the head's activation {dense_act!r} is not supported ({sorted(DENSE_ACTIVATIONS)})")
-    weights = {k[len("classifier."):]: v.float() for k, v in state.items() if k.startswith("classifier.")}
+    weights = {k[len("classifier.") :]: v.float() for k, v in state.items() if k.startswith("classifier.")}
     missing = [f"classifier.{n}" for n in WEIGHT_NAMES[kind] if n not in weights]
     if missing:
-        raise ExportError(f"the weights lack the {arch} head ({', '.join(missing)}); "
-                          "pass the checkpoint that config.json describes")
+        raise ExportError(
+            f"the weights lack the {arch} head ({', '.join(missing)}); pass the checkpoint that config.json describes"
+        )
     weights = {n: weights[n] for n in WEIGHT_NAMES[kind]}
     hidden = int(cfg["hidden_size"])
     out = weights["out_proj.weight" if kind == "sequence" else "weight"]
-    shapes = {"sequence": {"dense.weight": (hidden, hidden), "dense.bias": (hidden,),
-                           "out_proj.weight": (len(labels), hidden), "out_proj.bias": (len(labels),)},
-              "token": {"weight": (len(labels), hidden), "bias": (len(labels),)}}[kind]
+    shapes = {
+        "sequence": {
+            "dense.weight": (hidden, hidden),
+            "dense.bias": (hidden,),
+            "out_proj.weight": (len(labels), hidden),
+            "out_proj.bias": (len(labels),),
+        },
+        "token": {"weight": (len(labels), hidden), "bias": (len(labels),)},
+    }[kind]
     bad = [n for n, shape in shapes.items() if tuple(weights[n].shape) != shape]
     if bad:
-        raise ExportError(f"the head's classifier.{bad[0]} has shape {tuple(weights[bad[0]].shape)}, expected "
-                          f"{shapes[bad[0]]} ({len(labels)} labels in id2label, hidden size {hidden}; the head gives "
-                          f"{out.shape[0]} logits); use the config.json that came with these weights")
-    head = Head(kind=kind, labels=labels, problem_type=problem_type, activation=ACTIVATIONS[problem_type],
-                global_attention="cls" if kind == "sequence" and family == "Longformer" else "none",
-                architecture=arch, dense_act=dense_act)
+        raise ExportError(
+            f"the head's classifier.{bad[0]} has shape {tuple(weights[bad[0]].shape)}, expected "
+            f"{shapes[bad[0]]} ({len(labels)} labels in id2label, hidden size {hidden}; the head gives "
+            f"{out.shape[0]} logits); use the config.json that came with these weights"
+        )
+    head = Head(
+        kind=kind,
+        labels=labels,
+        problem_type=problem_type,
+        activation=ACTIVATIONS[problem_type],
+        global_attention="cls" if kind == "sequence" and family == "Longformer" else "none",
+        architecture=arch,
+        dense_act=dense_act,
+    )
     return HeadSpec(head, weights, given)
 
 
@@ -280,6 +352,15 @@ def read_checkpoint(source: str) -> Checkpoint:
     for name in sorted({"config.json", weights_file, *TOKENIZER_FILES}):
         if (path / name).is_file():
             h.update(f"{name}:{file_sha256(path / name)}\n".encode())
-    return Checkpoint(path=path, config=cfg, encoder_config=ec, state_dict=state, tokenizer=tokenizer,
-                      weights_file=weights_file, sha256=h.hexdigest(), frame=frame, head=head,
-                      other_head=arch if arch and head is None else None)
+    return Checkpoint(
+        path=path,
+        config=cfg,
+        encoder_config=ec,
+        state_dict=state,
+        tokenizer=tokenizer,
+        weights_file=weights_file,
+        sha256=h.hexdigest(),
+        frame=frame,
+        head=head,
+        other_head=arch if arch and head is None else None,
+    )

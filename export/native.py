@@ -1,4 +1,5 @@
 """Write the native artifact: ONNX encoder, fast tokenizer, parity report and manifest."""
+
 from __future__ import annotations
 
 import contextlib
@@ -39,8 +40,20 @@ ONNX_GLOBAL_FILE = "encoder_global.onnx"
 ONNX_GLOBAL_INPUTS = ("input_ids", "position_ids", "global_positions")
 
 # Strings that stress byte-level BPE beyond the synthetic notes (no real patient data).
-_TOKENIZER_PROBES = ["", " ", "  leading spaces", "Pt. c/o SOB; HR 110s.\n\n\tTabs\r\nCRLF", "[**2101-3-4**]",
-                     "émigré naïve café", "患者 发热", "مريض", "😷🩺 emoji", "\x00nul", "A" * 300, "mixed CASE Text"]
+_TOKENIZER_PROBES = [
+    "",
+    " ",
+    "  leading spaces",
+    "Pt. c/o SOB; HR 110s.\n\n\tTabs\r\nCRLF",
+    "[**2101-3-4**]",
+    "émigré naïve café",
+    "患者 发热",
+    "مريض",
+    "😷🩺 emoji",
+    "\x00nul",
+    "A" * 300,
+    "mixed CASE Text",
+]
 
 
 def write_tokenizer(ckpt: Checkpoint, out: Path) -> None:
@@ -57,8 +70,10 @@ def write_tokenizer(ckpt: Checkpoint, out: Path) -> None:
         want = ckpt.tokenizer(text, verbose=False)["input_ids"]  # no "longer than the maximum" warning
         got = saved.encode(text).ids
         if got != want:  # never print the text itself
-            raise ExportError(f"the exported tokenizer encodes probe #{i} differently from the checkpoint's; "
-                              "report this with the checkpoint's tokenizer files")
+            raise ExportError(
+                f"the exported tokenizer encodes probe #{i} differently from the checkpoint's; "
+                "report this with the checkpoint's tokenizer files"
+            )
 
 
 def build_encoder(ckpt: Checkpoint) -> PackedEncoder:
@@ -82,8 +97,9 @@ def write_head(ckpt: Checkpoint, out: Path) -> None:
     save_file({k: v.contiguous() for k, v in ckpt.head.weights.items()}, str(out / HEAD_FILE))
 
 
-def write_onnx(encoder: PackedEncoder, ckpt: Checkpoint, out: Path, opset: int = OPSET,
-               with_global: bool = False) -> None:
+def write_onnx(
+    encoder: PackedEncoder, ckpt: Checkpoint, out: Path, opset: int = OPSET, with_global: bool = False
+) -> None:
     """Export the encoder with dynamic batch and row-length axes; inputs are packed rows (input_ids and
     position_ids, see core.packing), so a row may be longer than one sequence's max length. `with_global`:
     the global-attention graph (ONNX_GLOBAL_FILE), whose third input's number of global tokens is dynamic too."""
@@ -105,10 +121,16 @@ def write_onnx(encoder: PackedEncoder, ckpt: Checkpoint, out: Path, opset: int =
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            encoder, args, str(out / file),
-            input_names=names, output_names=["last_hidden_state"],
+            encoder,
+            args,
+            str(out / file),
+            input_names=names,
+            output_names=["last_hidden_state"],
             dynamic_shapes=shapes,
-            opset_version=opset, dynamo=True, external_data=False, verbose=False,
+            opset_version=opset,
+            dynamo=True,
+            external_data=False,
+            verbose=False,
         )
     registration.setLevel(level)
 
@@ -119,14 +141,22 @@ def _library_versions() -> dict[str, str]:
     import tokenizers
     import transformers
 
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "onnx": onnx.__version__,
-            "onnxruntime": onnxruntime.__version__, "tokenizers": tokenizers.__version__}
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "tokenizers": tokenizers.__version__,
+    }
 
 
 def _special_tokens(tok) -> dict[str, dict]:
     names = ("bos", "eos", "pad", "unk", "mask", "cls", "sep")
-    return {n: {"token": getattr(tok, f"{n}_token"), "id": getattr(tok, f"{n}_token_id")}
-            for n in names if getattr(tok, f"{n}_token", None) is not None}
+    return {
+        n: {"token": getattr(tok, f"{n}_token"), "id": getattr(tok, f"{n}_token_id")}
+        for n in names
+        if getattr(tok, f"{n}_token", None) is not None
+    }
 
 
 ARCHITECTURES = {"longformer": "LongformerModel", "big_bird": "BigBirdModel"}
@@ -160,9 +190,18 @@ def write_manifest(ckpt: Checkpoint, out: Path, name: str, report: dict) -> dict
         "num_layers": ec.num_hidden_layers,
         "max_length": ec.max_length,
         "attention_windows": list(ec.attention_window),
-        **({"block_sparse": {"block_size": ec.block_size, "num_random_blocks": ec.num_random_blocks,
-                             "enabled": ec.block_sparse, "full_attention_up_to": ec.sparse_from}}
-           if ec.model_type == "big_bird" else {}),
+        **(
+            {
+                "block_sparse": {
+                    "block_size": ec.block_size,
+                    "num_random_blocks": ec.num_random_blocks,
+                    "enabled": ec.block_sparse,
+                    "full_attention_up_to": ec.sparse_from,
+                }
+            }
+            if ec.model_type == "big_bird"
+            else {}
+        ),
         "pad_multiple": ec.pad_multiple,
         "vocab_size": ec.vocab_size,
         "special_tokens": _special_tokens(ckpt.tokenizer),
@@ -170,20 +209,48 @@ def write_manifest(ckpt: Checkpoint, out: Path, name: str, report: dict) -> dict
         **tokenizer_traits(ckpt.tokenizer),
         # Longformer: the torch weights hold the global projections (--global-attention cls runs on torch)
         "global_attention": ec.model_type == "longformer",
-        "onnx": {"file": ONNX_FILE, "opset": OPSET, "inputs": list(ONNX_INPUTS), "packed": True,
-                 "outputs": ["last_hidden_state"], "dtype": "float32"},
-        **({"onnx_global": {"file": ONNX_GLOBAL_FILE, "opset": OPSET, "inputs": list(ONNX_GLOBAL_INPUTS),
-                            "packed": True, "outputs": ["last_hidden_state"], "dtype": "float32",
-                            "parity_max_abs_diff": report["global"]["max_abs_diff"]}}
-           if report.get("global") else {}),
-        **({"head": {**ckpt.head.head.to_manifest(), "parity_max_abs_diff": report["head"]["max_abs_diff"]}}
-           if ckpt.head is not None else {}),
+        "onnx": {
+            "file": ONNX_FILE,
+            "opset": OPSET,
+            "inputs": list(ONNX_INPUTS),
+            "packed": True,
+            "outputs": ["last_hidden_state"],
+            "dtype": "float32",
+        },
+        **(
+            {
+                "onnx_global": {
+                    "file": ONNX_GLOBAL_FILE,
+                    "opset": OPSET,
+                    "inputs": list(ONNX_GLOBAL_INPUTS),
+                    "packed": True,
+                    "outputs": ["last_hidden_state"],
+                    "dtype": "float32",
+                    "parity_max_abs_diff": report["global"]["max_abs_diff"],
+                }
+            }
+            if report.get("global")
+            else {}
+        ),
+        **(
+            {"head": {**ckpt.head.head.to_manifest(), "parity_max_abs_diff": report["head"]["max_abs_diff"]}}
+            if ckpt.head is not None
+            else {}
+        ),
         "tokenizer": TOKENIZER_FILE,
         "torch": {"file": WEIGHTS_FILE, "encoder_config": asdict(ec), "dtype": "float32"},
-        "parity": {"file": PARITY_FILE, "passed": report["passed"], "max_abs_diff": report["max_abs_diff"],
-                   "min_cosine": report["min_cosine"]},
-        "source": {"checkpoint": str(ckpt.path), "name": ckpt.name, "sha256": ckpt.sha256,
-                   "weights_file": ckpt.weights_file},
+        "parity": {
+            "file": PARITY_FILE,
+            "passed": report["passed"],
+            "max_abs_diff": report["max_abs_diff"],
+            "min_cosine": report["min_cosine"],
+        },
+        "source": {
+            "checkpoint": str(ckpt.path),
+            "name": ckpt.name,
+            "sha256": ckpt.sha256,
+            "weights_file": ckpt.weights_file,
+        },
         "libraries": _library_versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "files": files,
@@ -196,9 +263,24 @@ def write_manifest(ckpt: Checkpoint, out: Path, name: str, report: dict) -> dict
 # The manifest entries that determine the vectors: the graph's format, the weights, the tokenizer and how
 # the pipeline frames and reads its pieces. Never timings (parity.json), paths, dates or library versions.
 VECTOR_FILES = (WEIGHTS_FILE, TOKENIZER_FILE)
-VECTOR_KEYS = ("format", "format_version", "architecture", "model_type", "dimension", "num_layers", "max_length",
-               "attention_windows", "block_sparse", "pad_multiple", "vocab_size", "special_tokens",
-               "sequence_frame", "case_sensitive", "word_marker", "global_attention")
+VECTOR_KEYS = (
+    "format",
+    "format_version",
+    "architecture",
+    "model_type",
+    "dimension",
+    "num_layers",
+    "max_length",
+    "attention_windows",
+    "block_sparse",
+    "pad_multiple",
+    "vocab_size",
+    "special_tokens",
+    "sequence_frame",
+    "case_sensitive",
+    "word_marker",
+    "global_attention",
+)
 # A fine-tuned head's entries that determine its scores (with the digest of HEAD_FILE); never its parity figures.
 HEAD_KEYS = ("kind", "architecture", "labels", "problem_type", "activation", "global_attention", "dense_act")
 
@@ -210,17 +292,25 @@ def vector_identity(manifest: dict) -> str:
     (weights, tokenizer, config, the artifact format) gives another. A fine-tuned head (manifest "head") counts
     too: its weights' digest and HEAD_KEYS (labels in order, problem type, ...); an embedding model's identity
     is unchanged by this."""
-    identity = {"files": {f: manifest["files"][f] for f in VECTOR_FILES},
-                "encoder_config": manifest["torch"]["encoder_config"],
-                **{k: manifest[k] for k in VECTOR_KEYS if k in manifest}}
+    identity = {
+        "files": {f: manifest["files"][f] for f in VECTOR_FILES},
+        "encoder_config": manifest["torch"]["encoder_config"],
+        **{k: manifest[k] for k in VECTOR_KEYS if k in manifest},
+    }
     if manifest.get("head"):
         head = manifest["head"]
         identity["head"] = {"file": manifest["files"][head["file"]], **{k: head.get(k) for k in HEAD_KEYS}}
     return hashlib.sha256(json.dumps(identity, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def write_native(ckpt: Checkpoint, out: Path, name: str, tol: Tolerance,
-                 log: Callable[[str], None] = lambda _: None, with_global: bool = False) -> tuple[dict, dict]:
+def write_native(
+    ckpt: Checkpoint,
+    out: Path,
+    name: str,
+    tol: Tolerance,
+    log: Callable[[str], None] = lambda _: None,
+    with_global: bool = False,
+) -> tuple[dict, dict]:
     """Write the native artifact into `out` (a staging directory); refuse on failed parity. `with_global`:
     also the global-attention graph, checked against LongformerModel(global_attention_mask=...). A fine-tuned
     checkpoint (`ckpt.head`) adds HEAD_FILE, its logits checked against Hugging Face's own class; a head run with
@@ -240,9 +330,11 @@ def write_native(ckpt: Checkpoint, out: Path, name: str, tol: Tolerance,
     (out / PARITY_FILE).write_text(json.dumps(report, indent=2))
     if not report["passed"]:
         worst = max(report["results"], key=lambda r: r["max_abs_diff"])
-        raise ExportError(f"parity check failed (max |diff| {report['max_abs_diff']:.2e} at length {worst['length']}, "
-                          f"min cosine {report['min_cosine']:.6f}); no artifact written. "
-                          "Report this with the checkpoint")
+        raise ExportError(
+            f"parity check failed (max |diff| {report['max_abs_diff']:.2e} at length {worst['length']}, "
+            f"min cosine {report['min_cosine']:.6f}); no artifact written. "
+            "Report this with the checkpoint"
+        )
     log(f"parity passed ({report['seconds']:.1f} s)")
     if with_global:
         from clinlong.export.parity import check_global_parity
@@ -253,10 +345,14 @@ def write_native(ckpt: Checkpoint, out: Path, name: str, tol: Tolerance,
         report["global"] = check_global_parity(out / ONNX_GLOBAL_FILE, ckpt, tol)
         (out / PARITY_FILE).write_text(json.dumps(report, indent=2))
         if not report["global"]["passed"]:
-            raise ExportError(f"global-attention parity failed (max |diff| {report['global']['max_abs_diff']:.2e}); "
-                              "no artifact written. Report this with the checkpoint")
-        log(f"global-attention parity passed (max |diff| {report['global']['max_abs_diff']:.2e}, "
-            f"{report['global']['seconds']:.1f} s)")
+            raise ExportError(
+                f"global-attention parity failed (max |diff| {report['global']['max_abs_diff']:.2e}); "
+                "no artifact written. Report this with the checkpoint"
+            )
+        log(
+            f"global-attention parity passed (max |diff| {report['global']['max_abs_diff']:.2e}, "
+            f"{report['global']['seconds']:.1f} s)"
+        )
     if ckpt.head is not None:
         from clinlong.export.parity import check_head_parity
 
@@ -267,9 +363,13 @@ def write_native(ckpt: Checkpoint, out: Path, name: str, tol: Tolerance,
         h = report["head"]
         if not h["passed"]:
             worst = max(h["results"] + h["torch"]["results"], key=lambda r: r["max_abs_diff"])
-            raise ExportError(f"head parity failed (logits max |diff| {worst['max_abs_diff']:.2e} at length "
-                              f"{worst['length']} against {ckpt.head.head.architecture}); no artifact written. "
-                              "Report this with the checkpoint")
-        log(f"{HEAD_FILE}: {ckpt.head.head.kind} head, logits parity passed against {ckpt.head.head.architecture} "
-            f"(max |diff| {h['max_abs_diff']:.2e}, {h['seconds']:.1f} s)")
+            raise ExportError(
+                f"head parity failed (logits max |diff| {worst['max_abs_diff']:.2e} at length "
+                f"{worst['length']} against {ckpt.head.head.architecture}); no artifact written. "
+                "Report this with the checkpoint"
+            )
+        log(
+            f"{HEAD_FILE}: {ckpt.head.head.kind} head, logits parity passed against {ckpt.head.head.architecture} "
+            f"(max |diff| {h['max_abs_diff']:.2e}, {h['seconds']:.1f} s)"
+        )
     return write_manifest(ckpt, out, name, report), report

@@ -5,6 +5,7 @@ the candidate runs the ONNX file on packed rows (core.packing) that mix lengths,
 shorter rows are padded, so both sequence boundaries and padding are exercised. Every real token is
 compared: max absolute difference and cosine similarity.
 """
+
 from __future__ import annotations
 
 import time
@@ -92,8 +93,13 @@ def _compare(ref: np.ndarray, got: np.ndarray) -> tuple[float, float]:
 TORCH_CHECK_LENGTHS = (1, 513, 705, 1500)  # those among the family's parity lengths
 
 
-def check_parity(onnx_path: str | Path, ckpt: Checkpoint, tol: Tolerance = Tolerance(),
-                 log: Callable[[str], None] = lambda _: None, torch_encoder=None) -> dict:
+def check_parity(
+    onnx_path: str | Path,
+    ckpt: Checkpoint,
+    tol: Tolerance = Tolerance(),
+    log: Callable[[str], None] = lambda _: None,
+    torch_encoder=None,
+) -> dict:
     """Run the reference and the ONNX encoder on the parity lengths and return the report.
 
     With `torch_encoder` (the module the ONNX was traced from, as the torch runtime runs it), a
@@ -125,11 +131,19 @@ def check_parity(onnx_path: str | Path, ckpt: Checkpoint, tol: Tolerance = Toler
     results = []
     for r, row in enumerate(rows):
         for i, (first, n) in zip(row, spans[r]):
-            got = out[r, first:first + n]
+            got = out[r, first : first + n]
             diff, cos = _compare(reference[lengths[i]], got)
             ok = diff <= tol.max_abs_diff and cos >= tol.min_cosine and np.isfinite(got).all()
-            results.append({"length": n, "row": r, "row_length": ids.shape[1], "max_abs_diff": diff,
-                            "min_cosine": cos, "passed": bool(ok)})
+            results.append(
+                {
+                    "length": n,
+                    "row": r,
+                    "row_length": ids.shape[1],
+                    "max_abs_diff": diff,
+                    "min_cosine": cos,
+                    "passed": bool(ok),
+                }
+            )
     torch_rows = []
     if torch_encoder is not None:
         batch = [n for n in TORCH_CHECK_LENGTHS if n in seqs]
@@ -137,9 +151,15 @@ def check_parity(onnx_path: str | Path, ckpt: Checkpoint, tol: Tolerance = Toler
         with torch.inference_mode():
             t_out = torch_encoder(torch.from_numpy(t_ids), torch.from_numpy(t_pos)).numpy()[0]
         for n, (first, _) in zip(batch, t_spans[0]):
-            diff, cos = _compare(reference[n], t_out[first:first + n])
-            torch_rows.append({"length": n, "max_abs_diff": diff, "min_cosine": cos,
-                               "passed": bool(diff <= tol.max_abs_diff and cos >= tol.min_cosine)})
+            diff, cos = _compare(reference[n], t_out[first : first + n])
+            torch_rows.append(
+                {
+                    "length": n,
+                    "max_abs_diff": diff,
+                    "min_cosine": cos,
+                    "passed": bool(diff <= tol.max_abs_diff and cos >= tol.min_cosine),
+                }
+            )
     seen = {r["length"] for r in results}
     if seen != set(seqs):  # every parity length must have been checked
         raise AssertionError(f"parity lengths not checked: {sorted(set(seqs) - seen)}")
@@ -153,8 +173,10 @@ def check_parity(onnx_path: str | Path, ckpt: Checkpoint, tol: Tolerance = Toler
         "results": sorted(results, key=lambda r: r["length"]),
         "max_abs_diff": max(r["max_abs_diff"] for r in results),
         "min_cosine": min(r["min_cosine"] for r in results),
-        "torch": {"candidate": "core.model.PackedEncoder in torch fp32 (the torch runtime's module), one packed row",
-                  "results": torch_rows},
+        "torch": {
+            "candidate": "core.model.PackedEncoder in torch fp32 (the torch runtime's module), one packed row",
+            "results": torch_rows,
+        },
         "seconds": round(time.perf_counter() - start, 2),
     }
 
@@ -195,7 +217,7 @@ def check_global_parity(onnx_path: str | Path, ckpt: Checkpoint, tol: Tolerance 
     for r, row in enumerate(plan):
         found = [first + globs[i] for i, (first, _) in zip(row, spans[r])]
         found = np.concatenate(found) if found else np.zeros(0, np.int64)
-        gpos[r, :len(found)] = found
+        gpos[r, : len(found)] = found
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     out = session.run(["last_hidden_state"], {"input_ids": ids, "position_ids": pos, "global_positions": gpos})[0]
     results = []
@@ -207,17 +229,31 @@ def check_global_parity(onnx_path: str | Path, ckpt: Checkpoint, tol: Tolerance 
             with torch.inference_mode():
                 ref = model(t, attention_mask=torch.ones_like(t), global_attention_mask=mask).last_hidden_state[0]
             ref = ref.numpy()
-            diff, cos = _compare(ref, out[r, first:first + n])
-            results.append({"length": n, "global_tokens": len(globs[i]), "row": r, "max_abs_diff": diff,
-                            "min_cosine": cos, "passed": bool(diff <= tol.max_abs_diff and cos >= tol.min_cosine)})
-    return {"passed": all(r["passed"] for r in results), "file": Path(onnx_path).name,
-            "reference": "transformers LongformerModel(global_attention_mask=...), fp32, each sequence alone",
-            "results": results, "max_abs_diff": max(r["max_abs_diff"] for r in results),
-            "min_cosine": min(r["min_cosine"] for r in results), "seconds": round(time.perf_counter() - start, 2)}
+            diff, cos = _compare(ref, out[r, first : first + n])
+            results.append(
+                {
+                    "length": n,
+                    "global_tokens": len(globs[i]),
+                    "row": r,
+                    "max_abs_diff": diff,
+                    "min_cosine": cos,
+                    "passed": bool(diff <= tol.max_abs_diff and cos >= tol.min_cosine),
+                }
+            )
+    return {
+        "passed": all(r["passed"] for r in results),
+        "file": Path(onnx_path).name,
+        "reference": "transformers LongformerModel(global_attention_mask=...), fp32, each sequence alone",
+        "results": results,
+        "max_abs_diff": max(r["max_abs_diff"] for r in results),
+        "min_cosine": min(r["min_cosine"] for r in results),
+        "seconds": round(time.perf_counter() - start, 2),
+    }
 
 
 # Fine-tuned heads: logits of the artifact (encoder graph + core.heads on head.safetensors) against Hugging Face's
 # own class (LongformerForSequenceClassification, ...), fp32, each sequence alone.
+
 
 def reference_head_model(ckpt: Checkpoint):
     """Hugging Face's own class of the checkpoint's head (e.g. LongformerForSequenceClassification), fp32, eval,
@@ -227,14 +263,17 @@ def reference_head_model(ckpt: Checkpoint):
     from clinlong.export.errors import ExportError
 
     arch = ckpt.head.head.architecture
-    config_class = transformers.BigBirdConfig if ckpt.encoder_config.model_type == "big_bird" else \
-        transformers.LongformerConfig
+    config_class = (
+        transformers.BigBirdConfig if ckpt.encoder_config.model_type == "big_bird" else transformers.LongformerConfig
+    )
     model = getattr(transformers, arch)(config_class(**ckpt.config))
     missing, _ = model.load_state_dict(ckpt.state_dict, strict=False)
     missing = [k for k in missing if not k.endswith("position_ids")]
     if missing:
-        raise ExportError(f"the checkpoint lacks {len(missing)} {arch} weights (e.g. {missing[:3]}); "
-                          "pass the checkpoint that config.json describes")
+        raise ExportError(
+            f"the checkpoint lacks {len(missing)} {arch} weights (e.g. {missing[:3]}); "
+            "pass the checkpoint that config.json describes"
+        )
     return model.eval()
 
 
@@ -255,8 +294,9 @@ def reference_head_run(model, ids: np.ndarray, global_tokens: np.ndarray | None 
         return model(input_ids=t, attention_mask=torch.ones_like(t), **kw).logits[0].numpy()
 
 
-def check_head_parity(onnx_path: str | Path, head_path: str | Path, ckpt: Checkpoint, tol: Tolerance = Tolerance(),
-                      torch_encoder=None) -> dict:
+def check_head_parity(
+    onnx_path: str | Path, head_path: str | Path, ckpt: Checkpoint, tol: Tolerance = Tolerance(), torch_encoder=None
+) -> dict:
     """The head's logits through the artifact's encoder graph (`onnx_path`: the global-attention graph where the
     head runs with global attention on <s>) on packed rows mixing the parity lengths, and core.heads on
     `head_path`, against Hugging Face's own class on each sequence alone. With `torch_encoder`, a mixed-length
@@ -296,12 +336,12 @@ def check_head_parity(onnx_path: str | Path, head_path: str | Path, ckpt: Checkp
     if cls_global:  # each sequence's first token
         feed["global_positions"] = np.full((len(rows), max(len(r) for r in rows)), -1, np.int64)
         for r, row_spans in enumerate(spans):
-            feed["global_positions"][r, :len(row_spans)] = [first for first, _ in row_spans]
+            feed["global_positions"][r, : len(row_spans)] = [first for first, _ in row_spans]
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     out = session.run(["last_hidden_state"], feed)[0]
     results = []
     for r, row in enumerate(rows):
-        outputs = head([out[r, first:first + n] for first, n in spans[r]])
+        outputs = head([out[r, first : first + n] for first, n in spans[r]])
         results += [{**compare(lengths[i], o), "row": r} for i, o in zip(row, outputs)]
     torch_rows = []
     if torch_encoder is not None:
@@ -310,22 +350,26 @@ def check_head_parity(onnx_path: str | Path, head_path: str | Path, ckpt: Checkp
         glob = torch.tensor([[first for first, _ in t_spans[0]]]) if cls_global else None
         with torch.inference_mode():
             t_out = torch_encoder(torch.from_numpy(t_ids), torch.from_numpy(t_pos), glob).numpy()[0]
-        outputs = head([t_out[first:first + n] for first, n in t_spans[0]])
+        outputs = head([t_out[first : first + n] for first, n in t_spans[0]])
         torch_rows = [compare(n, o) for n, o in zip(batch, outputs)]
     return {
         "passed": all(r["passed"] for r in results + torch_rows),
-        "kind": spec.kind, "labels": list(spec.labels), "activation": spec.activation,
+        "kind": spec.kind,
+        "labels": list(spec.labels),
+        "activation": spec.activation,
         "tolerance": {"max_abs_diff": tol.max_abs_diff},
         "reference": f"transformers {transformers.__version__} {spec.architecture}, fp32, each sequence alone"
-                     + (" (global attention on <s>, as the class sets it without a mask)" if cls_global else ""),
+        + (" (global attention on <s>, as the class sets it without a mask)" if cls_global else ""),
         "candidate": f"{Path(onnx_path).name} on onnxruntime {ort.__version__}, packed rows mixing lengths"
-                     + (", global attention on each sequence's <s>" if cls_global else "")
-                     + f", then core.heads on {Path(head_path).name}",
+        + (", global attention on each sequence's <s>" if cls_global else "")
+        + f", then core.heads on {Path(head_path).name}",
         "results": sorted(results, key=lambda r: r["length"]),
         "max_abs_diff": max(r["max_abs_diff"] for r in results),
         "max_abs_diff_probabilities": max(r["max_abs_diff_probabilities"] for r in results),
-        "torch": {"candidate": "core.model.PackedEncoder in torch fp32, one packed row, then core.heads",
-                  "results": torch_rows},
+        "torch": {
+            "candidate": "core.model.PackedEncoder in torch fp32, one packed row, then core.heads",
+            "results": torch_rows,
+        },
         "seconds": round(time.perf_counter() - start, 2),
     }
 
@@ -340,15 +384,21 @@ def format_report(report: dict) -> str:
     """The parity report as a small table for terminals."""
     lines = [f"{'length':>7} {'row':>5} {'row len':>7} {'max|diff|':>10} {'min cos':>10}  ok"]
     for r in report["results"]:
-        lines.append(f"{r['length']:>7} {r['row']:>5} {r['row_length']:>7} {r['max_abs_diff']:>10.2e} "
-                     f"{r['min_cosine']:>10.7f}  {'yes' if r['passed'] else 'NO'}")
+        lines.append(
+            f"{r['length']:>7} {r['row']:>5} {r['row_length']:>7} {r['max_abs_diff']:>10.2e} "
+            f"{r['min_cosine']:>10.7f}  {'yes' if r['passed'] else 'NO'}"
+        )
     t = report["tolerance"]
-    lines.append(f"overall: max|diff| {report['max_abs_diff']:.2e} (tolerance {t['max_abs_diff']:.0e}), "
-                 f"min cosine {report['min_cosine']:.7f} (tolerance {t['min_cosine']}) -> "
-                 f"{'PASSED' if report['passed'] else 'FAILED'}")
+    lines.append(
+        f"overall: max|diff| {report['max_abs_diff']:.2e} (tolerance {t['max_abs_diff']:.0e}), "
+        f"min cosine {report['min_cosine']:.7f} (tolerance {t['min_cosine']}) -> "
+        f"{'PASSED' if report['passed'] else 'FAILED'}"
+    )
     if report.get("head"):
         h = report["head"]
-        lines.append(f"head ({h['kind']}, {len(h['labels'])} labels, {h['activation']}): logits max|diff| "
-                     f"{h['max_abs_diff']:.2e} against Hugging Face's own class on {len(h['results'])} sequences "
-                     f"(tolerance {h['tolerance']['max_abs_diff']:.0e}) -> {'PASSED' if h['passed'] else 'FAILED'}")
+        lines.append(
+            f"head ({h['kind']}, {len(h['labels'])} labels, {h['activation']}): logits max|diff| "
+            f"{h['max_abs_diff']:.2e} against Hugging Face's own class on {len(h['results'])} sequences "
+            f"(tolerance {h['tolerance']['max_abs_diff']:.0e}) -> {'PASSED' if h['passed'] else 'FAILED'}"
+        )
     return "\n".join(lines)

@@ -19,6 +19,7 @@ read through TF-Java 0.4.2, still has no `DisableCopyOnRead` and no `debug_name`
 The rewritten graph is then parity-checked in TF 2.21 like before, and in Spark NLP's JVM by
 tests/test_sparknlp_jvm.py.
 """
+
 from __future__ import annotations
 
 import json
@@ -46,20 +47,26 @@ def _import_tensorflow():
         import tf_keras  # noqa: F401
         from transformers import TFLongformerModel
     except ImportError as e:
-        raise ExportError(f"--format sparknlp needs TensorFlow ({e.name} is missing); "
-                          "install the extra: pip install 'clinlong[sparknlp]'") from None
+        raise ExportError(
+            f"--format sparknlp needs TensorFlow ({e.name} is missing); "
+            "install the extra: pip install 'clinlong[sparknlp]'"
+        ) from None
     return tf, TFLongformerModel
 
 
 def check_supported(ckpt: Checkpoint) -> None:
     """Spark NLP's LongformerEmbeddings imports Longformers with a byte-level BPE tokenizer only."""
     if ckpt.encoder_config.model_type != "longformer":
-        raise ExportError(f"Spark NLP has no annotator that imports a {ckpt.encoder_config.model_type} model; "
-                          "use --format native (the pipeline's BigBirdEmbeddings runs it)")
+        raise ExportError(
+            f"Spark NLP has no annotator that imports a {ckpt.encoder_config.model_type} model; "
+            "use --format native (the pipeline's BigBirdEmbeddings runs it)"
+        )
     kind = json.loads(ckpt.tokenizer.backend_tokenizer.to_str())["model"]["type"]
     if kind != "BPE":
-        raise ExportError("Spark NLP's LongformerEmbeddings reads a byte-level BPE tokenizer "
-                          f"(vocab.txt + merges.txt); this checkpoint's is {kind}: use --format native")
+        raise ExportError(
+            "Spark NLP's LongformerEmbeddings reads a byte-level BPE tokenizer "
+            f"(vocab.txt + merges.txt); this checkpoint's is {kind}: use --format native"
+        )
 
 
 def write_assets(ckpt: Checkpoint, assets: Path) -> None:
@@ -88,15 +95,27 @@ def check_savedmodel_parity(folder: Path, ckpt: Checkpoint, tol: Tolerance) -> d
         with torch.inference_mode():
             t = torch.from_numpy(ids)[None]
             ref = torch_model(input_ids=t, attention_mask=torch.ones_like(t)).last_hidden_state[0].numpy()
-        got = serving(input_ids=tf.constant(ids[None].astype(np.int32)),
-                      attention_mask=tf.ones((1, n), tf.int32))["last_hidden_state"].numpy()[0]
+        got = serving(input_ids=tf.constant(ids[None].astype(np.int32)), attention_mask=tf.ones((1, n), tf.int32))[
+            "last_hidden_state"
+        ].numpy()[0]
         diff, cos = _compare(ref, got)
-        rows.append({"length": n, "max_abs_diff": diff, "min_cosine": cos,
-                     "passed": bool(diff <= tol.max_abs_diff and cos >= tol.min_cosine)})
-    return {"passed": all(r["passed"] for r in rows), "tolerance": {"max_abs_diff": tol.max_abs_diff,
-            "min_cosine": tol.min_cosine}, "reference": "transformers LongformerModel (torch, fp32)",
-            "candidate": f"TensorFlow {tf.__version__} SavedModel serving_default", "results": rows,
-            "max_abs_diff": max(r["max_abs_diff"] for r in rows), "min_cosine": min(r["min_cosine"] for r in rows)}
+        rows.append(
+            {
+                "length": n,
+                "max_abs_diff": diff,
+                "min_cosine": cos,
+                "passed": bool(diff <= tol.max_abs_diff and cos >= tol.min_cosine),
+            }
+        )
+    return {
+        "passed": all(r["passed"] for r in rows),
+        "tolerance": {"max_abs_diff": tol.max_abs_diff, "min_cosine": tol.min_cosine},
+        "reference": "transformers LongformerModel (torch, fp32)",
+        "candidate": f"TensorFlow {tf.__version__} SavedModel serving_default",
+        "results": rows,
+        "max_abs_diff": max(r["max_abs_diff"] for r in rows),
+        "min_cosine": min(r["min_cosine"] for r in rows),
+    }
 
 
 def downgrade_graph(folder: Path) -> dict:
@@ -138,8 +157,7 @@ def downgrade_graph(folder: Path) -> dict:
     return counts
 
 
-def write_sparknlp(ckpt: Checkpoint, out: Path, tol: Tolerance,
-                   log: Callable[[str], None] = lambda _: None) -> dict:
+def write_sparknlp(ckpt: Checkpoint, out: Path, tol: Tolerance, log: Callable[[str], None] = lambda _: None) -> dict:
     """Write the SavedModel + assets into `out` (inside the export's staging directory)."""
     tf, TFLongformerModel = _import_tensorflow()
     start = time.perf_counter()
@@ -149,8 +167,10 @@ def write_sparknlp(ckpt: Checkpoint, out: Path, tol: Tolerance,
         for name in ("config.json", ckpt.weights_file):
             os.symlink((ckpt.path / name).resolve(), weights_dir / name)  # a relative checkpoint path too
         model = TFLongformerModel.from_pretrained(str(weights_dir), from_pt=True)
-        spec = {"input_ids": tf.TensorSpec((None, None), tf.int32, name="input_ids"),
-                "attention_mask": tf.TensorSpec((None, None), tf.int32, name="attention_mask")}
+        spec = {
+            "input_ids": tf.TensorSpec((None, None), tf.int32, name="input_ids"),
+            "attention_mask": tf.TensorSpec((None, None), tf.int32, name="attention_mask"),
+        }
 
         @tf.function(input_signature=[spec])
         def serving(inputs):
@@ -169,8 +189,12 @@ def write_sparknlp(ckpt: Checkpoint, out: Path, tol: Tolerance,
     report["graph_rewrites"] = rewritten
     (out / REPORT_FILE).write_text(json.dumps(report, indent=2))
     if not report["passed"]:
-        raise ExportError(f"the Spark NLP SavedModel misses parity (max |diff| {report['max_abs_diff']:.2e}); "
-                          "no artifact written. Check the tensorflow/transformers versions of the sparknlp extra")
-    log(f"Spark NLP SavedModel parity passed: max |diff| {report['max_abs_diff']:.2e}, "
-        f"min cosine {report['min_cosine']:.7f}")
+        raise ExportError(
+            f"the Spark NLP SavedModel misses parity (max |diff| {report['max_abs_diff']:.2e}); "
+            "no artifact written. Check the tensorflow/transformers versions of the sparknlp extra"
+        )
+    log(
+        f"Spark NLP SavedModel parity passed: max |diff| {report['max_abs_diff']:.2e}, "
+        f"min cosine {report['min_cosine']:.7f}"
+    )
     return report

@@ -6,6 +6,7 @@ puts the previous OUT back before anything else). Staging folders are named `.NA
 those left by a killed process (its pid no longer alive) are removed the next time anything is exported
 to the same OUT.
 """
+
 from __future__ import annotations
 
 import errno
@@ -106,6 +107,8 @@ def staged_directory(out: str | Path, overwrite: bool = False) -> Iterator[Path]
         shutil.rmtree(tmp, ignore_errors=True)
         full = disk_full_cause(e)
         if full is not None:
-            raise ExportError(f"ran out of disk space writing beside {out} ({os.strerror(full.errno)}); "
-                              "free space there or choose another OUT") from None
+            raise ExportError(
+                f"ran out of disk space writing beside {out} ({os.strerror(full.errno)}); "
+                "free space there or choose another OUT"
+            ) from None
         raise

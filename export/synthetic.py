@@ -22,6 +22,7 @@ are real); `tiny` keeps its structure (per-layer windows or BigBird's 64-token b
 at a size that runs in seconds. Tokenizers are trained on the bundled synthetic notes (English, and
 French for the French models).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -126,22 +127,51 @@ def _train_tokenizer(out: Path, seed: int, files: str = "bpe", french: bool = Fa
 
     texts = _training_texts(seed, french)
     bpe = ByteLevelBPETokenizer(add_prefix_space=False)
-    bpe.train_from_iterator(texts, vocab_size=TOKENIZER_VOCAB - 1, min_frequency=2,
-                            special_tokens=SPECIAL_TOKENS, show_progress=False)
+    bpe.train_from_iterator(
+        texts, vocab_size=TOKENIZER_VOCAB - 1, min_frequency=2, special_tokens=SPECIAL_TOKENS, show_progress=False
+    )
     bpe.save_model(str(out))
     vocab = json.loads((out / "vocab.json").read_text(encoding="utf-8"))
     vocab["<mask>"] = len(vocab)
     (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    (out / "special_tokens_map.json").write_text(json.dumps({
-        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "sep_token": "</s>",
-        "pad_token": "<pad>", "cls_token": "<s>",
-        "mask_token": {"content": "<mask>", "single_word": False, "lstrip": True, "rstrip": False, "normalized": False},
-    }, indent=2))
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "LongformerTokenizer", "model_max_length": 4096, "add_prefix_space": False,
-        "errors": "replace", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "sep_token": "</s>",
-        "pad_token": "<pad>", "cls_token": "<s>", "mask_token": "<mask>",
-    }, indent=2))
+    (out / "special_tokens_map.json").write_text(
+        json.dumps(
+            {
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "unk_token": "<unk>",
+                "sep_token": "</s>",
+                "pad_token": "<pad>",
+                "cls_token": "<s>",
+                "mask_token": {
+                    "content": "<mask>",
+                    "single_word": False,
+                    "lstrip": True,
+                    "rstrip": False,
+                    "normalized": False,
+                },
+            },
+            indent=2,
+        )
+    )
+    (out / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "LongformerTokenizer",
+                "model_max_length": 4096,
+                "add_prefix_space": False,
+                "errors": "replace",
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "unk_token": "<unk>",
+                "sep_token": "</s>",
+                "pad_token": "<pad>",
+                "cls_token": "<s>",
+                "mask_token": "<mask>",
+            },
+            indent=2,
+        )
+    )
     if files == "json":  # the same tokenizer as one tokenizer.json, the BPE files removed
         from transformers import AutoTokenizer
 
@@ -160,25 +190,47 @@ def _train_sentencepiece(out: Path, seed: int, family: str) -> tuple[int, dict]:
     bigbird = family == "bigbird"
     specials = BIGBIRD_SPECIALS if bigbird else CAMEMBERT_SPECIALS
     sp = SentencePieceUnigramTokenizer()
-    sp.train_from_iterator(_training_texts(seed, french=not bigbird), vocab_size=TOKENIZER_VOCAB - 1,
-                           special_tokens=specials, unk_token="<unk>", show_progress=False)
+    sp.train_from_iterator(
+        _training_texts(seed, french=not bigbird),
+        vocab_size=TOKENIZER_VOCAB - 1,
+        special_tokens=specials,
+        unk_token="<unk>",
+        show_progress=False,
+    )
     backend = sp._tokenizer
     if not bigbird:
         backend.add_special_tokens(["<mask>"])
     ids = {t: backend.token_to_id(t) for t in [*specials, "<mask>"] if backend.token_to_id(t) is not None}
     first, last = ("[CLS]", "[SEP]") if bigbird else ("<s>", "</s>")
-    backend.post_processor = TemplateProcessing(single=f"{first} $A {last}", pair=f"{first} $A {last} {last} $B {last}",
-                                                special_tokens=[(first, ids[first]), (last, ids[last])])
+    backend.post_processor = TemplateProcessing(
+        single=f"{first} $A {last}",
+        pair=f"{first} $A {last} {last} $B {last}",
+        special_tokens=[(first, ids[first]), (last, ids[last])],
+    )
     if bigbird:
         from transformers import BigBirdTokenizerFast as Fast
 
-        names = dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>", sep_token="[SEP]",
-                     cls_token="[CLS]", mask_token="[MASK]")
+        names = dict(
+            bos_token="<s>",
+            eos_token="</s>",
+            unk_token="<unk>",
+            pad_token="<pad>",
+            sep_token="[SEP]",
+            cls_token="[CLS]",
+            mask_token="[MASK]",
+        )
     else:
         from transformers import CamembertTokenizerFast as Fast
 
-        names = dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>", sep_token="</s>",
-                     cls_token="<s>", mask_token="<mask>")
+        names = dict(
+            bos_token="<s>",
+            eos_token="</s>",
+            unk_token="<unk>",
+            pad_token="<pad>",
+            sep_token="</s>",
+            cls_token="<s>",
+            mask_token="<mask>",
+        )
     tok = Fast(tokenizer_object=backend, model_max_length=4096, **names)
     tok.save_pretrained(str(out))
     return backend.get_vocab_size(), ids
@@ -193,12 +245,22 @@ def config_for(size: str, vocab_size: int, family: str = "longformer", ids: dict
     if family == "bigbird":
         if size == "base":  # the real vocabulary size; the synthetic tokenizer uses its first ids
             return {**CLINICAL_BIGBIRD_CONFIG, "sep_token_id": ids["[SEP]"]}
-        return {**CLINICAL_BIGBIRD_CONFIG, **BIGBIRD_TINY_OVERRIDES, "vocab_size": vocab_size,
-                "sep_token_id": ids["[SEP]"]}
+        return {
+            **CLINICAL_BIGBIRD_CONFIG,
+            **BIGBIRD_TINY_OVERRIDES,
+            "vocab_size": vocab_size,
+            "sep_token_id": ids["[SEP]"],
+        }
     cfg = {**CLINICAL_LONGFORMER_CONFIG, **(TINY_OVERRIDES if size == "tiny" else {})}
     if family == "drbert-4096":  # DrBERT's vocabulary and CamemBERT ids in the Longformer architecture
-        return {**cfg, "vocab_size": vocab_size, "bos_token_id": ids["<s>"], "eos_token_id": ids["</s>"],
-                "sep_token_id": ids["</s>"], "pad_token_id": ids["<pad>"]}
+        return {
+            **cfg,
+            "vocab_size": vocab_size,
+            "bos_token_id": ids["<s>"],
+            "eos_token_id": ids["</s>"],
+            "sep_token_id": ids["</s>"],
+            "pad_token_id": ids["<pad>"],
+        }
     return {**cfg, "vocab_size": vocab_size} if size == "tiny" else cfg
 
 
@@ -206,8 +268,11 @@ def _head_model(family: str, cfg: dict, head: str):
     """A fine-tuned layout of the family: its ForSequenceClassification or ForTokenClassification."""
     import transformers
 
-    prefix, config_class = ("BigBird", transformers.BigBirdConfig) if family == "bigbird" else \
-        ("Longformer", transformers.LongformerConfig)
+    prefix, config_class = (
+        ("BigBird", transformers.BigBirdConfig)
+        if family == "bigbird"
+        else ("Longformer", transformers.LongformerConfig)
+    )
     cls = getattr(transformers, f"{prefix}For{'Sequence' if head == 'sequence' else 'Token'}Classification")
     model = cls(config_class(**cfg))
     # Hugging Face initialises a head with std 0.02 and zero biases: logits near 0.03 that any error would hide
@@ -221,9 +286,15 @@ def _head_model(family: str, cfg: dict, head: str):
     return model
 
 
-def write_synthetic_checkpoint(out: str | Path, size: str = "tiny", seed: int = 0, family: str = "longformer",
-                               head: str | None = None, labels: list[str] | tuple[str, ...] = (),
-                               multi_label: bool = False) -> Path:
+def write_synthetic_checkpoint(
+    out: str | Path,
+    size: str = "tiny",
+    seed: int = 0,
+    family: str = "longformer",
+    head: str | None = None,
+    labels: list[str] | tuple[str, ...] = (),
+    multi_label: bool = False,
+) -> Path:
     """Write a random-weight checkpoint of `family` to `out` (created, must not exist); with `head`, a
     fine-tuned classification layout whose config names `labels` (see the module docstring)."""
     from transformers import BigBirdConfig, BigBirdForMaskedLM, LongformerConfig, LongformerForMaskedLM
@@ -249,13 +320,18 @@ def write_synthetic_checkpoint(out: str | Path, size: str = "tiny", seed: int = 
         if family in ("drbert-4096", "bigbird"):
             vocab_size, ids = _train_sentencepiece(tmp, seed, family)
         else:
-            vocab_size = _train_tokenizer(tmp, seed, "json" if family == "drlongformer" else "bpe",
-                                          french=family == "drlongformer")
+            vocab_size = _train_tokenizer(
+                tmp, seed, "json" if family == "drlongformer" else "bpe", french=family == "drlongformer"
+            )
         cfg = config_for(size, vocab_size, family, ids)
         torch.manual_seed(seed)
         if head is not None:
-            cfg = {**cfg, "id2label": dict(enumerate(labels)), "label2id": {n: i for i, n in enumerate(labels)},
-                   "problem_type": "multi_label_classification" if multi_label else "single_label_classification"}
+            cfg = {
+                **cfg,
+                "id2label": dict(enumerate(labels)),
+                "label2id": {n: i for i, n in enumerate(labels)},
+                "problem_type": "multi_label_classification" if multi_label else "single_label_classification",
+            }
             model = _head_model(family, cfg, head).eval()
             model.config.architectures = [type(model).__name__]
             model.save_pretrained(str(tmp), safe_serialization=family == "drlongformer")
@@ -272,8 +348,11 @@ def write_synthetic_checkpoint(out: str | Path, size: str = "tiny", seed: int = 
         if family == "drlongformer":
             from safetensors.torch import save_file
 
-            save_file({k: v.contiguous() for k, v in model.state_dict().items() if not k.startswith("lm_head.decoder")},
-                      str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            save_file(
+                {k: v.contiguous() for k, v in model.state_dict().items() if not k.startswith("lm_head.decoder")},
+                str(tmp / "model.safetensors"),
+                metadata={"format": "pt"},
+            )
         else:
             torch.save(model.state_dict(), tmp / "pytorch_model.bin")
         apply_umask(tmp)
@@ -289,18 +368,31 @@ def write_synthetic_checkpoint(out: str | Path, size: str = "tiny", seed: int = 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m clinlong.export.synthetic",
-                                description="Write a random-weight checkpoint in a family's real layout.")
+    p = argparse.ArgumentParser(
+        prog="python -m clinlong.export.synthetic",
+        description="Write a random-weight checkpoint in a family's real layout.",
+    )
     p.add_argument("out", help="directory to create")
     p.add_argument("--size", choices=("tiny", "base"), default="tiny")
-    p.add_argument("--family", choices=FAMILIES, default="longformer",
-                   help="longformer: Clinical-Longformer; drlongformer; drbert-4096; bigbird: Clinical-BigBird")
+    p.add_argument(
+        "--family",
+        choices=FAMILIES,
+        default="longformer",
+        help="longformer: Clinical-Longformer; drlongformer; drbert-4096; bigbird: Clinical-BigBird",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--head", choices=HEADS, help="a fine-tuned layout: ForSequenceClassification (sequence) or "
-                                                 "ForTokenClassification (token) with a random head")
+    p.add_argument(
+        "--head",
+        choices=HEADS,
+        help="a fine-tuned layout: ForSequenceClassification (sequence) or "
+        "ForTokenClassification (token) with a random head",
+    )
     p.add_argument("--labels", default="", help="with --head: comma-separated label names (id2label in order)")
-    p.add_argument("--multi-label", action="store_true",
-                   help="with --head sequence: problem_type multi_label_classification (sigmoid per label)")
+    p.add_argument(
+        "--multi-label",
+        action="store_true",
+        help="with --head sequence: problem_type multi_label_classification (sigmoid per label)",
+    )
     args = p.parse_args(argv)
     labels = [x.strip() for x in args.labels.split(",") if x.strip()]
     try:

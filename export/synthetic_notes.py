@@ -4,6 +4,7 @@ Notes are assembled from templates with the categories, section headers, abbrevi
 de-identification brackets and length mix of MIMIC-III, so tokenizers, sentence splitting
 and benchmarks see realistic text. Generation is deterministic for a given seed.
 """
+
 from __future__ import annotations
 
 import csv
@@ -12,8 +13,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 NOTEEVENTS_COLUMNS = (
-    "ROW_ID", "SUBJECT_ID", "HADM_ID", "CHARTDATE", "CHARTTIME", "STORETIME",
-    "CATEGORY", "DESCRIPTION", "CGID", "ISERROR", "TEXT",
+    "ROW_ID",
+    "SUBJECT_ID",
+    "HADM_ID",
+    "CHARTDATE",
+    "CHARTTIME",
+    "STORETIME",
+    "CATEGORY",
+    "DESCRIPTION",
+    "CGID",
+    "ISERROR",
+    "TEXT",
 )
 
 # Share of each category in the generated mix (roughly MIMIC-III's proportions, with
@@ -26,38 +36,88 @@ CATEGORY_MIX = {
     "Discharge summary": 0.20,
 }
 
-_SYMPTOMS = ["chest pain", "shortness of breath", "abdominal pain", "fever", "syncope",
-             "altered mental status", "hematemesis", "melena", "dyspnea on exertion",
-             "lower extremity edema", "productive cough", "nausea and vomiting", "headache"]
-_HISTORY = ["CAD s/p CABG", "CHF with EF 30%", "DM2 on insulin", "HTN", "HLD", "COPD on 2L home O2",
-            "ESRD on HD", "afib on coumadin", "h/o DVT", "CKD stage III", "OSA on CPAP",
-            "cirrhosis c/b ascites", "h/o CVA with residual L sided weakness", "hypothyroidism"]
-_MEDS = [("Aspirin", "81 mg", "PO daily"), ("Metoprolol tartrate", "25 mg", "PO b.i.d."),
-         ("Lisinopril", "10 mg", "PO q.d."), ("Atorvastatin", "80 mg", "PO qhs"),
-         ("Furosemide", "40 mg", "PO daily"), ("Warfarin", "5 mg", "PO qhs"),
-         ("Insulin glargine", "20 units", "SC qhs"), ("Pantoprazole", "40 mg", "PO q.d."),
-         ("Heparin", "5000 units", "SC t.i.d."), ("Vancomycin", "1 g", "IV q12h"),
-         ("Piperacillin-tazobactam", "4.5 g", "IV q8h"), ("Acetaminophen", "650 mg", "PO q6h prn pain"),
-         ("Docusate sodium", "100 mg", "PO b.i.d."), ("Levothyroxine", "75 mcg", "PO daily")]
+_SYMPTOMS = [
+    "chest pain",
+    "shortness of breath",
+    "abdominal pain",
+    "fever",
+    "syncope",
+    "altered mental status",
+    "hematemesis",
+    "melena",
+    "dyspnea on exertion",
+    "lower extremity edema",
+    "productive cough",
+    "nausea and vomiting",
+    "headache",
+]
+_HISTORY = [
+    "CAD s/p CABG",
+    "CHF with EF 30%",
+    "DM2 on insulin",
+    "HTN",
+    "HLD",
+    "COPD on 2L home O2",
+    "ESRD on HD",
+    "afib on coumadin",
+    "h/o DVT",
+    "CKD stage III",
+    "OSA on CPAP",
+    "cirrhosis c/b ascites",
+    "h/o CVA with residual L sided weakness",
+    "hypothyroidism",
+]
+_MEDS = [
+    ("Aspirin", "81 mg", "PO daily"),
+    ("Metoprolol tartrate", "25 mg", "PO b.i.d."),
+    ("Lisinopril", "10 mg", "PO q.d."),
+    ("Atorvastatin", "80 mg", "PO qhs"),
+    ("Furosemide", "40 mg", "PO daily"),
+    ("Warfarin", "5 mg", "PO qhs"),
+    ("Insulin glargine", "20 units", "SC qhs"),
+    ("Pantoprazole", "40 mg", "PO q.d."),
+    ("Heparin", "5000 units", "SC t.i.d."),
+    ("Vancomycin", "1 g", "IV q12h"),
+    ("Piperacillin-tazobactam", "4.5 g", "IV q8h"),
+    ("Acetaminophen", "650 mg", "PO q6h prn pain"),
+    ("Docusate sodium", "100 mg", "PO b.i.d."),
+    ("Levothyroxine", "75 mcg", "PO daily"),
+]
 _ORGANS = ["lungs", "heart", "liver", "gallbladder", "pancreas", "kidneys", "spleen", "aorta"]
-_FINDINGS = ["No acute cardiopulmonary process.", "There is a small left pleural effusion.",
-             "Mild cardiomegaly is unchanged from prior.", "No pneumothorax is seen.",
-             "Patchy opacity at the right base may represent atelectasis vs. pneumonia.",
-             "The ET tube terminates 4 cm above the carina.", "No free intraperitoneal air.",
-             "Diffuse interstitial markings suggest mild pulmonary edema.",
-             "Degenerative changes of the thoracic spine are noted.",
-             "The NG tube is seen coursing below the diaphragm with tip in the stomach."]
-_NURSING = ["Pt. resting comfortably in bed, denies pain.", "VSS, afebrile overnight.",
-            "Lungs with crackles at bases bilaterally, O2 sat 94% on 2L NC.",
-            "Foley draining clear yellow urine, UOP 40-60 cc/hr.", "Tolerating PO diet, no N/V.",
-            "Family in to visit, updated on plan of care by Dr. [**Last Name (STitle) 1234**].",
-            "Skin intact, turned and repositioned q2h.", "A&Ox3, follows commands, MAE.",
-            "BS + x4 quadrants, abd soft, NT/ND.", "Received 20 mg IV lasix with good response.",
-            "Heparin gtt at 1000 units/hr, PTT due at 0600.", "Will continue to monitor closely."]
-_ECG = ["Sinus rhythm. Normal ECG.", "Sinus tachycardia. Left axis deviation.",
-        "Atrial fibrillation with rapid ventricular response. Nonspecific ST-T wave changes.",
-        "Sinus bradycardia. Prolonged QT interval.", "Normal sinus rhythm. Q waves in leads III and aVF.",
-        "Left bundle branch block. Compared to the previous tracing of [**2101-3-4**] no change."]
+_FINDINGS = [
+    "No acute cardiopulmonary process.",
+    "There is a small left pleural effusion.",
+    "Mild cardiomegaly is unchanged from prior.",
+    "No pneumothorax is seen.",
+    "Patchy opacity at the right base may represent atelectasis vs. pneumonia.",
+    "The ET tube terminates 4 cm above the carina.",
+    "No free intraperitoneal air.",
+    "Diffuse interstitial markings suggest mild pulmonary edema.",
+    "Degenerative changes of the thoracic spine are noted.",
+    "The NG tube is seen coursing below the diaphragm with tip in the stomach.",
+]
+_NURSING = [
+    "Pt. resting comfortably in bed, denies pain.",
+    "VSS, afebrile overnight.",
+    "Lungs with crackles at bases bilaterally, O2 sat 94% on 2L NC.",
+    "Foley draining clear yellow urine, UOP 40-60 cc/hr.",
+    "Tolerating PO diet, no N/V.",
+    "Family in to visit, updated on plan of care by Dr. [**Last Name (STitle) 1234**].",
+    "Skin intact, turned and repositioned q2h.",
+    "A&Ox3, follows commands, MAE.",
+    "BS + x4 quadrants, abd soft, NT/ND.",
+    "Received 20 mg IV lasix with good response.",
+    "Heparin gtt at 1000 units/hr, PTT due at 0600.",
+    "Will continue to monitor closely.",
+]
+_ECG = [
+    "Sinus rhythm. Normal ECG.",
+    "Sinus tachycardia. Left axis deviation.",
+    "Atrial fibrillation with rapid ventricular response. Nonspecific ST-T wave changes.",
+    "Sinus bradycardia. Prolonged QT interval.",
+    "Normal sinus rhythm. Q waves in leads III and aVF.",
+    "Left bundle branch block. Compared to the previous tracing of [**2101-3-4**] no change.",
+]
 _TECHNIQUES = ["Single portable AP view of the chest.", "Axial images were obtained following IV contrast."]
 
 
@@ -112,15 +172,17 @@ def _hospital_course(rng: random.Random, n_problems: int) -> str:
     out = []
     for i in range(n_problems):
         problem = rng.choice(_SYMPTOMS + _HISTORY)
-        body = " ".join([
-            f"# {problem.capitalize()}: Pt. was treated with {rng.choice(_MEDS)[0].lower()} "
-            "and monitored on telemetry.",
-            rng.choice(_NURSING),
-            f"Repeat studies on {_deid_date(rng)} showed {rng.choice(_FINDINGS).lower()}",
-            f"He will follow up with Dr. [**First Name (STitle) {rng.randint(10, 999)}**] "
-            "in [**Hospital1 18**] clinic.",
-            rng.choice(_NURSING),
-        ])
+        body = " ".join(
+            [
+                f"# {problem.capitalize()}: Pt. was treated with {rng.choice(_MEDS)[0].lower()} "
+                "and monitored on telemetry.",
+                rng.choice(_NURSING),
+                f"Repeat studies on {_deid_date(rng)} showed {rng.choice(_FINDINGS).lower()}",
+                f"He will follow up with Dr. [**First Name (STitle) {rng.randint(10, 999)}**] "
+                "in [**Hospital1 18**] clinic.",
+                rng.choice(_NURSING),
+            ]
+        )
         out.append(body)
     return "\n\n".join(out)
 
@@ -134,7 +196,8 @@ def discharge_summary(rng: random.Random) -> str:
         f"{rng.choice(['No Known Allergies', 'Penicillins', 'Sulfa (Sulfonamides)', 'Codeine'])} to Drugs\n",
         f"Attending:[**First Name3 (LF) {rng.randint(100, 9999)}**]\nChief Complaint:\n{rng.choice(_SYMPTOMS)}\n",
         "Major Surgical or Invasive Procedure:\n"
-        + rng.choice(["None", "Cardiac catheterization with DES to LAD", "EGD", "Intubation"]) + "\n",
+        + rng.choice(["None", "Cardiac catheterization with DES to LAD", "EGD", "Intubation"])
+        + "\n",
         "HISTORY OF PRESENT ILLNESS:\n" + _hpi(rng, age, sex) + "\n",
         "PAST MEDICAL HISTORY:\n" + "\n".join(f"- {h}" for h in rng.sample(_HISTORY, rng.randint(3, 8))) + "\n",
         "MEDICATIONS ON ADMISSION:\n" + _med_list(rng) + "\n",
@@ -142,11 +205,14 @@ def discharge_summary(rng: random.Random) -> str:
         f"HR {rng.randint(50, 130)} RR {rng.randint(10, 30)} O2 {rng.randint(88, 100)}% 2L NC\n"
         "GEN: NAD, A&Ox3.\nHEENT: PERRL, EOMI, MMM.\nNECK: JVP at 8 cm.\nCV: RRR, nl S1 S2, no m/r/g.\n"
         "LUNGS: CTAB, no wheezes.\nABD: soft, NT/ND, + BS.\nEXT: no c/c/e, 2+ DP pulses.\n",
-        "PERTINENT RESULTS:\n" + "\n".join(
+        "PERTINENT RESULTS:\n"
+        + "\n".join(
             f"{_deid_date(rng)} 0{rng.randint(1, 9)}:{rng.randint(10, 59)}AM BLOOD WBC-{rng.uniform(3, 20):.1f} "
             f"RBC-{rng.uniform(2.5, 5.5):.2f} Hgb-{rng.uniform(7, 16):.1f} Hct-{rng.uniform(21, 48):.1f} "
             f"Plt Ct-{rng.randint(50, 450)}"
-            for _ in range(rng.randint(2, 8))) + "\n",
+            for _ in range(rng.randint(2, 8))
+        )
+        + "\n",
         "BRIEF HOSPITAL COURSE:\n" + _hospital_course(rng, rng.randint(15, 60)) + "\n",
         "DISCHARGE MEDICATIONS:\n" + _med_list(rng) + "\n",
         f"DISCHARGE DISPOSITION:\n{rng.choice(['Home', 'Home With Service', 'Extended Care'])}\n\n"
@@ -160,8 +226,9 @@ def discharge_summary(rng: random.Random) -> str:
 
 
 def radiology(rng: random.Random) -> str:
-    study = rng.choice(["CHEST (PORTABLE AP)", "CT ABDOMEN W/CONTRAST", "CT HEAD W/O CONTRAST",
-                        "LIVER OR GALLBLADDER US"])
+    study = rng.choice(
+        ["CHEST (PORTABLE AP)", "CT ABDOMEN W/CONTRAST", "CT HEAD W/O CONTRAST", "LIVER OR GALLBLADDER US"]
+    )
     return (
         f"{_deid_date(rng)} {rng.randint(1, 12)}:{rng.randint(10, 59)} PM\n {study}   "
         f"Clip # [**Clip Number (Radiology) {rng.randint(1000, 99999)}**]\n"
@@ -187,9 +254,11 @@ def ecg(rng: random.Random) -> str:
 
 def physician(rng: random.Random) -> str:
     age, sex = rng.randint(25, 95), rng.choice(["M", "F"])
-    return (f"MICU Attending Note\nChief Complaint: {rng.choice(_SYMPTOMS)}\n"
-            f"24 Hour Events:\n{_sentences(rng, _NURSING, 3)}\n"
-            f"HPI: {_hpi(rng, age, sex)}\nAssessment and Plan:\n{_hospital_course(rng, rng.randint(2, 6))}\n")
+    return (
+        f"MICU Attending Note\nChief Complaint: {rng.choice(_SYMPTOMS)}\n"
+        f"24 Hour Events:\n{_sentences(rng, _NURSING, 3)}\n"
+        f"HPI: {_hpi(rng, age, sex)}\nAssessment and Plan:\n{_hospital_course(rng, rng.randint(2, 6))}\n"
+    )
 
 
 _WRITERS = {
@@ -210,20 +279,35 @@ def generate_notes(n: int, seed: int = 0) -> list[Note]:
     for i in range(n):
         category = rng.choices(categories, weights)[0]
         writer, description = _WRITERS[category]
-        notes.append(Note(row_id=i + 1, subject_id=rng.randint(1, 99999), hadm_id=rng.randint(100000, 199999),
-                          chartdate=_date(rng), category=category, description=description, text=writer(rng)))
+        notes.append(
+            Note(
+                row_id=i + 1,
+                subject_id=rng.randint(1, 99999),
+                hadm_id=rng.randint(100000, 199999),
+                chartdate=_date(rng),
+                category=category,
+                description=description,
+                text=writer(rng),
+            )
+        )
     return notes
 
 
 # French clinical sentences (accents, elisions, apostrophes) for the French family (DrBERT, DrLongformer).
-_FRENCH = ["Le patient a été admis à l'hôpital aujourd'hui pour une douleur thoracique.",
-           "Il présente une fièvre à 39 °C depuis hier soir.", "L'examen clinique retrouve des crépitants aux bases.",
-           "Pas d'œdème des membres inférieurs.", "La radiographie pulmonaire montre un épanchement pleural gauche.",
-           "Traitement : paracétamol 1 g trois fois par jour.", "Antécédents : HTA, diabète de type 2, FA sous AVK.",
-           "L'évolution est favorable sous antibiothérapie.",
-           "Sortie prévue à J5 avec un contrôle chez le médecin traitant.",
-           "Mme [**Nom 1234**] est âgée de 78 ans.", "Elle n'a pas d'allergie connue.",
-           "Électrocardiogramme : rythme sinusal régulier, pas de trouble de la repolarisation."]
+_FRENCH = [
+    "Le patient a été admis à l'hôpital aujourd'hui pour une douleur thoracique.",
+    "Il présente une fièvre à 39 °C depuis hier soir.",
+    "L'examen clinique retrouve des crépitants aux bases.",
+    "Pas d'œdème des membres inférieurs.",
+    "La radiographie pulmonaire montre un épanchement pleural gauche.",
+    "Traitement : paracétamol 1 g trois fois par jour.",
+    "Antécédents : HTA, diabète de type 2, FA sous AVK.",
+    "L'évolution est favorable sous antibiothérapie.",
+    "Sortie prévue à J5 avec un contrôle chez le médecin traitant.",
+    "Mme [**Nom 1234**] est âgée de 78 ans.",
+    "Elle n'a pas d'allergie connue.",
+    "Électrocardiogramme : rythme sinusal régulier, pas de trouble de la repolarisation.",
+]
 _FRENCH_HEADERS = ["MOTIF D'HOSPITALISATION :", "HISTOIRE DE LA MALADIE :", "EXAMEN CLINIQUE :", "CONCLUSION :"]
 
 
@@ -247,16 +331,31 @@ def write_noteevents_csv(path: str | Path, n: int, seed: int = 0) -> Path:
         w = csv.writer(f, quoting=csv.QUOTE_NONNUMERIC)
         w.writerow(NOTEEVENTS_COLUMNS)
         for note in generate_notes(n, seed):
-            w.writerow([note.row_id, note.subject_id, note.hadm_id, note.chartdate, "", "",
-                        note.category, note.description, "", "", note.text])
+            w.writerow(
+                [
+                    note.row_id,
+                    note.subject_id,
+                    note.hadm_id,
+                    note.chartdate,
+                    "",
+                    "",
+                    note.category,
+                    note.description,
+                    "",
+                    "",
+                    note.text,
+                ]
+            )
     return path
 
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m clinlong.export.synthetic_notes",
-                                description="Write synthetic MIMIC-III-style notes as NOTEEVENTS.csv.")
+    p = argparse.ArgumentParser(
+        prog="python -m clinlong.export.synthetic_notes",
+        description="Write synthetic MIMIC-III-style notes as NOTEEVENTS.csv.",
+    )
     p.add_argument("out", help="CSV path to write")
     p.add_argument("--n", type=int, default=200, help="number of notes (default 200)")
     p.add_argument("--seed", type=int, default=0)

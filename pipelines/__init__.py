@@ -12,6 +12,7 @@
 
 `import clinlong.pipelines` imports no Spark: the Spark-facing names below load on first use.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -35,18 +36,46 @@ if TYPE_CHECKING:  # what IDEs and type checkers see; at run time the names load
     )
 
 # Fine-tuned heads (issue 24) and the chunker of their tags.
-HEAD_STAGES = ("LongformerForSequenceClassification", "BigBirdForSequenceClassification",
-               "LongformerForTokenClassification", "BigBirdForTokenClassification", "NerConverter")
+HEAD_STAGES = (
+    "LongformerForSequenceClassification",
+    "BigBirdForSequenceClassification",
+    "LongformerForTokenClassification",
+    "BigBirdForTokenClassification",
+    "NerConverter",
+)
 _LAZY = {
-    "load": "spark.light", "EmbeddingsPipeline": "spark.light",
-    **{name: "spark.stages" for name in ("DocumentAssembler", "SentenceDetector", "Tokenizer", "LongformerEmbeddings",
-                                          "BigBirdEmbeddings", "SentenceEmbeddings", "EmbeddingsFinisher",
-                                          *HEAD_STAGES)},
+    "load": "spark.light",
+    "EmbeddingsPipeline": "spark.light",
+    **{
+        name: "spark.stages"
+        for name in (
+            "DocumentAssembler",
+            "SentenceDetector",
+            "Tokenizer",
+            "LongformerEmbeddings",
+            "BigBirdEmbeddings",
+            "SentenceEmbeddings",
+            "EmbeddingsFinisher",
+            *HEAD_STAGES,
+        )
+    },
 }
-__all__ = ["load", "EmbeddingsPipeline", "DocumentAssembler", "SentenceDetector", "Tokenizer", "LongformerEmbeddings",
-           "BigBirdEmbeddings", "SentenceEmbeddings", "EmbeddingsFinisher", "LongformerForSequenceClassification",
-           "BigBirdForSequenceClassification", "LongformerForTokenClassification", "BigBirdForTokenClassification",
-           "NerConverter"]
+__all__ = [
+    "load",
+    "EmbeddingsPipeline",
+    "DocumentAssembler",
+    "SentenceDetector",
+    "Tokenizer",
+    "LongformerEmbeddings",
+    "BigBirdEmbeddings",
+    "SentenceEmbeddings",
+    "EmbeddingsFinisher",
+    "LongformerForSequenceClassification",
+    "BigBirdForSequenceClassification",
+    "LongformerForTokenClassification",
+    "BigBirdForTokenClassification",
+    "NerConverter",
+]
 assert sorted(__all__) == sorted(_LAZY)
 
 

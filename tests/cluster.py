@@ -1,5 +1,6 @@
 """A real Spark standalone cluster on 127.0.0.1 for tests: master and workers started with spark-class,
 stopped by their process ids."""
+
 from __future__ import annotations
 
 import os
@@ -38,26 +39,63 @@ def _wait_for_port(port: int, timeout: float = 60) -> None:
 def standalone_cluster(workdir: Path, workers: list[dict]):
     """Yield the master URL. Each worker dict: cores, memory, and optional extra SPARK_WORKER_OPTS."""
     home = spark_home()
-    env = {**os.environ, "SPARK_HOME": str(home), "SPARK_LOCAL_IP": "127.0.0.1", "PYSPARK_PYTHON": sys.executable,
-           "SPARK_LOG_DIR": str(workdir / "logs"), "SPARK_WORKER_DIR": str(workdir / "work")}
+    env = {
+        **os.environ,
+        "SPARK_HOME": str(home),
+        "SPARK_LOCAL_IP": "127.0.0.1",
+        "PYSPARK_PYTHON": sys.executable,
+        "SPARK_LOG_DIR": str(workdir / "logs"),
+        "SPARK_WORKER_DIR": str(workdir / "work"),
+    }
     port, ui = free_port(), free_port()
     procs = []
     logs = workdir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     spark_class = str(home / "bin" / "spark-class")
     try:
-        procs.append(subprocess.Popen([spark_class, "org.apache.spark.deploy.master.Master", "--host", "127.0.0.1",
-                                       "--port", str(port), "--webui-port", str(ui)],
-                                      stdout=open(logs / "master.log", "w"), stderr=subprocess.STDOUT, env=env))
+        procs.append(
+            subprocess.Popen(
+                [
+                    spark_class,
+                    "org.apache.spark.deploy.master.Master",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    "--webui-port",
+                    str(ui),
+                ],
+                stdout=open(logs / "master.log", "w"),
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+        )
         _wait_for_port(port)
         url = f"spark://127.0.0.1:{port}"
         for i, w in enumerate(workers):
             wenv = {**env, "SPARK_WORKER_OPTS": w.get("opts", "")}
-            procs.append(subprocess.Popen(
-                [spark_class, "org.apache.spark.deploy.worker.Worker", url, "--host", "127.0.0.1",
-                 "--cores", str(w.get("cores", 1)), "--memory", w.get("memory", "2g"),
-                 "--webui-port", str(free_port()), "--work-dir", str(workdir / f"worker{i}")],
-                stdout=open(logs / f"worker{i}.log", "w"), stderr=subprocess.STDOUT, env=wenv))
+            procs.append(
+                subprocess.Popen(
+                    [
+                        spark_class,
+                        "org.apache.spark.deploy.worker.Worker",
+                        url,
+                        "--host",
+                        "127.0.0.1",
+                        "--cores",
+                        str(w.get("cores", 1)),
+                        "--memory",
+                        w.get("memory", "2g"),
+                        "--webui-port",
+                        str(free_port()),
+                        "--work-dir",
+                        str(workdir / f"worker{i}"),
+                    ],
+                    stdout=open(logs / f"worker{i}.log", "w"),
+                    stderr=subprocess.STDOUT,
+                    env=wenv,
+                )
+            )
         deadline = time.time() + 60
         while time.time() < deadline:  # the master log lists each registered worker
             if (logs / "master.log").read_text().count("Registering worker") >= len(workers):

@@ -1,4 +1,5 @@
 """Shared fixtures: synthetic checkpoints and exported artifacts, built once per test session."""
+
 from __future__ import annotations
 
 import os
@@ -72,8 +73,13 @@ _hf_models: dict = {}
 def spark():
     from pyspark.sql import SparkSession
 
-    s = (SparkSession.builder.master("local[2]").appName("clinlong-tests")
-         .config("spark.ui.enabled", "false").config("spark.sql.shuffle.partitions", "2").getOrCreate())
+    s = (
+        SparkSession.builder.master("local[2]")
+        .appName("clinlong-tests")
+        .config("spark.ui.enabled", "false")
+        .config("spark.sql.shuffle.partitions", "2")
+        .getOrCreate()
+    )
     s.sparkContext.setLogLevel("ERROR")
     yield s
     s.stop()
@@ -90,10 +96,24 @@ def write_test_notes(path: Path, long_note_pieces: int = 0) -> Path:
 
     notes = generate_notes(8, seed=21)
     # Texts cut to ~2,500 BPE pieces so that one Hugging Face run holds each note (windows: test_engine.py).
-    rows = [[n.row_id, n.subject_id, n.hadm_id, n.chartdate, "", "", n.category, n.description, "", "",
-             n.text[: n.text.rfind("\n", 0, 8000)] if len(n.text) > 8000 else n.text] for n in notes]
+    rows = [
+        [
+            n.row_id,
+            n.subject_id,
+            n.hadm_id,
+            n.chartdate,
+            "",
+            "",
+            n.category,
+            n.description,
+            "",
+            "",
+            n.text[: n.text.rfind("\n", 0, 8000)] if len(n.text) > 8000 else n.text,
+        ]
+        for n in notes
+    ]
     rows[0][-1] = f"Pt. {PHI_MARKER} seen today.\nHISTORY OF PRESENT ILLNESS:\n" + rows[0][-1]
-    rows.append([101, 1, 1, "2101-1-1", "", "", "ECG", "Report", "", "", ""])        # empty text
+    rows.append([101, 1, 1, "2101-1-1", "", "", "ECG", "Report", "", "", ""])  # empty text
     rows.append([102, 1, 1, "2101-1-1", "", "", "ECG", "Report", "", "", "   \n  "])  # whitespace only
     rows.append([2, 1, 1, "2101-1-1", "", "", "ECG", "Report", "", "", "Sinus rhythm. Duplicate id."])
     with path.open("w", newline="", encoding="utf-8") as f:
@@ -129,4 +149,4 @@ def family_sequences(checkpoint, lengths):
     framed = tok("x")["input_ids"]
     start, end = framed[0], framed[-1]
     assert len(body) >= max(lengths)
-    return [[start] if n == 1 else [start, *body[:n - 2], end] for n in lengths]
+    return [[start] if n == 1 else [start, *body[: n - 2], end] for n in lengths]

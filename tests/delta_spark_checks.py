@@ -8,6 +8,7 @@ their start-up overlaps this one's.
 
 WORK holds the notes (n12.csv, n3.csv, n24.csv, b6.csv); the AWS_* variables point at an S3 server with BUCKET.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,11 @@ import numpy as np
 import pyarrow as pa
 
 ROOT = Path(__file__).resolve().parents[1]
-KEYS = {"note": ["note_id"], "sentence": ["note_id", "sentence_index"],
-        "token": ["note_id", "sentence_index", "token_index"]}
+KEYS = {
+    "note": ["note_id"],
+    "sentence": ["note_id", "sentence_index"],
+    "token": ["note_id", "sentence_index", "token_index"],
+}
 
 
 def session(tmp: str):
@@ -31,13 +35,17 @@ def session(tmp: str):
     from clinlong.pipelines.spark import jars
 
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    builder = (SparkSession.builder.master("local[2,4]").appName("clinlong-delta-spark-tests")
-               .config("spark.ui.enabled", "false").config("spark.sql.shuffle.partitions", "2")
-               .config("spark.databricks.delta.snapshotPartitions", "2")
-               .config("spark.sql.sources.parallelPartitionDiscovery.parallelism", "2")
-               .config("spark.sql.catalogImplementation", "hive").config("spark.sql.warehouse.dir", f"{tmp}/warehouse")
-               .config("spark.hadoop.javax.jdo.option.ConnectionURL",
-                       f"jdbc:derby:;databaseName={tmp}/metastore;create=true"))
+    builder = (
+        SparkSession.builder.master("local[2,4]")
+        .appName("clinlong-delta-spark-tests")
+        .config("spark.ui.enabled", "false")
+        .config("spark.sql.shuffle.partitions", "2")
+        .config("spark.databricks.delta.snapshotPartitions", "2")
+        .config("spark.sql.sources.parallelPartitionDiscovery.parallelism", "2")
+        .config("spark.sql.catalogImplementation", "hive")
+        .config("spark.sql.warehouse.dir", f"{tmp}/warehouse")
+        .config("spark.hadoop.javax.jdo.option.ConnectionURL", f"jdbc:derby:;databaseName={tmp}/metastore;create=true")
+    )
     for k, v in jars.s3a_conf().items():
         builder = builder.config(k, v)
     spark = jars.configure(builder, ("delta", "s3a")).getOrCreate()
@@ -112,18 +120,53 @@ def main(tmp: str, model: str, bucket: str) -> dict:
     boto3.client("s3").upload_file(n12, bucket, "NOTEEVENTS/notes.csv")
     submit_out = f"s3a://{bucket}/delta/note_embeddings"
     submit = subprocess.Popen(
-        [str(Path(sys.executable).with_name("spark-submit")), "--master", "local[1]",
-         *jars.submit_args(("delta", "s3a")), "--conf", "spark.databricks.delta.snapshotPartitions=2",
-         str(ROOT / "pipelines" / "embed_notes.py"), "--notes", f"s3a://{bucket}/NOTEEVENTS/", "--model", model,
-         "--out", submit_out], cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=open(w / "submit.err", "w"), text=True)
+        [
+            str(Path(sys.executable).with_name("spark-submit")),
+            "--master",
+            "local[1]",
+            *jars.submit_args(("delta", "s3a")),
+            "--conf",
+            "spark.databricks.delta.snapshotPartitions=2",
+            str(ROOT / "pipelines" / "embed_notes.py"),
+            "--notes",
+            f"s3a://{bucket}/NOTEEVENTS/",
+            "--model",
+            model,
+            "--out",
+            submit_out,
+        ],
+        cwd=tmp,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=open(w / "submit.err", "w"),
+        text=True,
+    )
     # A python -m job with --writer delta-spark, killed (SIGKILL) between its second chunk's errors and output
     # commits; it shares its table with this process's first job, started at the same time (two jobs, one table).
     both = f"{tmp}/both"
-    killed_args = ["--notes", n24, "--model", model, "--out", both, "--id-type", "long", "--writer", "delta-spark",
-                   "--progress-every", "0", "--chunk-notes", "8"]
-    killed = subprocess.Popen([sys.executable, "-m", "clinlong.pipelines.embed_notes", *killed_args, "--master",
-                               "local[1]"], cwd=ROOT, env={**env, "CLINLONG_FAULTPOINT": "driver-between-commits:2"},
-                              stdout=subprocess.DEVNULL, stderr=open(w / "killed.err", "w"))
+    killed_args = [
+        "--notes",
+        n24,
+        "--model",
+        model,
+        "--out",
+        both,
+        "--id-type",
+        "long",
+        "--writer",
+        "delta-spark",
+        "--progress-every",
+        "0",
+        "--chunk-notes",
+        "8",
+    ]
+    killed = subprocess.Popen(
+        [sys.executable, "-m", "clinlong.pipelines.embed_notes", *killed_args, "--master", "local[1]"],
+        cwd=ROOT,
+        env={**env, "CLINLONG_FAULTPOINT": "driver-between-commits:2"},
+        stdout=subprocess.DEVNULL,
+        stderr=open(w / "killed.err", "w"),
+    )
 
     from deltalake import DeltaTable
 
@@ -150,20 +193,29 @@ def main(tmp: str, model: str, bucket: str) -> dict:
         run(JobConfig(out=rs, writer="delta-rs", **cfg), spark)
         hist = history(spark, ds)
         adds = pa.table(DeltaTable(ds).get_add_actions(flatten=True)).to_pydict()
-        found[g] = {**same(spark, ds, rs, KEYS[g]), "summary_rows": a["rows_written"],
-                    "add_records": int(sum(adds["num_records"])),
-                    "history_rows": sum(int(h["operationMetrics"].get("numOutputRows", 0)) for h in hist),
-                    "info": [json.loads(h["userMetadata"])["chunk"] for h in hist if h["userMetadata"]],
-                    "ops": [h["operation"] for h in hist], "engine": hist[-1]["engineInfo"]}
+        found[g] = {
+            **same(spark, ds, rs, KEYS[g]),
+            "summary_rows": a["rows_written"],
+            "add_records": int(sum(adds["num_records"])),
+            "history_rows": sum(int(h["operationMetrics"].get("numOutputRows", 0)) for h in hist),
+            "info": [json.loads(h["userMetadata"])["chunk"] for h in hist if h["userMetadata"]],
+            "ops": [h["operation"] for h in hist],
+            "engine": hist[-1]["engineInfo"],
+        }
         if g == "note":
             again = run(JobConfig(out=ds, **cfg), spark)
-            found["rerun"] = {"resumed_from": again["chunks_resumed_from"], "chunks": again["chunks"],
-                              "version": again["version"], "before": hist[-1]["version"]}
+            found["rerun"] = {
+                "resumed_from": again["chunks_resumed_from"],
+                "chunks": again["chunks"],
+                "version": again["version"],
+                "before": hist[-1]["version"],
+            }
     from clinlong.pipelines.core.schema import OutputSpec, error_schema, table_schema
 
     spec = OutputSpec("note", table_schema("note", pa.int64()), "m", 64)
-    found["auto_writer"] = make_writer(spark, JobConfig(**base, notes=n12, out=f"{tmp}/x"), model, spec,
-                                       error_schema(pa.int64())).name
+    found["auto_writer"] = make_writer(
+        spark, JobConfig(**base, notes=n12, out=f"{tmp}/x"), model, spec, error_schema(pa.int64())
+    ).name
     seconds["granularities"] = round(time.perf_counter() - tick, 1)
 
     # 3. incremental over a Delta input with deletion vectors, the output with deletion vectors too. The first run
@@ -183,30 +235,41 @@ def main(tmp: str, model: str, bucket: str) -> dict:
         workers.pop("CLINLONG_FAULT_RAISE"), workers.pop("CLINLONG_FAULTPOINT")
     adds = pa.table(DeltaTable(out).get_add_actions(flatten=True)).to_pydict()
     errs = spark.read.format("delta").load(f"{out}_errors").select("note_id", "stage").collect()
-    found["faults"] = {"task_killed": os.path.exists(f"{tmp}/task-killed"), "rows_in": first["rows_in"],
-                       "embedded": first["embedded"], "errors": first["errors"], "rows_written": first["rows_written"],
-                       "add_records": int(sum(adds["num_records"])),
-                       "history_rows": sum(int(h["operationMetrics"].get("numOutputRows", 0))
-                                           for h in history(spark, out)),
-                       "error_rows": sorted([r["note_id"], r["stage"]] for r in errs)}
+    found["faults"] = {
+        "task_killed": os.path.exists(f"{tmp}/task-killed"),
+        "rows_in": first["rows_in"],
+        "embedded": first["embedded"],
+        "errors": first["errors"],
+        "rows_written": first["rows_written"],
+        "add_records": int(sum(adds["num_records"])),
+        "history_rows": sum(int(h["operationMetrics"].get("numOutputRows", 0)) for h in history(spark, out)),
+        "error_rows": sorted([r["note_id"], r["stage"]] for r in errs),
+    }
     spark.sql(f"ALTER TABLE delta.`{out}` SET TBLPROPERTIES ('delta.enableDeletionVectors' = 'true')")
     spark.sql(f"DELETE FROM delta.`{inp}` WHERE ROW_ID IN (3, 4)")
     spark.sql(f"UPDATE delta.`{inp}` SET TEXT = concat(TEXT, ' Addendum.') WHERE ROW_ID IN (5, 6)")
     detail = spark.sql(f"DESCRIBE DETAIL delta.`{inp}`").first()
     second = run(JobConfig(**inc), spark)
     table = spark.read.format("delta").load(out).toPandas()
-    found["incremental_dv"] = {"first": first["rows_in"], "second": second["rows_in"],
-                               "stale": second["stale_rows_deleted"], "retried": second["retried_error_rows_deleted"],
-                               "ops": [h["operation"] for h in history(spark, out)],
-                               "error_ops": [h["operation"] for h in history(spark, f"{out}_errors")],
-                               "errors_left": spark.read.format("delta").load(f"{out}_errors").count(),
-                               "input_rows": spark.read.format("delta").load(inp).count(),
-                               "out_rows": len(table), "out_ids": sorted(set(table.note_id.tolist())),
-                               "dv_feature": "deletionVectors" in (detail["tableFeatures"] or [])}
+    found["incremental_dv"] = {
+        "first": first["rows_in"],
+        "second": second["rows_in"],
+        "stale": second["stale_rows_deleted"],
+        "retried": second["retried_error_rows_deleted"],
+        "ops": [h["operation"] for h in history(spark, out)],
+        "error_ops": [h["operation"] for h in history(spark, f"{out}_errors")],
+        "errors_left": spark.read.format("delta").load(f"{out}_errors").count(),
+        "input_rows": spark.read.format("delta").load(inp).count(),
+        "out_rows": len(table),
+        "out_ids": sorted(set(table.note_id.tolist())),
+        "dv_feature": "deletionVectors" in (detail["tableFeatures"] or []),
+    }
     cm = f"{tmp}/input_cm"
     raw.withColumnRenamed("TEXT", "BODY").write.format("delta").save(cm)
-    spark.sql(f"ALTER TABLE delta.`{cm}` SET TBLPROPERTIES ('delta.columnMapping.mode' = 'name', "
-              "'delta.minReaderVersion' = '2', 'delta.minWriterVersion' = '5')")
+    spark.sql(
+        f"ALTER TABLE delta.`{cm}` SET TBLPROPERTIES ('delta.columnMapping.mode' = 'name', "
+        "'delta.minReaderVersion' = '2', 'delta.minWriterVersion' = '5')"
+    )
     spark.sql(f"ALTER TABLE delta.`{cm}` RENAME COLUMN BODY TO TEXT")
     r = run(JobConfig(**dict(base, notes=cm, out=f"{tmp}/cm_out", mode="append", chunk_notes=0)), spark)
     found["column_mapping"] = {"rows_in": r["rows_in"], "embedded": r["embedded"]}
@@ -220,10 +283,13 @@ def main(tmp: str, model: str, bucket: str) -> dict:
     n1 = run(JobConfig(**named), spark)
     spark.sql("INSERT INTO db.noteevents VALUES (9001, 'Short new note. Pt stable.')")
     n3r = run(JobConfig(**named), spark)
-    found["named"] = {"first": n1["embedded"], "then": n3r["rows_in"],
-                      "tables": sorted(r["tableName"] for r in spark.sql("SHOW TABLES IN db").collect()),
-                      "provider": spark.sql("DESCRIBE DETAIL db.note_embeddings").first()["format"],
-                      "schema": [f.name for f in spark.table("db.note_embeddings").schema]}
+    found["named"] = {
+        "first": n1["embedded"],
+        "then": n3r["rows_in"],
+        "tables": sorted(r["tableName"] for r in spark.sql("SHOW TABLES IN db").collect()),
+        "provider": spark.sql("DESCRIBE DETAIL db.note_embeddings").first()["format"],
+        "schema": [f.name for f in spark.table("db.note_embeddings").schema],
+    }
 
     # 5. a delta-rs table read, described, optimised and vacuumed by delta-spark
     rs = f"{tmp}/rs_note"
@@ -231,8 +297,11 @@ def main(tmp: str, model: str, bucket: str) -> dict:
     spark.sql(f"OPTIMIZE delta.`{rs}`")
     spark.conf.set("spark.databricks.delta.retentionDurationCheck.enabled", "false")
     spark.sql(f"VACUUM delta.`{rs}` RETAIN 0 HOURS")
-    found["interchange"] = {"rows": spark.read.format("delta").load(rs).count(), "files_before": detail["numFiles"],
-                            "files_after": spark.sql(f"DESCRIBE DETAIL delta.`{rs}`").first()["numFiles"]}
+    found["interchange"] = {
+        "rows": spark.read.format("delta").load(rs).count(),
+        "files_before": detail["numFiles"],
+        "files_after": spark.sql(f"DESCRIBE DETAIL delta.`{rs}`").first()["numFiles"],
+    }
     seconds["named_interchange"] = round(time.perf_counter() - tick, 1)
 
     # 6. the killed job: its second chunk never reached the output; rerun (here, the same command's config) it
@@ -243,10 +312,16 @@ def main(tmp: str, model: str, bucket: str) -> dict:
     txn_killed = delta_log_txn(spark, both, next(f"clinlong-{a}" for a in app_ids if a != "b"))
     resumed = run(config_from_args(build_parser().parse_args(killed_args)), spark)
     rows = spark.read.format("delta").load(both).select("note_id", "text_sha256").toPandas()
-    found["kill9"] = {"rc": rc, "txn_before": txn_killed, "resumed_from": resumed["chunks_resumed_from"],
-                      "chunks": resumed["chunks"], "rows": len(rows),
-                      "duplicates": int(rows.duplicated().sum()), "ids": sorted(set(rows.note_id.tolist())),
-                      "partner_txn": delta_log_txn(spark, both, "clinlong-b")}
+    found["kill9"] = {
+        "rc": rc,
+        "txn_before": txn_killed,
+        "resumed_from": resumed["chunks_resumed_from"],
+        "chunks": resumed["chunks"],
+        "rows": len(rows),
+        "duplicates": int(rows.duplicated().sum()),
+        "ids": sorted(set(rows.note_id.tolist())),
+        "partner_txn": delta_log_txn(spark, both, "clinlong-b"),
+    }
     seconds["kill9_resume"] = round(time.perf_counter() - tick, 1)
 
     # 7. s3a:// for real: Parquet and Delta inputs read by Spark through hadoop-aws; delta-spark and delta-rs write
@@ -258,19 +333,32 @@ def main(tmp: str, model: str, bucket: str) -> dict:
     raw.write.format("delta").save(f"{s3}/notes_delta")
     writers = {"delta-spark": DeltaSparkWriter, "delta-rs": DeltaRsWriter}
     cross = {}
-    for first_w, then_w, notes, out in (("delta-spark", "delta-rs", f"{s3}/parquet/", f"{s3}/ds_then_rs"),
-                                        ("delta-rs", "delta-spark", f"{s3}/notes_delta", f"{s3}/rs_then_ds")):
+    for first_w, then_w, notes, out in (
+        ("delta-spark", "delta-rs", f"{s3}/parquet/", f"{s3}/ds_then_rs"),
+        ("delta-rs", "delta-spark", f"{s3}/notes_delta", f"{s3}/rs_then_ds"),
+    ):
         cfg = dict(base, notes=notes, out=out, chunk_notes=6)
         stopped = stopped_after_first_commit(lambda: run(JobConfig(writer=first_w, **cfg), spark))
         hist = history(spark, out)
         done = run(JobConfig(writer=then_w, **cfg), spark)
         app = f"clinlong-{done['run_id']}"
-        txn = {name: cls(spark, JobConfig(writer=name, **cfg), model, spec, error_schema(pa.int64()))
-               .committed_version(out, app) for name, cls in writers.items()}
-        cross[first_w] = {"stopped": stopped, "versions_before": len(hist), "first_engine": hist[-1]["engineInfo"],
-                          "resumed_from": done["chunks_resumed_from"], "chunks": done["chunks"],
-                          "rows_in": done["rows_in"], "txn": txn, "then_engine": history(spark, out)[-1]["engineInfo"],
-                          **same(spark, out, f"{tmp}/rs_note")}
+        txn = {
+            name: cls(spark, JobConfig(writer=name, **cfg), model, spec, error_schema(pa.int64())).committed_version(
+                out, app
+            )
+            for name, cls in writers.items()
+        }
+        cross[first_w] = {
+            "stopped": stopped,
+            "versions_before": len(hist),
+            "first_engine": hist[-1]["engineInfo"],
+            "resumed_from": done["chunks_resumed_from"],
+            "chunks": done["chunks"],
+            "rows_in": done["rows_in"],
+            "txn": txn,
+            "then_engine": history(spark, out)[-1]["engineInfo"],
+            **same(spark, out, f"{tmp}/rs_note"),
+        }
     found["s3a"] = cross
     from clinlong.pipelines.spark import sources
 
@@ -285,11 +373,13 @@ def main(tmp: str, model: str, bucket: str) -> dict:
     tick = time.perf_counter()
     stdout, _ = submit.communicate(timeout=600)
     hist = history(spark, submit_out) if submit.returncode == 0 else []
-    found["submit"] = {"rc": submit.returncode,
-                       "summary": [ln for ln in stdout.splitlines() if ln.startswith("rows in")],
-                       "engine": hist[-1]["engineInfo"] if hist else None,
-                       "ops": [h["operation"] for h in hist],
-                       **(same(spark, submit_out, f"{tmp}/rs_note") if hist else {})}
+    found["submit"] = {
+        "rc": submit.returncode,
+        "summary": [ln for ln in stdout.splitlines() if ln.startswith("rows in")],
+        "engine": hist[-1]["engineInfo"] if hist else None,
+        "ops": [h["operation"] for h in hist],
+        **(same(spark, submit_out, f"{tmp}/rs_note") if hist else {}),
+    }
     seconds["submit_wait"] = round(time.perf_counter() - tick, 1)
     spark.stop()
     seconds["total"] = round(time.perf_counter() - t0, 1)

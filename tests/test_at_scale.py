@@ -6,6 +6,7 @@ as done, and counts that survive retries.
 The object store is moto's S3-compatible server on 127.0.0.1, written and read through delta-rs and
 pyarrow; the job's own session adds hadoop-aws for s3a:// locations (tests/test_delta_spark.py reads CSV,
 Parquet and Delta through Spark's s3a:// and writes there with delta-spark)."""
+
 from __future__ import annotations
 
 import csv
@@ -59,6 +60,7 @@ def short_notes(path: Path, n: int, seed: int = 3, chars: int = 240) -> Path:
 
 # ---------------------------------------------------------------------------------------------- units
 
+
 def test_plan_tasks_places_heavy_notes_first_and_fills_by_capacity():
     from clinlong.pipelines.delta.run_plan import plan_tasks
 
@@ -86,8 +88,11 @@ def test_balance_puts_each_note_where_planned(spark):
     df = spark.createDataFrame(rows, "note_id long, text string")
     out = balance(df, 6)
     assert out.rdd.getNumPartitions() == 6
-    per = (out.groupBy(F.spark_partition_id().alias("p"))
-           .agg(F.sum(F.length("text") + 200).alias("cost"), F.count("*").alias("n")).collect())
+    per = (
+        out.groupBy(F.spark_partition_id().alias("p"))
+        .agg(F.sum(F.length("text") + 200).alias("cost"), F.count("*").alias("n"))
+        .collect()
+    )
     assert len(per) == 6 and sum(r["n"] for r in per) == 601
     costs = [r["cost"] for r in per]
     assert max(costs) / min(costs) < 1.5, costs
@@ -121,7 +126,9 @@ def test_storage_uris_and_refusals():
     from clinlong.pipelines.core.storage import StorageError, delta_rs_uri, parse_storage_options
 
     assert delta_rs_uri("s3a://bucket/notes/emb") == "s3://bucket/notes/emb"
-    assert delta_rs_uri("file:///tmp/x") == "/tmp/x" and delta_rs_uri("abfss://c@a.dfs.core.windows.net/t").startswith("abfss://")
+    assert delta_rs_uri("file:///tmp/x") == "/tmp/x" and delta_rs_uri("abfss://c@a.dfs.core.windows.net/t").startswith(
+        "abfss://"
+    )
     with pytest.raises(StorageError, match="--writer delta-spark"):
         delta_rs_uri("dbfs:/mnt/notes/emb")
     assert parse_storage_options(["AWS_REGION=eu-west-1", "k=a=b"]) == {"AWS_REGION": "eu-west-1", "k": "a=b"}
@@ -137,8 +144,12 @@ def test_inputs_resolve_as_spark_users_name_them(spark, tmp_path):
     notes = short_notes(tmp_path / "notes.v2.csv", 5)
     assert resolve(spark, str(notes)).kind == "csv"
     assert resolve(spark, f"file://{notes}").kind == "csv"
-    (spark.createDataFrame([(1, "a")], "ROW_ID long, TEXT string").write.mode("overwrite")
-     .option("path", str(tmp_path / "table")).saveAsTable("scale_notes"))
+    (
+        spark.createDataFrame([(1, "a")], "ROW_ID long, TEXT string")
+        .write.mode("overwrite")
+        .option("path", str(tmp_path / "table"))
+        .saveAsTable("scale_notes")
+    )
     assert resolve(spark, "scale_notes").kind == "table" and resolve(spark, "default.scale_notes").kind == "table"
     assert resolve(spark, "spark_catalog.default.scale_notes").kind == "table"
     with pytest.raises(InputError, match="no table or path named mimic.noteevents: Spark's catalog"):
@@ -198,6 +209,7 @@ def test_delta_log_transactions_read_through_spark(spark, tmp_path):
 
 # ---------------------------------------------------------------------------------- the job, for real
 
+
 @pytest.fixture(scope="module")
 def s3():
     """moto's S3-compatible server on 127.0.0.1 and a bucket; the standard AWS_* variables point at it."""
@@ -206,15 +218,28 @@ def s3():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1", "AWS_ALLOW_HTTP": "true"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_REGION": "us-east-1",
+        "AWS_ALLOW_HTTP": "true",
+    }
     deadline = time.time() + 30
     while True:
         try:
-            boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1",
-                         aws_access_key_id="testing", aws_secret_access_key="testing").create_bucket(Bucket=BUCKET)
+            boto3.client(
+                "s3",
+                endpoint_url=env["AWS_ENDPOINT_URL"],
+                region_name="us-east-1",
+                aws_access_key_id="testing",
+                aws_secret_access_key="testing",
+            ).create_bucket(Bucket=BUCKET)
             break
         except Exception:
             if time.time() > deadline:
@@ -245,8 +270,22 @@ def test_object_store_in_and_out(s3, tiny_artifact, spark, tmp_path):
     ref = tmp_path / "ref"
     run(JobConfig(notes=str(local), model=str(tiny_artifact), out=str(ref), id_type="long", options=FP32), spark)
 
-    args = ["--notes", f"s3a://{BUCKET}/notes", "--model", str(tiny_artifact), "--out", f"s3a://{BUCKET}/emb",
-            "--id-type", "long", "--master", "local[2]", "--progress-every", "0", "--precision", "fp32"]
+    args = [
+        "--notes",
+        f"s3a://{BUCKET}/notes",
+        "--model",
+        str(tiny_artifact),
+        "--out",
+        f"s3a://{BUCKET}/emb",
+        "--id-type",
+        "long",
+        "--master",
+        "local[2]",
+        "--progress-every",
+        "0",
+        "--precision",
+        "fp32",
+    ]
     first = job(args + ["--mode", "incremental"], s3)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "rows in 50" in first.stdout and "embedded 50" in first.stdout
@@ -269,12 +308,15 @@ def test_object_store_in_and_out(s3, tiny_artifact, spark, tmp_path):
 
     # The suite's session has no s3a filesystem (no hadoop-aws JAR) and delta-rs finds no Delta log: one line
     # naming the JAR of the installed Spark.
-    with pytest.raises(InputError, match=rf"Spark cannot open s3a://{BUCKET}/NOTEEVENTS/: .*--packages "
-                       r"org\.apache\.hadoop:hadoop-aws:3\.\d+\.\d+; python -m adds it"):
+    with pytest.raises(
+        InputError,
+        match=rf"Spark cannot open s3a://{BUCKET}/NOTEEVENTS/: .*--packages "
+        r"org\.apache\.hadoop:hadoop-aws:3\.\d+\.\d+; python -m adds it",
+    ):
         resolve(spark, f"s3a://{BUCKET}/NOTEEVENTS/")
 
 
-HIVE_SCRIPT = r'''
+HIVE_SCRIPT = r"""
 import json, sys
 from pyspark.sql import SparkSession
 from clinlong.pipelines.jobs.embed_notes import JobConfig, run
@@ -293,7 +335,7 @@ same = run(JobConfig(notes="spark_catalog.db.noteevents", **base), spark)
 df.where("CAST(ROW_ID AS INT) > 30").write.insertInto("db.noteevents")
 second = run(JobConfig(notes="db.noteevents", **base), spark)
 print(json.dumps({"first": first, "same": same, "second": second}, default=str))
-'''
+"""
 
 
 @pytest.mark.slow
@@ -301,9 +343,14 @@ def test_catalog_table_in_hive_metastore(tiny_artifact, tmp_path):
     """`db.noteevents` in Spark's Hive metastore (Derby) as the input; rows inserted into the table make
     the incremental rerun embed only the new ones (the fingerprint is Spark's listing of the table's files)."""
     notes = short_notes(tmp_path / "n.csv", 40)
-    proc = subprocess.run([sys.executable, "-c", HIVE_SCRIPT, str(tmp_path), str(notes), str(tiny_artifact)],
-                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", HIVE_SCRIPT, str(tmp_path), str(notes), str(tiny_artifact)],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     assert r["first"]["rows_in"] == 30 and r["first"]["embedded"] == 30
@@ -322,8 +369,21 @@ def test_multiline_csv_spreads_over_every_core_with_moving_progress(tiny_artifac
     out = tmp_path / "emb"
     # local[2,2]: a task whose Python worker dies is retried once, as a cluster retries it (two full-suite
     # runs saw one worker crash here, never reproduced alone; see the README's Troubleshooting).
-    proc = job(["--notes", str(notes), "--model", str(tiny_artifact), "--out", str(out), "--master", "local[2,2]",
-                "--progress-every", "1"], timeout=900)
+    proc = job(
+        [
+            "--notes",
+            str(notes),
+            "--model",
+            str(tiny_artifact),
+            "--out",
+            str(out),
+            "--master",
+            "local[2,2]",
+            "--progress-every",
+            "1",
+        ],
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "rows in 20000" in proc.stdout and "embedded 20000" in proc.stdout
     progress = [line for line in proc.stderr.splitlines() if "[progress] tasks " in line]
@@ -346,8 +406,21 @@ def test_a_broken_model_step_fails_the_job_and_records_nothing(tiny_artifact, tm
     tasks, and the job exits non-zero with a one-line cause."""
     notes = short_notes(tmp_path / "n.csv", 30)
     out = tmp_path / "emb"
-    proc = job(["--notes", str(notes), "--model", str(tiny_artifact), "--out", str(out), "--master", "local[2,2]",
-                "--progress-every", "0"], {"CLINLONG_FAULT_RAISE": "model-call"})
+    proc = job(
+        [
+            "--notes",
+            str(notes),
+            "--model",
+            str(tiny_artifact),
+            "--out",
+            str(out),
+            "--master",
+            "local[2,2]",
+            "--progress-every",
+            "0",
+        ],
+        {"CLINLONG_FAULT_RAISE": "model-call"},
+    )
     assert proc.returncode == 4, proc.stderr[-3000:]
     cause = [line for line in proc.stderr.splitlines() if "error: a Spark task failed after its retries" in line]
     assert len(cause) == 1 and "ModelStepFailed: InjectedFault for every one of the" in cause[0]
@@ -361,14 +434,33 @@ def test_a_note_that_failed_once_is_embedded_by_the_next_incremental_run(tiny_ar
     A worker killed mid-task on the way (Spark re-executes the task) doubles no count."""
     notes = short_notes(tmp_path / "n.csv", 30)
     out = tmp_path / "emb"
-    args = ["--notes", str(notes), "--model", str(tiny_artifact), "--out", str(out), "--id-type", "long",
-            "--mode", "incremental", "--master", "local[2,4]", "--progress-every", "0", "--precision", "fp32"]
-    first = job(args, {"CLINLONG_FAULT_RAISE": "note:7",
-                       "CLINLONG_FAULTPOINT": f"task-after-part:1:{tmp_path / 'killed'}"})
+    args = [
+        "--notes",
+        str(notes),
+        "--model",
+        str(tiny_artifact),
+        "--out",
+        str(out),
+        "--id-type",
+        "long",
+        "--mode",
+        "incremental",
+        "--master",
+        "local[2,4]",
+        "--progress-every",
+        "0",
+        "--precision",
+        "fp32",
+    ]
+    first = job(
+        args, {"CLINLONG_FAULT_RAISE": "note:7", "CLINLONG_FAULTPOINT": f"task-after-part:1:{tmp_path / 'killed'}"}
+    )
     assert first.returncode == 0, first.stderr[-3000:]
     assert (tmp_path / "killed").exists()  # a worker died after writing its files; Spark re-ran the task
-    assert ("rows in 30 of 30 input rows, 0 already embedded or recorded, embedded 29, errors 1 "
-            "(embed: InjectedFault in the model step: 1)") in first.stdout
+    assert (
+        "rows in 30 of 30 input rows, 0 already embedded or recorded, embedded 29, errors 1 "
+        "(embed: InjectedFault in the model step: 1)"
+    ) in first.stdout
     assert "note id 7: InjectedFault in the model step" in first.stderr
     errors = DeltaTable(f"{out}_errors").to_pandas()
     assert errors[["note_id", "stage"]].values.tolist() == [[7, "embed"]]

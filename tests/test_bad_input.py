@@ -1,5 +1,6 @@
 """Point 6 of the Delta-at-scale issue: every kind of bad input has a defined outcome — embedded, or one
 errors-table row (id, text hash, stage, reason; never the text) — and rows in = embedded + errors."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -21,12 +22,12 @@ def _csv_bytes() -> bytes:
     long_note = PIECE_TEXT * 4200  # ~100,000 BPE pieces
     huge = "A" * (10 * 1024 * 1024 + 7)  # a 10 MB "note"
     rows = [
-        b'ROW_ID,CATEGORY,TEXT',
+        b"ROW_ID,CATEGORY,TEXT",
         b'1,Nursing,"Pt stable. ' + PHI_MARKER.encode() + b' ate lunch."',
         b'2,Nursing,"Bad bytes \xff\xfe in the middle."',
         b'3,Nursing,"NUL \x00 inside."',
-        b'4,Nursing,too,many,fields',
-        b'5,Nursing',
+        b"4,Nursing,too,many,fields",
+        b"5,Nursing",
         b',Nursing,"Null id note."',
         b'11,Nursing,"' + EMOJI.encode() + b'"',
         b'12,Nursing,"' + CJK.encode() + b'"',
@@ -60,8 +61,16 @@ def swept(tiny_artifact, spark, tmp_path_factory):
     d = tmp_path_factory.mktemp("bad-input")
     (d / "notes.csv").write_bytes(_csv_bytes())
     out = str(d / "out")
-    summary = run(JobConfig(notes=str(d / "notes.csv"), model=str(tiny_artifact), out=out, id_type="long",
-                                 options=EmbedOptions(precision="fp32")), spark)  # compared with HF at 1e-4
+    summary = run(
+        JobConfig(
+            notes=str(d / "notes.csv"),
+            model=str(tiny_artifact),
+            out=out,
+            id_type="long",
+            options=EmbedOptions(precision="fp32"),
+        ),
+        spark,
+    )  # compared with HF at 1e-4
     return summary, DeltaTable(out).to_pandas(), DeltaTable(out + "_errors").to_pandas()
 
 
@@ -99,17 +108,19 @@ def test_token_offsets_of_non_latin_text(tiny_artifact):
 
     for text in (EMOJI, CJK, RTL):
         t = load(str(tiny_artifact)).predict(text, output_level="token")
-        assert len(t) and all(text[b:e + 1] == tok for b, e, tok in zip(t.begin, t.end, t.token))
+        assert len(t) and all(text[b : e + 1] == tok for b, e, tok in zip(t.begin, t.end, t.token))
 
 
 def test_binary_text_column_with_invalid_utf8(tiny_artifact, spark, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pq.write_table(pa.table({"ROW_ID": [1, 2, None], "TEXT": [b"ok note", b"bad \xc3\x28 byte", b"x"]}),
-                   tmp_path / "n.parquet")
-    cfg = JobConfig(notes=str(tmp_path / "n.parquet"), model=str(tiny_artifact), out=str(tmp_path / "o"),
-                    mode="incremental")
+    pq.write_table(
+        pa.table({"ROW_ID": [1, 2, None], "TEXT": [b"ok note", b"bad \xc3\x28 byte", b"x"]}), tmp_path / "n.parquet"
+    )
+    cfg = JobConfig(
+        notes=str(tmp_path / "n.parquet"), model=str(tiny_artifact), out=str(tmp_path / "o"), mode="incremental"
+    )
     s = run(cfg, spark)
     assert (s["rows_in"], s["embedded"]) == (3, 2) and s["errors"] == {"check: null note id": 1}
     assert s["warnings"] == {"invalid UTF-8 replaced by U+FFFD": 1}
@@ -155,8 +166,12 @@ def test_failures_that_are_not_a_notes_fail_the_task(tiny_artifact):
     class OutOfMemoryError(RuntimeError):
         pass
 
-    for e in (MemoryError("one sequence of 4096 tokens does not fit"), OutOfMemoryError("CUDA out of memory"),
-              Fail("session broken"), RuntimeError("CUDA error: an illegal memory access")):
+    for e in (
+        MemoryError("one sequence of 4096 tokens does not fit"),
+        OutOfMemoryError("CUDA out of memory"),
+        Fail("session broken"),
+        RuntimeError("CUDA error: an illegal memory access"),
+    ):
         assert not_the_notes_fault(e), e
     assert not not_the_notes_fault(ValueError("bad token")) and not not_the_notes_fault(RuntimeError("kernel"))
     emb = embedder(str(tiny_artifact), EmbedOptions())
@@ -210,12 +225,17 @@ def test_every_front_end_isolates_a_bad_note_the_same_way(tiny_artifact, spark, 
         got = pipe.predict(sdf, "note", id_col="id").orderBy("note_id").toPandas()
         assert got.skip_reason.tolist() == [None, reason, None]
         # the Spark ML stage
-        stages = Pipeline(stages=[
-            DocumentAssembler().setInputCol("text").setOutputCol("document"),
-            SentenceDetector().setInputCols(["document"]).setOutputCol("sentence"),
-            Tokenizer().setInputCols(["sentence"]).setOutputCol("token"),
-            LongformerEmbeddings().setModelPath(str(tiny_artifact)).setInputCols(["document", "token"])
-            .setOutputCol("embeddings")])
+        stages = Pipeline(
+            stages=[
+                DocumentAssembler().setInputCol("text").setOutputCol("document"),
+                SentenceDetector().setInputCols(["document"]).setOutputCol("sentence"),
+                Tokenizer().setInputCols(["sentence"]).setOutputCol("token"),
+                LongformerEmbeddings()
+                .setModelPath(str(tiny_artifact))
+                .setInputCols(["document", "token"])
+                .setOutputCol("embeddings"),
+            ]
+        )
         rows = {r["id"]: r["embeddings"] for r in stages.fit(sdf).transform(sdf).collect()}
         assert {a["metadata"].get("skip_reason") for a in rows[1]} == {reason}
         assert all("skip_reason" not in a["metadata"] for i in (0, 2) for a in rows[i]) and rows[0] and rows[2]

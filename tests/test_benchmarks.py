@@ -1,4 +1,5 @@
 """`python -m clinlong.benchmarks --quick` runs in CI: its figures are printed, never asserted as times."""
+
 from __future__ import annotations
 
 import json
@@ -54,9 +55,25 @@ def quick_bench(bench_work, tmp_path_factory):
     out = tmp_path_factory.mktemp("quick") / "bench.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYSPARK_PYTHON": sys.executable}
     # Two runs per side keep the suite's time down (the CLI's default is three); the median is still taken.
-    proc = subprocess.run([sys.executable, "-m", "clinlong.benchmarks", "--quick", "--repeat", "2", "--json",
-                           str(out), "--work", str(bench_work)], capture_output=True, text=True, env=env,
-                          cwd=ROOT, timeout=2400)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "clinlong.benchmarks",
+            "--quick",
+            "--repeat",
+            "2",
+            "--json",
+            str(out),
+            "--work",
+            str(bench_work),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=2400,
+    )
     return proc, out
 
 
@@ -72,15 +89,26 @@ def test_benchmark_quick_reports_every_figure(quick_bench, record_property):
     bf16 = result["machine"]["precision_auto"] == "bf16"  # bf16 rows only where this CPU runs bf16 faster
     assert result["precisions"] == (["fp32", "bf16"] if bf16 else ["fp32"])
     assert bf16 or "bf16 rows skipped: precision auto picks fp32" in proc.stdout
-    assert names == ["baseline_pandas_udf_hf_fp32", *[f"ours_job_delta_{p}" for p in result["precisions"]],
-                     *[f"ours_heavy_step_{p}" for p in result["precisions"]]]
+    assert names == [
+        "baseline_pandas_udf_hf_fp32",
+        *[f"ours_job_delta_{p}" for p in result["precisions"]],
+        *[f"ours_heavy_step_{p}" for p in result["precisions"]],
+    ]
     for r in result["runs"]:  # the median of the runs of each side
         if "wall_s_runs" in r:
             assert len(r["wall_s_runs"]) == 2 and r["wall_s"] == pytest.approx(sum(r["wall_s_runs"]) / 2, abs=0.02)
     assert "median of 2 runs per row" in proc.stdout
     for r in result["runs"]:
-        for key in ("notes", "bpe_tokens", "wall_s", "tokens_per_s", "ratio_vs_baseline", "gflops",
-                    "fraction_of_peak", "peak_rss_mb_per_worker"):
+        for key in (
+            "notes",
+            "bpe_tokens",
+            "wall_s",
+            "tokens_per_s",
+            "ratio_vs_baseline",
+            "gflops",
+            "fraction_of_peak",
+            "peak_rss_mb_per_worker",
+        ):
             assert isinstance(r[key], (int, float)) and math.isfinite(r[key]) and r[key] > 0, (r["name"], key)
     assert all("cosine_to_fp32_min" in r for r in result["runs"] if r["precision"] == "bf16")
     assert [s["tokens"] for s in result["scaling"]["per_length"]] == [512, 1024, 2048, 4096]
@@ -99,18 +127,29 @@ def test_gpu_check_script_dry_run_without_a_gpu_or_spark(tmp_path):
         (blocked / name).mkdir(parents=True)
         (blocked / name / "__init__.py").write_text(f"raise ImportError('{name} is not on the GPU machine')\n")
     out = tmp_path / "out"
-    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run"], capture_output=True,
-                          text=True, cwd=ROOT, timeout=900,
-                          env={**os.environ, "PYTHON": sys.executable, "OUT": str(out), "PYTHONPATH": str(blocked)})
+    proc = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=900,
+        env={**os.environ, "PYTHON": sys.executable, "OUT": str(out), "PYTHONPATH": str(blocked)},
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
-    assert {"env.txt", "tests.log", "export.log", "benchmark.log", "gpu.json", "profile.txt"} <= \
-        {f.name for f in out.iterdir()}
+    assert {"env.txt", "tests.log", "export.log", "benchmark.log", "gpu.json", "profile.txt"} <= {
+        f.name for f in out.iterdir()
+    }
     tests_log = (out / "tests.log").read_text()
     assert "no CUDA device" in tests_log and " skipped" in tests_log and "error" not in tests_log.lower()
     result = json.loads((out / "gpu.json").read_text())
     names = [r["name"] for r in result["runs"]]
-    assert names == ["hf_eager_8_rows", "hf_eager_sorted", "ours_model_blocks", "ours_model_blocks_global_cls",
-                     "ours_with_preparation_blocks"]
+    assert names == [
+        "hf_eager_8_rows",
+        "hf_eager_sorted",
+        "ours_model_blocks",
+        "ours_model_blocks_global_cls",
+        "ours_with_preparation_blocks",
+    ]
     for r in result["runs"]:
         for key in ("tokens_per_s", "tflops", "fraction_of_peak", "mimic_hours"):
             assert isinstance(r[key], (int, float)) and math.isfinite(r[key]) and r[key] > 0, (r["name"], key)
@@ -151,8 +190,13 @@ def check_peer_rows(peer: dict, threads: int) -> None:
     rows = {r["name"]: r for r in peer["rows"]}
     best = peer["sparknlp"]["best_batch_size"]
     sweep = {f"sparknlp_batch{b}" for b in peer["sparknlp"]["batch_sizes"] if b != defaults["batchSize"]}
-    assert {f"sparknlp_defaults_batch{defaults['batchSize']}", *sweep, f"sparknlp_card_maxlen4096_batch{best}",
-            "ours_job_token_sentence_context_fp32", "ours_job_token_note_context_fp32"} == set(rows)
+    assert {
+        f"sparknlp_defaults_batch{defaults['batchSize']}",
+        *sweep,
+        f"sparknlp_card_maxlen4096_batch{best}",
+        "ours_job_token_sentence_context_fp32",
+        "ours_job_token_note_context_fp32",
+    } == set(rows)
     assert peer["rows"][0]["name"] == f"sparknlp_defaults_batch{defaults['batchSize']}"
     assert sum(bool(r.get("best_batch_size")) for r in peer["rows"]) == 1
     for r in peer["rows"]:
@@ -190,6 +234,15 @@ def test_peer_coverage_counts_the_cut_tail_of_a_sentence_apart_from_other_missin
     # sentence 1 misses its token at 20 but has one after it (not a cut tail); note 2 has no vector at all.
     rows = [(1, [0, 5, 9, 14, 20, 25], [0, 0, 0, 0, 1, 1], [0, 5, 25], [0, 0, 1]), (2, [0, 3], [0, 0], [], [])]
     c = coverage(rows, 3)
-    assert c == {"notes_in": 3, "notes_out": 2, "notes_dropped": 1, "notes_without_any_vector": 1, "tokens": 8,
-                 "tokens_with_vector": 3, "tokens_without_vector": 5, "tokens_truncated": 2,
-                 "tokens_without_vector_other": 3, "sentences_truncated": 1}
+    assert c == {
+        "notes_in": 3,
+        "notes_out": 2,
+        "notes_dropped": 1,
+        "notes_without_any_vector": 1,
+        "tokens": 8,
+        "tokens_with_vector": 3,
+        "tokens_without_vector": 5,
+        "tokens_truncated": 2,
+        "tokens_without_vector_other": 3,
+        "sentences_truncated": 1,
+    }

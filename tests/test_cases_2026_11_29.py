@@ -1,5 +1,6 @@
 """Issue 22: the seven kinds of fault found by trying public bug reports (inputs in tests/cases/2026-11-29),
 each tested on the given input and on inputs of our own."""
+
 from __future__ import annotations
 
 import hashlib
@@ -24,6 +25,7 @@ def words(text: str) -> list[tuple[int, int]]:
 
 # ---- kind 1: the text as stored --------------------------------------------------------------------------
 
+
 def test_line_ending_of_the_first_record():
     from clinlong.pipelines.spark.sources import line_ending
 
@@ -41,22 +43,39 @@ def test_crlf_noteevents_job_embeds_hashes_and_offsets_the_text_as_stored(tiny_a
 
     want = json.loads((CASES / "crlf_noteevents.expected_texts.json").read_text())
     out = str(tmp_path / "t")
-    summary = run(JobConfig(notes=str(CASES / "crlf_noteevents.csv"), model=str(tiny_artifact), out=out,
-                            granularity="token", options=EmbedOptions(precision="fp32")), spark)
+    summary = run(
+        JobConfig(
+            notes=str(CASES / "crlf_noteevents.csv"),
+            model=str(tiny_artifact),
+            out=out,
+            granularity="token",
+            options=EmbedOptions(precision="fp32"),
+        ),
+        spark,
+    )
     assert summary["rows_in"] == 4 and summary["embedded"] == 4
     t = DeltaTable(out).to_pyarrow_table().to_pandas()
     for note_id, rows in t.groupby("note_id"):
         text = want[str(note_id)]
         assert set(rows.text_sha256) == {hashlib.sha256(text.encode()).hexdigest()}
-        assert all(text[b:e + 1] == tok for b, e, tok in zip(rows.begin, rows.end, rows.token))
+        assert all(text[b : e + 1] == tok for b, e, tok in zip(rows.begin, rows.end, rows.token))
     assert "\r\n" in want["101"] and (t.note_id == "101").sum() > 10  # (CSV ids are strings)
     # A Parquet copy of the same notes: the same hashes, so --mode incremental finds nothing changed.
     import pandas as pd
 
     pq = tmp_path / "notes.parquet"
     pd.DataFrame({"ROW_ID": list(want), "TEXT": list(want.values())}).to_parquet(pq)
-    again = run(JobConfig(notes=str(pq), model=str(tiny_artifact), out=out, granularity="token", mode="incremental",
-                          options=EmbedOptions(precision="fp32")), spark)
+    again = run(
+        JobConfig(
+            notes=str(pq),
+            model=str(tiny_artifact),
+            out=out,
+            granularity="token",
+            mode="incremental",
+            options=EmbedOptions(precision="fp32"),
+        ),
+        spark,
+    )
     assert again["embedded"] == 0 and again.get("stale_rows_deleted", 0) == 0
 
 
@@ -67,8 +86,9 @@ TEXTS_AS_STORED = ["a\r\nb", "c\nd", "e\rf", "g\r\n\r\nh\u2028i\u0085j\fk\tl", '
 def test_csv_fields_are_read_as_stored_with_every_line_ending(spark, tmp_path, sep, bom):
     from clinlong.pipelines.spark import sources
 
-    body = sep.join(["ROW_ID,TEXT"]
-                    + [f'{i},"{t.replace(chr(34), chr(34) * 2)}"' for i, t in enumerate(TEXTS_AS_STORED)])
+    body = sep.join(
+        ["ROW_ID,TEXT"] + [f'{i},"{t.replace(chr(34), chr(34) * 2)}"' for i, t in enumerate(TEXTS_AS_STORED)]
+    )
     path = tmp_path / "notes.csv"
     path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + (body + sep).encode())
     df = sources.select_notes(sources.read_notes(spark, str(path)), "ROW_ID", "TEXT", "long")
@@ -141,8 +161,25 @@ def test_every_character_class_the_normalizer_drops_or_blanks_gets_no_vector(fam
     _, art = family_model(family)
     tok = Artifact.open(art).tokenizer
     # C0 controls, DEL, C1 controls, zero-width characters, separators, BOM, U+FFFD, the marker itself
-    odd = ["\x01", "\x08", "\x0e", "\x10", "\x1b", "\x7f", "\x8f", "\x9f", "\u200b", "\u200c", "\u200d", "\u200e",
-           "\u200f", "\ufeff", "\ufffd", "\u2581", "\u2028"]
+    odd = [
+        "\x01",
+        "\x08",
+        "\x0e",
+        "\x10",
+        "\x1b",
+        "\x7f",
+        "\x8f",
+        "\x9f",
+        "\u200b",
+        "\u200c",
+        "\u200d",
+        "\u200e",
+        "\u200f",
+        "\ufeff",
+        "\ufffd",
+        "\u2581",
+        "\u2028",
+    ]
     assert all(_uncovered(tok, c) for c in odd)
     texts = [f"Avant {c}{c} apres {c} fin." for c in odd] + [c * 3 for c in odd]
     nlp = load(str(art), precision="fp32")
@@ -175,26 +212,40 @@ def test_job_and_stages_give_null_vectors_counted_in_the_summary(family_model, s
 
     _, art = family_model("drbert-4096")
     out = str(tmp_path / "t")
-    summary = run(JobConfig(notes=str(CASES / "sentencepiece_dropped_chars.csv"), model=str(art), out=out,
-                            granularity="sentence", options=EmbedOptions(precision="fp32")), spark)
+    summary = run(
+        JobConfig(
+            notes=str(CASES / "sentencepiece_dropped_chars.csv"),
+            model=str(art),
+            out=out,
+            granularity="sentence",
+            options=EmbedOptions(precision="fp32"),
+        ),
+        spark,
+    )
     assert summary["embedded"] == 2 and summary["warnings"] == {"null vector: sentence has no BPE piece": 2}
     t = DeltaTable(out).to_pyarrow_table().to_pandas().sort_values(["note_id", "sentence_index"])
     assert t.embedding.isna().tolist() == [False, True, False] * 2
     assert all(np.abs(np.asarray(v)).sum() > 0 for v in t.embedding.dropna())
     texts = TEXTS["sentencepiece_dropped_chars (DrBERT-4096, Clinical-BigBird)"]
     df = spark.createDataFrame(list(enumerate(texts)), "id long, text string")
-    model = Pipeline(stages=[
-        DocumentAssembler().setInputCol("text").setOutputCol("document"),
-        SentenceDetector().setInputCols(["document"]).setOutputCol("sentence"),
-        Tokenizer().setInputCols(["sentence"]).setOutputCol("token"),
-        LongformerEmbeddings().setModelPath(str(art)).setPrecision("fp32").setInputCols(["document", "token"]),
-        SentenceEmbeddings().setInputCols(["sentence", "embeddings"]).setOutputCol("sentence_embeddings"),
-    ]).fit(df)
+    model = Pipeline(
+        stages=[
+            DocumentAssembler().setInputCol("text").setOutputCol("document"),
+            SentenceDetector().setInputCols(["document"]).setOutputCol("sentence"),
+            Tokenizer().setInputCols(["sentence"]).setOutputCol("token"),
+            LongformerEmbeddings().setModelPath(str(art)).setPrecision("fp32").setInputCols(["document", "token"]),
+            SentenceEmbeddings().setInputCols(["sentence", "embeddings"]).setOutputCol("sentence_embeddings"),
+        ]
+    ).fit(df)
     rows = {r["id"]: r for r in model.transform(df).collect()}
     empty = [(i, a["result"]) for i, r in rows.items() for a in r["embeddings"] if not a["embeddings"]]
     assert sorted(empty) == [(0, "\x10")] * 3 + [(1, "\x10")] * 2 + [(2, "\u200b")] * 2
-    assert all(a["metadata"]["skip_reason"] == "token has no BPE piece"
-               for r in rows.values() for a in r["embeddings"] if not a["embeddings"])
+    assert all(
+        a["metadata"]["skip_reason"] == "token has no BPE piece"
+        for r in rows.values()
+        for a in r["embeddings"]
+        if not a["embeddings"]
+    )
     sent = [(i, a["begin"]) for i, r in rows.items() for a in r["sentence_embeddings"] if not a["embeddings"]]
     assert sorted(sent) == [(1, 15), (2, 14)]
     # For Spark NLP's annotators, which need a vector in every annotation: keepTokensWithoutVector=False leaves
@@ -211,29 +262,34 @@ def test_job_and_stages_give_null_vectors_counted_in_the_summary(family_model, s
 
 WORDS = [
     "L'hôpital de jour a reçu le patient, fièvre résolue.",
-    "Bệnh nhân được xuất viện hôm nay.",        # Vietnamese: stacked marks
-    "रोगी की हालत स्थिर है।",                      # Devanagari: spacing marks and virama
-    "המטופל יציב. שָׁלוֹם",                          # Hebrew points
-    "ผู้ป่วยอาการคงที่",                              # Thai vowels and tone marks
-    "환자는 안정적입니다.",                          # Hangul: NFD gives conjoining jamo
-    "می\u200cخواهم بیمار را ببینم.",            # Persian ZWNJ
-    "Pain 3/10 \u2764\ufe0f, nurse \U0001F469\u200d\u2695\ufe0f on call; Ǆ ﬁne.",  # VS16, ZWJ emoji
+    "Bệnh nhân được xuất viện hôm nay.",  # Vietnamese: stacked marks
+    "रोगी की हालत स्थिर है।",  # Devanagari: spacing marks and virama
+    "המטופל יציב. שָׁלוֹם",  # Hebrew points
+    "ผู้ป่วยอาการคงที่",  # Thai vowels and tone marks
+    "환자는 안정적입니다.",  # Hangul: NFD gives conjoining jamo
+    "می\u200cخواهم بیمار را ببینم.",  # Persian ZWNJ
+    "Pain 3/10 \u2764\ufe0f, nurse \U0001f469\u200d\u2695\ufe0f on call; Ǆ ﬁne.",  # VS16, ZWJ emoji
 ]
 
 
 @pytest.mark.parametrize("text", WORDS)
 def test_nfc_and_nfd_give_the_same_words_at_their_own_offsets(text):
     forms = {f: unicodedata.normalize(f, text) for f in ("NFC", "NFD")}
-    got = {f: [unicodedata.normalize("NFC", t[b:e + 1]) for b, e in words(t)] for f, t in forms.items()}
+    got = {f: [unicodedata.normalize("NFC", t[b : e + 1]) for b, e in words(t)] for f, t in forms.items()}
     assert got["NFC"] == got["NFD"]
     for t in forms.values():  # no token starts with a mark or joiner: nothing is cut off its word
         assert all(unicodedata.category(t[b])[0] != "M" and t[b] not in "\u200c\u200d\ufe0f" for b, _ in words(t))
 
 
 def test_joiners_and_variation_selectors_stay_inside_their_word():
-    text = "a\u200db c\u200cd e\ufe0e f\U000E0100g \U0001F469\u200d\u2695\ufe0f"
-    assert [text[b:e + 1] for b, e in words(text)] == ["a\u200db", "c\u200cd", "e\ufe0e", "f\U000E0100g",
-                                                       "\U0001F469\u200d\u2695\ufe0f"]
+    text = "a\u200db c\u200cd e\ufe0e f\U000e0100g \U0001f469\u200d\u2695\ufe0f"
+    assert [text[b : e + 1] for b, e in words(text)] == [
+        "a\u200db",
+        "c\u200cd",
+        "e\ufe0e",
+        "f\U000e0100g",
+        "\U0001f469\u200d\u2695\ufe0f",
+    ]
 
 
 @pytest.mark.parametrize("family", ["longformer", "drbert-4096"])
@@ -246,11 +302,12 @@ def test_nfd_french_gives_eleven_whole_words_in_the_one_liner(family_model, tiny
     nfc, nfd = (out[out.note_id == i] for i in (0, 1))
     assert len(nfc) == len(nfd) == 11
     assert [unicodedata.normalize("NFC", t) for t in nfd.token] == list(nfc.token)
-    assert all(case["nfd"][b:e + 1] == t for b, e, t in zip(nfd.begin, nfd.end, nfd.token))
+    assert all(case["nfd"][b : e + 1] == t for b, e, t in zip(nfd.begin, nfd.end, nfd.token))
     assert nfd.embedding.notna().all()
 
 
 # ---- kind 4: every input accounted for in predict ------------------------------------------------------------
+
 
 @pytest.mark.parametrize("family", ["longformer", "bigbird"])
 def test_predict_returns_one_row_per_input_in_order_with_reasons(family_model, tiny_artifact, spark, family):
@@ -261,8 +318,14 @@ def test_predict_returns_one_row_per_input_in_order_with_reasons(family_model, t
     art = tiny_artifact if family == "longformer" else family_model(family)[1]
     texts = TEXTS["predict_unusable_texts (one-liner)"]
     sp = family == "bigbird"  # \x10 and U+200B: no piece in SentencePiece, bytes in byte-level BPE
-    want = [None, "empty text", "null text", "whitespace-only text", "no BPE pieces" if sp else None,
-            "no BPE pieces" if sp else None]
+    want = [
+        None,
+        "empty text",
+        "null text",
+        "whitespace-only text",
+        "no BPE pieces" if sp else None,
+        "no BPE pieces" if sp else None,
+    ]
     nlp = load(str(art), precision="fp32")
     out = nlp.predict(texts, output_level="document")
     assert out.note_id.tolist() == list(range(6)) and out.skip_reason.tolist() == want
@@ -270,7 +333,10 @@ def test_predict_returns_one_row_per_input_in_order_with_reasons(family_model, t
     frame = pd.DataFrame({"text": [texts[0], np.nan, pd.NA, texts[3]]}, index=[40, 30, 20, 10])
     got = nlp.predict(frame, output_level="token")
     assert got.note_id.tolist()[-3:] == [30, 20, 10] and got.skip_reason.tolist()[-3:] == [
-        "null text", "null text", "whitespace-only text"]
+        "null text",
+        "null text",
+        "whitespace-only text",
+    ]
     assert (got.note_id == 40).sum() == len(words(texts[0])) and got[got.note_id == 40].embedding.notna().all()
     sdf = spark.createDataFrame(list(enumerate(texts)), "ROW_ID long, TEXT string")
     rows = nlp.predict(sdf, output_level="document", text_col="TEXT", id_col="ROW_ID").toPandas()
@@ -278,6 +344,7 @@ def test_predict_returns_one_row_per_input_in_order_with_reasons(family_model, t
 
 
 # ---- kind 5: a value the setter accepts runs ---------------------------------------------------------------
+
 
 def _long_text(n_words: int) -> str:
     return " ".join(f"word{i % 97} stable." for i in range(n_words // 2))
@@ -295,12 +362,17 @@ def test_stage_max_sentence_length_runs_and_every_token_gets_a_vector(tiny_artif
     res = NoteEmbedder(art, EmbedOptions(max_length=max_length, precision="fp32")).embed([text])[0]
     assert res.n_tokens >= 1020 and res.n_windows > 1
     df = spark.createDataFrame([(1, text)], "id long, text string")
-    stage = (LongformerEmbeddings().setModelPath(str(tiny_artifact)).setMaxSentenceLength(max_length)
-             .setPrecision("fp32"))
-    model = Pipeline(stages=[DocumentAssembler().setInputCol("text").setOutputCol("document"),
-                             SentenceDetector().setInputCols(["document"]).setOutputCol("sentence"),
-                             Tokenizer().setInputCols(["sentence"]).setOutputCol("token"),
-                             stage.setInputCols(["document", "token"])]).fit(df)
+    stage = (
+        LongformerEmbeddings().setModelPath(str(tiny_artifact)).setMaxSentenceLength(max_length).setPrecision("fp32")
+    )
+    model = Pipeline(
+        stages=[
+            DocumentAssembler().setInputCol("text").setOutputCol("document"),
+            SentenceDetector().setInputCols(["document"]).setOutputCol("sentence"),
+            Tokenizer().setInputCols(["sentence"]).setOutputCol("token"),
+            stage.setInputCols(["document", "token"]),
+        ]
+    ).fit(df)
     anns = model.transform(df).collect()[0]["embeddings"]
     got = np.array([a["embeddings"] for a in anns], np.float32)
     assert len(anns) == len(res.tokens) and got.shape[1] == art.dimension
@@ -341,7 +413,7 @@ def test_window_boundaries_equal_hugging_face_on_the_chosen_window(tiny_artifact
     for p in range(n):
         w = _readme_choice(p, starts, len_of(n, width, overlap))
         s = starts[w]
-        ref = hf_reference(tiny_checkpoint, [bos, *ids[s:s + len_of(n, width, overlap)], eos])[p - s + 1]
+        ref = hf_reference(tiny_checkpoint, [bos, *ids[s : s + len_of(n, width, overlap)], eos])[p - s + 1]
         np.testing.assert_allclose(res.piece_vectors[p], ref, atol=1e-4)
 
 
@@ -370,6 +442,7 @@ def _readme_choice(p: int, starts: list[int], length: int) -> int:
 
 
 # ---- kind 6: case-insensitive mode is context-free --------------------------------------------------------
+
 
 def _simple_lower(text: str) -> str:
     """Independent of the product: each character lowercased alone, the first character of its full mapping

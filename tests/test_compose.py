@@ -1,5 +1,6 @@
 """docker-compose.yml against the Compose specification's JSON schema (Docker does not run here), and
 its Spark commands against the ones the standalone-cluster test runs."""
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,11 @@ from tests.conftest import ROOT
 def compose_schema(tmp_path_factory) -> dict:
     """compose_spec.json as shipped in docker-compose 1.29.2's wheel (downloaded from PyPI)."""
     d = tmp_path_factory.mktemp("compose")
-    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "docker-compose==1.29.2",
-                    "-d", str(d)], check=True, timeout=300)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "docker-compose==1.29.2", "-d", str(d)],
+        check=True,
+        timeout=300,
+    )
     wheel = next(d.glob("docker_compose-*.whl"))
     with zipfile.ZipFile(wheel) as z:
         return json.loads(z.read("compose/config/compose_spec.json"))
@@ -43,7 +47,7 @@ def test_compose_topology():
     opts = gpu["environment"]["SPARK_WORKER_OPTS"]
     assert "spark.worker.resource.gpu.amount=1" in opts
     script = opts.split("discoveryScript=")[1].split()[0]
-    assert script.startswith("/opt/clinlong/") and (ROOT / script[len("/opt/clinlong/"):]).exists()
+    assert script.startswith("/opt/clinlong/") and (ROOT / script[len("/opt/clinlong/") :]).exists()
     for name in ("spark-worker-cpu", "client"):
         assert "./models:/models" in services[name]["volumes"] and "./data:/data" in services[name]["volumes"]
 

@@ -8,6 +8,7 @@ spark-submit example included.
 The suite's shared session (conftest `spark`) has no JARs, so the other tests keep the delta-rs default; the
 checks that need a session with the JARs run in one process of their own (a JVM takes its JARs at start),
 which starts the two runs that need drivers of their own."""
+
 from __future__ import annotations
 
 import json
@@ -55,9 +56,13 @@ def test_jar_coordinates_follow_the_installed_spark(delta_jars, tmp_path, monkey
     args = jars.submit_args(("delta", "s3a"), endpoint="http://127.0.0.1:9000")
     assert args[:2] == ["--jars", ",".join(jars.resolve(("delta", "s3a")))] and "not-in-conf" not in " ".join(args)
     assert dict(a.split("=", 1) for a in args[3::2]) == {
-        "spark.sql.extensions": jars.DELTA_EXTENSION, "spark.sql.catalog.spark_catalog": jars.DELTA_CATALOG,
-        "spark.hadoop.fs.s3a.endpoint": "http://127.0.0.1:9000", "spark.hadoop.fs.s3a.path.style.access": "true",
-        "spark.hadoop.fs.s3a.connection.ssl.enabled": "false", "spark.hadoop.fs.s3a.endpoint.region": "eu-west-1"}
+        "spark.sql.extensions": jars.DELTA_EXTENSION,
+        "spark.sql.catalog.spark_catalog": jars.DELTA_CATALOG,
+        "spark.hadoop.fs.s3a.endpoint": "http://127.0.0.1:9000",
+        "spark.hadoop.fs.s3a.path.style.access": "true",
+        "spark.hadoop.fs.s3a.connection.ssl.enabled": "false",
+        "spark.hadoop.fs.s3a.endpoint.region": "eu-west-1",
+    }
     with pytest.raises(jars.JarError, match="unknown JAR kind"):
         jars.coordinates(("kafka",))
     # Neither resolver can: one line naming the coordinates and both causes, never a silent skip.
@@ -87,9 +92,14 @@ def test_delta_spark_and_s3a_end_to_end(delta_jars, tiny_artifact, tmp_path, rec
     for name, n, seed in (("n12", 12, 3), ("n3", 3, 3), ("n24", 24, 3), ("b6", 6, 5)):
         short_notes(tmp_path / f"{name}.csv", n, seed=seed)
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "delta_spark_checks.py"), str(tmp_path),
-                           str(tiny_artifact), BUCKET], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                          capture_output=True, text=True, timeout=1100)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "delta_spark_checks.py"), str(tmp_path), str(tiny_artifact), BUCKET],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=1100,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     for g, rows, info in (("note", 12, [0, 1]), ("sentence", None, [0]), ("token", None, [0])):
@@ -104,8 +114,12 @@ def test_delta_spark_and_s3a_end_to_end(delta_jars, tiny_artifact, tmp_path, rec
     # A worker killed after its rows (the task re-executed) and a note the model step refused: the totals equal the
     # committed numRecords and numOutputRows; the refused note is an `embed` error row.
     f = r["faults"]
-    assert f["task_killed"] and f["rows_in"] == 12 and f["embedded"] == 11 and f["errors"] == {
-        "embed: InjectedFault in the model step": 1}, f
+    assert (
+        f["task_killed"]
+        and f["rows_in"] == 12
+        and f["embedded"] == 11
+        and f["errors"] == {"embed: InjectedFault in the model step": 1}
+    ), f
     assert f["rows_written"] == f["add_records"] == f["history_rows"] == 11 and f["error_rows"] == [[7, "embed"]]
     dv = r["incremental_dv"]
     assert dv["dv_feature"] and dv["input_rows"] == 10 and dv["first"] == 12
@@ -164,11 +178,25 @@ def test_delta_spark_and_s3a_end_to_end(delta_jars, tiny_artifact, tmp_path, rec
     endpoint = os.environ.pop("AWS_ENDPOINT_URL")
     try:
         assert maintain([table, "--compact", "--storage-option", "AWS_ENDPOINT_URL"]) == 2  # KEY=VALUE: one line
-        assert maintain([table, "--compact", "--vacuum", "--retention-hours", "0", "--force", "--storage-option",
-                         f"AWS_ENDPOINT_URL={endpoint}"]) == 0
+        assert (
+            maintain(
+                [
+                    table,
+                    "--compact",
+                    "--vacuum",
+                    "--retention-hours",
+                    "0",
+                    "--force",
+                    "--storage-option",
+                    f"AWS_ENDPOINT_URL={endpoint}",
+                ]
+            )
+            == 0
+        )
     finally:
         os.environ["AWS_ENDPOINT_URL"] = endpoint
     after = DeltaTable(f"s3://{BUCKET}/ds_then_rs")
     assert len(after.file_uris()) == 1 < files_before and len(after.to_pandas()) == 12
-    record_property("ci_figures", f"delta-spark and s3a checks: {time.perf_counter() - start:.0f} s, "
-                    f"sections {r['seconds']}")
+    record_property(
+        "ci_figures", f"delta-spark and s3a checks: {time.perf_counter() - start:.0f} s, sections {r['seconds']}"
+    )

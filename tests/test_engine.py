@@ -1,4 +1,5 @@
 """The engine in-process: windows stitched from Hugging Face runs, huge notes, bad texts, predict()."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -28,7 +29,7 @@ def test_long_note_windows_equal_hf_on_the_chosen_window(artifact, tiny_checkpoi
     assert res.n_windows == len(starts) > 3
     which, pos = assign_pieces(len(ids), starts, width)
     for w, s in enumerate(starts):
-        ref = hf_reference(tiny_checkpoint, [0, *ids[s:s + width], 2])[1:-1]
+        ref = hf_reference(tiny_checkpoint, [0, *ids[s : s + width], 2])[1:-1]
         sel = which == w
         np.testing.assert_allclose(res.piece_vectors[sel], ref[pos[sel]], atol=1e-4)
 
@@ -48,8 +49,16 @@ def test_one_megabyte_note_runs_through_windows(artifact):
     assert len(res.token_vectors()) == len(res.tokens) and np.isfinite(res.note_vector()).all()
 
 
-@pytest.mark.parametrize("text,reason", [(None, "null text"), ("", "empty text"), (" \n\t ", "whitespace-only text"),
-                                         ("a\x00b", "text contains NUL bytes"), (42, "text is int, not a string")])
+@pytest.mark.parametrize(
+    "text,reason",
+    [
+        (None, "null text"),
+        ("", "empty text"),
+        (" \n\t ", "whitespace-only text"),
+        ("a\x00b", "text contains NUL bytes"),
+        (42, "text is int, not a string"),
+    ],
+)
 def test_bad_texts_are_skipped_with_a_reason(artifact, text, reason):
     res = NoteEmbedder(artifact).embed(["Pt. stable.", text])
     assert res[0].skip_reason is None and res[0].n_tokens > 0
@@ -189,7 +198,8 @@ def test_torch_backend_matches_onnx(artifact, precision, tol):
             np.testing.assert_allclose(b.piece_vectors, a.piece_vectors, atol=tol)
         else:  # bf16: cosine per token against fp32
             cos = (a.piece_vectors * b.piece_vectors).sum(1) / (
-                np.linalg.norm(a.piece_vectors, axis=1) * np.linalg.norm(b.piece_vectors, axis=1))
+                np.linalg.norm(a.piece_vectors, axis=1) * np.linalg.norm(b.piece_vectors, axis=1)
+            )
             assert cos.min() >= 0.999, cos.min()
 
 
@@ -223,8 +233,9 @@ def test_predict_on_more_texts_than_the_in_process_limit_runs_in_spark(tiny_arti
 def test_predict_on_many_texts_shows_a_progress_bar(tiny_artifact, capsys):
     from clinlong import pipelines
 
-    out = pipelines.load(str(tiny_artifact)).predict([f"Note {i}. Pt. stable." for i in range(40)],
-                                                     output_level="document")
+    out = pipelines.load(str(tiny_artifact)).predict(
+        [f"Note {i}. Pt. stable." for i in range(40)], output_level="document"
+    )
     assert len(out) == 40
     err = capsys.readouterr().err
     assert "[predict]" in err and "40/40" in err and "notes/s" in err and "Pt. stable" not in err
@@ -239,8 +250,13 @@ def test_span_means_of_a_long_note_need_no_float64_copy_of_its_pieces():
 
     rng = np.random.default_rng(0)
     n, dim = 200_000, 64
-    r = NoteResult(None, "x", piece_starts=np.arange(n) * 4, piece_ends=np.arange(n) * 4 + 3,
-                   piece_vectors=rng.standard_normal((n, dim)).astype(np.float32))
+    r = NoteResult(
+        None,
+        "x",
+        piece_starts=np.arange(n) * 4,
+        piece_ends=np.arange(n) * 4 + 3,
+        piece_vectors=rng.standard_normal((n, dim)).astype(np.float32),
+    )
     cuts = np.sort(rng.choice(np.arange(1, n), 499, replace=False)) * 4
     begins = np.concatenate([[0], cuts])
     ends = np.concatenate([cuts - 2, [n * 4 - 1]])
@@ -256,7 +272,6 @@ def test_span_means_of_a_long_note_need_no_float64_copy_of_its_pieces():
     assert np.isnan(got[-1]).all() and r.sentences_without_piece().tolist() == [False] * 500 + [True]  # no vector
 
 
-
 def test_first_piece_is_the_first_that_contains_the_character():
     """Pieces sharing a start (a SentencePiece "▁" moved to its word before the word's piece, a multi-byte
     character's byte pieces): a token's first piece is the first of them that contains its first character,
@@ -265,13 +280,20 @@ def test_first_piece_is_the_first_that_contains_the_character():
     from clinlong.pipelines.core.engine import NoteResult
 
     text = "5. \u00e9 \u200b"  # "▁"(0,1) "5."(0,2), three byte pieces of "é" (3,4); nothing covers U+200B
-    r = NoteResult(None, "x", piece_starts=np.array([0, 0, 3, 3, 3]), piece_ends=np.array([1, 2, 4, 4, 4]),
-                   piece_vectors=np.arange(5 * 4, dtype=np.float32).reshape(5, 4), text=text)
+    r = NoteResult(
+        None,
+        "x",
+        piece_starts=np.array([0, 0, 3, 3, 3]),
+        piece_ends=np.array([1, 2, 4, 4, 4]),
+        piece_vectors=np.arange(5 * 4, dtype=np.float32).reshape(5, 4),
+        text=text,
+    )
     r.tokens = [(0, 0, 0), (1, 1, 0), (3, 3, 0), (5, 5, 0)]
     assert r.first_pieces().tolist() == [0, 1, 2, -1]
     got = r.token_vectors()
     np.testing.assert_array_equal(got[:3], r.piece_vectors[[0, 1, 2]])
     assert np.isnan(got[3]).all() and r.tokens_without_piece().tolist() == [False, False, False, True]
+
 
 def test_batches_past_int32_list_offsets_are_built_in_chunks(tiny_artifact, monkeypatch):
     """Arrow lists (and Spark arrays) have int32 offsets: 3M token rows x 768 floats in one array wrapped
@@ -303,8 +325,9 @@ def test_batches_past_int32_list_offsets_are_built_in_chunks(tiny_artifact, monk
 
     def fn(batch):
         ids = batch.column("id").to_pylist()
-        return annotation.annotations_array([rows[i] for i in ids], np.ones((15 * len(ids), art.dimension)),
-                                            art.dimension)
+        return annotation.annotations_array(
+            [rows[i] for i in ids], np.ones((15 * len(ids), art.dimension)), art.dimension
+        )
 
     parts = list(map_batch(pa.record_batch({"id": list(range(8))}), fn, ["id"], "emb"))
     assert [p.num_rows for p in parts] == [2, 2, 2, 2]

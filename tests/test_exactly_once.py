@@ -2,6 +2,7 @@
 in its Python workers and in its driver before, between and after its commits, rerun, and the final
 tables are compared row by row and vector by vector with a clean run. Also: two jobs writing one table
 at once, and `--mode incremental`."""
+
 from __future__ import annotations
 
 import csv
@@ -43,9 +44,28 @@ FP32 = EmbedOptions(precision="fp32")  # tables compared vector by vector at 1e-
 
 def job_cmd(notes: Path, model: Path, out: Path, *extra: str) -> list[str]:
     # local[N,F]: Spark retries a failed task up to F times
-    return [sys.executable, "-m", "clinlong.pipelines.embed_notes", "--notes", str(notes), "--model", str(model),
-            "--out", str(out), "--id-type", "long", "--chunk-notes", CHUNK, "--progress-every", "0",
-            "--master", "local[2,4]", "--precision", "fp32", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "clinlong.pipelines.embed_notes",
+        "--notes",
+        str(notes),
+        "--model",
+        str(model),
+        "--out",
+        str(out),
+        "--id-type",
+        "long",
+        "--chunk-notes",
+        CHUNK,
+        "--progress-every",
+        "0",
+        "--master",
+        "local[2,4]",
+        "--precision",
+        "fp32",
+        *extra,
+    ]
 
 
 def run_job(cmd: list[str], fault: str = "", timeout: float = 300) -> subprocess.CompletedProcess:
@@ -81,8 +101,12 @@ def notes(tmp_path_factory):
 @pytest.fixture(scope="module")
 def clean(notes, tiny_artifact, spark, tmp_path_factory):
     out = tmp_path_factory.mktemp("clean") / "t"
-    s = run(JobConfig(notes=str(notes), model=str(tiny_artifact), out=str(out), id_type="long", chunk_notes=0,
-                      options=FP32), spark)
+    s = run(
+        JobConfig(
+            notes=str(notes), model=str(tiny_artifact), out=str(out), id_type="long", chunk_notes=0, options=FP32
+        ),
+        spark,
+    )
     assert s["rows_in"] == 40 and s["embedded"] == 32
     return out
 
@@ -95,8 +119,9 @@ def test_killed_again_and_again_then_equals_clean_run(notes, tiny_artifact, clea
     out = tmp_path / "t"
     cmd = job_cmd(notes, tiny_artifact, out)
     expect_chunks_done = [1, 1, 3]
-    for fault, done in zip(("driver-before-commit:2", "driver-between-commits:1", "driver-after-commit:2"),
-                           expect_chunks_done):
+    for fault, done in zip(
+        ("driver-before-commit:2", "driver-between-commits:1", "driver-after-commit:2"), expect_chunks_done
+    ):
         proc = run_job(cmd, fault)
         assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
         assert DeltaTable(str(out)).transaction_version(_app_id(out)) == done - 1  # whole chunks only
@@ -141,8 +166,9 @@ def test_signals_to_workers_and_driver_from_outside(notes, tiny_artifact, clean,
     out = tmp_path / "t"
     cmd = job_cmd(notes, tiny_artifact, out, "--partitions", "2")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     killed_workers = 0
     deadline = time.time() + 240
     while time.time() < deadline and not killed_workers and proc.poll() is None:
@@ -176,8 +202,12 @@ def test_two_jobs_append_to_one_table_at_once(tiny_artifact, clean, tmp_path):
         halves.append(part)
     out = tmp_path / "t"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    procs = [subprocess.Popen(job_cmd(h, tiny_artifact, out), cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for h in halves]
+    procs = [
+        subprocess.Popen(
+            job_cmd(h, tiny_artifact, out), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for h in halves
+    ]
     results = [(p.wait(300), p.stderr.read()) for p in procs]
     assert all(rc == 0 for rc, _ in results), [e[-2000:] for _, e in results]
     assert_same_tables(out, clean)
@@ -189,9 +219,17 @@ def test_two_overwrites_at_once_never_mix(notes, tiny_artifact, clean, tmp_path)
     out = tmp_path / "t"
     run_job(job_cmd(notes, tiny_artifact, out, "--chunk-notes", "0", "--run-id", "seed"))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    procs = [subprocess.Popen(job_cmd(notes, tiny_artifact, out, "--mode", "overwrite", "--chunk-notes", "0",
-                                      "--run-id", f"ow{i}"), cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            job_cmd(notes, tiny_artifact, out, "--mode", "overwrite", "--chunk-notes", "0", "--run-id", f"ow{i}"),
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
     results = [(p.wait(300), p.stderr.read()) for p in procs]
     for rc, err in results:
         assert rc == 0 or (rc == 3 and "another writer changed" in err), err[-2000:]
@@ -203,8 +241,9 @@ def test_incremental_embeds_new_and_changed_notes_only(tiny_artifact, spark, tmp
     changed = {3: "Pt now afebrile. Repeat CXR clear.", 7: "Discharged home in stable condition."}
     v2 = write_notes(tmp_path / "v2.csv", n=36, edit=changed)  # notes 31-36 are new, 3 and 7 changed
     out = tmp_path / "t"
-    base = dict(model=str(tiny_artifact), out=str(out), id_type="long", mode="incremental", chunk_notes=10,
-                options=FP32)
+    base = dict(
+        model=str(tiny_artifact), out=str(out), id_type="long", mode="incremental", chunk_notes=10, options=FP32
+    )
     s1 = run(JobConfig(notes=str(v1), **base), spark)
     assert (s1["rows_in"], s1["embedded"]) == (30, 24)
     s2 = run(JobConfig(notes=str(v2), **base), spark)
@@ -221,8 +260,12 @@ def test_incremental_killed_before_stale_rows_are_deleted(tiny_artifact, spark, 
     v1 = write_notes(tmp_path / "v1.csv", n=20)
     v2 = write_notes(tmp_path / "v2.csv", n=20, edit={4: "Changed text for note four."})
     out = tmp_path / "t"
-    run(JobConfig(notes=str(v1), model=str(tiny_artifact), out=str(out), id_type="long", mode="incremental",
-                  options=FP32), spark)
+    run(
+        JobConfig(
+            notes=str(v1), model=str(tiny_artifact), out=str(out), id_type="long", mode="incremental", options=FP32
+        ),
+        spark,
+    )
     cmd = job_cmd(v2, tiny_artifact, out, "--mode", "incremental")
     assert run_job(cmd, "driver-after-commit:1").returncode == -signal.SIGKILL
     assert (table(out).note_id == 4).sum() == 2  # new version committed, old one not yet deleted
@@ -327,8 +370,22 @@ def test_reexport_then_incremental_and_a_changed_model(tiny_checkpoint, tiny_art
     assert export([str(changed), str(model), "--overwrite"]) == 0
     capsys.readouterr()
     for mode in ("incremental", "append"):
-        argv = ["--notes", str(notes), "--model", str(model), "--out", str(out), "--id-type", "long", "--mode", mode,
-                "--master", "local[2]", "--progress-every", "0"]
+        argv = [
+            "--notes",
+            str(notes),
+            "--model",
+            str(model),
+            "--out",
+            str(out),
+            "--id-type",
+            "long",
+            "--mode",
+            mode,
+            "--master",
+            "local[2]",
+            "--progress-every",
+            "0",
+        ]
         assert job(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "holds rows of model" in err[0] and "--mode overwrite" in err[0], err

@@ -1,4 +1,5 @@
 """The export stage: synthetic checkpoints, the native artifact, parity, and bad input."""
+
 from __future__ import annotations
 
 import hashlib
@@ -22,14 +23,21 @@ from clinlong.export.synthetic import CLINICAL_LONGFORMER_CONFIG, config_for
 from clinlong.pipelines.core.packing import packed_rows
 from tests.conftest import ROOT, hf_reference
 
-REAL_LAYOUT = {"config.json", "pytorch_model.bin", "vocab.json", "merges.txt",
-               "special_tokens_map.json", "tokenizer_config.json"}
+REAL_LAYOUT = {
+    "config.json",
+    "pytorch_model.bin",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "tokenizer_config.json",
+}
 
 
 def _export_cli(*args: str, **kw) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "clinlong.export", *args], capture_output=True, text=True, env=env,
-                          **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "clinlong.export", *args], capture_output=True, text=True, env=env, **kw
+    )
 
 
 def _error_line(capsys) -> str:
@@ -40,6 +48,7 @@ def _error_line(capsys) -> str:
 
 
 # --- synthetic checkpoints -------------------------------------------------------------------
+
 
 def test_synthetic_checkpoint_has_the_real_layout(tiny_checkpoint):
     assert {p.name for p in tiny_checkpoint.iterdir()} == REAL_LAYOUT
@@ -75,10 +84,16 @@ def test_synthetic_notes_look_like_mimic():
 
 # --- the native artifact ---------------------------------------------------------------------
 
+
 def test_artifact_files_and_manifest(tiny_artifact, tiny_checkpoint):
     manifest = json.loads((tiny_artifact / "manifest.json").read_text())
-    assert {p.name for p in tiny_artifact.iterdir()} == {"manifest.json", "encoder.onnx", "encoder.safetensors",
-                                                         "tokenizer.json", "parity.json"}
+    assert {p.name for p in tiny_artifact.iterdir()} == {
+        "manifest.json",
+        "encoder.onnx",
+        "encoder.safetensors",
+        "tokenizer.json",
+        "parity.json",
+    }
     for name, digest in manifest["files"].items():
         assert hashlib.sha256((tiny_artifact / name).read_bytes()).hexdigest() == digest
     assert set(manifest["files"]) == {"encoder.onnx", "encoder.safetensors", "tokenizer.json", "parity.json"}
@@ -124,7 +139,7 @@ def test_onnx_has_dynamic_axes_and_matches_hf_independently(tiny_artifact, tiny_
     for r, row in enumerate([[0], [1, 2]]):
         for i, (start, n) in zip(row, spans[r]):
             ref = hf_reference(tiny_checkpoint, seqs[i])
-            assert np.abs(out[r, start:start + n] - ref).max() <= 1e-4
+            assert np.abs(out[r, start : start + n] - ref).max() <= 1e-4
 
 
 def test_tokenizer_json_encodes_like_the_checkpoint(tiny_artifact, tiny_checkpoint):
@@ -148,7 +163,7 @@ def test_safetensors_bare_keys_and_tokenizer_json(tiny_checkpoint, tiny_artifact
     ck = tmp_path / "bare"
     ck.mkdir()
     state = torch.load(tiny_checkpoint / "pytorch_model.bin", weights_only=True)
-    bare = {k[len("longformer."):]: v.contiguous() for k, v in state.items() if k.startswith("longformer.")}
+    bare = {k[len("longformer.") :]: v.contiguous() for k, v in state.items() if k.startswith("longformer.")}
     save_file(bare, str(ck / "model.safetensors"))
     shutil.copy(tiny_checkpoint / "config.json", ck)
     shutil.copy(tiny_artifact / "tokenizer.json", ck)
@@ -162,6 +177,7 @@ def test_safetensors_bare_keys_and_tokenizer_json(tiny_checkpoint, tiny_artifact
 
 
 # --- bad input: one-line errors, no partial artifact ------------------------------------------
+
 
 def _broken_copy(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
@@ -198,8 +214,9 @@ def test_config_not_longformer(tiny_checkpoint, tmp_path, capsys):
     ck = _broken_copy(tiny_checkpoint, tmp_path / "ck")
     cfg = json.loads((ck / "config.json").read_text())
     (ck / "config.json").write_text(json.dumps({**cfg, "model_type": "bert"}))
-    _assert_refused(capsys, tmp_path, [str(ck), str(tmp_path / "out")], "'bert'",
-                    "not one of ('longformer', 'big_bird')")
+    _assert_refused(
+        capsys, tmp_path, [str(ck), str(tmp_path / "out")], "'bert'", "not one of ('longformer', 'big_bird')"
+    )
     (ck / "config.json").write_text("{ nope")
     _assert_refused(capsys, tmp_path, [str(ck), str(tmp_path / "out")], "not valid JSON")
     (ck / "config.json").unlink()
@@ -274,8 +291,12 @@ def test_disk_full_leaves_nothing(tiny_checkpoint, tmp_path):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_interrupted_export_leaves_nothing(tiny_checkpoint, tmp_path, sig):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "clinlong.export", str(tiny_checkpoint), str(tmp_path / "out")],
-                            stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "clinlong.export", str(tiny_checkpoint), str(tmp_path / "out")],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     deadline = time.time() + 120
     # Interrupted in the parity step, after the ONNX graph is written: torch.onnx.export itself was seen once to
     # swallow a SIGINT that arrived while it traced (the export then finished); see the README's Troubleshooting.
@@ -301,8 +322,7 @@ def test_stale_partial_of_a_killed_export_is_removed(tiny_checkpoint, tmp_path):
     assert not stale.exists() and (tmp_path / "out" / "manifest.json").exists()
 
 
-def test_kill_between_the_renames_of_an_overwrite_keeps_the_previous_artifact(tiny_checkpoint, tiny_artifact,
-                                                                             tmp_path):
+def test_kill_between_the_renames_of_an_overwrite_keeps_the_previous_artifact(tiny_checkpoint, tiny_artifact, tmp_path):
     """An overwrite moves OUT aside, then renames the new copy in. Killed in between, OUT was missing and
     the next export deleted the moved-aside copy as a stale partial; now it is put back first."""
     from clinlong.export.staging import remove_stale_partials
@@ -319,6 +339,7 @@ def test_kill_between_the_renames_of_an_overwrite_keeps_the_previous_artifact(ti
 
 
 # --- identity and permissions (newcomer issue) -------------------------------------------------------
+
 
 def test_reexport_of_an_unchanged_checkpoint_keeps_model_id(tiny_checkpoint, tiny_artifact, tmp_path):
     """model_id depends on what determines the vectors, never on the parity run's timings or the date."""
@@ -353,8 +374,11 @@ def _open_and_embed_as(uid: int, gid: int, artifact: Path, backend: str, queue) 
         os.setgid(gid)
         os.setuid(uid)
         art = Artifact.open(artifact)  # hashes every file
-        vec = NoteEmbedder(art, EmbedOptions(backend=backend, precision="fp32"), threads=1).embed(
-            ["Chest pain since morning."])[0].note_vector()
+        vec = (
+            NoteEmbedder(art, EmbedOptions(backend=backend, precision="fp32"), threads=1)
+            .embed(["Chest pain since morning."])[0]
+            .note_vector()
+        )
         queue.put(("ok", vec.tolist()))
     except BaseException as e:  # noqa: BLE001 - reported to the parent
         queue.put(("error", f"{type(e).__name__}: {e}"))
@@ -382,8 +406,11 @@ def test_artifact_is_readable_by_a_second_os_user(tiny_checkpoint):
         assert modes == {"artifact": 0o755, **{n: 0o644 for n in modes if n != "artifact"}}, modes
         ctx = mp.get_context("spawn")  # a fresh interpreter (a forked one can hang in OpenMP's thread pool)
         for backend in ("onnxruntime", "torch"):
-            mine = NoteEmbedder(Artifact.open(out), EmbedOptions(backend=backend, precision="fp32"),
-                                threads=1).embed(["Chest pain since morning."])[0].note_vector()
+            mine = (
+                NoteEmbedder(Artifact.open(out), EmbedOptions(backend=backend, precision="fp32"), threads=1)
+                .embed(["Chest pain since morning."])[0]
+                .note_vector()
+            )
             q = ctx.Queue()
             child = ctx.Process(target=_open_and_embed_as, args=(nobody.pw_uid, nobody.pw_gid, out, backend, q))
             child.start()

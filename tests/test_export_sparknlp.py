@@ -3,6 +3,7 @@
 TensorFlow lives in the optional `sparknlp` extra, so this test installs that extra into its own
 virtual environment (.venv-sparknlp, reused when present) and runs export and checks there.
 """
+
 from __future__ import annotations
 
 import json
@@ -57,8 +58,14 @@ def test_sparknlp_savedmodel_loads_with_parity_and_assets(tiny_checkpoint, tmp_p
     python = _sparknlp_python()
     out = tmp_path / "sparknlp"
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    proc = subprocess.run([str(python), "-m", "clinlong.export", str(tiny_checkpoint), str(out),
-                           "--format", "sparknlp"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+    proc = subprocess.run(
+        [str(python), "-m", "clinlong.export", str(tiny_checkpoint), str(out), "--format", "sparknlp"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "saved_model.pb").exists() and (out / "variables").is_dir()
     report = json.loads((out / "sparknlp_parity.json").read_text())
@@ -68,8 +75,13 @@ def test_sparknlp_savedmodel_loads_with_parity_and_assets(tiny_checkpoint, tmp_p
     assert b"debug_name" not in (out / "saved_model.pb").read_bytes()
 
     # Independent check in the TensorFlow environment: signature, and parity with torch.
-    check = subprocess.run([str(python), "-c", VERIFY, str(out), str(tiny_checkpoint)],
-                           capture_output=True, text=True, env=env, timeout=900)
+    check = subprocess.run(
+        [str(python), "-c", VERIFY, str(out), str(tiny_checkpoint)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
     assert check.returncode == 0, check.stderr[-3000:]
     result = json.loads(check.stdout.strip().splitlines()[-1])
     assert result["inputs"] == {"input_ids": ["int32", [None, None]], "attention_mask": ["int32", [None, None]]}
@@ -81,10 +93,14 @@ def test_sparknlp_savedmodel_loads_with_parity_and_assets(tiny_checkpoint, tmp_p
     vocab = json.loads((tiny_checkpoint / "vocab.json").read_text(encoding="utf-8"))
     lines = (out / "assets" / "vocab.txt").read_text(encoding="utf-8").split("\n")[:-1]
     assert lines == [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
-    ours = [m for m in (out / "assets" / "merges.txt").read_text(encoding="utf-8").splitlines()
-            if not m.startswith("#")]
-    theirs = [m for m in (tiny_checkpoint / "merges.txt").read_text(encoding="utf-8").splitlines()
-              if m and not m.startswith("#")]
+    ours = [
+        m for m in (out / "assets" / "merges.txt").read_text(encoding="utf-8").splitlines() if not m.startswith("#")
+    ]
+    theirs = [
+        m
+        for m in (tiny_checkpoint / "merges.txt").read_text(encoding="utf-8").splitlines()
+        if m and not m.startswith("#")
+    ]
     assert ours == theirs
 
 

@@ -1,6 +1,7 @@
 """The model family through export → artifact → pipeline: DrLongformer (its own file layout), DrBERT-4096
 (SentencePiece tokenizer, CamemBERT ids) and Clinical-BigBird (block-sparse attention), against Hugging
 Face's own models and tokenizers, from the export's report to the job's Delta table."""
+
 from __future__ import annotations
 
 import csv
@@ -42,8 +43,12 @@ def test_export_report_and_manifest(family, family_model):
     lengths = {r["length"] for r in report["results"]}
     if bigbird:
         assert {63, 65, 704, 705, 769, 4096} <= lengths  # both sides of the switch, off the block size
-        assert manifest["block_sparse"] == {"block_size": 64, "num_random_blocks": 3, "enabled": True,
-                                            "full_attention_up_to": 704}
+        assert manifest["block_sparse"] == {
+            "block_size": 64,
+            "num_random_blocks": 3,
+            "enabled": True,
+            "full_attention_up_to": 704,
+        }
         assert manifest["sequence_frame"]["start"] != tok.bos_token_id  # [CLS], not <s>
     if family == "drbert-4096":
         assert manifest["special_tokens"]["bos"]["id"] == 5 and manifest["special_tokens"]["pad"]["id"] == 1
@@ -51,10 +56,17 @@ def test_export_report_and_manifest(family, family_model):
         assert not (checkpoint / "vocab.json").exists() and (checkpoint / "model.safetensors").exists()
 
 
-@pytest.mark.parametrize("family,backend,kernel", [
-    ("drbert-4096", "onnxruntime", "auto"), ("drbert-4096", "torch", "flex"), ("drlongformer", "onnxruntime", "auto"),
-    ("bigbird", "onnxruntime", "auto"), ("bigbird", "torch", "flex"), ("bigbird", "torch", "blocks"),
-])
+@pytest.mark.parametrize(
+    "family,backend,kernel",
+    [
+        ("drbert-4096", "onnxruntime", "auto"),
+        ("drbert-4096", "torch", "flex"),
+        ("drlongformer", "onnxruntime", "auto"),
+        ("bigbird", "onnxruntime", "auto"),
+        ("bigbird", "torch", "flex"),
+        ("bigbird", "torch", "blocks"),
+    ],
+)
 def test_parity_at_every_length_packed_with_mixed_lengths(family, backend, kernel, family_model):
     checkpoint, art = family_model(family)
     lengths = BIGBIRD_SWEEP if family == "bigbird" else SWEEP
@@ -101,7 +113,7 @@ def test_french_offsets_word_pieces_and_vectors(family_model):
     # made of it (first_pieces -1, no vector); the "." after it takes the "▁" piece the space becomes.
     text = "Le patient est arrivé à l'hôpital aujourd'hui.  Il n'a pas de fièvre \u200b.\nÉvolution : favorable."
     res = NoteEmbedder(Artifact.open(art), EmbedOptions(precision="fp32")).embed([text])[0]
-    words = [text[b:e + 1] for b, e, _ in res.tokens]
+    words = [text[b : e + 1] for b, e, _ in res.tokens]
     kept = ["l'hôpital", "aujourd'hui", "n'a", "fièvre", "Évolution"]
     assert kept == [w for w in words if w in kept]
     tok = AutoTokenizer.from_pretrained(str(checkpoint))
@@ -119,7 +131,7 @@ def test_french_offsets_word_pieces_and_vectors(family_model):
     assert [words[i] for i in np.flatnonzero(first < 0)] == ["\u200b"]  # -1: no piece covers it
     for (b, _, _), k in zip(res.tokens, first):
         if k >= 0 and (b == 0 or text[b - 1].isspace()):
-            assert k == first_of_word[word_ids[k]], text[b:b + 3]
+            assert k == first_of_word[word_ids[k]], text[b : b + 3]
             assert pieces[k].startswith("\u2581")
     ref = hf_reference(checkpoint, enc["input_ids"])[1:-1]
     got, has = res.token_vectors(), first >= 0
@@ -161,15 +173,27 @@ def family_notes(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family,granularity,context", [
-    ("drbert-4096", "note", "note"), ("drbert-4096", "sentence", "note"), ("drbert-4096", "token", "sentence"),
-    ("bigbird", "note", "note"), ("bigbird", "sentence", "sentence"), ("bigbird", "token", "note"),
-    ("drlongformer", "note", "note"), ("drlongformer", "sentence", "note"), ("drlongformer", "token", "note"),
-    # Clinical-Longformer's other granularity x context pairs (spark-submit runs three in test_pipeline_parity).
-    ("longformer", "note", "sentence"), ("longformer", "sentence", "note"), ("longformer", "token", "sentence"),
-])
-def test_job_parity_through_delta(family, granularity, context, family_notes, family_model, spark, tmp_path, capsys,
-                                  request):
+@pytest.mark.parametrize(
+    "family,granularity,context",
+    [
+        ("drbert-4096", "note", "note"),
+        ("drbert-4096", "sentence", "note"),
+        ("drbert-4096", "token", "sentence"),
+        ("bigbird", "note", "note"),
+        ("bigbird", "sentence", "sentence"),
+        ("bigbird", "token", "note"),
+        ("drlongformer", "note", "note"),
+        ("drlongformer", "sentence", "note"),
+        ("drlongformer", "token", "note"),
+        # Clinical-Longformer's other granularity x context pairs (spark-submit runs three in test_pipeline_parity).
+        ("longformer", "note", "sentence"),
+        ("longformer", "sentence", "note"),
+        ("longformer", "token", "sentence"),
+    ],
+)
+def test_job_parity_through_delta(
+    family, granularity, context, family_notes, family_model, spark, tmp_path, capsys, request
+):
     from clinlong.pipelines.jobs.embed_notes import JobConfig, run
 
     if family == "longformer":
@@ -178,8 +202,12 @@ def test_job_parity_through_delta(family, granularity, context, family_notes, fa
         checkpoint, art = family_model(family)
     out = str(tmp_path / "table")
     options = EmbedOptions(context=context, precision="fp32")
-    summary = run(JobConfig(notes=str(family_notes), model=str(art), out=out, id_type="long", granularity=granularity,
-                            options=options), spark)
+    summary = run(
+        JobConfig(
+            notes=str(family_notes), model=str(art), out=out, id_type="long", granularity=granularity, options=options
+        ),
+        spark,
+    )
     assert summary["rows_in"] == 13 and summary["embedded"] == 11
     assert PHI_MARKER not in capsys.readouterr().err
     table = DeltaTable(out).to_pyarrow_table().to_pandas()
@@ -197,10 +225,20 @@ def test_bigbird_stage_registry_and_one_liner(family_model, spark, tmp_path, mon
         LongformerEmbeddings().setModelPath(str(art))
     text = " ".join(generate_french_notes(3, seed=4))  # past 704 pieces: block-sparse
     df = spark.createDataFrame([(1, text), (2, "Sinus rhythm.")], "id long, text string")
-    stage = BigBirdEmbeddings().setModelPath(str(art)).setInputCols(["document", "token"]).setOutputCol("emb") \
+    stage = (
+        BigBirdEmbeddings()
+        .setModelPath(str(art))
+        .setInputCols(["document", "token"])
+        .setOutputCol("emb")
         .setPrecision("fp32")
-    pipe = Pipeline(stages=[DocumentAssembler().setInputCol("text").setOutputCol("document"),
-                            Tokenizer().setInputCols(["document"]).setOutputCol("token"), stage])
+    )
+    pipe = Pipeline(
+        stages=[
+            DocumentAssembler().setInputCol("text").setOutputCol("document"),
+            Tokenizer().setInputCols(["document"]).setOutputCol("token"),
+            stage,
+        ]
+    )
     rows = {r["id"]: r for r in pipe.fit(df).transform(df).collect()}
     engine = NoteEmbedder(Artifact.open(art), EmbedOptions(precision="fp32"))
     for i, t in ((1, text), (2, "Sinus rhythm.")):
@@ -223,8 +261,10 @@ def test_refusals_name_the_fix(family_model, tmp_path, capsys):
 
     from clinlong.export.__main__ import main
 
-    for family, needle in (("bigbird", "Spark NLP has no annotator that imports a big_bird model"),
-                           ("drbert-4096", "this checkpoint's is Unigram: use --format native")):
+    for family, needle in (
+        ("bigbird", "Spark NLP has no annotator that imports a big_bird model"),
+        ("drbert-4096", "this checkpoint's is Unigram: use --format native"),
+    ):
         checkpoint, _ = family_model(family)
         assert main([str(checkpoint), str(tmp_path / family), "--format", "sparknlp"]) == 2
         assert needle in capsys.readouterr().err and not (tmp_path / family).exists()
@@ -248,4 +288,9 @@ def test_synthetic_command_writes_each_layout(tmp_path):
     cfg = AutoConfig.from_pretrained(str(tmp_path / "bb"))
     assert cfg.model_type == "big_bird" and cfg.architectures == ["BigBirdForMaskedLM"] and cfg.block_size == 64
     assert sorted(p.name for p in (tmp_path / "bb").iterdir()) == [
-        "config.json", "pytorch_model.bin", "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"]
+        "config.json",
+        "pytorch_model.bin",
+        "special_tokens_map.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]

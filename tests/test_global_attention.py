@@ -3,6 +3,7 @@
 lengths, with 0, 1 and many global tokens per sequence, on both CPU kernels; the log-sum-exp merge that
 keeps the windowed kernel; `--global-attention cls` through the engine, the one-liner and the job's
 command line; refusals in one line."""
+
 from __future__ import annotations
 
 import json
@@ -48,8 +49,9 @@ def sequences(tiny_checkpoint):
     """Framed ids <s> ... </s> of every length in SWEEP (random body ids, fixed seed)."""
     cfg = json.loads((tiny_checkpoint / "config.json").read_text())
     rng = np.random.default_rng(24)
-    return [np.asarray([0] if n == 1 else [0, *rng.integers(4, cfg["vocab_size"] - 1, n - 2), 2], np.int64)
-            for n in SWEEP]
+    return [
+        np.asarray([0] if n == 1 else [0, *rng.integers(4, cfg["vocab_size"] - 1, n - 2), 2], np.int64) for n in SWEEP
+    ]
 
 
 _REFERENCES: dict = {}
@@ -63,8 +65,9 @@ def _hf(hf_model, ids: np.ndarray, glob: np.ndarray) -> np.ndarray:
         mask[0, torch.from_numpy(glob)] = 1
         t = torch.from_numpy(ids)[None]
         with torch.no_grad():
-            _REFERENCES[key] = hf_model(t, attention_mask=torch.ones_like(t),
-                                        global_attention_mask=mask).last_hidden_state[0].numpy()
+            _REFERENCES[key] = (
+                hf_model(t, attention_mask=torch.ones_like(t), global_attention_mask=mask).last_hidden_state[0].numpy()
+            )
     return _REFERENCES[key]
 
 
@@ -138,15 +141,16 @@ def test_global_attention_cls_through_the_engine_equals_hugging_face_per_window(
 
     text = "\n\n".join(n.text for n in generate_notes(6, seed=4))
     max_len, overlap = 1024, 256
-    opts = EmbedOptions(max_length=max_len, window_overlap=overlap, precision="fp32", backend="torch",
-                        global_attention="cls")
+    opts = EmbedOptions(
+        max_length=max_len, window_overlap=overlap, precision="fp32", backend="torch", global_attention="cls"
+    )
     res = NoteEmbedder(artifact, opts).embed([text])[0]
     ids = artifact.tokenizer.encode(text, add_special_tokens=False).ids
     starts, width = window_plan(len(ids), max_len, overlap)
     assert res.n_windows == len(starts) > 1
     which, pos = assign_pieces(len(ids), starts, width)
     for w, s in enumerate(starts):
-        ref = _hf(hf_model, np.asarray([0, *ids[s:s + width], 2], np.int64), np.zeros(1, np.int64))[1:-1]
+        ref = _hf(hf_model, np.asarray([0, *ids[s : s + width], 2], np.int64), np.zeros(1, np.int64))[1:-1]
         sel = which == w
         np.testing.assert_allclose(res.piece_vectors[sel], ref[pos[sel]], atol=ATOL)
 
@@ -186,8 +190,17 @@ def test_job_runs_global_attention_through_delta(tiny_artifact, artifact, spark,
 
     notes = write_test_notes(tmp_path / "NOTEEVENTS.csv")
     opts = EmbedOptions(precision="fp32", backend="torch", global_attention="cls")
-    run(JobConfig(notes=str(notes), model=str(tiny_artifact), out=str(tmp_path / "t"), id_type="long",
-                  granularity="note", options=opts), spark)
+    run(
+        JobConfig(
+            notes=str(notes),
+            model=str(tiny_artifact),
+            out=str(tmp_path / "t"),
+            id_type="long",
+            granularity="note",
+            options=opts,
+        ),
+        spark,
+    )
     table = DeltaTable(str(tmp_path / "t")).to_pyarrow_table().to_pandas()
     texts = pd.read_csv(notes, keep_default_na=False).set_index("ROW_ID").TEXT
     local = NoteEmbedder(artifact, EmbedOptions(precision="fp32", backend="torch"))
@@ -204,10 +217,13 @@ def test_job_runs_global_attention_through_delta(tiny_artifact, artifact, spark,
     assert checked >= 5
 
 
-@pytest.mark.parametrize("options,needle", [
-    ({"backend": "onnxruntime"}, "re-export with python -m clinlong.export --global-attention"),
-    ({"global_attention": "sep"}, "option global_attention must be one of"),
-])
+@pytest.mark.parametrize(
+    "options,needle",
+    [
+        ({"backend": "onnxruntime"}, "re-export with python -m clinlong.export --global-attention"),
+        ({"global_attention": "sep"}, "option global_attention must be one of"),
+    ],
+)
 def test_refusals_are_one_line(artifact, options, needle):
     with pytest.raises(ValueError) as err:
         EmbedOptions(**{"global_attention": "cls", **options}).validate(artifact)
@@ -215,9 +231,18 @@ def test_refusals_are_one_line(artifact, options, needle):
 
 
 def test_bigbird_and_old_artifacts_are_refused():
-    cfg = EncoderConfig(vocab_size=10, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=8, max_position_embeddings=40, type_vocab_size=1, layer_norm_eps=1e-5,
-                        pad_token_id=1, attention_window=(4,))
+    cfg = EncoderConfig(
+        vocab_size=10,
+        hidden_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=8,
+        max_position_embeddings=40,
+        type_vocab_size=1,
+        layer_norm_eps=1e-5,
+        pad_token_id=1,
+        attention_window=(4,),
+    )
     old = PackedEncoder(cfg, with_global=False).eval()
     ids = torch.tensor([[0, 5, 6, 2]])
     pos = torch.tensor([[2, 3, 4, 5]])
@@ -253,8 +278,14 @@ def test_export_writes_the_global_graph_and_checks_its_parity(global_artifact):
 def test_onnx_global_graph_equals_hugging_face(mode, global_artifact, sequences, hf_model):
     """The global graph on ONNX Runtime, every length packed with mixed lengths (dynamic row length and
     number of global tokens), against Hugging Face."""
-    encoder = Encoder(global_artifact, token_budget=4096, batch_size=64, precision="fp32", backend="onnxruntime",
-                      global_attention="cls")
+    encoder = Encoder(
+        global_artifact,
+        token_budget=4096,
+        batch_size=64,
+        precision="fp32",
+        backend="onnxruntime",
+        global_attention="cls",
+    )
     globs = [_globals(len(s), mode) for s in sequences]
     worst = 0.0
     for ids, glob, vecs in zip(sequences, globs, encoder(sequences, globs)):
@@ -274,9 +305,19 @@ def test_global_export_of_bigbird_is_refused():
     from clinlong.export.native import write_native
 
     class Fake:
-        encoder_config = EncoderConfig(vocab_size=10, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
-                                       intermediate_size=8, max_position_embeddings=40, type_vocab_size=1,
-                                       layer_norm_eps=1e-5, pad_token_id=0, attention_window=(), model_type="big_bird")
+        encoder_config = EncoderConfig(
+            vocab_size=10,
+            hidden_size=8,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=8,
+            max_position_embeddings=40,
+            type_vocab_size=1,
+            layer_norm_eps=1e-5,
+            pad_token_id=0,
+            attention_window=(),
+            model_type="big_bird",
+        )
 
     with pytest.raises(ExportError, match="--global-attention is Longformer's"):
         write_native(Fake(), None, "x", None, with_global=True)

@@ -7,6 +7,7 @@ flex form; sequences packed into one row never see each other; a real CUDA out-o
 and loses nothing; the engine end to end on the GPU. Measured numbers are appended, one JSON line per check,
 to the file named by CLINLONG_GPU_REPORT when it is set.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,10 @@ from clinlong.pipelines.core.runtime import Encoder
 from tests.conftest import BIGBIRD_SWEEP, family_sequences, hf_reference
 from tests.test_global_attention import MODES, SWEEP, _globals, _hf
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device (the GPU checks need one)")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device (the GPU checks need one)"),
+]
 
 DEVICE = "cuda:0"
 ATOL_FP32 = 1e-4  # fp32 against Hugging Face fp32 (the issues' bound)
@@ -64,8 +67,9 @@ def hf_model(tiny_checkpoint):
 def sequences(tiny_checkpoint):
     cfg = json.loads((tiny_checkpoint / "config.json").read_text())
     rng = np.random.default_rng(24)
-    return [np.asarray([0] if n == 1 else [0, *rng.integers(4, cfg["vocab_size"] - 1, n - 2), 2], np.int64)
-            for n in SWEEP]
+    return [
+        np.asarray([0] if n == 1 else [0, *rng.integers(4, cfg["vocab_size"] - 1, n - 2), 2], np.int64) for n in SWEEP
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -97,8 +101,7 @@ def test_engine_end_to_end_on_the_gpu(global_attention, artifact):
         if c.piece_vectors is not None and len(c.piece_vectors):
             worst = min(worst, _cos(g.piece_vectors, c.piece_vectors))
     assert worst >= MIN_COS_HALF
-    report("engine_gpu_vs_cpu_fp32", global_attention=global_attention, min_cosine=worst,
-           token_budget=gpu.token_budget)
+    report("engine_gpu_vs_cpu_fp32", global_attention=global_attention, min_cosine=worst, token_budget=gpu.token_budget)
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
@@ -107,8 +110,9 @@ def test_varlen_half_precision_against_hugging_face_fp32(precision, mode, artifa
     """varlen (flash attention over the packed sequences, with its log-sum-exp merged with the global keys
     where there are global tokens) at bf16/fp16: per-token cosine to Hugging Face fp32."""
     globs = [_globals(len(s), mode) for s in sequences]
-    encoder = Encoder(artifact, token_budget=4096, batch_size=64, precision=precision, backend="torch",
-                      device=DEVICE, kernel="varlen")
+    encoder = Encoder(
+        artifact, token_budget=4096, batch_size=64, precision=precision, backend="torch", device=DEVICE, kernel="varlen"
+    )
     got = encoder(sequences, globs)
     worst = min(_cos(v, _hf(hf_model, s, g)) for s, g, v in zip(sequences, globs, got))
     report("varlen_min_cosine_to_hf_fp32", precision=precision, global_tokens=mode, min_cosine=worst)
@@ -119,8 +123,9 @@ def test_varlen_half_precision_against_hugging_face_fp32(precision, mode, artifa
 def test_packed_sequences_never_see_each_other(kernel, precision, artifact, sequences):
     """A sequence packed beside another gives the same vectors whatever the other holds (same row shape,
     so the same kernels run); the neighbour's own vectors do change (the check has teeth)."""
-    encoder = Encoder(artifact, token_budget=8192, batch_size=64, precision=precision, backend="torch",
-                      device=DEVICE, kernel=kernel)
+    encoder = Encoder(
+        artifact, token_budget=8192, batch_size=64, precision=precision, backend="torch", device=DEVICE, kernel=kernel
+    )
     a, b = sequences[SWEEP.index(2000)], sequences[SWEEP.index(1023)]
     b2 = b.copy()
     b2[1:-1] = np.random.default_rng(5).permutation(b[1:-1])
@@ -138,8 +143,15 @@ def test_a_real_out_of_memory_error_splits_the_row_and_loses_nothing(artifact, s
     runs out of CUDA memory for real, is split in halves until the parts fit, and every sequence's vectors
     equal those of the unconstrained run. One sequence that cannot fit fails with a one-line MemoryError."""
     seqs = [np.tile(sequences[-1], 1)] * 64
-    encoder = Encoder(artifact, token_budget=64 * 4096, batch_size=64, precision="bf16", backend="torch",
-                      device=DEVICE, kernel="varlen")
+    encoder = Encoder(
+        artifact,
+        token_budget=64 * 4096,
+        batch_size=64,
+        precision="bf16",
+        backend="torch",
+        device=DEVICE,
+        kernel="varlen",
+    )
     reference = encoder(seqs[:2])[0]
     calls = []
 
@@ -161,8 +173,12 @@ def test_a_real_out_of_memory_error_splits_the_row_and_loses_nothing(artifact, s
     assert calls_needed > 1 and all(g is not None for g in got)
     for g in got:
         np.testing.assert_allclose(g, reference, atol=2e-2)
-    report("oom_split", model_calls=calls_needed, first_call_tokens=int(np.prod(calls[0])),
-           smallest_call_tokens=int(min(np.prod(c) for c in calls[:calls_needed])))
+    report(
+        "oom_split",
+        model_calls=calls_needed,
+        first_call_tokens=int(np.prod(calls[0])),
+        smallest_call_tokens=int(min(np.prod(c) for c in calls[:calls_needed])),
+    )
 
 
 @pytest.mark.parametrize("kernel", ["blocks", "flex"])
@@ -170,8 +186,9 @@ def test_a_real_out_of_memory_error_splits_the_row_and_loses_nothing(artifact, s
 def test_fp32_packed_parity_on_cuda(kernel, mode, artifact, sequences, hf_model):
     """Every length 1..4,096 packed with mixed lengths, on the GPU at fp32, equals Hugging Face fp32 per
     sequence alone (≤ 1e-4), with 0, 1 and many global tokens."""
-    encoder = Encoder(artifact, token_budget=4096, batch_size=64, precision="fp32", backend="torch",
-                      device=DEVICE, kernel=kernel)
+    encoder = Encoder(
+        artifact, token_budget=4096, batch_size=64, precision="fp32", backend="torch", device=DEVICE, kernel=kernel
+    )
     globs = [_globals(len(s), mode) for s in sequences]
     worst = 0.0
     for ids, glob, vecs in zip(sequences, globs, encoder(sequences, globs)):

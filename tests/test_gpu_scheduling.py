@@ -2,6 +2,7 @@
 project's discovery script. The embedding stage must run with the GPU assigned (a task ResourceProfile),
 the reading stage without it, and the runtime must follow the assigned address (CPU where CUDA is absent,
 with the same vectors as a local run)."""
+
 from __future__ import annotations
 
 import json
@@ -62,23 +63,41 @@ def test_out_of_memory_splits_the_batch_and_loses_nothing(tiny_artifact):
 def test_gpu_resource_goes_to_the_embedding_stage_only(tiny_artifact, tmp_path, monkeypatch):
     notes = write_test_notes(tmp_path / "NOTEEVENTS.csv")
     zipped = project_zip(tmp_path / "clinlong.zip")
-    job = [str(ROOT / "pipelines" / "embed_notes.py"), "--notes", str(notes), "--model", str(tiny_artifact),
-           "--id-type", "long"]
+    job = [
+        str(ROOT / "pipelines" / "embed_notes.py"),
+        "--notes",
+        str(notes),
+        "--model",
+        str(tiny_artifact),
+        "--id-type",
+        "long",
+    ]
     local = _submit("local[2]", job + ["--out", str(tmp_path / "local")], str(zipped))
     assert local.returncode == 0, local.stderr[-3000:]
     events = tmp_path / "events"
     events.mkdir()
     monkeypatch.setenv("CLINLONG_GPU_ADDRESSES", "0")  # what the worker's discovery script reports
-    worker = {"cores": 2, "opts": f"-Dspark.worker.resource.gpu.amount=1 "
-                                  f"-Dspark.worker.resource.gpu.discoveryScript={SCRIPT}"}
+    worker = {
+        "cores": 2,
+        "opts": f"-Dspark.worker.resource.gpu.amount=1 -Dspark.worker.resource.gpu.discoveryScript={SCRIPT}",
+    }
     with standalone_cluster(tmp_path / "cluster", [worker]) as master:
-        proc = _submit(master, job + ["--out", str(tmp_path / "gpu"), "--gpus-per-task", "1", "--device", "auto",
-                                      "--partitions", "2"], str(zipped),
-                       {"spark.executor.cores": "2", "spark.cores.max": "2",
-                        "spark.executor.resource.gpu.amount": "1",
-                        "spark.dynamicAllocation.enabled": "false",
-                        "spark.eventLog.enabled": "true", "spark.eventLog.dir": str(events),
-                        "spark.eventLog.compress": "false", "spark.eventLog.rolling.enabled": "false"}, cwd=tmp_path)
+        proc = _submit(
+            master,
+            job + ["--out", str(tmp_path / "gpu"), "--gpus-per-task", "1", "--device", "auto", "--partitions", "2"],
+            str(zipped),
+            {
+                "spark.executor.cores": "2",
+                "spark.cores.max": "2",
+                "spark.executor.resource.gpu.amount": "1",
+                "spark.dynamicAllocation.enabled": "false",
+                "spark.eventLog.enabled": "true",
+                "spark.eventLog.dir": str(events),
+                "spark.eventLog.compress": "false",
+                "spark.eventLog.rolling.enabled": "false",
+            },
+            cwd=tmp_path,
+        )
     assert proc.returncode == 0, proc.stderr[-4000:]
     # The runtime followed the assigned address: GPU 0 was given to every embedding task; without CUDA
     # here the model ran on the CPU.

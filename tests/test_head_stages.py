@@ -4,6 +4,7 @@ category scores against Hugging Face's own class (softmax of its logits on the i
 per sentence, coalesced and with a sigmoid threshold; named_entity tags against the argmax of Hugging Face's
 first-piece logits; NerConverter's chunks and inclusive offsets on text with accents and CRLF, and Spark NLP's IOB
 rules; save/load; a bad note isolated; one-line refusals of a model without a head or with the other kind."""
+
 from __future__ import annotations
 
 import json
@@ -33,8 +34,9 @@ def models(tmp_path_factory):
 
     out = {}
     for kind, labels in (("sequence", SEQUENCE_LABELS), ("token", TOKEN_LABELS)):
-        ck = write_synthetic_checkpoint(tmp_path_factory.mktemp("ckpt") / f"longformer-{kind}", "tiny", 0,
-                                        "longformer", kind, labels)
+        ck = write_synthetic_checkpoint(
+            tmp_path_factory.mktemp("ckpt") / f"longformer-{kind}", "tiny", 0, "longformer", kind, labels
+        )
         art = tmp_path_factory.mktemp("artifacts") / f"longformer-{kind}"
         run([str(ck), str(art)])
         out[kind] = (ck, art)
@@ -133,8 +135,11 @@ def test_sentences_and_coalesce_sentences(models, annotated):
         (c,) = rows[i]["coalesced"]  # one per document: the sentences' mean, anchored at the first (Spark NLP)
         mean = np.mean([_scores(a) for a in got], axis=0)
         assert np.abs(_scores(c) - mean).max() <= 1e-6
-        assert (c["begin"], c["end"], c["result"]) == (sents[0]["begin"], sents[0]["end"],
-                                                      SEQUENCE_LABELS[int(np.argmax(mean))])
+        assert (c["begin"], c["end"], c["result"]) == (
+            sents[0]["begin"],
+            sents[0]["end"],
+            SEQUENCE_LABELS[int(np.argmax(mean))],
+        )
     assert len(rows[0]["sentence"]) > 1
 
 
@@ -179,7 +184,7 @@ def test_chunks_of_the_model_hold_their_text(annotated):
     n = 0
     for i, text in enumerate(TEXTS[:3]):
         for k, c in enumerate(rows[i]["chunk"]):
-            assert c["result"] == text[c["begin"]:c["end"] + 1] and c["metadata"]["chunk"] == str(k)
+            assert c["result"] == text[c["begin"] : c["end"] + 1] and c["metadata"]["chunk"] == str(k)
             assert c["metadata"]["entity"] == "PROBLEM" and 0 < float(c["metadata"]["confidence"]) <= 1
             n += 1
     assert n
@@ -210,20 +215,38 @@ def test_ner_converter_offsets_on_accents_and_crlf(spark):
 
     text = "Pt: Émile Dupré\r\nDx: pneumonie aiguë, café-au-lait.\r\n\r\nPlan: réévaluer."
     df = spark.createDataFrame([(1, text)], "id int, text string")
-    for stage in (DocumentAssembler().setInputCol("text").setOutputCol("document"),
-                  SentenceDetector().setInputCols("document").setOutputCol("sentence"),
-                  Tokenizer().setInputCols("sentence").setOutputCol("token")):
+    for stage in (
+        DocumentAssembler().setInputCol("text").setOutputCol("document"),
+        SentenceDetector().setInputCols("document").setOutputCol("sentence"),
+        Tokenizer().setInputCols("sentence").setOutputCol("token"),
+    ):
         df = stage.transform(df)
     row = df.collect()[0]
-    want_tag = {"Émile": "B-PER", "Dupré": "I-PER", "pneumonie": "B-PROBLEM", "aiguë": "I-PROBLEM",
-                "café-au-lait": "B-PROBLEM", "réévaluer": "B-PLAN"}
-    ner = [("named_entity", t["begin"], t["end"], want_tag.get(t["result"], "O"),
-            {"sentence": t["metadata"]["sentence"], "word": t["result"], "confidence": "0.5"}, [])
-           for t in row["token"]]
-    tagged = spark.createDataFrame([(1, row["document"], row["sentence"], row["token"], ner)],
-                                   f"id int, document {ANNOTATIONS.simpleString()}, sentence "
-                                   f"{ANNOTATIONS.simpleString()}, token {ANNOTATIONS.simpleString()}, "
-                                   f"ner {ANNOTATIONS.simpleString()}")
+    want_tag = {
+        "Émile": "B-PER",
+        "Dupré": "I-PER",
+        "pneumonie": "B-PROBLEM",
+        "aiguë": "I-PROBLEM",
+        "café-au-lait": "B-PROBLEM",
+        "réévaluer": "B-PLAN",
+    }
+    ner = [
+        (
+            "named_entity",
+            t["begin"],
+            t["end"],
+            want_tag.get(t["result"], "O"),
+            {"sentence": t["metadata"]["sentence"], "word": t["result"], "confidence": "0.5"},
+            [],
+        )
+        for t in row["token"]
+    ]
+    tagged = spark.createDataFrame(
+        [(1, row["document"], row["sentence"], row["token"], ner)],
+        f"id int, document {ANNOTATIONS.simpleString()}, sentence "
+        f"{ANNOTATIONS.simpleString()}, token {ANNOTATIONS.simpleString()}, "
+        f"ner {ANNOTATIONS.simpleString()}",
+    )
     for col, kind in (("document", "document"), ("sentence", "document"), ("token", "token"), ("ner", NAMED_ENTITY)):
         tagged = tagged.withColumn(col, F.col(col).alias(col, metadata=column_metadata(kind)))
     for doc_col in ("document", "sentence"):
@@ -231,14 +254,21 @@ def test_ner_converter_offsets_on_accents_and_crlf(spark):
         chunks = conv.transform(tagged).collect()[0]["chunk"]
         assert [c["result"] for c in chunks] == ["Émile Dupré", "pneumonie aiguë", "café-au-lait", "réévaluer"]
         for c in chunks:
-            assert text[c["begin"]:c["end"] + 1] == c["result"] and "\r" not in c["result"]
+            assert text[c["begin"] : c["end"] + 1] == c["result"] and "\r" not in c["result"]
         assert [c["metadata"]["entity"] for c in chunks] == ["PER", "PROBLEM", "PROBLEM", "PLAN"]
         assert [c["metadata"]["chunk"] for c in chunks] == ["0", "1", "2", "3"]
         assert all(c["metadata"]["confidence"] == "0.5" for c in chunks)
-        assert [c["metadata"]["sentence"] for c in chunks] == (["0"] * 4 if doc_col == "document" else
-                                                              ["0", "1", "1", "2"])
-    only = NerConverter().setInputCols("document", "token", "ner").setWhiteList(["PROBLEM"]) \
-        .setOutputCol("chunk").transform(tagged).collect()[0]["chunk"]
+        assert [c["metadata"]["sentence"] for c in chunks] == (
+            ["0"] * 4 if doc_col == "document" else ["0", "1", "1", "2"]
+        )
+    only = (
+        NerConverter()
+        .setInputCols("document", "token", "ner")
+        .setWhiteList(["PROBLEM"])
+        .setOutputCol("chunk")
+        .transform(tagged)
+        .collect()[0]["chunk"]
+    )
     assert [(c["result"], c["metadata"]["chunk"]) for c in only] == [("pneumonie aiguë", "0"), ("café-au-lait", "1")]
 
 
@@ -251,8 +281,10 @@ def test_save_and_load_round_trip(annotated, tmp_path):
     model.write().overwrite().save(str(tmp_path / "pipeline"))
     loaded = PipelineModel.load(str(tmp_path / "pipeline"))
     assert [type(s).__name__ for s in loaded.stages] == [type(s).__name__ for s in model.stages]
-    again = {r["id"]: r.asDict(recursive=True) for r in loaded.transform(df).select("id", "multi", "coalesced", "ner",
-                                                                                   "chunk").collect()}
+    again = {
+        r["id"]: r.asDict(recursive=True)
+        for r in loaded.transform(df).select("id", "multi", "coalesced", "ner", "chunk").collect()
+    }
     for i in rows:
         for col in ("multi", "coalesced", "ner", "chunk"):
             assert again[i][col] == rows[i][col], (i, col)
@@ -322,14 +354,26 @@ def test_a_bad_note_is_isolated(models, spark, monkeypatch):
     env["CLINLONG_FAULT_RAISE"] = "text:zebra"  # the Python workers of functions wrapped from now on
     try:
         df = spark.createDataFrame(list(enumerate(texts)), "id int, text string").coalesce(1)
-        rows = {r["id"]: r for r in Pipeline(stages=[
-            DocumentAssembler().setInputCol("text").setOutputCol("document"),
-            Tokenizer().setInputCols("document").setOutputCol("token"),
-            LongformerForSequenceClassification().setModelPath(str(models["sequence"][1]))
-            .setInputCols("document", "token").setOutputCol("class"),
-            LongformerForTokenClassification().setModelPath(str(models["token"][1]))
-            .setInputCols("document", "token").setOutputCol("ner"),
-        ]).fit(df).transform(df).collect()}
+        rows = {
+            r["id"]: r
+            for r in Pipeline(
+                stages=[
+                    DocumentAssembler().setInputCol("text").setOutputCol("document"),
+                    Tokenizer().setInputCols("document").setOutputCol("token"),
+                    LongformerForSequenceClassification()
+                    .setModelPath(str(models["sequence"][1]))
+                    .setInputCols("document", "token")
+                    .setOutputCol("class"),
+                    LongformerForTokenClassification()
+                    .setModelPath(str(models["token"][1]))
+                    .setInputCols("document", "token")
+                    .setOutputCol("ner"),
+                ]
+            )
+            .fit(df)
+            .transform(df)
+            .collect()
+        }
     finally:
         env.pop("CLINLONG_FAULT_RAISE", None)
     (bad,) = rows[1]["class"]

@@ -4,6 +4,7 @@ problem_type in config.json, a random head); their export (head.safetensors, the
 model_id, logits parity in parity.json); core.heads' logits against Hugging Face's own classes at fp32, packed
 with mixed lengths up to the tiny model's max length, with 0, 1 and many global tokens, on both backends;
 multi-label sigmoid; refusals in one line."""
+
 from __future__ import annotations
 
 import json
@@ -33,6 +34,7 @@ _CHECKPOINTS: dict = {}
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """(family, head, multi_label) -> a tiny synthetic checkpoint, written once per module."""
+
     def get(family: str, head: str, multi: bool = False):
         key = (family, head, multi)
         if key not in _CHECKPOINTS:
@@ -98,8 +100,10 @@ def _sequences(ckpt, lengths) -> list[np.ndarray]:
     framed = AutoTokenizer.from_pretrained(str(ckpt))("x")["input_ids"]
     bos, eos = framed[0], framed[-1]
     rng = np.random.default_rng(24)
-    return [np.asarray([bos] if n == 1 else [bos, *rng.integers(10, cfg["vocab_size"] - 1, n - 2), eos], np.int64)
-            for n in lengths]
+    return [
+        np.asarray([bos] if n == 1 else [bos, *rng.integers(10, cfg["vocab_size"] - 1, n - 2), eos], np.int64)
+        for n in lengths
+    ]
 
 
 def _globals(n: int, mode: str) -> np.ndarray | None:
@@ -111,16 +115,24 @@ def _globals(n: int, mode: str) -> np.ndarray | None:
         return np.zeros(0, np.int64)
     if mode == "cls":
         return np.zeros(1, np.int64)
-    return np.asarray(sorted(p for p in {0, n // 2, n - 1, 127, 128, 129, 256, 257, *range(5, n, 97)} if p < n),
-                      np.int64)
+    return np.asarray(
+        sorted(p for p in {0, n // 2, n - 1, 127, 128, 129, 256, 257, *range(5, n, 97)} if p < n), np.int64
+    )
 
 
 # --- synthetic fine-tuned checkpoints ---------------------------------------------------------
 
-@pytest.mark.parametrize("family,head,multi", [
-    ("longformer", "sequence", False), ("longformer", "sequence", True), ("longformer", "token", False),
-    ("bigbird", "sequence", True), ("bigbird", "token", False),
-])
+
+@pytest.mark.parametrize(
+    "family,head,multi",
+    [
+        ("longformer", "sequence", False),
+        ("longformer", "sequence", True),
+        ("longformer", "token", False),
+        ("bigbird", "sequence", True),
+        ("bigbird", "token", False),
+    ],
+)
 def test_synthetic_head_checkpoint_loads_in_hugging_faces_own_class(family, head, multi, checkpoint):
     labels = TOKEN_LABELS if head == "token" else SEQUENCE_LABELS
     out = checkpoint(family, head, multi)
@@ -140,11 +152,14 @@ def test_synthetic_head_checkpoint_loads_in_hugging_faces_own_class(family, head
     assert logits.abs().max() > 0.1  # a head whose logits are of order one, as fine-tuned ones are
 
 
-@pytest.mark.parametrize("argv,needle", [
-    (["--labels", "A,B"], "--labels and --multi-label need --head"),
-    (["--head", "token", "--labels", "A"], "at least two distinct labels"),
-    (["--head", "token", "--labels", "O,B", "--multi-label"], "--multi-label is for sequence heads"),
-])
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["--labels", "A,B"], "--labels and --multi-label need --head"),
+        (["--head", "token", "--labels", "A"], "at least two distinct labels"),
+        (["--head", "token", "--labels", "O,B", "--multi-label"], "--multi-label is for sequence heads"),
+    ],
+)
 def test_synthetic_head_refusals_are_one_line(argv, needle, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([str(tmp_path / "ck"), *argv])
@@ -155,16 +170,22 @@ def test_synthetic_head_refusals_are_one_line(argv, needle, tmp_path, capsys):
 
 # --- the export -------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("kind", ["sequence", "token"])
 def test_export_writes_the_head_and_its_labels(kind, exported, checkpoint):
     art = exported(kind)
     manifest = art.manifest
     labels = SEQUENCE_LABELS if kind == "sequence" else TOKEN_LABELS
     head = art.head
-    assert head == Head(kind=kind, labels=labels, problem_type="single_label_classification", activation="softmax",
-                        global_attention="cls" if kind == "sequence" else "none",
-                        architecture=f"LongformerFor{kind.capitalize()}Classification",
-                        dense_act="tanh" if kind == "sequence" else None)
+    assert head == Head(
+        kind=kind,
+        labels=labels,
+        problem_type="single_label_classification",
+        activation="softmax",
+        global_attention="cls" if kind == "sequence" else "none",
+        architecture=f"LongformerFor{kind.capitalize()}Classification",
+        dense_act="tanh" if kind == "sequence" else None,
+    )
     assert manifest["head"]["labels"] == list(labels)  # id2label, in id order
     assert "head.safetensors" in manifest["files"]
     # Longformer's sequence head runs with global attention on <s>: the global graph comes with it.
@@ -183,8 +204,11 @@ def test_export_writes_the_head_and_its_labels(kind, exported, checkpoint):
 
 # Longformer: (kind, backend, global tokens). The token artifact has no global graph: onnxruntime runs it
 # without global tokens (the torch backend takes any).
-LONGFORMER_CASES = [(k, "torch", m) for k in ("sequence", "token") for m in ("default", "none", "cls", "many")] + \
-    [("sequence", "onnxruntime", m) for m in ("default", "none", "many")] + [("token", "onnxruntime", "default")]
+LONGFORMER_CASES = (
+    [(k, "torch", m) for k in ("sequence", "token") for m in ("default", "none", "cls", "many")]
+    + [("sequence", "onnxruntime", m) for m in ("default", "none", "many")]
+    + [("token", "onnxruntime", "default")]
+)
 
 
 @pytest.mark.parametrize("kind,backend,mode", LONGFORMER_CASES)
@@ -196,8 +220,14 @@ def test_longformer_head_logits_equal_hugging_faces_class(kind, backend, mode, e
     art, ckpt = exported(kind), checkpoint("longformer", kind)
     seqs = _sequences(ckpt, LENGTHS)
     globs = [_globals(len(s), mode) for s in seqs]
-    encoder = Encoder(art, token_budget=4096, batch_size=64, precision="fp32", backend=backend,
-                      global_attention=art.head.global_attention)
+    encoder = Encoder(
+        art,
+        token_budget=4096,
+        batch_size=64,
+        precision="fp32",
+        backend=backend,
+        global_attention=art.head.global_attention,
+    )
     outputs = HeadModel.load(art)(encoder(seqs, None if mode == "default" else globs))
     worst = 0.0
     for ids, glob, out in zip(seqs, globs, outputs):
@@ -238,7 +268,7 @@ def test_bigbird_head_logits_equal_hugging_faces_class(kind, checkpoint):
     ids, pos, spans = packed_rows(seqs, [list(range(len(seqs)))], ckpt.tokenizer.pad_token_id, pad)
     with torch.no_grad():
         hidden = build_encoder(ckpt)(torch.from_numpy(ids), torch.from_numpy(pos)).numpy()[0]
-    outputs = head([hidden[first:first + n] for first, n in spans[0]])
+    outputs = head([hidden[first : first + n] for first, n in spans[0]])
     worst = 0.0
     for seq, out in zip(seqs, outputs):
         ref = _hf_logits(ckpt_dir, seq, None)
@@ -280,15 +310,21 @@ def test_head_model_shapes():
     outs = token(hidden)
     assert [o.logits.shape for o in outs] == [(5, 3), (1, 3), (9, 3)]
     np.testing.assert_allclose(outs[2].logits, token([hidden[2]])[0].logits, rtol=1e-6)
-    seq_w = {"dense.weight": rng.normal(size=(8, 8)), "dense.bias": rng.normal(size=8),
-             "out_proj.weight": rng.normal(size=(2, 8)), "out_proj.bias": rng.normal(size=2)}
+    seq_w = {
+        "dense.weight": rng.normal(size=(8, 8)),
+        "dense.bias": rng.normal(size=8),
+        "out_proj.weight": rng.normal(size=(2, 8)),
+        "out_proj.bias": rng.normal(size=2),
+    }
     seq = HeadModel(Head("sequence", ("A", "B"), "single_label_classification", "softmax", dense_act="tanh"), seq_w)
     outs = seq(hidden)
     assert [o.logits.shape for o in outs] == [(2,)] * 3
     np.testing.assert_allclose(outs[0].logits, seq.logits(hidden[0][:1])[0], rtol=1e-6)
     with pytest.raises(ValueError, match="names 3 labels"):
-        HeadModel(Head("token", ("O", "B", "I"), "single_label_classification", "softmax"),
-                  {"weight": w["weight"][:2], "bias": w["bias"][:2]})
+        HeadModel(
+            Head("token", ("O", "B", "I"), "single_label_classification", "softmax"),
+            {"weight": w["weight"][:2], "bias": w["bias"][:2]},
+        )
 
 
 def test_model_id_counts_the_heads_weights_and_labels(exported):
@@ -323,14 +359,21 @@ def _edit_config(src, dst, **changes):
     return dst
 
 
-@pytest.mark.parametrize("kind,changes,needle", [
-    ("sequence", {"problem_type": "regression"}, "is a regression head"),
-    ("sequence", {"id2label": {"0": "SCORE"}, "label2id": {"SCORE": 0}, "problem_type": None}, "is a regression head"),
-    ("sequence", {"id2label": None, "label2id": None}, "has no id2label"),
-    ("sequence", {"id2label": {"0": "A", "1": "B"}}, "has shape (3, 64), expected (2, 64)"),
-    ("sequence", {"id2label": {"0": "A", "1": "A", "2": "C"}}, "names ['A'] more than once"),
-    ("token", {"problem_type": "multi_label_classification"}, "a token-classification head is single-label"),
-])
+@pytest.mark.parametrize(
+    "kind,changes,needle",
+    [
+        ("sequence", {"problem_type": "regression"}, "is a regression head"),
+        (
+            "sequence",
+            {"id2label": {"0": "SCORE"}, "label2id": {"SCORE": 0}, "problem_type": None},
+            "is a regression head",
+        ),
+        ("sequence", {"id2label": None, "label2id": None}, "has no id2label"),
+        ("sequence", {"id2label": {"0": "A", "1": "B"}}, "has shape (3, 64), expected (2, 64)"),
+        ("sequence", {"id2label": {"0": "A", "1": "A", "2": "C"}}, "names ['A'] more than once"),
+        ("token", {"problem_type": "multi_label_classification"}, "a token-classification head is single-label"),
+    ],
+)
 def test_bad_heads_are_refused_in_one_line(kind, changes, needle, checkpoint, tmp_path, capsys):
     from clinlong.export.__main__ import main as export_main
 
@@ -355,8 +398,9 @@ def test_other_fine_tuned_heads_are_named_and_left_behind(checkpoint, tmp_path):
     """A question-answering checkpoint's head is not exported (the export warns and embeds with its encoder)."""
     from clinlong.export.checkpoint import read_checkpoint
 
-    ckpt = _edit_config(checkpoint("longformer", "token"), tmp_path / "ck",
-                        architectures=["LongformerForQuestionAnswering"])
+    ckpt = _edit_config(
+        checkpoint("longformer", "token"), tmp_path / "ck", architectures=["LongformerForQuestionAnswering"]
+    )
     read = read_checkpoint(str(ckpt))
     assert read.head is None and read.other_head == "LongformerForQuestionAnswering"
 

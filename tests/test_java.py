@@ -1,4 +1,5 @@
 """Finding Java for Spark (spark/java.py): JAVA_HOME, PATH, /usr/lib/jvm, and the one-line refusal."""
+
 from __future__ import annotations
 
 import os
@@ -56,10 +57,12 @@ def test_job_without_java_prints_one_line(tiny_artifact, tmp_path):
     notes.write_text("ROW_ID,TEXT\n1,Chest pain.\n")
     env = {k: v for k, v in os.environ.items() if k not in ("JAVA_HOME", "PYSPARK_GATEWAY_PORT")}
     env.update(PATH=str(Path(sys.executable).parent), PYTHONPATH=str(ROOT))
-    script = ("import clinlong.pipelines.spark.java as j; j.JVM_ROOTS = (); "
-              "from clinlong.pipelines.jobs.embed_notes import main; import sys; "
-              f"sys.exit(main(['--notes', {str(notes)!r}, '--model', {str(tiny_artifact)!r}, "
-              f"'--out', {str(tmp_path / 'out')!r}]))")
+    script = (
+        "import clinlong.pipelines.spark.java as j; j.JVM_ROOTS = (); "
+        "from clinlong.pipelines.jobs.embed_notes import main; import sys; "
+        f"sys.exit(main(['--notes', {str(notes)!r}, '--model', {str(tiny_artifact)!r}, "
+        f"'--out', {str(tmp_path / 'out')!r}]))"
+    )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 2, done.stderr[-2000:]
     lines = done.stderr.strip().splitlines()

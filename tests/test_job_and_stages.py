@@ -1,4 +1,5 @@
 """The embed_notes job's input handling and the Spark ML stages (schema, metadata, persistence)."""
+
 from __future__ import annotations
 
 import json
@@ -56,12 +57,15 @@ def test_delta_and_parquet_inputs(notes_csv, tiny_artifact, spark, tmp_path):
         assert s["rows_in"] == 3 and s["embedded"] == 3
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["--id-col", "NOPE"], "no column 'NOPE'"),
-    (["--text-col", "NOPE"], "no column 'NOPE'"),
-    (["--text-col", "ROW_ID", "--input-format", "parquet"], "not string"),
-    (["--max-length", "5000"], "max length"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--id-col", "NOPE"], "no column 'NOPE'"),
+        (["--text-col", "NOPE"], "no column 'NOPE'"),
+        (["--text-col", "ROW_ID", "--input-format", "parquet"], "not string"),
+        (["--max-length", "5000"], "max length"),
+    ],
+)
 def test_bad_job_input_fails_before_work(args, needle, notes_csv, tiny_artifact, tmp_path, capsys, spark):
     import pandas as pd
 
@@ -77,8 +81,9 @@ def test_bad_job_input_fails_before_work(args, needle, notes_csv, tiny_artifact,
 
 
 def test_missing_input_and_non_delta_output(tiny_artifact, tmp_path, capsys, spark):
-    assert main(["--notes", str(tmp_path / "nope.csv"), "--model", str(tiny_artifact),
-                 "--out", str(tmp_path / "o")]) == 2
+    assert (
+        main(["--notes", str(tmp_path / "nope.csv"), "--model", str(tiny_artifact), "--out", str(tmp_path / "o")]) == 2
+    )
     assert "does not exist" in capsys.readouterr().err
     (tmp_path / "plain").mkdir()
     (tmp_path / "plain" / "x.txt").write_text("x")
@@ -104,25 +109,40 @@ def test_stages_pipeline_schema_metadata_persistence(tiny_artifact, spark, tmp_p
 
     text = "HISTORY OF PRESENT ILLNESS:\nPt. is stable. He takes ASA q.d.\n1. Aspirin 81 mg"
     df = spark.createDataFrame([(1, text), (2, None), (3, "  ")], "id long, text string")
-    pipe = Pipeline(stages=[
-        DocumentAssembler().setInputCol("text").setOutputCol("document"),
-        SentenceDetector().setInputCols(["document"]).setOutputCol("sentence"),
-        Tokenizer().setInputCols(["sentence"]).setOutputCol("token"),
-        LongformerEmbeddings().setModelPath(str(tiny_artifact)).setInputCols(["document", "token"])
-        .setOutputCol("embeddings").setCaseSensitive(True).setMaxSentenceLength(4096).setBatchSize(4)
-        .setPrecision("fp32"),
-        SentenceEmbeddings().setInputCols(["sentence", "embeddings"]).setOutputCol("sentence_embeddings"),
-        EmbeddingsFinisher().setInputCols(["embeddings"]).setOutputCols(["vectors"]),
-    ])
+    pipe = Pipeline(
+        stages=[
+            DocumentAssembler().setInputCol("text").setOutputCol("document"),
+            SentenceDetector().setInputCols(["document"]).setOutputCol("sentence"),
+            Tokenizer().setInputCols(["sentence"]).setOutputCol("token"),
+            LongformerEmbeddings()
+            .setModelPath(str(tiny_artifact))
+            .setInputCols(["document", "token"])
+            .setOutputCol("embeddings")
+            .setCaseSensitive(True)
+            .setMaxSentenceLength(4096)
+            .setBatchSize(4)
+            .setPrecision("fp32"),
+            SentenceEmbeddings().setInputCols(["sentence", "embeddings"]).setOutputCol("sentence_embeddings"),
+            EmbeddingsFinisher().setInputCols(["embeddings"]).setOutputCols(["vectors"]),
+        ]
+    )
     model = pipe.fit(df)
     out = model.transform(df)
-    for col, kind in [("document", "document"), ("sentence", "document"), ("token", "token"),
-                      ("embeddings", "word_embeddings"), ("sentence_embeddings", "sentence_embeddings")]:
+    for col, kind in [
+        ("document", "document"),
+        ("sentence", "document"),
+        ("token", "token"),
+        ("embeddings", "word_embeddings"),
+        ("sentence_embeddings", "sentence_embeddings"),
+    ]:
         assert out.schema[col].dataType == Annotation.arrayType(), col
         assert out.schema[col].metadata["annotatorType"] == kind
     art = Artifact.open(tiny_artifact)
-    assert out.schema["embeddings"].metadata == {"annotatorType": "word_embeddings", "dimension": 64,
-                                                 "ref": art.model_id}
+    assert out.schema["embeddings"].metadata == {
+        "annotatorType": "word_embeddings",
+        "dimension": 64,
+        "ref": art.model_id,
+    }
     rows = {r["id"]: r for r in out.collect()}
     assert rows[2]["embeddings"] == [] and rows[3]["token"] == []
     # Token vectors equal the engine's (note context, first piece) for the same note.
@@ -242,11 +262,18 @@ def test_spark_side_writer_splits_rows_and_errors(notes_csv, tiny_artifact, spar
     art = Artifact.open(tiny_artifact)
     notes = select_notes(read_notes(spark, str(notes_csv)), "ROW_ID", "TEXT", "long", keep=("CATEGORY",))
     id_type = to_arrow_type(notes.schema["note_id"].dataType)
-    spec = OutputSpec("note", table_schema("note", id_type, partition_by="CATEGORY"), art.model_id, art.dimension,
-                      partition_by="CATEGORY")
+    spec = OutputSpec(
+        "note",
+        table_schema("note", id_type, partition_by="CATEGORY"),
+        art.model_id,
+        art.dimension,
+        partition_by="CATEGORY",
+    )
     errs = error_schema(id_type)
-    rows = notes.mapInArrow(embed_rows_and_errors(str(art.path), EmbedOptions(), spec, errs, "r1"),
-                            from_arrow_schema(combined_schema(spec.schema, errs)))
+    rows = notes.mapInArrow(
+        embed_rows_and_errors(str(art.path), EmbedOptions(), spec, errs, "r1"),
+        from_arrow_schema(combined_schema(spec.schema, errs)),
+    )
     out, errors = split_rows(rows, spec.schema, errs)
     out.write.partitionBy("CATEGORY").parquet(str(tmp_path / "out"))
     errors.write.parquet(str(tmp_path / "errors"))
@@ -257,14 +284,33 @@ def test_spark_side_writer_splits_rows_and_errors(notes_csv, tiny_artifact, spar
 
 
 def test_delta_spark_writer_without_jars_is_a_clear_error(notes_csv, tiny_artifact, tmp_path, capsys, spark):
-    rc = main(["--notes", str(notes_csv), "--model", str(tiny_artifact), "--out", str(tmp_path / "o"),
-               "--writer", "delta-spark"])
+    rc = main(
+        [
+            "--notes",
+            str(notes_csv),
+            "--model",
+            str(tiny_artifact),
+            "--out",
+            str(tmp_path / "o"),
+            "--writer",
+            "delta-spark",
+        ]
+    )
     assert rc == 2 and "delta-spark's JARs" in capsys.readouterr().err
 
 
 def test_progress_logs_rates_and_eta_without_text(notes_csv, tiny_artifact, spark, tmp_path, capsys):
-    run(JobConfig(notes=str(notes_csv), model=str(tiny_artifact), out=str(tmp_path / "p"), id_type="long",
-                  partitions=4, progress_every=0.2), spark)
+    run(
+        JobConfig(
+            notes=str(notes_csv),
+            model=str(tiny_artifact),
+            out=str(tmp_path / "p"),
+            id_type="long",
+            partitions=4,
+            progress_every=0.2,
+        ),
+        spark,
+    )
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if "[progress] tasks " in line]
     assert lines and "/s)" in lines[0] and "progress: " not in err  # one "[progress]" prefix, not two
@@ -282,7 +328,6 @@ def test_tasks_learn_their_executors_cores(spark):
     assert share_executor_cores(sc) == 2
     seen = sc.parallelize(range(4), 4).map(lambda _: TaskContext.get().getLocalProperty(SHARED_CORES)).collect()
     assert seen == [f"{sc.applicationId}:2"] * 4
-
 
 
 def test_the_run_is_one_frozen_record(spark, tmp_path):

@@ -1,5 +1,6 @@
 """The layers of the tree: core (no Spark) < spark < delta < jobs, export above the core only; no module
 imports upward or in a cycle; `import clinlong.pipelines` and the core import no Spark."""
+
 from __future__ import annotations
 
 import ast
@@ -14,8 +15,11 @@ RANK = {"core": 0, "spark": 1, "delta": 2, "jobs": 3}
 
 def _modules() -> dict[str, Path]:
     mods = {}
-    for folder, pkg in (("pipelines", "clinlong.pipelines"), ("export", "clinlong.export"),
-                        ("benchmarks", "clinlong.benchmarks")):
+    for folder, pkg in (
+        ("pipelines", "clinlong.pipelines"),
+        ("export", "clinlong.export"),
+        ("benchmarks", "clinlong.benchmarks"),
+    ):
         for f in (ROOT / folder).rglob("*.py"):
             rel = f.relative_to(ROOT / folder).with_suffix("")
             parts = [p for p in rel.parts if p != "__init__"]
@@ -52,8 +56,11 @@ def test_no_module_imports_upward():
                 continue  # a name imported from a module
             if mod.startswith("clinlong.pipelines") and target.startswith(("clinlong.export", "clinlong.benchmarks")):
                 upward.append((mod, target))  # the pipeline never imports conversion code
-            elif mod.startswith("clinlong.export") and target.startswith("clinlong.pipelines") \
-                    and not target.startswith("clinlong.pipelines.core"):
+            elif (
+                mod.startswith("clinlong.export")
+                and target.startswith("clinlong.pipelines")
+                and not target.startswith("clinlong.pipelines.core")
+            ):
                 upward.append((mod, target))  # export uses the core only (the one model definition)
             elif _layer(target)[0] == "pipelines" and mod.startswith("clinlong.pipelines") and _layer(target)[1] > rank:
                 upward.append((mod, target))
@@ -68,7 +75,7 @@ def test_no_import_cycles():
 
     def visit(m):
         if m in stack:
-            cycles.append(stack[stack.index(m):] + [m])
+            cycles.append(stack[stack.index(m) :] + [m])
             return
         if m in seen:
             return
@@ -84,11 +91,13 @@ def test_no_import_cycles():
 
 
 def test_the_core_and_the_package_import_no_spark():
-    code = ("import sys; import clinlong.pipelines, clinlong.pipelines.core.engine, clinlong.pipelines.core.runtime, "
-            "clinlong.pipelines.core.schema, clinlong.pipelines.core.storage, clinlong.pipelines.core.config; "
-            "from clinlong.pipelines import load; "
-            "assert not [m for m in sys.modules if m.startswith(('pyspark', 'torch', 'transformers'))], "
-            "sorted(m for m in sys.modules if m.startswith(('pyspark', 'torch', 'transformers')))[:5]")
+    code = (
+        "import sys; import clinlong.pipelines, clinlong.pipelines.core.engine, clinlong.pipelines.core.runtime, "
+        "clinlong.pipelines.core.schema, clinlong.pipelines.core.storage, clinlong.pipelines.core.config; "
+        "from clinlong.pipelines import load; "
+        "assert not [m for m in sys.modules if m.startswith(('pyspark', 'torch', 'transformers'))], "
+        "sorted(m for m in sys.modules if m.startswith(('pyspark', 'torch', 'transformers')))[:5]"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
     assert proc.returncode == 0, proc.stderr[-2000:]
 
@@ -97,8 +106,11 @@ def test_one_place_builds_a_delta_table():
     """Every delta-rs table is opened by `core.storage.open_table` (`delta.sink.open_table`): one URI rule
     (s3a:// as s3://) and one set of storage options for the job, its readers, maintain and neighbours."""
     mods = _modules()
-    builders = sorted(str(p.relative_to(ROOT)) for m, p in mods.items()
-                      if m.startswith("clinlong.pipelines") and "DeltaTable(" in p.read_text())
+    builders = sorted(
+        str(p.relative_to(ROOT))
+        for m, p in mods.items()
+        if m.startswith("clinlong.pipelines") and "DeltaTable(" in p.read_text()
+    )
     assert builders == ["pipelines/core/storage.py"], builders
 
 
@@ -118,8 +130,11 @@ def test_batch_and_vector_logic_live_in_the_core():
             if not isinstance(node, ast.Call):
                 continue
             f = node.func
-            if isinstance(f, ast.Attribute) and f.attr in MODEL_STEP and not (
-                    isinstance(f.value, ast.Name) and f.value.id == "self"):
+            if (
+                isinstance(f, ast.Attribute)
+                and f.attr in MODEL_STEP
+                and not (isinstance(f.value, ast.Name) and f.value.id == "self")
+            ):
                 found.append(f"{mod}:{node.lineno} .{f.attr}()")
             while isinstance(f, ast.Attribute):
                 f = f.value
@@ -141,19 +156,40 @@ def test_user_errors_live_in_one_module_with_their_exit_codes():
     from clinlong.pipelines.spark.java import JavaNotFound
     from clinlong.pipelines.spark.sources import InputError
 
-    same = [ArtifactError is errors.ArtifactError, StorageError is errors.StorageError,
-            CommitConflict is errors.CommitConflict, NeighboursError is errors.NeighboursError,
-            JarError is errors.JarError, JavaNotFound is errors.JavaNotFound, InputError is errors.InputError,
-            ModelStepFailed is errors.ModelStepFailed]
+    same = [
+        ArtifactError is errors.ArtifactError,
+        StorageError is errors.StorageError,
+        CommitConflict is errors.CommitConflict,
+        NeighboursError is errors.NeighboursError,
+        JarError is errors.JarError,
+        JavaNotFound is errors.JavaNotFound,
+        InputError is errors.InputError,
+        ModelStepFailed is errors.ModelStepFailed,
+    ]
     assert all(same), same
-    codes = {e.__name__: e.exit_code for e in (InputError, errors.OutputError, StorageError, ArtifactError, JarError,
-                                               JavaNotFound, NeighboursError, CommitConflict, ModelStepFailed)}
+    codes = {
+        e.__name__: e.exit_code
+        for e in (
+            InputError,
+            errors.OutputError,
+            StorageError,
+            ArtifactError,
+            JarError,
+            JavaNotFound,
+            NeighboursError,
+            CommitConflict,
+            ModelStepFailed,
+        )
+    }
     assert codes == {**{k: 2 for k in codes}, "CommitConflict": 3, "ModelStepFailed": 4}
     assert issubclass(errors.OutputError, InputError)  # callers that catch input errors still catch it
     defined = []
     for mod, path in _modules().items():
         if mod.startswith("clinlong.pipelines") and not mod.endswith((".errors", ".faults")):
-            defined += [f"{mod}.{n.name}" for n in ast.walk(ast.parse(path.read_text()))
-                        if isinstance(n, ast.ClassDef) and any(getattr(b, "id", "").endswith(("Error", "Exception"))
-                                                               for b in n.bases)]
+            defined += [
+                f"{mod}.{n.name}"
+                for n in ast.walk(ast.parse(path.read_text()))
+                if isinstance(n, ast.ClassDef)
+                and any(getattr(b, "id", "").endswith(("Error", "Exception")) for b in n.bases)
+            ]
     assert not defined, defined

@@ -1,4 +1,5 @@
 """The notebooks run end to end on the tiny synthetic model with local Spark, in order, as a user would."""
+
 from __future__ import annotations
 
 import os
@@ -12,13 +13,23 @@ from tests.conftest import ROOT
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 # Warnings that reached users of the demo and notebooks and say nothing about their data: torch's ONNX
 # exporter on torchvision, transformers on long inputs it never runs, setuptools, tqdm without ipywidgets.
-NOISE = ("torchvision is not installed", "indexing errors", "SetuptoolsDeprecationWarning", "BuildBackendWarning",
-         "TqdmWarning", "IProgress not found")
+NOISE = (
+    "torchvision is not installed",
+    "indexing errors",
+    "SetuptoolsDeprecationWarning",
+    "BuildBackendWarning",
+    "TqdmWarning",
+    "IProgress not found",
+)
 
 
 def test_notebooks_are_committed_without_outputs():
-    assert [p.name for p in NOTEBOOKS] == ["01_export.ipynb", "02_embed_notes.ipynb", "03_explore.ipynb",
-                                           "04_one_liner.ipynb"]
+    assert [p.name for p in NOTEBOOKS] == [
+        "01_export.ipynb",
+        "02_embed_notes.ipynb",
+        "03_explore.ipynb",
+        "04_one_liner.ipynb",
+    ]
     for path in NOTEBOOKS:
         nb = nbformat.read(path, as_version=4)
         nbformat.validate(nb)
@@ -35,12 +46,14 @@ def test_notebooks_execute_in_order(tmp_path, monkeypatch):
     monkeypatch.setenv("MPLBACKEND", "Agg")
     for path in NOTEBOOKS:
         nb = nbformat.read(path, as_version=4)
-        NotebookClient(nb, timeout=600, kernel_name="python3",
-                       resources={"metadata": {"path": str(tmp_path)}}).execute()
+        NotebookClient(
+            nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+        ).execute()
         errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
         assert not errors, (path.name, errors)
-        streams = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs
-                          if o.output_type == "stream")
+        streams = "".join(
+            o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "stream"
+        )
         assert not [n for n in NOISE if n in streams], (path.name, [n for n in NOISE if n in streams])
     work = tmp_path / "work"
     assert (work / "artifact" / "manifest.json").exists()

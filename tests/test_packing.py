@@ -1,4 +1,5 @@
 """Packing (#11): sequences share rows end to end, and each vector equals that of its sequence run alone."""
+
 from __future__ import annotations
 
 import os
@@ -74,8 +75,10 @@ def test_a_notes_vectors_do_not_depend_on_its_row_mates(artifact):
     """Segment isolation: the same sequence packed with different neighbours gives the same vectors."""
     target = _sequences([700], seed=1)[0]
     enc = Encoder(artifact, token_budget=4096, batch_size=64, precision="fp32", backend="onnxruntime")
-    outs = [enc([target, *_sequences(mates, seed=seed)])[0]
-            for seed, mates in enumerate([(1,), (5, 300, 2000), (100,) * 30], start=2)]
+    outs = [
+        enc([target, *_sequences(mates, seed=seed)])[0]
+        for seed, mates in enumerate([(1,), (5, 300, 2000), (100,) * 30], start=2)
+    ]
     for other in outs[1:]:
         np.testing.assert_allclose(other, outs[0], atol=1e-5)
 
@@ -101,7 +104,7 @@ def test_flex_attention_equals_the_blocked_form(tiny_checkpoint):
     assert torch.isfinite(b).all()
     for r, row_spans in enumerate(spans):
         for s, n in row_spans:
-            torch.testing.assert_close(b[r, s:s + n], a[r, s:s + n], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(b[r, s : s + n], a[r, s : s + n], atol=1e-5, rtol=1e-5)
 
 
 def test_varlen_kernel_is_refused_on_cpus():
@@ -116,13 +119,16 @@ def test_varlen_kernel_is_refused_on_cpus():
         resolve_kernel("varlen", "cuda:0", precision="fp32")
 
 
-@pytest.mark.parametrize("vendor, flags, auto", [
-    ("AuthenticAMD", "avx512f avx512_bf16", "bf16"),  # Zen 4: bf16 products at ~4x fp32's rate
-    ("GenuineIntel", "avx512f avx512_bf16 amx_bf16 amx_tile", "bf16"),  # Sapphire Rapids with AMX
-    ("GenuineIntel", "avx512f avx512_bf16", "fp32"),  # AVX512-BF16 without AMX: no faster than fp32
-    ("GenuineIntel", "avx512f avx2", "fp32"),
-    ("AuthenticAMD", "avx2", "fp32"),
-])
+@pytest.mark.parametrize(
+    "vendor, flags, auto",
+    [
+        ("AuthenticAMD", "avx512f avx512_bf16", "bf16"),  # Zen 4: bf16 products at ~4x fp32's rate
+        ("GenuineIntel", "avx512f avx512_bf16 amx_bf16 amx_tile", "bf16"),  # Sapphire Rapids with AMX
+        ("GenuineIntel", "avx512f avx512_bf16", "fp32"),  # AVX512-BF16 without AMX: no faster than fp32
+        ("GenuineIntel", "avx512f avx2", "fp32"),
+        ("AuthenticAMD", "avx2", "fp32"),
+    ],
+)
 def test_auto_precision_is_bf16_where_the_cpu_computes_it_faster(monkeypatch, vendor, flags, auto):
     from clinlong.pipelines.core import devices, runtime
 

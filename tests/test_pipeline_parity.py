@@ -3,6 +3,7 @@
 The expected values are computed here from the checkpoint's own tokenizer and transformers' model
 (LongformerModel, BigBirdModel), with plain loops, independently of the pipeline's engine.
 """
+
 from __future__ import annotations
 
 import functools
@@ -54,7 +55,7 @@ def expected(checkpoint, text: str, context: str):
     if context == "note":
         runs = [_hf_pieces(checkpoint, text)]
     else:
-        runs = [_hf_pieces(checkpoint, text[b:e + 1], b) for b, e in sents]
+        runs = [_hf_pieces(checkpoint, text[b : e + 1], b) for b, e in sents]
     vecs = np.concatenate([r[0] for r in runs])
     starts = sum((r[1] for r in runs), [])
     ends = sum((r[2] for r in runs), [])
@@ -90,7 +91,7 @@ def rows_match_hugging_face(table: pd.DataFrame, notes_csv, checkpoint, granular
         else:
             got = rows.sort_values("token_index")
             assert list(zip(got.begin, got.end)) == [(b, e) for b, e, _ in toks]
-            assert list(got.token) == [text[b:e + 1] for b, e, _ in toks]
+            assert list(got.token) == [text[b : e + 1] for b, e, _ in toks]
             assert list(got.sentence_index) == [s for _, _, s in toks]
             np.testing.assert_allclose(np.stack(got.embedding), np.stack(tok_vecs), atol=ATOL)
         checked += 1
@@ -98,12 +99,28 @@ def rows_match_hugging_face(table: pd.DataFrame, notes_csv, checkpoint, granular
 
 
 def _spark_submit(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable,
-           "PYTHONPATH": str(ROOT)}
+    env = {
+        **os.environ,
+        "PYSPARK_PYTHON": sys.executable,
+        "PYSPARK_DRIVER_PYTHON": sys.executable,
+        "PYTHONPATH": str(ROOT),
+    }
     submit = os.path.join(os.path.dirname(sys.executable), "spark-submit")
-    return subprocess.run([submit, "--master", "local[2]", "--conf", "spark.ui.enabled=false",
-                           str(ROOT / "pipelines" / "embed_notes.py"), *args],
-                          capture_output=True, text=True, env=env, timeout=600)
+    return subprocess.run(
+        [
+            submit,
+            "--master",
+            "local[2]",
+            "--conf",
+            "spark.ui.enabled=false",
+            str(ROOT / "pipelines" / "embed_notes.py"),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -115,9 +132,24 @@ def notes_csv(tmp_path_factory):
 @pytest.mark.parametrize("granularity,context", [("note", "note"), ("sentence", "sentence"), ("token", "note")])
 def test_spark_submit_parity(granularity, context, notes_csv, tiny_artifact, tiny_checkpoint, tmp_path):
     out = tmp_path / "table"
-    proc = _spark_submit("--notes", str(notes_csv), "--model", str(tiny_artifact), "--out", str(out),
-                         "--granularity", granularity, "--context", context, "--id-type", "long",
-                         "--partitions", "2", "--precision", "fp32")  # the parity contract is fp32's
+    proc = _spark_submit(
+        "--notes",
+        str(notes_csv),
+        "--model",
+        str(tiny_artifact),
+        "--out",
+        str(out),
+        "--granularity",
+        granularity,
+        "--context",
+        context,
+        "--id-type",
+        "long",
+        "--partitions",
+        "2",
+        "--precision",
+        "fp32",
+    )  # the parity contract is fp32's
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert PHI_MARKER not in proc.stdout + proc.stderr
     assert "rows in 11, embedded 9, errors 2" in proc.stdout and "errors in " in proc.stdout

@@ -1,5 +1,6 @@
 """The README's definitions, each checked against a reference computed from the README's words alone
 (Embedding note tables → Definitions): windows, which window a piece takes its vector from, offsets."""
+
 from __future__ import annotations
 
 import math
@@ -58,16 +59,20 @@ def test_long_note_piece_and_token_vectors_follow_the_readme(tiny_artifact, tiny
     res = NoteEmbedder(art, EmbedOptions(precision="fp32")).embed([text])[0]
     starts, length = readme_windows(n, 4096, 512)
     bos, eos = art.sequence_frame
-    runs = [hf_reference(tiny_checkpoint, [bos, *enc.ids[s:s + length], eos]) for s in starts]
-    want = np.stack([runs[readme_window_of(p, starts, length)][p - starts[readme_window_of(p, starts, length)] + 1]
-                     for p in range(n)])
+    runs = [hf_reference(tiny_checkpoint, [bos, *enc.ids[s : s + length], eos]) for s in starts]
+    want = np.stack(
+        [
+            runs[readme_window_of(p, starts, length)][p - starts[readme_window_of(p, starts, length)] + 1]
+            for p in range(n)
+        ]
+    )
     np.testing.assert_allclose(res.piece_vectors, want, atol=1e-4)
     # Token vector: the first piece containing the token's first character (the tokenizer's own offsets).
     offsets = enc.offsets
     for (b, e, _), v in zip(res.tokens, res.token_vectors()):
         first = next(i for i, (a, z) in enumerate(offsets) if a <= b < z)
         np.testing.assert_allclose(v, want[first], atol=1e-4)
-        assert text[b:e + 1].strip() == text[b:e + 1]
+        assert text[b : e + 1].strip() == text[b : e + 1]
     # Sentence vector: mean of the pieces whose first character is inside the sentence.
     for (b, e), v in zip(res.sentences, res.sentence_vectors()):
         inside = [i for i, (a, _) in enumerate(offsets) if b <= a <= e]
@@ -78,10 +83,22 @@ def test_long_note_piece_and_token_vectors_follow_the_readme(tiny_artifact, tiny
 def test_error_reasons_are_the_readmes(tiny_artifact):
     from clinlong.pipelines import load
 
-    table = README[README.index("**Bad input** has one defined outcome"):]
-    for reason in ("null text", "empty text", "whitespace-only text", "text contains NUL bytes", "no BPE pieces",
-                   "token has no BPE piece", "sentence has no BPE piece"):
+    table = README[README.index("**Bad input** has one defined outcome") :]
+    for reason in (
+        "null text",
+        "empty text",
+        "whitespace-only text",
+        "text contains NUL bytes",
+        "no BPE pieces",
+        "token has no BPE piece",
+        "sentence has no BPE piece",
+    ):
         assert f"`{reason}`" in table, reason
     out = load(str(tiny_artifact)).predict(["ok.", "", None, "  ", "a\x00b"], output_level="document")
-    assert out.skip_reason.tolist() == [None, "empty text", "null text", "whitespace-only text",
-                                        "text contains NUL bytes"]
+    assert out.skip_reason.tolist() == [
+        None,
+        "empty text",
+        "null text",
+        "whitespace-only text",
+        "text contains NUL bytes",
+    ]

@@ -21,6 +21,7 @@ the tiny vocabulary (about 2,900 ids) lacks ("indices[0,1] = 7939 is not in [0, 
 figures are in the README ("Spark NLP"). One JVM run serves the whole module.
 Where Spark NLP cannot be set up the tests skip with the one-line reason (and fail under CI=1).
 """
+
 from __future__ import annotations
 
 import json
@@ -33,8 +34,24 @@ import pytest
 
 MAX_LENGTH = 4096
 
-ALIKE_WORDS = ("chest", "melena", "headache", "hypothyroidism", "shortness", "nausea", "productive", "cirrhosis",
-               "dyspnea", "afib", "fever", "lower", "abdominal", "altered", "hematemesis", "syncope")
+ALIKE_WORDS = (
+    "chest",
+    "melena",
+    "headache",
+    "hypothyroidism",
+    "shortness",
+    "nausea",
+    "productive",
+    "cirrhosis",
+    "dyspnea",
+    "afib",
+    "fever",
+    "lower",
+    "abdominal",
+    "altered",
+    "hematemesis",
+    "syncope",
+)
 
 
 def _require_jvm() -> None:
@@ -82,10 +99,20 @@ def jvm_run(sparknlp_export, notes, tmp_path_factory):
     from clinlong.benchmarks.sparknlp_jvm import run
 
     out = tmp_path_factory.mktemp("jvm")
-    result = run({"model": str(sparknlp_export), "notes": str(notes[0]), "case_sensitive": True,
-                  "max_sentence_length": MAX_LENGTH, "pieces": True, "save_to": str(out / "saved_model"),
-                  "cache_pretrained": str(out / "cache_pretrained"), "pretrained_name": "clinical_longformer",
-                  "runs": [{"tag": "run"}]}, out / "run")
+    result = run(
+        {
+            "model": str(sparknlp_export),
+            "notes": str(notes[0]),
+            "case_sensitive": True,
+            "max_sentence_length": MAX_LENGTH,
+            "pieces": True,
+            "save_to": str(out / "saved_model"),
+            "cache_pretrained": str(out / "cache_pretrained"),
+            "pretrained_name": "clinical_longformer",
+            "runs": [{"tag": "run"}],
+        },
+        out / "run",
+    )
     return result, dict(np.load(out / "run" / "vectors.npz"))
 
 
@@ -105,7 +132,7 @@ def test_sparknlp_jvm_loads_our_export_and_matches_hf(jvm_run, wide_checkpoint):
             rows = [k for k, e in enumerate(run["embeddings"][i]) if e[3] == s]
             if not rows:
                 continue
-            ids = ids[:MAX_LENGTH - 2]
+            ids = ids[: MAX_LENGTH - 2]
             with torch.inference_mode():
                 ref = model(input_ids=torch.tensor([[0, *ids, 2]])).last_hidden_state[0, 1:-1].numpy()
             for k in rows:
@@ -156,11 +183,13 @@ def our_stage_run(our_models, notes, spark):
     before = os.environ.get("CLINLONG_MODELS")
     os.environ["CLINLONG_MODELS"] = str(models)
     try:
-        embeddings = LongformerEmbeddings.pretrained("clinical_longformer", "en") \
-            .setInputCols(["sentence", "token"]) \
-            .setOutputCol("embeddings") \
-            .setCaseSensitive(True) \
+        embeddings = (
+            LongformerEmbeddings.pretrained("clinical_longformer", "en")
+            .setInputCols(["sentence", "token"])
+            .setOutputCol("embeddings")
+            .setCaseSensitive(True)
             .setMaxSentenceLength(4096)
+        )
     finally:
         if before is None:
             os.environ.pop("CLINLONG_MODELS")
@@ -168,14 +197,20 @@ def our_stage_run(our_models, notes, spark):
             os.environ["CLINLONG_MODELS"] = before
     embeddings = embeddings.setPrecision("fp32")
     df = spark.createDataFrame(sorted(notes[1].items()), "id long, text string")
-    stages = [DocumentAssembler().setInputCol("text").setOutputCol("document"),
-              SentenceDetector().setInputCols(["document"]).setOutputCol("sentence"),
-              Tokenizer().setInputCols(["sentence"]).setOutputCol("token"), embeddings]
+    stages = [
+        DocumentAssembler().setInputCol("text").setOutputCol("document"),
+        SentenceDetector().setInputCols(["document"]).setOutputCol("sentence"),
+        Tokenizer().setInputCols(["sentence"]).setOutputCol("token"),
+        embeddings,
+    ]
     rows = Pipeline(stages=stages).fit(df).transform(df).select("id", "sentence", "embeddings").collect()
-    return {r["id"]: ([(a.begin, a.end) for a in r["sentence"]],
-                      [(a.begin, int(a.metadata["sentence"]), np.array(a.embeddings, np.float32))
-                       for a in r["embeddings"]])
-            for r in rows}
+    return {
+        r["id"]: (
+            [(a.begin, a.end) for a in r["sentence"]],
+            [(a.begin, int(a.metadata["sentence"]), np.array(a.embeddings, np.float32)) for a in r["embeddings"]],
+        )
+        for r in rows
+    }
 
 
 @pytest.fixture(scope="module")
@@ -190,15 +225,25 @@ def our_job_run(our_models, notes, our_stage_run, spark, tmp_path_factory):
 
     work = tmp_path_factory.mktemp("job")
     pd.DataFrame({"ROW_ID": list(notes[1]), "TEXT": list(notes[1].values())}).to_parquet(work / "notes.parquet")
-    summary = run(JobConfig(notes=str(work / "notes.parquet"), model=str(our_models / "clinical_longformer_en"),
-                            out=str(work / "out"), granularity="token",
-                            options=EmbedOptions(context="sentence", precision="fp32")), spark)
+    summary = run(
+        JobConfig(
+            notes=str(work / "notes.parquet"),
+            model=str(our_models / "clinical_longformer_en"),
+            out=str(work / "out"),
+            granularity="token",
+            options=EmbedOptions(context="sentence", precision="fp32"),
+        ),
+        spark,
+    )
     assert summary["embedded"] == len(notes[1]), summary
     table = DeltaTable(str(work / "out")).to_pyarrow_table().to_pandas()
-    return {int(note_id): (our_stage_run[int(note_id)][0],
-                           [(int(r.begin), int(r.sentence_index), np.asarray(r.embedding, np.float32))
-                            for r in rows.itertuples()])
-            for note_id, rows in table.groupby("note_id")}
+    return {
+        int(note_id): (
+            our_stage_run[int(note_id)][0],
+            [(int(r.begin), int(r.sentence_index), np.asarray(r.embedding, np.float32)) for r in rows.itertuples()],
+        )
+        for note_id, rows in table.groupby("note_id")
+    }
 
 
 def _compare(jvm_result, vectors, tag, ours, notes, tokenizer):
@@ -214,7 +259,7 @@ def _compare(jvm_result, vectors, tag, ours, notes, tokenizer):
         for s, (b, e) in enumerate(spans):
             rows = [k for k, a in enumerate(run["embeddings"][i]) if a[3] == s]
             ids = jvm_result["pieces"][i][s][0] if s < len(jvm_result["pieces"][i]) else None
-            same = (b, e) in our_sentences and ids == tokenizer(text[b:e + 1], add_special_tokens=False)["input_ids"]
+            same = (b, e) in our_sentences and ids == tokenizer(text[b : e + 1], add_special_tokens=False)["input_ids"]
             if not same:
                 other += len(rows)
                 continue
@@ -241,9 +286,11 @@ def test_sparknlp_vectors_equal_our_job_at_sentence_context(jvm_run, our_job_run
     tokenizer = AutoTokenizer.from_pretrained(str(wide_checkpoint))
     diff, cos, compared, other, alike = _compare(result, vectors, "run", our_job_run, notes[1], tokenizer)
     total = sum(len(e) for e in result["run"]["embeddings"])
-    print(f"Spark NLP JVM vs our job (--context sentence --granularity token): {compared} of {total} Spark NLP "
-          f"token vectors comparable ({alike} sentences split and encoded alike), {other} not; "
-          f"max |diff| {diff:.2e}, min cosine {cos:.7f}")
+    print(
+        f"Spark NLP JVM vs our job (--context sentence --granularity token): {compared} of {total} Spark NLP "
+        f"token vectors comparable ({alike} sentences split and encoded alike), {other} not; "
+        f"max |diff| {diff:.2e}, min cosine {cos:.7f}"
+    )
     assert compared > 0
     assert diff <= 1e-4 and cos >= 0.99999, (diff, cos)
 
@@ -264,7 +311,9 @@ def test_card_snippet_pretrained_runs_in_sparknlp_and_in_our_stage(jvm_run, our_
     tokenizer = AutoTokenizer.from_pretrained(str(wide_checkpoint))
     diff, cos, compared, other, alike = _compare(result, vectors, "pretrained", our_stage_run, notes[1], tokenizer)
     total = sum(len(e) for e in result["pretrained"]["embeddings"])
-    print(f"card snippet, Spark NLP JVM vs our stage: {compared} of {total} Spark NLP token vectors comparable "
-          f"({alike} sentences split and encoded alike), {other} not; max |diff| {diff:.2e}, min cosine {cos:.7f}")
+    print(
+        f"card snippet, Spark NLP JVM vs our stage: {compared} of {total} Spark NLP token vectors comparable "
+        f"({alike} sentences split and encoded alike), {other} not; max |diff| {diff:.2e}, min cosine {cos:.7f}"
+    )
     assert compared > 0
     assert diff <= 1e-4 and cos >= 0.99999, (diff, cos)

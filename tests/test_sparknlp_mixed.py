@@ -13,6 +13,7 @@ needs a graph of exactly the embeddings' dimension, and Spark NLP 5.5.3's JAR sh
 128, 256, 300, 384, 512, 768, 1024, 2048 and 4096 (the tiny size is 64).
 Where Spark NLP cannot be set up the JVM tests skip with the one-line reason (and fail under CI=1).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -74,10 +75,21 @@ def mixed_run(tmp_path_factory):
     _require_mixed()
     artifacts = {f: _widened_artifact(f, tmp_path_factory) for f in ("longformer", "bigbird")}
     notes = tmp_path_factory.mktemp("notes") / "notes.jsonl"  # 12 notes, 25 to 15,775 characters
-    notes.write_text("".join(json.dumps({"id": n.row_id, "text": n.text, "category": n.category}) + "\n"
-                             for n in generate_notes(12, seed=3)))
-    result = run({"notes": str(notes), "longformer": str(artifacts["longformer"]),
-                  "bigbird": str(artifacts["bigbird"]), "epochs": 2}, tmp_path_factory.mktemp("mixed"))
+    notes.write_text(
+        "".join(
+            json.dumps({"id": n.row_id, "text": n.text, "category": n.category}) + "\n"
+            for n in generate_notes(12, seed=3)
+        )
+    )
+    result = run(
+        {
+            "notes": str(notes),
+            "longformer": str(artifacts["longformer"]),
+            "bigbird": str(artifacts["bigbird"]),
+            "epochs": 2,
+        },
+        tmp_path_factory.mktemp("mixed"),
+    )
     print(json.dumps({k: v for k, v in result.items() if k not in ("rows", "metadata")}))
     return result
 
@@ -88,8 +100,13 @@ def test_spark_nlp_front_end_feeds_our_stages(mixed_run):
     assert r["versions"]["pyspark"] == "3.5.8" and r["versions"]["sparknlp"] == "5.5.3", r["versions"]
     assert r["versions"]["backend"] == "onnxruntime"  # no torch in the mixed venv
     assert r["versions"]["clinlong_file"] == str(ROOT / "clinlong" / "__init__.py")  # this checkout, not a copy
-    assert r["stages"][:5] == ["sparknlp.DocumentAssembler", "sparknlp.SentenceDetector", "sparknlp.TokenizerModel",
-                               "clinlong.LongformerEmbeddings", "clinlong.BigBirdEmbeddings"], r["stages"]
+    assert r["stages"][:5] == [
+        "sparknlp.DocumentAssembler",
+        "sparknlp.SentenceDetector",
+        "sparknlp.TokenizerModel",
+        "clinlong.LongformerEmbeddings",
+        "clinlong.BigBirdEmbeddings",
+    ], r["stages"]
     meta = r["metadata"]
     assert meta["token"] == {"annotatorType": "token"} and meta["sentence"] == {"annotatorType": "document"}
     assert meta["lf"]["annotatorType"] == meta["bb"]["annotatorType"] == "word_embeddings"
@@ -154,8 +171,10 @@ def test_mixed_pipeline_saved_and_loaded(mixed_run):
     assert all(untrained["same_annotations"].values()), untrained
     assert max(untrained["max_vector_diff"].values()) <= 1e-6, untrained
     if "PipelineModel.load" in r["blocked"]:  # measured with TF-Java 0.3.3: NerDLModel's reader needs 0.4
-        pytest.skip(f"saved, but Spark NLP's JVM cannot load its trained TensorFlow stages back: "
-                    f"{r['blocked']['PipelineModel.load']}")
+        pytest.skip(
+            f"saved, but Spark NLP's JVM cannot load its trained TensorFlow stages back: "
+            f"{r['blocked']['PipelineModel.load']}"
+        )
     assert all(r["reload_full"]["same_annotations"].values()), r["reload_full"]
 
 

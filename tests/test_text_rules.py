@@ -1,4 +1,5 @@
 """Sentence detection and tokenization rules for clinical text; windows for long notes."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -19,7 +20,7 @@ IMPRESSION: No acute process. Small effusion."""
 
 
 def sentences(text):
-    return [text[b:e + 1] for b, e in detect_sentences(text)]
+    return [text[b : e + 1] for b, e in detect_sentences(text)]
 
 
 def test_clinical_sentence_rules():
@@ -48,14 +49,29 @@ def test_deid_brackets_never_split():
 
 def test_tokens_keep_abbreviations_deid_and_numbers():
     text = "Pt. takes ASA q.d., BP 120/80, T 36.5 s/p CABG on [**2101-3-4**]."
-    toks = [text[b:e + 1] for b, e, _ in tokenize(text, detect_sentences(text))]
-    assert toks == ["Pt.", "takes", "ASA", "q.d.", ",", "BP", "120/80", ",", "T", "36.5", "s/p", "CABG", "on",
-                    "[**2101-3-4**]", "."]
+    toks = [text[b : e + 1] for b, e, _ in tokenize(text, detect_sentences(text))]
+    assert toks == [
+        "Pt.",
+        "takes",
+        "ASA",
+        "q.d.",
+        ",",
+        "BP",
+        "120/80",
+        ",",
+        "T",
+        "36.5",
+        "s/p",
+        "CABG",
+        "on",
+        "[**2101-3-4**]",
+        ".",
+    ]
 
 
 def test_offsets_are_inclusive_and_point_into_the_text():
     for b, e, s in tokenize(NOTE, detect_sentences(NOTE)):
-        assert NOTE[b:e + 1].strip() == NOTE[b:e + 1] and e >= b
+        assert NOTE[b : e + 1].strip() == NOTE[b : e + 1] and e >= b
     spans = detect_sentences(NOTE)
     assert all(spans[i][1] < spans[i + 1][0] for i in range(len(spans) - 1))
 

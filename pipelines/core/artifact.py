@@ -1,4 +1,5 @@
 """The one reader of model artifacts written by `python -m clinlong.export` (the pipeline never imports export)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -33,16 +34,22 @@ def reading(path: Path) -> Iterator[None]:
     except ArtifactError:
         raise
     except PermissionError:
-        raise ArtifactError(f"cannot read artifact file {path}: permission denied for this user (uid {os.getuid()}); "
-                            f"its owner can make the artifact readable with: chmod -R a+rX {path.parent}") from None
+        raise ArtifactError(
+            f"cannot read artifact file {path}: permission denied for this user (uid {os.getuid()}); "
+            f"its owner can make the artifact readable with: chmod -R a+rX {path.parent}"
+        ) from None
     except FileNotFoundError:
-        raise ArtifactError(f"artifact file {path} is missing; re-export the artifact: "
-                            "python -m clinlong.export CHECKPOINT OUT --overwrite") from None
+        raise ArtifactError(
+            f"artifact file {path} is missing; re-export the artifact: "
+            "python -m clinlong.export CHECKPOINT OUT --overwrite"
+        ) from None
     except IsADirectoryError:
         raise ArtifactError(f"artifact file {path} is a directory; re-export the artifact") from None
     except Exception as e:  # noqa: BLE001 - a truncated or corrupt file, reported by the library that parses it
-        raise ArtifactError(f"artifact file {path} cannot be loaded ({type(e).__name__}: truncated or corrupt); "
-                            "re-export the artifact: python -m clinlong.export CHECKPOINT OUT --overwrite") from None
+        raise ArtifactError(
+            f"artifact file {path} cannot be loaded ({type(e).__name__}: truncated or corrupt); "
+            "re-export the artifact: python -m clinlong.export CHECKPOINT OUT --overwrite"
+        ) from None
 
 
 def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
@@ -84,8 +91,11 @@ class VerifiedFiles:
     def add(self, path: Path, digest: str, before: os.stat_result) -> None:
         """Remember a file hashed between `before` and now, unless it changed meanwhile or just before."""
         after = path.stat()
-        changed = (before.st_size, before.st_mtime_ns, before.st_ctime_ns) != (after.st_size, after.st_mtime_ns,
-                                                                              after.st_ctime_ns)
+        changed = (before.st_size, before.st_mtime_ns, before.st_ctime_ns) != (
+            after.st_size,
+            after.st_mtime_ns,
+            after.st_ctime_ns,
+        )
         if changed or time.time_ns() - max(after.st_mtime_ns, after.st_ctime_ns) < self.SETTLE_NS:
             return
         try:
@@ -107,14 +117,18 @@ class Artifact:
         path = Path(path).expanduser()
         mf = path / MANIFEST_FILE
         if not mf.is_file():
-            raise ArtifactError(f"{path} is not a model artifact (no manifest.json); "
-                                "create one with: python -m clinlong.export CHECKPOINT OUT")
+            raise ArtifactError(
+                f"{path} is not a model artifact (no manifest.json); "
+                "create one with: python -m clinlong.export CHECKPOINT OUT"
+            )
         with reading(mf):
             manifest = json.loads(mf.read_text(encoding="utf-8"))
         fmt = (manifest.get("format"), manifest.get("format_version"))
         if fmt != SUPPORTED_FORMAT:
-            raise ArtifactError(f"{path} has artifact format {fmt}, this pipeline reads {SUPPORTED_FORMAT}; "
-                                "re-export it: python -m clinlong.export CHECKPOINT OUT --overwrite")
+            raise ArtifactError(
+                f"{path} has artifact format {fmt}, this pipeline reads {SUPPORTED_FORMAT}; "
+                "re-export it: python -m clinlong.export CHECKPOINT OUT --overwrite"
+            )
         art = cls(path, manifest)
         if verify:
             art.verify()
@@ -138,8 +152,9 @@ class Artifact:
                 before = f.stat()
                 actual = file_sha256(f)
             if actual != digest:
-                raise ArtifactError(f"artifact file {f} fails its sha256 check (corrupt or altered); "
-                                    "re-export the artifact")
+                raise ArtifactError(
+                    f"artifact file {f} fails its sha256 check (corrupt or altered); re-export the artifact"
+                )
             verified.add(f, digest, before)
 
     @property
@@ -180,9 +195,11 @@ class Artifact:
         hidden state), its file sha256-checked with `verify`; one ArtifactError line for an embedding model."""
         head = self.head
         if head is None:
-            raise ArtifactError(f"{self.path} holds no fine-tuned head (an embedding model); export a "
-                                "*ForSequenceClassification or *ForTokenClassification checkpoint for classification "
-                                "or NER: python -m clinlong.export CHECKPOINT OUT")
+            raise ArtifactError(
+                f"{self.path} holds no fine-tuned head (an embedding model); export a "
+                "*ForSequenceClassification or *ForTokenClassification checkpoint for classification "
+                "or NER: python -m clinlong.export CHECKPOINT OUT"
+            )
         if verify:
             self.verify([head.file])
         path = self.path / head.file

@@ -17,6 +17,7 @@ recording notes as done.
 The model cache (`embedder`) holds one loaded model per artifact, options, device and thread count in the
 process, and `counts`/`TaskCounts` are the figures every writer reports.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -92,12 +93,14 @@ def not_the_notes_fault(e: BaseException) -> bool:
 
 
 def _fail_task(e: BaseException, what: str) -> ModelStepFailed:
-    return ModelStepFailed(f"{type(e).__name__} {what}; the task fails so that Spark retries it "
-                           "(not recorded as a note error)")
+    return ModelStepFailed(
+        f"{type(e).__name__} {what}; the task fails so that Spark retries it (not recorded as a note error)"
+    )
 
 
-def embed_isolated(emb: NoteEmbedder, ids: list, texts: list, work: engine.Prepared | None = None,
-                   prepared: bool = False) -> tuple[list[NoteResult], dict[int, str]]:
+def embed_isolated(
+    emb: NoteEmbedder, ids: list, texts: list, work: engine.Prepared | None = None, prepared: bool = False
+) -> tuple[list[NoteResult], dict[int, str]]:
     """One result per text (None: a row set aside, given a result by the caller), and the stage `embed`
     for each note the model step failed on alone. `work` is `emb.prepare(texts)` when the caller ran it
     (`prepared`; None there: it raised), so a batch is prepared once.
@@ -136,8 +139,9 @@ def _one_by_one(emb: NoteEmbedder, ids: list, texts: list) -> tuple[list[NoteRes
                 raise _fail_task(e, "in the model step") from None
             results.append(NoteResult.unusable(f"{type(e).__name__} in the model step", text))
             stages[i], last = EMBED_STAGE, e
-            log.warning("note id %s: %s in the model step; recorded in the errors table (stage embed)",
-                        nid, type(e).__name__)
+            log.warning(
+                "note id %s: %s in the model step; recorded in the errors table (stage embed)", nid, type(e).__name__
+            )
     if tried >= 2 and len(stages) == tried:
         raise _fail_task(last, f"for every one of the {tried} notes of a batch, each run alone") from None
     return results, stages
@@ -178,8 +182,11 @@ class Batch:
 
     def error_rows(self) -> list[tuple]:
         """(note_id, text_sha256, stage, reason) of each row that has no vectors: the errors table's rows."""
-        return [(self.ids[i], r.text_sha256, self.stages.get(i, "check"), r.skip_reason)
-                for i, r in enumerate(self.results) if r.skip_reason is not None]
+        return [
+            (self.ids[i], r.text_sha256, self.stages.get(i, "check"), r.skip_reason)
+            for i, r in enumerate(self.results)
+            if r.skip_reason is not None
+        ]
 
 
 @dataclass
@@ -285,8 +292,10 @@ def full_table(spec: OutputSpec, b: Batch) -> pa.Table:
     """A batch's output rows with the partition column filled in (for Spark-side writers)."""
     if not spec.partition_by:
         return build_table(spec, b.ids, b.texts, b.results)
-    parts = [t.append_column(spec.partition_by, pa.array([v[spec.partition_by]] * t.num_rows, pa.string()))
-             for v, t in tables(spec, b)]
+    parts = [
+        t.append_column(spec.partition_by, pa.array([v[spec.partition_by]] * t.num_rows, pa.string()))
+        for v, t in tables(spec, b)
+    ]
     return pa.concat_tables(parts).cast(spec.schema) if parts else spec.schema.empty_table()
 
 
@@ -302,11 +311,19 @@ def counts(b: Batch, rows: int) -> dict:
     """One batch's figures: output rows written, notes in, embedded, BPE tokens and windows of the embedded
     notes, errors by "stage: reason", warnings by reason."""
     ok = [r for r in b.results if r.skip_reason is None]
-    errors = Counter(f"{b.stages.get(i, 'check')}: {r.skip_reason}"
-                     for i, r in enumerate(b.results) if r.skip_reason is not None)
-    return {"rows": rows, "notes": len(b.results), "embedded": len(ok), "tokens": sum(r.n_tokens for r in ok),
-            "windows": sum(r.n_windows for r in ok), "model_loads": 0, "errors": dict(errors),
-            "warnings": dict(b.warnings)}
+    errors = Counter(
+        f"{b.stages.get(i, 'check')}: {r.skip_reason}" for i, r in enumerate(b.results) if r.skip_reason is not None
+    )
+    return {
+        "rows": rows,
+        "notes": len(b.results),
+        "embedded": len(ok),
+        "tokens": sum(r.n_tokens for r in ok),
+        "windows": sum(r.n_windows for r in ok),
+        "model_loads": 0,
+        "errors": dict(errors),
+        "warnings": dict(b.warnings),
+    }
 
 
 class TaskCounts:
@@ -322,5 +339,8 @@ class TaskCounts:
         self.warnings.update(c["warnings"])
 
     def as_row(self) -> dict:
-        return {**{k: self.n[k] for k in COUNT_KEYS},
-                "errors": json.dumps(dict(self.errors)), "warnings": json.dumps(dict(self.warnings))}
+        return {
+            **{k: self.n[k] for k in COUNT_KEYS},
+            "errors": json.dumps(dict(self.errors)),
+            "warnings": json.dumps(dict(self.warnings)),
+        }

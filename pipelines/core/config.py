@@ -1,6 +1,7 @@
 """The job's configuration: one frozen record whose fields are also the command line
 (`pipelines.core.options`), shared by the job, its writers and its planning; kept apart from the job
 module so that nothing imports the job to learn its options."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -21,39 +22,65 @@ TASKS_PER_CORE = 3  # default tasks per embedding stage: a few per core, so a sl
 
 @dataclass(frozen=True)
 class JobConfig:
-    notes: str = option(help="catalog table (db.table, catalog.schema.table), or a Delta, Parquet or CSV "
-                        "(NOTEEVENTS layout) path or URI (s3a://, s3://, abfss://, gs://, dbfs:/, /Volumes/..., file:)")
+    notes: str = option(
+        help="catalog table (db.table, catalog.schema.table), or a Delta, Parquet or CSV "
+        "(NOTEEVENTS layout) path or URI (s3a://, s3://, abfss://, gs://, dbfs:/, /Volumes/..., file:)"
+    )
     model: str = option(help="native artifact directory written by `python -m clinlong.export`")
     out: str = option(help="output Delta table path or URI (s3://, s3a://, abfss://, gs://, local)")
     id_col: str = option("ROW_ID", "note id column")
     text_col: str = option("TEXT", "note text column")
-    id_type: str = option("auto", "auto keeps the id column's type (integers as long); long/string cast it",
-                          choices=ID_TYPES)
-    input_format: str = option("auto", "auto: a catalog table if one has that name, a Delta table if the path has a "
-                               "Delta log, else CSV or Parquet from the names of its files", choices=INPUT_FORMATS)
+    id_type: str = option(
+        "auto", "auto keeps the id column's type (integers as long); long/string cast it", choices=ID_TYPES
+    )
+    input_format: str = option(
+        "auto",
+        "auto: a catalog table if one has that name, a Delta table if the path has a "
+        "Delta log, else CSV or Parquet from the names of its files",
+        choices=INPUT_FORMATS,
+    )
     granularity: str = option("note", "one row per note, sentence or token", choices=GRANULARITIES)
-    mode: str = option("append", "append; overwrite (the first chunk replaces the table); incremental: embed only "
-                       "notes whose (id, text sha256) is not yet in OUT for this model (embed errors are retried), "
-                       "then drop rows of notes whose text changed", choices=MODES)
-    partitions: int = option(0, f"tasks per chunk of the embedding stage, balanced by text length "
-                             f"(0: {TASKS_PER_CORE} per core of the cluster)")
-    vector_dtype: str = option("float32", "float32: array<float>; float16: binary of little-endian halves",
-                               choices=VECTOR_DTYPES)
-    writer: str = option("auto", "auto: delta-spark when its JARs are on the classpath, else delta-rs",
-                         choices=WRITERS)
+    mode: str = option(
+        "append",
+        "append; overwrite (the first chunk replaces the table); incremental: embed only "
+        "notes whose (id, text sha256) is not yet in OUT for this model (embed errors are retried), "
+        "then drop rows of notes whose text changed",
+        choices=MODES,
+    )
+    partitions: int = option(
+        0,
+        f"tasks per chunk of the embedding stage, balanced by text length "
+        f"(0: {TASKS_PER_CORE} per core of the cluster)",
+    )
+    vector_dtype: str = option(
+        "float32", "float32: array<float>; float16: binary of little-endian halves", choices=VECTOR_DTYPES
+    )
+    writer: str = option("auto", "auto: delta-spark when its JARs are on the classpath, else delta-rs", choices=WRITERS)
     progress_every: float = option(30.0, "seconds between progress logs (notes/s, tokens/s, ETA); 0 turns them off")
-    gpus_per_task: float = option(0.0, "GPUs the embedding stage's tasks ask for (fractions share a GPU); > 0 puts "
-                                  "a ResourceProfile on that stage only")
+    gpus_per_task: float = option(
+        0.0,
+        "GPUs the embedding stage's tasks ask for (fractions share a GPU); > 0 puts "
+        "a ResourceProfile on that stage only",
+    )
     errors_out: str = option("", "Delta table of input rows that were not embedded (default: OUT_errors)")
-    chunk_notes: int = option(DEFAULT_CHUNK_NOTES, "commit every ~N notes (a crash loses at most the chunk in "
-                              "flight; a rerun resumes); 0: one commit")
-    run_id: str = option("", "name of this run in Delta's transaction ids (default: derived from the input's "
-                         "data, the model and the options, so rerunning the same command resumes it)")
+    chunk_notes: int = option(
+        DEFAULT_CHUNK_NOTES,
+        "commit every ~N notes (a crash loses at most the chunk in flight; a rerun resumes); 0: one commit",
+    )
+    run_id: str = option(
+        "",
+        "name of this run in Delta's transaction ids (default: derived from the input's "
+        "data, the model and the options, so rerunning the same command resumes it)",
+    )
     partition_by: str = option("", "input column (e.g. CATEGORY) carried into the output as its Delta partition column")
     target_file_mb: float = option(DEFAULT_TARGET_FILE_MB, "size of the Parquet files each task writes (delta-rs)")
-    storage_options: dict = option(help="delta-rs storage option KEY=VALUE (repeatable), beyond the AWS_*, AZURE_*, "
-                                   "GOOGLE_* environment variables", flag="--storage-option",
-                                   repeat=parse_storage_options, default_factory=dict)
+    storage_options: dict = option(
+        help="delta-rs storage option KEY=VALUE (repeatable), beyond the AWS_*, AZURE_*, "
+        "GOOGLE_* environment variables",
+        flag="--storage-option",
+        repeat=parse_storage_options,
+        default_factory=dict,
+    )
     options: EmbedOptions = EmbedOptions()
 
     @property

@@ -1,4 +1,5 @@
 """Which device a Spark task may use: the GPU addresses Spark assigned it, never a hard-coded GPU 0."""
+
 from __future__ import annotations
 
 import functools
@@ -31,8 +32,11 @@ def cpu_info() -> CpuInfo:
                     break
     except OSError:
         pass
-    return CpuInfo(fields.get("vendor_id", ""), fields.get("model name", platform.processor() or "unknown"),
-                   frozenset(fields.get("flags", "").split()))
+    return CpuInfo(
+        fields.get("vendor_id", ""),
+        fields.get("model name", platform.processor() or "unknown"),
+        frozenset(fields.get("flags", "").split()),
+    )
 
 
 def cpu_bf16_flags() -> tuple[str, ...]:
@@ -83,8 +87,10 @@ def choose_device(device: str = "auto") -> str:
     gpus = assigned_gpus()
     if not cuda_available():
         if device == "cuda":
-            raise RuntimeError("--device cuda, but CUDA is not available to this Python worker; "
-                               "install a CUDA build of torch on the GPU nodes or use --device auto")
+            raise RuntimeError(
+                "--device cuda, but CUDA is not available to this Python worker; "
+                "install a CUDA build of torch on the GPU nodes or use --device auto"
+            )
         return "cpu"
     if gpus:
         return f"cuda:{gpus[0]}"
@@ -98,9 +104,17 @@ def choose_device(device: str = "auto") -> str:
 MAX_GPU_ROW_TOKENS = 65536  # one packed row per model call: enough to fill an H100, bounded latency
 
 
-def gpu_token_budget(free_bytes: int, hidden: int, intermediate: int, heads: int, one_sided: int,
-                     dtype_bytes: int = 2, fraction: float = 0.6, kernel: str = "varlen",
-                     cap: int = MAX_GPU_ROW_TOKENS) -> int:
+def gpu_token_budget(
+    free_bytes: int,
+    hidden: int,
+    intermediate: int,
+    heads: int,
+    one_sided: int,
+    dtype_bytes: int = 2,
+    fraction: float = 0.6,
+    kernel: str = "varlen",
+    cap: int = MAX_GPU_ROW_TOKENS,
+) -> int:
     """Tokens per packed row that fit in `fraction` of free GPU memory: per token, the activations of
     about two layers alive at once and the fp32 output; the blocks kernel adds its fp32 scores
     (heads x 3 x one_sided), which the fused kernels never materialise."""

@@ -3,6 +3,7 @@ encoder's function. No torch here, so the artifact reader, the engine and the ru
 importing the model (`core.model` re-exports it; `export/` builds it from config.json, the artifact's
 manifest stores it as a dict and `Artifact.encoder_config` reads it back).
 """
+
 from __future__ import annotations
 
 import math

@@ -15,6 +15,7 @@ distinct character at a time, so any family's rules apply. A token or sentence t
 no vector (NaN rows in the arrays below, null in every output, counted under the reasons TOKEN_NO_PIECE
 and SENTENCE_NO_PIECE); a note with no piece is not embedded (NOTE_NO_PIECE).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -56,36 +57,61 @@ SENTENCE_NO_PIECE = "sentence has no BPE piece"  # null vector: no piece starts 
 class EmbedOptions:
     """How notes are embedded; each field is also the job's command-line option of the same name."""
 
-    context: str = option("note", "note: the whole note is one sequence (windows past the max length); "
-                          "sentence: each sentence alone (Spark NLP's behaviour)", choices=CONTEXTS)
+    context: str = option(
+        "note",
+        "note: the whole note is one sequence (windows past the max length); "
+        "sentence: each sentence alone (Spark NLP's behaviour)",
+        choices=CONTEXTS,
+    )
     max_length: int = option(MAX_LENGTH, "BPE pieces per sequence, <s> and </s> included (at most the model's)")
-    case_sensitive: bool = option(True, "lowercase text before BPE (offsets stay in the original text)",
-                                  flag="--case-insensitive", negate=True)
-    window_overlap: int | None = option(None, "pieces shared by consecutive windows of long notes (default: 512, "
-                                        "or (max length - 2) // 4 when smaller)", type=int)
-    token_vector: str = option("first", "token vector: its first BPE piece (Spark NLP) or the mean of its pieces",
-                               choices=TOKEN_VECTORS)
-    token_budget: int = option(DEFAULT_TOKEN_BUDGET, "max tokens per packed row (one model call); at the default, "
-                               "GPUs size it from their free memory")
+    case_sensitive: bool = option(
+        True, "lowercase text before BPE (offsets stay in the original text)", flag="--case-insensitive", negate=True
+    )
+    window_overlap: int | None = option(
+        None,
+        "pieces shared by consecutive windows of long notes (default: 512, or (max length - 2) // 4 when smaller)",
+        type=int,
+    )
+    token_vector: str = option(
+        "first", "token vector: its first BPE piece (Spark NLP) or the mean of its pieces", choices=TOKEN_VECTORS
+    )
+    token_budget: int = option(
+        DEFAULT_TOKEN_BUDGET,
+        "max tokens per packed row (one model call); at the default, GPUs size it from their free memory",
+    )
     batch_size: int = option(DEFAULT_BATCH_SIZE, "max sequences per model call")
-    precision: str = option("auto", "compute precision. auto: bf16 on GPUs and on CPUs where it is faster "
-                            "(AMX; AMD's AVX512-BF16), else fp32; fp32 is the export's parity", choices=PRECISIONS)
-    backend: str = option("auto", "auto: torch (its CPU threads follow the executor's idle cores); onnxruntime: "
-                          "the exported ONNX graph, fp32",
-                          choices=BACKENDS)
-    attention_kernel: str = option("auto", "sliding-window attention over packed sequences. auto: varlen (flash "
-                                   "attention; flex at fp32) on GPUs, blocks (the ONNX graph's form) on CPUs; "
-                                   "flex: FlexAttention",
-                                   choices=KERNEL_CHOICES)
-    global_attention: str = option("none", "Longformer's global attention. none: local attention only, as "
-                                   "LongformerModel without a global_attention_mask; cls: global attention on the "
-                                   "<s> of every sequence (note, window or sentence); onnxruntime needs an artifact "
-                                   "exported with --global-attention",
-                                   choices=GLOBAL_ATTENTION)
-    device: str = option("auto", "auto: the GPU Spark assigned the task when CUDA is usable, else the CPU",
-                         choices=DEVICES)
-    max_chars: int = option(1_000_000, "longer texts go to the errors table (a 10 MB 'note' is a misfiled blob)",
-                            flag="--max-note-chars")
+    precision: str = option(
+        "auto",
+        "compute precision. auto: bf16 on GPUs and on CPUs where it is faster "
+        "(AMX; AMD's AVX512-BF16), else fp32; fp32 is the export's parity",
+        choices=PRECISIONS,
+    )
+    backend: str = option(
+        "auto",
+        "auto: torch (its CPU threads follow the executor's idle cores); onnxruntime: the exported ONNX graph, fp32",
+        choices=BACKENDS,
+    )
+    attention_kernel: str = option(
+        "auto",
+        "sliding-window attention over packed sequences. auto: varlen (flash "
+        "attention; flex at fp32) on GPUs, blocks (the ONNX graph's form) on CPUs; "
+        "flex: FlexAttention",
+        choices=KERNEL_CHOICES,
+    )
+    global_attention: str = option(
+        "none",
+        "Longformer's global attention. none: local attention only, as "
+        "LongformerModel without a global_attention_mask; cls: global attention on the "
+        "<s> of every sequence (note, window or sentence); onnxruntime needs an artifact "
+        "exported with --global-attention",
+        choices=GLOBAL_ATTENTION,
+    )
+    device: str = option(
+        "auto", "auto: the GPU Spark assigned the task when CUDA is usable, else the CPU", choices=DEVICES
+    )
+    max_chars: int = option(
+        1_000_000, "longer texts go to the errors table (a 10 MB 'note' is a misfiled blob)", flag="--max-note-chars"
+    )
 
     def __post_init__(self):
         """An unset overlap follows the max length (windows.default_overlap). The resolved value is stored,
@@ -98,16 +124,20 @@ class EmbedOptions:
         check_choice("context", self.context, CONTEXTS)
         check_choice("token vector", self.token_vector, TOKEN_VECTORS)
         if not 3 <= self.max_length <= artifact.max_length:
-            raise ValueError(f"max length must be between 3 and the model's {artifact.max_length} "
-                             f"(max_length, --max-length), got {self.max_length}")
+            raise ValueError(
+                f"max length must be between 3 and the model's {artifact.max_length} "
+                f"(max_length, --max-length), got {self.max_length}"
+            )
         resolve_backend(self.backend, self.precision)
         check_choice("attention kernel", self.attention_kernel, KERNEL_CHOICES)
         if self.global_attention != "none":
             check_global_attention(artifact, self.backend, self.precision)
         if not 0 <= self.window_overlap < self.max_length - 2:
-            raise ValueError(f"window overlap must be in [0, {self.max_length - 2}) for max length {self.max_length} "
-                             f"(window_overlap, --window-overlap; unset, it is {default_overlap(self.max_length)}), "
-                             f"got {self.window_overlap}")
+            raise ValueError(
+                f"window overlap must be in [0, {self.max_length - 2}) for max length {self.max_length} "
+                f"(window_overlap, --window-overlap; unset, it is {default_overlap(self.max_length)}), "
+                f"got {self.window_overlap}"
+            )
         return self
 
 
@@ -209,8 +239,9 @@ class NoteResult:
             starts = np.repeat(lo[spans], blocks) + SUM_BLOCK * (np.arange(blocks.sum()) - first)
             stops = np.minimum(starts + SUM_BLOCK, np.repeat(hi[spans], blocks))
             if (starts[1:] < stops[:-1]).any():  # overlapping or unordered spans: one sum each
-                partial = np.stack([self.piece_vectors[a:b].sum(axis=0)
-                                    for a, b in zip(starts.tolist(), stops.tolist())])
+                partial = np.stack(
+                    [self.piece_vectors[a:b].sum(axis=0) for a, b in zip(starts.tolist(), stops.tolist())]
+                )
             else:
                 partial = _block_sums(self.piece_vectors, starts, stops)
             sums = np.add.reduceat(partial.astype(np.float64), np.cumsum(blocks) - blocks, axis=0)
@@ -274,8 +305,11 @@ class NoteResult:
         starting inside it ("mean"); NaN rows for tokens that no piece covers (they have no vector)."""
         fp = self.first_pieces()
         missing = fp < 0
-        first = self.piece_vectors[np.maximum(fp, 0)] if len(self.piece_vectors) else \
-            np.zeros((len(fp), self.piece_vectors.shape[1]), np.float32)
+        first = (
+            self.piece_vectors[np.maximum(fp, 0)]
+            if len(self.piece_vectors)
+            else np.zeros((len(fp), self.piece_vectors.shape[1]), np.float32)
+        )
         if mode == "mean":
             tb = np.asarray([t[0] for t in self.tokens], np.int64)
             te = np.asarray([t[1] for t in self.tokens], np.int64)
@@ -297,15 +331,23 @@ def _gpu_budget(artifact: Artifact, device: str, precision: str, kernel: str) ->
     if artifact.model_type == "big_bird" and kernel == "blocks":
         return MAX_LENGTH  # dense scores per row: rows of one longest sequence
     one_sided = max(cfg.attention_window, default=2 * cfg.block_size) // 2
-    budget = gpu_token_budget(free, cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads,
-                              one_sided, dtype_bytes=4 if precision == "fp32" else 2, kernel=kernel)
+    budget = gpu_token_budget(
+        free,
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.num_attention_heads,
+        one_sided,
+        dtype_bytes=4 if precision == "fp32" else 2,
+        kernel=kernel,
+    )
     # FlexAttention's rows are padded to a power of two (runtime._TorchModel.row_width): a budget that is one
     # keeps a full row within the memory it was sized for.
     return 1 << (budget.bit_length() - 1) if kernel == "flex" else budget
 
 
-def word_starts(text: str, offsets: np.ndarray, tokens: list[str], marker: str,
-                next_covered: np.ndarray | None = None) -> np.ndarray:
+def word_starts(
+    text: str, offsets: np.ndarray, tokens: list[str], marker: str, next_covered: np.ndarray | None = None
+) -> np.ndarray:
     """Offsets of SentencePiece pieces with the word-boundary marker ("▁", "▁word") moved from the space
     the marker stands for to the word's first covered character (`next_covered`, see _Coverage; without
     it, the first character that is not whitespace): a word's first piece is then its marker piece (as the
@@ -376,8 +418,13 @@ class _Plan:
 class NoteEmbedder:
     """Embeds batches of note texts with one artifact; the model is loaded once per process."""
 
-    def __init__(self, artifact: Artifact, options: EmbedOptions = EmbedOptions(), threads: int | None = None,
-                 device: str | None = None):
+    def __init__(
+        self,
+        artifact: Artifact,
+        options: EmbedOptions = EmbedOptions(),
+        threads: int | None = None,
+        device: str | None = None,
+    ):
         from clinlong.pipelines.core.devices import choose_device
 
         self.artifact = artifact
@@ -392,14 +439,23 @@ class NoteEmbedder:
         if self.device.startswith("cuda") and budget == DEFAULT_TOKEN_BUDGET:
             budget = _gpu_budget(artifact, self.device, self.precision, options.attention_kernel)
         self.token_budget = budget  # tokens per packed row (model call)
-        self.encoder = Encoder(artifact, budget, options.batch_size, threads, self.precision,
-                               options.backend, self.device, options.attention_kernel, options.global_attention)
+        self.encoder = Encoder(
+            artifact,
+            budget,
+            options.batch_size,
+            threads,
+            self.precision,
+            options.backend,
+            self.device,
+            options.attention_kernel,
+            options.global_attention,
+        )
 
     def _plan_segment(self, ids: np.ndarray, runs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         starts, width = window_plan(len(ids), self.options.max_length, self.options.window_overlap)
         first_run = len(runs)
         for s in starts:
-            runs.append(np.concatenate([[self.bos], ids[s:s + width], [self.eos]]))
+            runs.append(np.concatenate([[self.bos], ids[s : s + width], [self.eos]]))
         w, pos = assign_pieces(len(ids), starts, width)
         return first_run + w, pos + 1  # +1: after <s>
 
@@ -419,8 +475,12 @@ class NoteEmbedder:
                 r.next_covered = self.coverage.next_covered(t)
         # A span with no covered character is not run: the normalizer leaves at most a marker piece of it
         # (its vector would be no character's; the note, or the sentence in sentence context, has no piece).
-        spans = [(k, b, e) for k, r in enumerate(results) for b, e in self._segments(r)
-                 if r.next_covered is None or r.next_covered[b] < e]
+        spans = [
+            (k, b, e)
+            for k, r in enumerate(results)
+            for b, e in self._segments(r)
+            if r.next_covered is None or r.next_covered[b] < e
+        ]
         pieces = [bpe_texts[k][b:e] for k, b, e in spans]
         encodings = self.tokenizer.encode_batch(pieces, add_special_tokens=False) if pieces else []
         parts: list[list] = [[] for _ in texts]
@@ -504,8 +564,9 @@ class Stalls:
         return self.waited / self.total if self.total else 0.0
 
 
-def overlapped(prepare: Callable[[T], P], finish: Callable[[P], R], items: Iterable[T],
-               stalls: Stalls | None = None) -> Iterator[R]:
+def overlapped(
+    prepare: Callable[[T], P], finish: Callable[[P], R], items: Iterable[T], stalls: Stalls | None = None
+) -> Iterator[R]:
     """finish(prepare(item)) for each item, in order, preparing the next item on a helper thread while
     the current one finishes: the model (ONNX Runtime, torch, the GPU) releases the GIL while it computes,
     BPE runs in tokenizers' own threads. `stalls` collects how long finishing waited for preparation."""

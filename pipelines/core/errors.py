@@ -6,6 +6,7 @@ past its retries. Messages are one line that names the fix, and never quote note
 The modules that raise them re-export them under their old names (`spark.sources.InputError`,
 `core.artifact.ArtifactError`, ...).
 """
+
 from __future__ import annotations
 
 

@@ -4,6 +4,7 @@ reaches failpoint `name` for the n-th time (default 1) kill itself with SIGKILL 
 processes (the marker is created first), so a retried Spark task does not die again. Unset: a no-op.
 `CLINLONG_FAULT_RAISE` (see `raise_point`) makes the model step raise instead.
 """
+
 from __future__ import annotations
 
 import os
@@ -43,6 +44,9 @@ def raise_point(note_ids: list, texts: list = ()) -> None:
     spec = os.environ.get("CLINLONG_FAULT_RAISE")
     if not spec:
         return
-    if spec == "model-call" or (spec.startswith("note:") and spec[5:] in {str(i) for i in note_ids}) or (
-            spec.startswith("text:") and any(isinstance(t, str) and spec[5:] in t for t in texts)):
+    if (
+        spec == "model-call"
+        or (spec.startswith("note:") and spec[5:] in {str(i) for i in note_ids})
+        or (spec.startswith("text:") and any(isinstance(t, str) and spec[5:] in t for t in texts))
+    ):
         raise InjectedFault("injected fault")

@@ -10,6 +10,7 @@ with the head's global attention, and the head's logits per sequence or per piec
   from an edge (the embeddings' rule); a token takes its first piece's (`token_logits`), as Spark NLP does.
 Scores are `core.heads.probabilities(logits, activation)`: softmax or sigmoid, the head's unless a caller says.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -21,18 +22,23 @@ from clinlong.pipelines.core.engine import EmbedOptions, NoteEmbedder, NoteResul
 
 KIND_CLASSES = {"sequence": "ForSequenceClassification", "token": "ForTokenClassification"}
 
+
 def check_head(artifact: Artifact, kind: str, stage: str) -> None:
     """One-line ArtifactError unless `artifact` holds a fine-tuned head of `kind` ("sequence" or "token")."""
     head = artifact.head
     want = KIND_CLASSES[kind]
     if head is None:
-        raise ArtifactError(f"{artifact.path} holds an embedding model with no fine-tuned head; {stage} needs a "
-                            f"*{want} export: python -m clinlong.export CHECKPOINT OUT on a fine-tuned *{want} "
-                            "checkpoint (or use LongformerEmbeddings for this model)")
+        raise ArtifactError(
+            f"{artifact.path} holds an embedding model with no fine-tuned head; {stage} needs a "
+            f"*{want} export: python -m clinlong.export CHECKPOINT OUT on a fine-tuned *{want} "
+            "checkpoint (or use LongformerEmbeddings for this model)"
+        )
     if head.kind != kind:
         other = {"sequence": "ForSequenceClassification", "token": "ForTokenClassification"}[head.kind]
-        raise ArtifactError(f"{artifact.path} holds a {head.kind} head ({head.architecture or other}); {stage} runs "
-                            f"{kind} heads: use the {other} stage for this model")
+        raise ArtifactError(
+            f"{artifact.path} holds a {head.kind} head ({head.architecture or other}); {stage} runs "
+            f"{kind} heads: use the {other} stage for this model"
+        )
 
 
 class _Recording:
@@ -54,8 +60,14 @@ class HeadRunner(NoteEmbedder):
     """The engine with the artifact's head: results carry `head_logits` (sequence) or `piece_logits` (token).
     The encoder runs with the head's global attention (Longformer's sequence head: `cls`), whatever `options` say."""
 
-    def __init__(self, artifact: Artifact, options: EmbedOptions = EmbedOptions(), threads: int | None = None,
-                 device: str | None = None, verify: bool = True):
+    def __init__(
+        self,
+        artifact: Artifact,
+        options: EmbedOptions = EmbedOptions(),
+        threads: int | None = None,
+        device: str | None = None,
+        verify: bool = True,
+    ):
         head = artifact.head
         if head is None:
             raise ArtifactError(f"{artifact.path} holds no fine-tuned head")

@@ -15,6 +15,7 @@ The export (`clinlong.export`) writes the weights to `head.safetensors` (fp32, H
 the `classifier.` prefix) and describes the head in the manifest's "head" entry; `Artifact.head` reads
 that back as a `Head`, and `HeadModel.load(artifact)` loads the weights.
 """
+
 from __future__ import annotations
 
 import math
@@ -40,8 +41,10 @@ ARCHITECTURES = {
     "BigBirdForTokenClassification": ("token", None),
 }
 # The weights of each kind (Hugging Face's names under `classifier.`), with their shapes.
-WEIGHT_NAMES = {"sequence": ("dense.weight", "dense.bias", "out_proj.weight", "out_proj.bias"),
-                "token": ("weight", "bias")}
+WEIGHT_NAMES = {
+    "sequence": ("dense.weight", "dense.bias", "out_proj.weight", "out_proj.bias"),
+    "token": ("weight", "bias"),
+}
 
 
 def _gelu(x: np.ndarray) -> np.ndarray:
@@ -52,7 +55,7 @@ def _gelu(x: np.ndarray) -> np.ndarray:
 
 def _gelu_tanh(x: np.ndarray) -> np.ndarray:
     """The tanh approximation (Hugging Face's "gelu_new", torch's approximate="tanh")."""
-    return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+    return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
 
 
 # The dense layer's activation of sequence heads: tanh (Longformer) or a BigBird config's hidden_act (the
@@ -95,16 +98,29 @@ class Head:
         return len(self.labels)
 
     def to_manifest(self) -> dict:
-        return {"kind": self.kind, "architecture": self.architecture, "labels": list(self.labels),
-                "problem_type": self.problem_type, "activation": self.activation,
-                "global_attention": self.global_attention, "dense_act": self.dense_act, "file": self.file}
+        return {
+            "kind": self.kind,
+            "architecture": self.architecture,
+            "labels": list(self.labels),
+            "problem_type": self.problem_type,
+            "activation": self.activation,
+            "global_attention": self.global_attention,
+            "dense_act": self.dense_act,
+            "file": self.file,
+        }
 
     @classmethod
     def from_manifest(cls, entry: Mapping) -> "Head":
-        return cls(kind=entry["kind"], labels=tuple(entry["labels"]), problem_type=entry["problem_type"],
-                   activation=entry["activation"], global_attention=entry.get("global_attention", "none"),
-                   architecture=entry.get("architecture", ""), dense_act=entry.get("dense_act"),
-                   file=entry.get("file", HEAD_FILE))
+        return cls(
+            kind=entry["kind"],
+            labels=tuple(entry["labels"]),
+            problem_type=entry["problem_type"],
+            activation=entry["activation"],
+            global_attention=entry.get("global_attention", "none"),
+            architecture=entry.get("architecture", ""),
+            dense_act=entry.get("dense_act"),
+            file=entry.get("file", HEAD_FILE),
+        )
 
 
 @dataclass(frozen=True)

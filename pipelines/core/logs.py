@@ -1,5 +1,6 @@
 """Logging for the `clinlong` loggers: one stderr handler, and a formatter that never prints exception
 messages or tracebacks (they can quote note text), only the exception's type."""
+
 from __future__ import annotations
 
 import logging

@@ -17,6 +17,7 @@ is counted twice; the global tokens' own rows are then replaced by their dense g
 
 BigBird: see `BlockSparseSelfAttention`. Parameter names equal Hugging Face's, so its state dicts load.
 """
+
 from __future__ import annotations
 
 import functools
@@ -32,8 +33,7 @@ from clinlong.pipelines.core.encoder_config import MODEL_TYPES, EncoderConfig  #
 from clinlong.pipelines.core.options import check_choice
 from clinlong.pipelines.core.packing import BIG_BIRD_KERNELS, KERNELS
 
-_ACTIVATIONS = {"gelu": lambda x: F.gelu(x), "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-                "relu": F.relu}
+_ACTIVATIONS = {"gelu": lambda x: F.gelu(x), "gelu_new": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu}
 
 
 def _embedding(rows: int, dim: int) -> nn.Embedding:
@@ -99,7 +99,7 @@ def global_positions_of(mask: torch.Tensor) -> torch.Tensor:
     out = torch.full((mask.shape[0], max(count, 1)), -1, dtype=torch.int64, device=mask.device)
     for row in range(mask.shape[0]):
         idx = torch.nonzero(mask[row]).reshape(-1)
-        out[row, :len(idx)] = idx
+        out[row, : len(idx)] = idx
     return out
 
 
@@ -181,17 +181,28 @@ class SlidingWindowSelfAttention(nn.Module):
         scale = 1.0 / math.sqrt(d)
         glob = segments.global_index is not None
         if glob and not self.with_global:
-            raise ValueError("this model was built without the global-attention projections (query_global, "
-                             "key_global, value_global); re-export the checkpoint for global attention")
+            raise ValueError(
+                "this model was built without the global-attention projections (query_global, "
+                "key_global, value_global); re-export the checkpoint for global attention"
+            )
         if self.kernel == "varlen":
             from torch.nn.attention.varlen import AuxRequest, varlen_attn
 
             def flat(t: torch.Tensor) -> torch.Tensor:
                 return t.reshape(bsz * length, h, d)
 
-            res = varlen_attn(flat(q), flat(k), flat(v), segments.starts, segments.starts, segments.max_length,
-                              segments.max_length, scale=scale, window_size=(self.one_sided, self.one_sided),
-                              return_aux=AuxRequest(lse=True) if glob else None)
+            res = varlen_attn(
+                flat(q),
+                flat(k),
+                flat(v),
+                segments.starts,
+                segments.starts,
+                segments.max_length,
+                segments.max_length,
+                scale=scale,
+                window_size=(self.one_sided, self.one_sided),
+                return_aux=AuxRequest(lse=True) if glob else None,
+            )
             if not glob:
                 return res.reshape(bsz, length, dim)
             ctx, lse = res
@@ -211,8 +222,9 @@ class SlidingWindowSelfAttention(nn.Module):
                     return ctx.transpose(1, 2).reshape(bsz, length, dim)
                 from torch.nn.attention.flex_attention import AuxRequest
 
-                ctx, aux = _flex_attention()(q, k, v, block_mask=masks[key], scale=scale,
-                                             return_aux=AuxRequest(lse=True))
+                ctx, aux = _flex_attention()(
+                    q, k, v, block_mask=masks[key], scale=scale, return_aux=AuxRequest(lse=True)
+                )
                 lse = aux.lse
             else:
                 ctx, lse = self._blocks(q, k, v, segments, masks, scale, glob)
@@ -351,8 +363,9 @@ class BlockSparseSelfAttention(nn.Module):
     def forward(self, hidden: torch.Tensor, segments: Segments, masks: dict) -> torch.Tensor:
         bsz, length, dim = hidden.shape
         h, d = self.num_heads, self.head_dim
-        q, k, v = (proj(hidden).reshape(bsz, length, h, d).transpose(1, 2)
-                   for proj in (self.query, self.key, self.value))
+        q, k, v = (
+            proj(hidden).reshape(bsz, length, h, d).transpose(1, 2) for proj in (self.query, self.key, self.value)
+        )
         scale = 1.0 / math.sqrt(d)
         if "bigbird" not in masks:
             masks["bigbird"] = self.layout(segments)
@@ -435,8 +448,11 @@ class _DenseLayerNorm(nn.Module):
 class _Attention(nn.Module):
     def __init__(self, cfg: EncoderConfig, window: int, kernel: str, with_global: bool = True):
         super().__init__()
-        attention = (BlockSparseSelfAttention(cfg, kernel) if cfg.model_type == "big_bird"
-                     else SlidingWindowSelfAttention(cfg, window, kernel, with_global))
+        attention = (
+            BlockSparseSelfAttention(cfg, kernel)
+            if cfg.model_type == "big_bird"
+            else SlidingWindowSelfAttention(cfg, window, kernel, with_global)
+        )
         setattr(self, "self", attention)
         self.output = _DenseLayerNorm(cfg.hidden_size, cfg.hidden_size, cfg.layer_norm_eps)
 
@@ -499,8 +515,9 @@ class PackedEncoder(nn.Module):
         self.embeddings = Embeddings(cfg)
         self.encoder = _Stack(cfg, kernel, self.with_global)
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                global_positions: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, global_positions: torch.Tensor | None = None
+    ) -> torch.Tensor:
         length = input_ids.shape[1]
         pad_id = self.config.pad_token_id
         multiple = self.config.pad_multiple
@@ -542,5 +559,5 @@ def encoder_state(state: dict) -> dict:
     without a known prefix is returned as it is."""
     for prefix in HF_PREFIXES:
         if any(k.startswith(prefix) for k in state):
-            return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     return state

@@ -1,6 +1,7 @@
 """One definition of each option: a dataclass field carries its default, its choices and its help, and
 the command line is generated from the fields (`add_arguments`, `from_arguments`), so no default or
 choice list is restated anywhere else."""
+
 from __future__ import annotations
 
 import argparse
@@ -8,9 +9,17 @@ from collections.abc import Callable
 from dataclasses import MISSING, Field, field, fields, is_dataclass
 
 
-def option(default=MISSING, help: str = "", *, choices: tuple | None = None, flag: str | None = None,
-           negate: bool = False, repeat: Callable | None = None, default_factory=MISSING,
-           type: Callable | None = None) -> Field:
+def option(
+    default=MISSING,
+    help: str = "",
+    *,
+    choices: tuple | None = None,
+    flag: str | None = None,
+    negate: bool = False,
+    repeat: Callable | None = None,
+    default_factory=MISSING,
+    type: Callable | None = None,
+) -> Field:
     """A dataclass field that is also a command-line option: `flag` overrides `--field-name`; `negate` makes a
     true default a `--flag` that turns it off; `repeat` makes a repeatable option whose strings it parses;
     `type` parses the value where the default's type cannot (a default of None: derived from other options,
@@ -91,8 +100,11 @@ def check_types(obj) -> None:
         if value is None and type(None) in allowed:
             continue
         simple = [t for t in allowed if t in (bool, int, str, float)]
-        ok = any((isinstance(value, t) and not (t is int and isinstance(value, bool)))
-                 or (t is float and isinstance(value, int) and not isinstance(value, bool)) for t in simple)
+        ok = any(
+            (isinstance(value, t) and not (t is int and isinstance(value, bool)))
+            or (t is float and isinstance(value, int) and not isinstance(value, bool))
+            for t in simple
+        )
         if simple and not ok:
             want = " or ".join(t.__name__ for t in simple)
             raise ValueError(f"option {f.name} must be {want}, got {value!r}")
@@ -105,7 +117,6 @@ try:
     from types import UnionType as _UnionType
 except ImportError:  # pragma: no cover - Python < 3.10
     _UnionType = type(None)
-
 
 
 # Longformer's global attention in embeddings (EmbedOptions.global_attention, Encoder): none, as Hugging

@@ -5,6 +5,7 @@ RoBERTa positions, restarting at `padding_idx + 1`, and the encoder keeps attent
 sequence (core.model.segments_of reads the sequences back from the positions). So a 20-token ECG costs
 20 tokens, not a 256-token block, and every vector equals that of its sequence run alone.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -54,8 +55,9 @@ def positions(lengths: Sequence[int], padding_idx: int) -> np.ndarray:
     return np.arange(total, dtype=np.int64) - starts + padding_idx + 1
 
 
-def packed_rows(sequences: Sequence[np.ndarray], rows: list[list[int]], pad_id: int, padding_idx: int,
-                width: int | None = None) -> tuple[np.ndarray, np.ndarray, list[list[tuple[int, int]]]]:
+def packed_rows(
+    sequences: Sequence[np.ndarray], rows: list[list[int]], pad_id: int, padding_idx: int, width: int | None = None
+) -> tuple[np.ndarray, np.ndarray, list[list[tuple[int, int]]]]:
     """Model inputs for `rows` of `sequences`: input_ids and position_ids (len(rows), width), padded with
     pad_id / padding_idx, and for each row the (start, length) of each of its sequences."""
     lengths = [[len(sequences[i]) for i in row] for row in rows]

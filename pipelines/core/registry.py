@@ -1,4 +1,5 @@
 """Model names → artifact directories under $CLINLONG_MODELS (default ~/.cache/clinlong/models)."""
+
 from __future__ import annotations
 
 import os
@@ -18,8 +19,12 @@ ALIASES = {
 # nlu-style task names of fine-tuned heads (LANG.TASK.FAMILY.NAME resolves to NAME in LANG): classification, NER.
 HEAD_TASKS = ("classify", "ner")
 # The Hugging Face checkpoint each registered name is exported from (named in the error that says how).
-HUB_IDS = {"clinical_longformer": "yikuan8/Clinical-Longformer", "drlongformer": "abazoge/DrLongformer",
-           "drbert_4096": "abazoge/DrBERT-4096", "clinical_bigbird": "yikuan8/Clinical-BigBird"}
+HUB_IDS = {
+    "clinical_longformer": "yikuan8/Clinical-Longformer",
+    "drlongformer": "abazoge/DrLongformer",
+    "drbert_4096": "abazoge/DrBERT-4096",
+    "clinical_bigbird": "yikuan8/Clinical-BigBird",
+}
 
 
 def models_dir() -> Path:
@@ -38,8 +43,10 @@ def resolve(name: str = "clinical_longformer", lang: str = "en") -> Path:
     if "/" in name or "\\" in name or name.startswith(("~", ".")):  # a path, not a registered name
         path = Path(name).expanduser()
         what = "is a folder without manifest.json" if path.is_dir() else "does not exist"
-        raise ArtifactError(f"{name} {what}, so it is not a model artifact; create one with: "
-                            f"python -m clinlong.export CHECKPOINT {name}")
+        raise ArtifactError(
+            f"{name} {what}, so it is not a model artifact; create one with: "
+            f"python -m clinlong.export CHECKPOINT {name}"
+        )
     root = models_dir()
     for candidate in (root / f"{name}_{lang}", root / name):
         if (candidate / MANIFEST_FILE).is_file():
@@ -47,4 +54,5 @@ def resolve(name: str = "clinical_longformer", lang: str = "en") -> Path:
     raise ArtifactError(
         f"model {name!r} ({lang}) is not in {root}. Export it there: "
         f"python -m clinlong.export {HUB_IDS.get(name, 'CHECKPOINT')} {root / f'{name}_{lang}'} "
-        f"(or a local checkpoint directory), or set CLINLONG_MODELS to the folder that holds it")
+        f"(or a local checkpoint directory), or set CLINLONG_MODELS to the folder that holds it"
+    )

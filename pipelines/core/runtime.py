@@ -6,6 +6,7 @@ choice on GPUs and on CPUs where it is faster (devices.cpu_bf16_pays). Sequences
 (core.packing) with their own positions; attention stays inside each sequence (on GPUs through a
 fused windowed kernel), so a call costs the tokens it holds and no sequence is padded to a block.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -139,12 +140,14 @@ class _OrtModel:
         with reading(path):
             self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
-    def __call__(self, ids: np.ndarray, positions: np.ndarray,
-                 global_positions: np.ndarray | None = None) -> np.ndarray:
+    def __call__(
+        self, ids: np.ndarray, positions: np.ndarray, global_positions: np.ndarray | None = None
+    ) -> np.ndarray:
         feed = {"input_ids": ids, "position_ids": positions}
         if self.with_global:  # no global token: one unused slot per row
-            feed["global_positions"] = (global_positions if global_positions is not None
-                                        else np.full((len(ids), 1), -1, np.int64))
+            feed["global_positions"] = (
+                global_positions if global_positions is not None else np.full((len(ids), 1), -1, np.int64)
+            )
         elif global_positions is not None:
             raise ValueError("this ONNX graph runs local attention only; re-export with --global-attention")
         return self.session.run(["last_hidden_state"], feed)[0]
@@ -169,8 +172,10 @@ def resolve_kernel(kernel: str, device: str, model_type: str = "longformer", pre
     if kernel == "varlen" and not cuda:
         raise ValueError("the varlen attention kernel runs on CUDA GPUs only; use --attention-kernel blocks or flex")
     if kernel == "varlen" and precision == "fp32":
-        raise ValueError("the varlen attention kernel (flash attention) computes in bf16 or fp16 only; "
-                         "use --precision bf16/fp16, or --attention-kernel flex at fp32")
+        raise ValueError(
+            "the varlen attention kernel (flash attention) computes in bf16 or fp16 only; "
+            "use --precision bf16/fp16, or --attention-kernel flex at fp32"
+        )
     return kernel
 
 
@@ -206,8 +211,9 @@ class _TorchModel:
         """The padded length of a packed row holding `used` tokens."""
         return max(self.FLEX_MIN_ROW, 1 << (used - 1).bit_length()) if self.pow2_rows else used
 
-    def __call__(self, ids: np.ndarray, positions: np.ndarray,
-                 global_positions: np.ndarray | None = None) -> np.ndarray:
+    def __call__(
+        self, ids: np.ndarray, positions: np.ndarray, global_positions: np.ndarray | None = None
+    ) -> np.ndarray:
         """`global_positions` (B, G): row indices of global tokens, -1 in unused slots (None: local only)."""
         torch = self.torch
         cuda = self.device.type == "cuda"
@@ -251,15 +257,25 @@ def check_global_attention(artifact: Artifact, backend: str, precision: str = "a
     """Refuse, in one line, global attention where it cannot run: a family without it (BigBird) or the
     ONNX Runtime backend on an artifact exported without the global-attention graph."""
     if artifact.model_type != "longformer":
-        raise ValueError(f"global attention is Longformer's; this {artifact.model_type} model has none "
-                         "(use --global-attention none)")
+        raise ValueError(
+            f"global attention is Longformer's; this {artifact.model_type} model has none (use --global-attention none)"
+        )
     if resolve_backend(backend, precision) == "onnxruntime" and "onnx_global" not in artifact.manifest:
-        raise ValueError("global attention on the onnxruntime backend needs the artifact's global-attention graph: "
-                         "re-export with python -m clinlong.export --global-attention, or use --backend torch")
+        raise ValueError(
+            "global attention on the onnxruntime backend needs the artifact's global-attention graph: "
+            "re-export with python -m clinlong.export --global-attention, or use --backend torch"
+        )
 
 
-def load_model(artifact: Artifact, precision: str = "fp32", backend: str = "auto", threads: int | None = None,
-               device: str = "cpu", kernel: str = "auto", global_attention: str = "none"):
+def load_model(
+    artifact: Artifact,
+    precision: str = "fp32",
+    backend: str = "auto",
+    threads: int | None = None,
+    device: str = "cpu",
+    kernel: str = "auto",
+    global_attention: str = "none",
+):
     """A model of this artifact for this precision and device (ONNX Runtime or torch). Callers cache it:
     the process's one cache is `core.batches.embedder`, keyed by the artifact's model_id."""
     backend, precision = choose_backend(precision, backend, device)
@@ -292,10 +308,18 @@ class Encoder:
     `global_attention` (Longformer): "none", or "cls": global attention on the first token (<s>) of every
     sequence; a call may instead name each sequence's global tokens (`globals`)."""
 
-    def __init__(self, artifact: Artifact, token_budget: int = DEFAULT_TOKEN_BUDGET,
-                 batch_size: int = DEFAULT_BATCH_SIZE, threads: int | None = None,
-                 precision: str = "fp32", backend: str = "auto", device: str = "cpu", kernel: str = "auto",
-                 global_attention: str = "none"):
+    def __init__(
+        self,
+        artifact: Artifact,
+        token_budget: int = DEFAULT_TOKEN_BUDGET,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        threads: int | None = None,
+        precision: str = "fp32",
+        backend: str = "auto",
+        device: str = "cpu",
+        kernel: str = "auto",
+        global_attention: str = "none",
+    ):
         check_choice("global attention", global_attention, GLOBAL_ATTENTION)
         if global_attention != "none":
             check_global_attention(artifact, backend, precision)
@@ -305,15 +329,18 @@ class Encoder:
         self.model = load_model(artifact, precision, backend, threads, device, kernel, global_attention)
         self.row_width = self.model.row_width  # the padded length of a row holding n tokens (the kernel's rule)
         if global_attention != "none" and not getattr(self.model, "with_global", False):
-            raise ValueError("this artifact lacks the global-attention weights (exported before they were kept); "
-                             "re-export it with python -m clinlong.export for --global-attention")
+            raise ValueError(
+                "this artifact lacks the global-attention weights (exported before they were kept); "
+                "re-export it with python -m clinlong.export for --global-attention"
+            )
         self.pad_id = artifact.token_id("pad")
         self.padding_idx = artifact.encoder_config.pad_token_id  # packed rows' position padding (core.packing)
         self.token_budget = token_budget
         self.batch_size = batch_size
 
-    def __call__(self, sequences: Sequence[np.ndarray],
-                 globals: Sequence[np.ndarray] | None = None) -> list[np.ndarray]:
+    def __call__(
+        self, sequences: Sequence[np.ndarray], globals: Sequence[np.ndarray] | None = None
+    ) -> list[np.ndarray]:
         """One (n, dim) array per sequence; `globals`: each sequence's global token offsets (overrides
         `global_attention`)."""
         if globals is None and self.global_attention == "cls":
@@ -324,8 +351,9 @@ class Encoder:
                 out[i] = hidden
         return out  # type: ignore[return-value]
 
-    def _run_splitting(self, sequences: Sequence[np.ndarray], row: list[int],
-                       globals: Sequence[np.ndarray] | None = None) -> list[tuple[int, np.ndarray]]:
+    def _run_splitting(
+        self, sequences: Sequence[np.ndarray], row: list[int], globals: Sequence[np.ndarray] | None = None
+    ) -> list[tuple[int, np.ndarray]]:
         """Run one packed row; on out-of-memory split its sequences in halves and retry, so none is lost.
         A single sequence that does not fit fails the task (Spark retries it) with a clear error."""
         used = sum(len(sequences[i]) for i in row)
@@ -342,13 +370,16 @@ class Encoder:
             if not _is_oom(e):
                 raise
             if len(row) == 1:
-                raise MemoryError(f"one sequence of {used} tokens does not fit on {self.device}; "
-                                  "lower --max-length or use a larger device") from None
+                raise MemoryError(
+                    f"one sequence of {used} tokens does not fit on {self.device}; "
+                    "lower --max-length or use a larger device"
+                ) from None
             hidden = None
         if hidden is None:
             # Retried outside the except clause: the exception's traceback holds the failed attempt's
             # activations, and retrying inside it ran every half out of GPU memory too (H200 run, 2026-11-29).
             half = len(row) // 2
-            return (self._run_splitting(sequences, row[:half], globals)
-                    + self._run_splitting(sequences, row[half:], globals))
-        return [(i, hidden[s:s + n]) for i, (s, n) in zip(row, spans[0])]
+            return self._run_splitting(sequences, row[:half], globals) + self._run_splitting(
+                sequences, row[half:], globals
+            )
+        return [(i, hidden[s : s + n]) for i, (s, n) in zip(row, spans[0])]

@@ -10,6 +10,7 @@ Arrow lists (and Spark's arrays, which map to them) have int32 offsets, so one a
 MAX_LIST_VALUES floats (or bytes, for float16 vectors): a batch whose rows would hold more is built as
 several chunks, each under the limit (a 10,000-note batch at token granularity reaches it).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -33,22 +34,48 @@ def _vector_type(vector_dtype: str = "float32") -> pa.DataType:
     return pa.list_(pa.field("element", pa.float32()))
 
 
-def table_schema(granularity: str, id_type: pa.DataType, vector_dtype: str = "float32",
-                 partition_by: str = "", skip_reasons: bool = False) -> pa.Schema:
+def table_schema(
+    granularity: str,
+    id_type: pa.DataType,
+    vector_dtype: str = "float32",
+    partition_by: str = "",
+    skip_reasons: bool = False,
+) -> pa.Schema:
     """The output table's schema; `partition_by` (an input column carried along as a string) comes last;
     `skip_reasons` (the one-liner's `predict`) adds `skip_reason` (string), see build_table."""
     vec = _vector_type(vector_dtype)
     check_choice("granularity", granularity, GRANULARITIES)
     if granularity == "note":
-        fields = [("note_id", id_type), ("n_tokens", pa.int32()), ("n_windows", pa.int32()), ("embedding", vec),
-                  ("model_id", pa.string()), ("text_sha256", pa.string())]
+        fields = [
+            ("note_id", id_type),
+            ("n_tokens", pa.int32()),
+            ("n_windows", pa.int32()),
+            ("embedding", vec),
+            ("model_id", pa.string()),
+            ("text_sha256", pa.string()),
+        ]
     elif granularity == "sentence":
-        fields = [("note_id", id_type), ("sentence_index", pa.int32()), ("begin", pa.int32()), ("end", pa.int32()),
-                  ("embedding", vec), ("model_id", pa.string()), ("text_sha256", pa.string())]
+        fields = [
+            ("note_id", id_type),
+            ("sentence_index", pa.int32()),
+            ("begin", pa.int32()),
+            ("end", pa.int32()),
+            ("embedding", vec),
+            ("model_id", pa.string()),
+            ("text_sha256", pa.string()),
+        ]
     elif granularity == "token":
-        fields = [("note_id", id_type), ("sentence_index", pa.int32()), ("token_index", pa.int32()),
-                  ("begin", pa.int32()), ("end", pa.int32()), ("token", pa.string()), ("embedding", vec),
-                  ("model_id", pa.string()), ("text_sha256", pa.string())]
+        fields = [
+            ("note_id", id_type),
+            ("sentence_index", pa.int32()),
+            ("token_index", pa.int32()),
+            ("begin", pa.int32()),
+            ("end", pa.int32()),
+            ("token", pa.string()),
+            ("embedding", vec),
+            ("model_id", pa.string()),
+            ("text_sha256", pa.string()),
+        ]
     if skip_reasons:
         fields.append(("skip_reason", pa.string()))
     if partition_by:
@@ -61,16 +88,32 @@ def table_schema(granularity: str, id_type: pa.DataType, vector_dtype: str = "fl
 def error_schema(id_type: pa.DataType) -> pa.Schema:
     """The errors table: one row per input row that was not embedded. `stage`: read (malformed input
     row), check (unusable id or text), embed (the model step failed on this note alone)."""
-    return pa.schema([pa.field("note_id", id_type), pa.field("text_sha256", pa.string()),
-                      pa.field("stage", pa.string()), pa.field("reason", pa.string()),
-                      pa.field("model_id", pa.string()), pa.field("run_id", pa.string())])
+    return pa.schema(
+        [
+            pa.field("note_id", id_type),
+            pa.field("text_sha256", pa.string()),
+            pa.field("stage", pa.string()),
+            pa.field("reason", pa.string()),
+            pa.field("model_id", pa.string()),
+            pa.field("run_id", pa.string()),
+        ]
+    )
 
 
 def build_errors(schema: pa.Schema, rows: list[tuple], model_id: str, run_id: str) -> pa.Table:
     """Errors-table rows from (note_id, text_sha256, stage, reason) tuples."""
     cols = list(zip(*rows)) if rows else [[], [], [], []]
-    return pa.table({"note_id": cols[0], "text_sha256": cols[1], "stage": cols[2], "reason": cols[3],
-                     "model_id": [model_id] * len(rows), "run_id": [run_id] * len(rows)}, schema=schema)
+    return pa.table(
+        {
+            "note_id": cols[0],
+            "text_sha256": cols[1],
+            "stage": cols[2],
+            "reason": cols[3],
+            "model_id": [model_id] * len(rows),
+            "run_id": [run_id] * len(rows),
+        },
+        schema=schema,
+    )
 
 
 @dataclass(frozen=True)
@@ -97,8 +140,11 @@ class OutputSpec:
 
 def _vectors(blocks: list[np.ndarray], dim: int, vector_dtype: str = "float32") -> pa.Array:
     """One vector per row of the stacked blocks; a row holding NaN (no vector: see engine.NoteResult) is null."""
-    rows = np.concatenate(blocks).astype(np.float32, copy=False).reshape(-1, dim) if blocks and dim else \
-        np.zeros((0, max(dim, 1)), np.float32)
+    rows = (
+        np.concatenate(blocks).astype(np.float32, copy=False).reshape(-1, dim)
+        if blocks and dim
+        else np.zeros((0, max(dim, 1)), np.float32)
+    )
     null = np.isnan(rows).any(axis=1)
     flat = rows[~null].reshape(-1) if null.any() else rows.reshape(-1)
     n = len(rows)
@@ -110,8 +156,9 @@ def _vectors(blocks: list[np.ndarray], dim: int, vector_dtype: str = "float32") 
     if vector_dtype == "float16":
         validity = None if not null.any() else pa.py_buffer(np.packbits(~null, bitorder="little").tobytes())
         data = flat.astype("<f2").tobytes()
-        return pa.Array.from_buffers(pa.binary(), n, [validity, pa.py_buffer(offsets.tobytes()), pa.py_buffer(data)],
-                                     null_count=int(null.sum()))
+        return pa.Array.from_buffers(
+            pa.binary(), n, [validity, pa.py_buffer(offsets.tobytes()), pa.py_buffer(data)], null_count=int(null.sum())
+        )
     mask = pa.array(null) if null.any() else None
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat), type=_vector_type(), mask=mask)
 
@@ -171,8 +218,9 @@ def _build(spec: OutputSpec, ids: list, texts: list, results: list[NoteResult]) 
             "note_id": [i for i, _ in keep],
             "n_tokens": [r.n_tokens if r.skip_reason is None else None for _, r in keep],
             "n_windows": [r.n_windows if r.skip_reason is None else None for _, r in keep],
-            "embedding": _vectors([r.note_vector()[None] if r.skip_reason is None else nan for _, r in keep], dim,
-                                  spec.vector_dtype),
+            "embedding": _vectors(
+                [r.note_vector()[None] if r.skip_reason is None else nan for _, r in keep], dim, spec.vector_dtype
+            ),
             "model_id": [model_id] * len(keep),
             "text_sha256": [r.text_sha256 for _, r in keep],
         }
@@ -204,7 +252,7 @@ def _build(spec: OutputSpec, ids: list, texts: list, results: list[NoteResult]) 
             tok_idx += range(len(toks))
             begins += [b for b, _, _ in toks]
             ends += [e for _, e, _ in toks]
-            tokens += [text[b:e + 1] for b, e, _ in toks]
+            tokens += [text[b : e + 1] for b, e, _ in toks]
             vecs = r.token_vectors(spec.token_vector)
             why += [TOKEN_NO_PIECE if m else None for m in np.isnan(vecs).any(axis=1)]
         blocks.append(vecs)

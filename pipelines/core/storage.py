@@ -2,6 +2,7 @@
 `dbfs:/`, `/Volumes/…`), the form delta-rs takes them in, the storage options it and pyarrow need, and
 a filesystem rooted at a table. Needs no Spark; credentials are never logged.
 """
+
 from __future__ import annotations
 
 import os
@@ -12,8 +13,19 @@ import pyarrow.fs as pafs
 from clinlong.pipelines.core.errors import StorageError  # noqa: F401 - re-exported: defined in core.errors
 
 # Schemes delta-rs (object_store) opens; `s3a`/`s3n` are Hadoop's names for the same S3 buckets.
-_DELTA_RS_SCHEMES = {"s3": "s3", "s3a": "s3", "s3n": "s3", "gs": "gs", "abfss": "abfss", "abfs": "abfs",
-                     "az": "az", "adl": "adl", "azure": "azure", "r2": "r2", "memory": "memory"}
+_DELTA_RS_SCHEMES = {
+    "s3": "s3",
+    "s3a": "s3",
+    "s3n": "s3",
+    "gs": "gs",
+    "abfss": "abfss",
+    "abfs": "abfs",
+    "az": "az",
+    "adl": "adl",
+    "azure": "azure",
+    "r2": "r2",
+    "memory": "memory",
+}
 
 
 def scheme(uri: str) -> str:
@@ -38,9 +50,11 @@ def delta_rs_uri(uri: str) -> str:
     if s in ("", "file"):
         return os.path.abspath(local_path(uri))
     if s in _DELTA_RS_SCHEMES:
-        return _DELTA_RS_SCHEMES[s] + uri[len(s):]
-    raise StorageError(f"delta-rs cannot open {s}: locations such as {uri}; run on a cluster with delta-spark "
-                       f"and pass --writer delta-spark, or name the table by an s3://, abfss://, gs:// or local path")
+        return _DELTA_RS_SCHEMES[s] + uri[len(s) :]
+    raise StorageError(
+        f"delta-rs cannot open {s}: locations such as {uri}; run on a cluster with delta-spark "
+        f"and pass --writer delta-spark, or name the table by an s3://, abfss://, gs:// or local path"
+    )
 
 
 def parse_storage_options(pairs: list[str] | tuple[str, ...]) -> dict[str, str]:

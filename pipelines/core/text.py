@@ -12,6 +12,7 @@ the word or symbol they follow, in every script (Unicode's UAX #29 rule WB4: "ig
 characters" inside a word), so a text and its NFC or NFD form give the same words, each at its offsets
 in the text as given.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -51,10 +52,10 @@ def _extend_class() -> str:
 EXTEND = f"[{_extend_class()}]"  # continues the word or symbol before it
 _WORD = rf"\w(?:\w|{EXTEND})*"
 _TOKEN = re.compile(
-    _DEID                                   # de-identification brackets, whole
-    + r"|(?:[A-Za-z]{1,3}\.){2,}"           # dotted abbreviations: q.d., b.i.d., e.g.
+    _DEID  # de-identification brackets, whole
+    + r"|(?:[A-Za-z]{1,3}\.){2,}"  # dotted abbreviations: q.d., b.i.d., e.g.
     + r"|(?:Dr|Mr|Mrs|Ms|Pt|pt|vs|Vs|No|St)\.(?=\s|$)"  # titles and common abbreviations
-    + rf"|{_WORD}(?:[-/'.:,]{_WORD})*"      # words and numbers: 36.5, 120/80, s/p, 2101-3-4, 1,000, l'hôpital
+    + rf"|{_WORD}(?:[-/'.:,]{_WORD})*"  # words and numbers: 36.5, 120/80, s/p, 2101-3-4, 1,000, l'hôpital
     + rf"|[^\w\s](?:\u200d[^\w\s]|{EXTEND})*"  # any other symbol alone, with its marks (ZWJ emoji whole)
 )
 
@@ -113,8 +114,7 @@ def detect_sentences(text: str) -> list[Span]:
         prev_end = e
         if not line.strip():
             continue
-        starts_new = (not prev_open or _LIST_ITEM.match(line) or _HEADER.match(line)
-                      or not line.lstrip()[:1].islower())
+        starts_new = not prev_open or _LIST_ITEM.match(line) or _HEADER.match(line) or not line.lstrip()[:1].islower()
         if starts_new or not blocks:
             blocks.append([b, e])
         else:

@@ -9,6 +9,7 @@ n + (k - 1) * overlap tokens (not k full windows). Every piece takes its vector 
 which it sits farthest from a window edge (ties: the earlier window), so with the default overlap of
 512 each stitched piece has at least 256 pieces of context on both sides wherever the note has them.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -31,8 +32,10 @@ def window_plan(n: int, max_length: int, overlap: int = DEFAULT_OVERLAP) -> tupl
     if n <= width:
         return [0], n
     if not 0 <= overlap < width:
-        raise ValueError(f"window overlap {overlap} must be in [0, {width}) for max length {max_length} "
-                         "(window_overlap, --window-overlap)")
+        raise ValueError(
+            f"window overlap {overlap} must be in [0, {width}) for max length {max_length} "
+            "(window_overlap, --window-overlap)"
+        )
     k = -(-(n - overlap) // (width - overlap))
     length = -(-(n + (k - 1) * overlap) // k)
     stride = length - overlap

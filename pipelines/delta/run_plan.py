@@ -4,6 +4,7 @@ incremental` the notes still to embed and the rows that a changed text (or a ret
 failure) has made stale. `plan` decides a run as one frozen `RunPlan`; nothing here writes but
 `delete_stale`, which the job calls once the run's chunks are committed.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -22,8 +23,16 @@ from clinlong.pipelines.delta.writers.base import Chunk, Writer
 
 log = logging.getLogger("clinlong.job")
 
-RESULT_OPTIONS = ("context", "max_length", "case_sensitive", "window_overlap", "token_vector", "precision",
-                  "max_chars", "global_attention")  # options that change the output; batch sizes and devices do not
+RESULT_OPTIONS = (
+    "context",
+    "max_length",
+    "case_sensitive",
+    "window_overlap",
+    "token_vector",
+    "precision",
+    "max_chars",
+    "global_attention",
+)  # options that change the output; batch sizes and devices do not
 
 
 def run_id(parts: dict) -> str:
@@ -52,8 +61,11 @@ def done_keys(output: DataFrame | None, errors: DataFrame | None, model_id: str)
     `check`), for `model_id`. `embed` errors are not done: the next incremental run retries them."""
     if errors is not None:
         errors = errors.where(F.col("stage") != "embed")
-    keys = [t.where(F.col("model_id") == model_id).select("note_id", "text_sha256") for t in (output, errors)
-            if t is not None]
+    keys = [
+        t.where(F.col("model_id") == model_id).select("note_id", "text_sha256")
+        for t in (output, errors)
+        if t is not None
+    ]
     if not keys:
         return None
     out = keys[0]
@@ -99,20 +111,27 @@ def balance(part: DataFrame, tasks: int, overhead_chars: int = 200) -> DataFrame
     cost = F.coalesce(F.length("text"), F.lit(0)) + F.lit(overhead_chars)
     keyed = part.withColumn("_cost", cost.cast("long")).withColumn("_key", F.xxhash64("note_id", "text"))
     total = keyed.agg(F.sum("_cost")).first()[0] or 0
-    heavy = (keyed.where(F.col("_cost") * (8 * tasks) >= F.lit(total)).select("_key", "_cost")
-             .orderBy(F.col("_cost").desc()).limit(4 * tasks).collect())
+    heavy = (
+        keyed.where(F.col("_cost") * (8 * tasks) >= F.lit(total))
+        .select("_key", "_cost")
+        .orderBy(F.col("_cost").desc())
+        .limit(4 * tasks)
+        .collect()
+    )
     placed, slots = plan_tasks(total, [(r["_key"], r["_cost"]) for r in heavy], tasks)
     exact = _exact_targets(part.sparkSession, tasks)
-    slot = F.element_at(F.array(*[F.lit(exact[t]) for t in slots]),
-                        (F.pmod(F.col("_key"), F.lit(len(slots))) + 1).cast("int"))
+    slot = F.element_at(
+        F.array(*[F.lit(exact[t]) for t in slots]), (F.pmod(F.col("_key"), F.lit(len(slots))) + 1).cast("int")
+    )
     if placed:
         lookup = F.create_map(*[F.lit(v) for k, t in placed.items() for v in (k, exact[t])])
         slot = F.coalesce(lookup[F.col("_key")], slot)
     return keyed.repartition(tasks, slot.cast("long")).drop("_cost", "_key")  # long: as _exact_targets hashed
 
 
-def plan_tasks(total: int, heavy: list[tuple[int, int]], tasks: int, slots_per_task: int = 16
-               ) -> tuple[dict[int, int], list[int]]:
+def plan_tasks(
+    total: int, heavy: list[tuple[int, int]], tasks: int, slots_per_task: int = 16
+) -> tuple[dict[int, int], list[int]]:
     """Longest-processing-time placement of the heavy (key, cost) notes, and a slot table that gives
     each task a share of the light notes in proportion to its remaining capacity."""
     loads = [0] * tasks
@@ -197,14 +216,24 @@ class RunPlan:
 
 def run_description(cfg: JobConfig, model_id: str, fingerprint: list) -> dict:
     """What makes two invocations the same run: input data, columns, model, output, result-changing options."""
-    return {"input": fingerprint, "format": cfg.input_format, "id": [cfg.id_col, cfg.id_type],
-            "text": cfg.text_col, "model": model_id, "granularity": cfg.granularity, "mode": cfg.mode,
-            "vector_dtype": cfg.vector_dtype, "chunk_notes": cfg.chunk_notes, "partition_by": cfg.partition_by,
-            "options": {k: getattr(cfg.options, k) for k in RESULT_OPTIONS}}
+    return {
+        "input": fingerprint,
+        "format": cfg.input_format,
+        "id": [cfg.id_col, cfg.id_type],
+        "text": cfg.text_col,
+        "model": model_id,
+        "granularity": cfg.granularity,
+        "mode": cfg.mode,
+        "vector_dtype": cfg.vector_dtype,
+        "chunk_notes": cfg.chunk_notes,
+        "partition_by": cfg.partition_by,
+        "options": {k: getattr(cfg.options, k) for k in RESULT_OPTIONS},
+    }
 
 
-def plan(cfg: JobConfig, notes: DataFrame, writer: Writer, model_id: str, fingerprint: list,
-         default_tasks: int) -> RunPlan:
+def plan(
+    cfg: JobConfig, notes: DataFrame, writer: Writer, model_id: str, fingerprint: list, default_tasks: int
+) -> RunPlan:
     """The run: its identity (input fingerprint, columns, model, output and result-changing options; in
     incremental mode the output tables' versions too), the notes it owes (read and counted once, persisted),
     its chunks, run id, and where an earlier attempt of it stopped (the writer's committed transaction)."""
@@ -234,8 +263,14 @@ def plan(cfg: JobConfig, notes: DataFrame, writer: Writer, model_id: str, finger
     elif first:
         log.info("run %s: chunks 0..%d of %d were committed by an earlier attempt; resuming", rid, first - 1, chunks)
     tasks = cfg.partitions or default_tasks
-    log.info("run %s: %d input rows in %d chunk(s) of ~%d notes, up to %d task(s) per chunk", rid, n_in, chunks,
-             cfg.chunk_notes or n_in, tasks)
+    log.info(
+        "run %s: %d input rows in %d chunk(s) of ~%d notes, up to %d task(s) per chunk",
+        rid,
+        n_in,
+        chunks,
+        cfg.chunk_notes or n_in,
+        tasks,
+    )
     return RunPlan(ident, rid, app_id, chunks, first, tasks, notes, all_notes, n_in, total)
 
 
@@ -250,10 +285,12 @@ def delete_stale(writer: Writer, plan: RunPlan, cfg: JobConfig, model_id: str) -
     model = F.lit(model_id).alias("model_id")
     if out is not None:
         deleted["stale_rows_deleted"] = writer.delete_matching(
-            cfg.out, stale(plan.all_notes, out, model_id).select("*", model))
+            cfg.out, stale(plan.all_notes, out, model_id).select("*", model)
+        )
     if errors is not None:
         writer.delete_matching(cfg.errors_path, stale(plan.all_notes, errors, model_id).select("*", model))
         retried = retried_errors(plan.notes, errors, model_id).select("*", model)
         deleted["retried_error_rows_deleted"] = writer.delete_matching(
-            cfg.errors_path, retried, f"t.stage = 'embed' AND t.run_id <> '{plan.run_id}'")
+            cfg.errors_path, retried, f"t.stage = 'embed' AND t.run_id <> '{plan.run_id}'"
+        )
     return deleted

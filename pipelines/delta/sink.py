@@ -7,6 +7,7 @@ chunk), read back with `transaction_version` before work starts and checked agai
 commit; Delta's conflict checker rejects a concurrent commit of the same (app id, version). Files of a
 chunk that never got committed are orphans no reader sees; the run removes its own, `vacuum` the rest.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,15 @@ import pyarrow as pa
 from clinlong.pipelines.core.errors import CommitConflict  # noqa: F401 - re-exported: defined in core.errors
 from clinlong.pipelines.core.storage import delta_rs_uri, is_local, open_table
 
-__all__ = ["CommitConflict", "commit", "committed_version", "delete_matching", "existing_table_schema", "open_table",
-           "read_table"]  # open_table: the one place a DeltaTable is built (core.storage, no Spark: sources use it too)
+__all__ = [
+    "CommitConflict",
+    "commit",
+    "committed_version",
+    "delete_matching",
+    "existing_table_schema",
+    "open_table",
+    "read_table",
+]  # open_table: the one place a DeltaTable is built (core.storage, no Spark: sources use it too)
 
 
 def committed_version(table_uri: str, app_id: str, storage_options: dict | None = None) -> int:
@@ -28,9 +36,16 @@ def committed_version(table_uri: str, app_id: str, storage_options: dict | None 
     return -1 if v is None else int(v)
 
 
-def commit(table_uri: str, files: list, schema: pa.Schema, mode: str, info: dict,
-           txn: tuple[str, int] | None = None, partition_by: str = "", storage_options: dict | None = None
-           ) -> int | None:
+def commit(
+    table_uri: str,
+    files: list,
+    schema: pa.Schema,
+    mode: str,
+    info: dict,
+    txn: tuple[str, int] | None = None,
+    partition_by: str = "",
+    storage_options: dict | None = None,
+) -> int | None:
     """Commit the written files (`writers.rs.WrittenFile`: path, size, stats, partition values) as one table
     version; return the version, or None when `txn` shows the
     chunk was already committed (by an earlier attempt of this run). Raises CommitConflict."""
@@ -42,15 +57,22 @@ def commit(table_uri: str, files: list, schema: pa.Schema, mode: str, info: dict
     now = int(time.time() * 1000)
     adds = [AddAction(f.path, f.size, f.partition_values, now, True, f.stats) for f in files]
     partitioning = [partition_by] if partition_by else None
-    props = CommitProperties(custom_metadata={"clinlong": json.dumps(info)},
-                             app_transactions=[Transaction(*txn)] if txn else None)
+    props = CommitProperties(
+        custom_metadata={"clinlong": json.dumps(info)}, app_transactions=[Transaction(*txn)] if txn else None
+    )
     for attempt in range(2):
         dt = open_table(uri, opts)
         if dt is None:
             try:
-                create_table_with_add_actions(uri, Schema.from_arrow(schema), adds, mode="append",
-                                              partition_by=partitioning, commit_properties=props,
-                                              storage_options=opts)
+                create_table_with_add_actions(
+                    uri,
+                    Schema.from_arrow(schema),
+                    adds,
+                    mode="append",
+                    partition_by=partitioning,
+                    commit_properties=props,
+                    storage_options=opts,
+                )
                 return open_table(uri, opts).version()
             except Exception:  # noqa: BLE001 - another writer created it first: commit into it
                 if attempt or open_table(uri, opts) is None:
@@ -60,19 +82,23 @@ def commit(table_uri: str, files: list, schema: pa.Schema, mode: str, info: dict
         if txn and done is not None and done >= txn[1]:
             return None
         try:
-            dt.create_write_transaction(adds, mode=mode, schema=Schema.from_arrow(schema), partition_by=partitioning,
-                                        commit_properties=props)
+            dt.create_write_transaction(
+                adds, mode=mode, schema=Schema.from_arrow(schema), partition_by=partitioning, commit_properties=props
+            )
         except CommitFailedError as e:
             if txn and committed_version(uri, txn[0], opts) >= txn[1]:
                 return None  # a concurrent attempt of the same run committed this chunk
-            raise CommitConflict(f"another writer changed {table_uri} during this commit ({e}); "
-                                 "committed chunks are kept: rerun the same command to finish") from None
+            raise CommitConflict(
+                f"another writer changed {table_uri} during this commit ({e}); "
+                "committed chunks are kept: rerun the same command to finish"
+            ) from None
         return open_table(uri, opts).version()
     raise AssertionError("unreachable")
 
 
-def delete_matching(table_uri: str, keys: pa.Table, predicate: str, storage_options: dict | None = None,
-                    info: dict | None = None) -> int:
+def delete_matching(
+    table_uri: str, keys: pa.Table, predicate: str, storage_options: dict | None = None, info: dict | None = None
+) -> int:
     """Delete the rows of the table that match a row of `keys` under `predicate` (aliases `t` for the
     table, `s` for the keys) in one merge commit; return how many. No commit when `keys` is empty."""
     from deltalake import CommitProperties
@@ -81,8 +107,11 @@ def delete_matching(table_uri: str, keys: pa.Table, predicate: str, storage_opti
     if dt is None or keys.num_rows == 0:
         return 0
     props = CommitProperties(custom_metadata={"clinlong": json.dumps(info or {})})
-    metrics = (dt.merge(source=keys, predicate=predicate, source_alias="s", target_alias="t",
-                        commit_properties=props).when_matched_delete().execute())
+    metrics = (
+        dt.merge(source=keys, predicate=predicate, source_alias="s", target_alias="t", commit_properties=props)
+        .when_matched_delete()
+        .execute()
+    )
     return int(metrics.get("num_target_rows_deleted", 0))
 
 

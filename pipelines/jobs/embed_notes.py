@@ -10,6 +10,7 @@ resumes and a finished run is never written twice; what a run is and which notes
 pipelines.delta.run_plan (`RunPlan`), what it did is pipelines.jobs.summary. Nothing here logs or prints
 note text.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,12 +33,14 @@ log = logging.getLogger("clinlong.job")
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line, generated from JobConfig's and EmbedOptions' fields (their defaults, choices, help)."""
-    p = argparse.ArgumentParser(prog="python -m clinlong.pipelines.embed_notes",
-                                description="Embed a clinical-note table with a Clinical-Longformer-family model "
-                                            "into a Delta table.")
+    p = argparse.ArgumentParser(
+        prog="python -m clinlong.pipelines.embed_notes",
+        description="Embed a clinical-note table with a Clinical-Longformer-family model into a Delta table.",
+    )
     add_arguments(p, JobConfig)
-    p.add_argument("--master", help="Spark master when run with python -m (default local[*]; spark-submit sets "
-                                    "its own)")
+    p.add_argument(
+        "--master", help="Spark master when run with python -m (default local[*]; spark-submit sets its own)"
+    )
     return p
 
 
@@ -102,8 +105,14 @@ def _run(cfg: JobConfig, spark, artifact: Artifact, profile, verified: Future, s
 
     source, raw, notes, writer = _read(cfg, spark, artifact)
     with JobProgress(spark, cfg.progress_every) as progress:  # from the read on: a big input shows progress too
-        plan = run_plan.plan(cfg, notes, writer, artifact.model_id, sources.fingerprint(spark, source, raw),
-                             TASKS_PER_CORE * spark.sparkContext.defaultParallelism)
+        plan = run_plan.plan(
+            cfg,
+            notes,
+            writer,
+            artifact.model_id,
+            sources.fingerprint(spark, source, raw),
+            TASKS_PER_CORE * spark.sparkContext.defaultParallelism,
+        )
         progress.total_notes = plan.input_rows
         share_executor_cores(spark.sparkContext)
         verified.result()  # ArtifactError: nothing was written
@@ -131,14 +140,29 @@ def _read(cfg: JobConfig, spark, artifact: Artifact):
     raw = sources.read(spark, source)
     notes = sources.select_notes(raw, cfg.id_col, cfg.text_col, cfg.id_type, keep)
     id_type = to_arrow_type(notes.schema["note_id"].dataType)
-    spec = OutputSpec(cfg.granularity, table_schema(cfg.granularity, id_type, cfg.vector_dtype, cfg.partition_by),
-                      artifact.model_id, artifact.dimension, cfg.options.token_vector, cfg.vector_dtype,
-                      cfg.partition_by)
+    spec = OutputSpec(
+        cfg.granularity,
+        table_schema(cfg.granularity, id_type, cfg.vector_dtype, cfg.partition_by),
+        artifact.model_id,
+        artifact.dimension,
+        cfg.options.token_vector,
+        cfg.vector_dtype,
+        cfg.partition_by,
+    )
     writer = make_writer(spark, cfg, str(artifact.path), spec, error_schema(id_type))
     writer.check_outputs()
-    log.info("model %s (dim %d), input %s (%s), granularity %s, context %s, max length %d, mode %s, writer %s",
-             artifact.model_id, artifact.dimension, source.name, source.kind, cfg.granularity, cfg.options.context,
-             cfg.options.max_length, cfg.mode, writer.name)
+    log.info(
+        "model %s (dim %d), input %s (%s), granularity %s, context %s, max length %d, mode %s, writer %s",
+        artifact.model_id,
+        artifact.dimension,
+        source.name,
+        source.kind,
+        cfg.granularity,
+        cfg.options.context,
+        cfg.options.max_length,
+        cfg.mode,
+        writer.name,
+    )
     return source, raw, notes, writer
 
 
@@ -147,8 +171,10 @@ def _finish(cfg: JobConfig, writer, plan, totals, version: int | None, model_id:
     from clinlong.pipelines.delta import run_plan
 
     if plan.first == 0 and totals.notes != plan.input_rows:  # a guard, never expected: every row must be accounted
-        raise RuntimeError(f"rows in {plan.input_rows} but tasks accounted for {totals.notes}; the table was not "
-                           f"left inconsistent (every chunk commit is whole), rerun to resume")
+        raise RuntimeError(
+            f"rows in {plan.input_rows} but tasks accounted for {totals.notes}; the table was not "
+            f"left inconsistent (every chunk commit is whole), rerun to resume"
+        )
     result = summary(totals, time.perf_counter() - start, model_id, cfg, plan)
     result["input_total"] = plan.input_total
     if cfg.mode == "incremental":
@@ -177,7 +203,7 @@ def task_failure(e: BaseException) -> str | None:
     marker = f"{ModelStepFailed.__name__}: "
     if marker not in text:
         return None
-    line = text[text.rindex(marker):].splitlines()[0]
+    line = text[text.rindex(marker) :].splitlines()[0]
     return f"a Spark task failed after its retries: {line}"
 
 
@@ -194,8 +220,11 @@ def main(argv: list[str] | None = None) -> int:
         cause = task_failure(e)
         if cause is None:
             raise
-        print(f"error: {cause}; nothing of the failed chunk was committed, committed chunks are kept: "
-              "fix the cause and rerun the same command to resume", file=sys.stderr)
+        print(
+            f"error: {cause}; nothing of the failed chunk was committed, committed chunks are kept: "
+            "fix the cause and rerun the same command to resume",
+            file=sys.stderr,
+        )
         return ModelStepFailed.exit_code
     print(format_summary(summary))
     return 0

@@ -1,8 +1,9 @@
 """Nearest notes by note vector (cosine) in a note-granularity embeddings table. Prints ids only, never text.
 
-    python -m clinlong.pipelines.neighbours DELTA_PATH --note-id ID [--k 5] [--notes NOTEEVENTS.csv]
-        [--storage-option KEY=VALUE ...]
+python -m clinlong.pipelines.neighbours DELTA_PATH --note-id ID [--k 5] [--notes NOTEEVENTS.csv]
+    [--storage-option KEY=VALUE ...]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,8 +27,10 @@ def nearest(table_path: str, note_id, k: int = 5, storage_options: dict | None =
         raise NeighboursError(f"no Delta table at {table_path}")
     if "embedding" not in schema.names or {"sentence_index", "token_index"} & set(schema.names):
         kind = "token" if "token_index" in schema.names else "sentence" if "sentence_index" in schema.names else "other"
-        raise NeighboursError(f"{table_path} is a {kind}-granularity table; neighbours ranks notes by their note "
-                              "vectors: point it at a table written with --granularity note (the default)")
+        raise NeighboursError(
+            f"{table_path} is a {kind}-granularity table; neighbours ranks notes by their note "
+            "vectors: point it at a table written with --granularity note (the default)"
+        )
     t = read_table(table_path, ["note_id", "embedding"], storage_options)
     m, valid = read_vectors(t.column("embedding"))
     raw_ids = [i for i, ok in zip(t.column("note_id").to_pylist(), valid) if ok]
@@ -46,8 +49,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--note-id", required=True)
     p.add_argument("--k", type=int, default=5)
     p.add_argument("--notes", help="NOTEEVENTS CSV, to show each note's CATEGORY")
-    p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="delta-rs storage option (repeatable), as the job takes them")
+    p.add_argument(
+        "--storage-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="delta-rs storage option (repeatable), as the job takes them",
+    )
     args = p.parse_args(argv)
     categories = {}
     try:

@@ -3,6 +3,7 @@
 Columns produced by our stages have exactly this type and Spark NLP's annotator type names and column
 metadata, so a cluster with Spark NLP can consume them.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -14,21 +15,28 @@ from clinlong.pipelines.core.schema import MAX_LIST_VALUES
 DOCUMENT, TOKEN, WORD_EMBEDDINGS, SENTENCE_EMBEDDINGS = "document", "token", "word_embeddings", "sentence_embeddings"
 CATEGORY, NAMED_ENTITY, CHUNK = "category", "named_entity", "chunk"  # heads (issue 24) and NerConverter
 
-ANNOTATION = T.StructType([
-    T.StructField("annotatorType", T.StringType(), False),
-    T.StructField("begin", T.IntegerType(), False),
-    T.StructField("end", T.IntegerType(), False),
-    T.StructField("result", T.StringType(), False),
-    T.StructField("metadata", T.MapType(T.StringType(), T.StringType(), True), False),
-    T.StructField("embeddings", T.ArrayType(T.FloatType(), True), False),
-])
+ANNOTATION = T.StructType(
+    [
+        T.StructField("annotatorType", T.StringType(), False),
+        T.StructField("begin", T.IntegerType(), False),
+        T.StructField("end", T.IntegerType(), False),
+        T.StructField("result", T.StringType(), False),
+        T.StructField("metadata", T.MapType(T.StringType(), T.StringType(), True), False),
+        T.StructField("embeddings", T.ArrayType(T.FloatType(), True), False),
+    ]
+)
 ANNOTATIONS = T.ArrayType(ANNOTATION, True)
 
-_ARROW_ANNOTATION = pa.struct([
-    pa.field("annotatorType", pa.string()), pa.field("begin", pa.int32()), pa.field("end", pa.int32()),
-    pa.field("result", pa.string()), pa.field("metadata", pa.map_(pa.string(), pa.string())),
-    pa.field("embeddings", pa.list_(pa.float32())),
-])
+_ARROW_ANNOTATION = pa.struct(
+    [
+        pa.field("annotatorType", pa.string()),
+        pa.field("begin", pa.int32()),
+        pa.field("end", pa.int32()),
+        pa.field("result", pa.string()),
+        pa.field("metadata", pa.map_(pa.string(), pa.string())),
+        pa.field("embeddings", pa.list_(pa.float32())),
+    ]
+)
 ARROW_ANNOTATIONS = pa.list_(_ARROW_ANNOTATION)
 
 
@@ -60,16 +68,20 @@ def annotations_array(rows: list[list[tuple]], vectors: np.ndarray | None = None
         null = np.isnan(mat).any(axis=1)
         offsets = np.zeros(n + 1, np.int32)
         np.cumsum(np.where(null, 0, dim), out=offsets[1:])
-        emb = pa.ListArray.from_arrays(pa.array(offsets), pa.array((mat[~null] if null.any() else mat).reshape(-1)),
-                                       type=pa.list_(pa.float32()))
-    structs = pa.StructArray.from_arrays([
-        pa.array([a[0] for a in flat], pa.string()),
-        pa.array([a[1] for a in flat], pa.int32()),
-        pa.array([a[2] for a in flat], pa.int32()),
-        pa.array([a[3] for a in flat], pa.string()),
-        pa.array([list(a[4].items()) for a in flat], pa.map_(pa.string(), pa.string())),
-        emb,
-    ], fields=list(_ARROW_ANNOTATION))
+        emb = pa.ListArray.from_arrays(
+            pa.array(offsets), pa.array((mat[~null] if null.any() else mat).reshape(-1)), type=pa.list_(pa.float32())
+        )
+    structs = pa.StructArray.from_arrays(
+        [
+            pa.array([a[0] for a in flat], pa.string()),
+            pa.array([a[1] for a in flat], pa.int32()),
+            pa.array([a[2] for a in flat], pa.int32()),
+            pa.array([a[3] for a in flat], pa.string()),
+            pa.array([list(a[4].items()) for a in flat], pa.map_(pa.string(), pa.string())),
+            emb,
+        ],
+        fields=list(_ARROW_ANNOTATION),
+    )
     row_offsets = np.zeros(len(rows) + 1, np.int32)
     np.cumsum([len(r) for r in rows], out=row_offsets[1:])
     return pa.ListArray.from_arrays(pa.array(row_offsets), structs)

@@ -3,6 +3,7 @@ workers while the driver plans (`Preload`), and a task's resources (`task_embedd
 model, and the executor's cores shared among its running torch CPU tasks, named by the driver in a local
 property, `share_executor_cores`). The batch loop itself is `core.batches`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -76,12 +77,14 @@ class Preload:
             except ArtifactError:  # the driver verifies the artifact and reports it in one line
                 pass
             except Exception as e:  # noqa: BLE001 - the embedding tasks meet it again and report it
-                log.info("model preload failed in this worker (%s); the embedding tasks will try again",
-                         type(e).__name__)
+                log.info(
+                    "model preload failed in this worker (%s); the embedding tasks will try again", type(e).__name__
+                )
             yield from ()
 
-        self.spark.range(0, slots, 1, slots).mapInArrow(load, from_arrow_schema(pa.schema([("id", pa.int64())])),
-                                                        profile=self.profile).collect()
+        self.spark.range(0, slots, 1, slots).mapInArrow(
+            load, from_arrow_schema(pa.schema([("id", pa.int64())])), profile=self.profile
+        ).collect()
 
 
 SHARED_CORES = "clinlong.executor.cores"  # Spark local property: "<application id>:<cores per executor>"

@@ -12,6 +12,7 @@ of resolved files is kept under `$CLINLONG_JARS` (default `~/.cache/clinlong/jar
 `spark.jars`: later starts resolve nothing and need no network. A JAR that cannot be resolved is a one-line
 `JarError` naming the coordinates and what each resolver said; it is never skipped.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -36,15 +37,26 @@ DELTA_CATALOG = "org.apache.spark.sql.delta.catalog.DeltaCatalog"
 KINDS = ("delta", "s3a")
 # What Delta's and hadoop-aws' dependency trees repeat of pyspark's own jars/ (hadoop-client, Parquet,
 # Jackson, logging): Spark's copies are loaded first anyway, so resolving these again only costs downloads.
-EXCLUDES = ("org.apache.hadoop:hadoop-client-api", "org.apache.hadoop:hadoop-client-runtime",
-            "org.apache.parquet:parquet-hadoop", "org.apache.parquet:parquet-column",
-            "org.apache.parquet:parquet-common", "org.apache.parquet:parquet-encoding",
-            "org.apache.parquet:parquet-format-structures", "org.apache.parquet:parquet-jackson",
-            "com.fasterxml.jackson.core:jackson-databind", "com.fasterxml.jackson.core:jackson-core",
-            "com.fasterxml.jackson.core:jackson-annotations", "org.apache.logging.log4j:log4j-core",
-            "org.apache.logging.log4j:log4j-api", "org.apache.logging.log4j:log4j-slf4j2-impl",
-            "org.slf4j:slf4j-api", "org.xerial.snappy:snappy-java", "com.github.luben:zstd-jni",
-            "org.scala-lang:scala-library")
+EXCLUDES = (
+    "org.apache.hadoop:hadoop-client-api",
+    "org.apache.hadoop:hadoop-client-runtime",
+    "org.apache.parquet:parquet-hadoop",
+    "org.apache.parquet:parquet-column",
+    "org.apache.parquet:parquet-common",
+    "org.apache.parquet:parquet-encoding",
+    "org.apache.parquet:parquet-format-structures",
+    "org.apache.parquet:parquet-jackson",
+    "com.fasterxml.jackson.core:jackson-databind",
+    "com.fasterxml.jackson.core:jackson-core",
+    "com.fasterxml.jackson.core:jackson-annotations",
+    "org.apache.logging.log4j:log4j-core",
+    "org.apache.logging.log4j:log4j-api",
+    "org.apache.logging.log4j:log4j-slf4j2-impl",
+    "org.slf4j:slf4j-api",
+    "org.xerial.snappy:snappy-java",
+    "com.github.luben:zstd-jni",
+    "org.scala-lang:scala-library",
+)
 MAVEN_CENTRAL = "https://repo1.maven.org/maven2"
 
 
@@ -60,8 +72,9 @@ def _bundled(prefix: str) -> str:
         m = re.fullmatch(rf"{re.escape(prefix)}-(\d[\w.\-]*)\.jar", f.name)
         if m:
             return m.group(1)
-    raise JarError(f"pyspark's jars/ has no {prefix}-*.jar; is pyspark installed whole "
-                   "(pip install 'clinlong[spark]')?")
+    raise JarError(
+        f"pyspark's jars/ has no {prefix}-*.jar; is pyspark installed whole (pip install 'clinlong[spark]')?"
+    )
 
 
 def coordinates(kinds=KINDS) -> list[str]:
@@ -94,8 +107,14 @@ def _check_requirement(delta: str, spark: str) -> None:
     """delta-spark declares the pyspark versions its JAR is built for; refuse any other in one line."""
     import operator
 
-    ops = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt, "==": operator.eq,
-           "!=": operator.ne}
+    ops = {
+        ">=": operator.ge,
+        "<=": operator.le,
+        ">": operator.gt,
+        "<": operator.lt,
+        "==": operator.eq,
+        "!=": operator.ne,
+    }
 
     def version(v: str) -> tuple:
         return tuple(int(x) for x in re.findall(r"\d+", v)[:3])
@@ -107,8 +126,10 @@ def _check_requirement(delta: str, spark: str) -> None:
         for spec in filter(None, (s.strip() for s in m.group(1).split(","))):
             op, want = re.match(r"(>=|<=|==|!=|>|<)\s*(.+)", spec).groups()
             if not ops[op](version(spark), version(want)):
-                raise JarError(f"delta-spark {delta} is built for pyspark {m.group(1).strip()}, not the installed "
-                               f"{spark}; install the versions pyproject.toml pins (pip install -e '.[spark,delta]')")
+                raise JarError(
+                    f"delta-spark {delta} is built for pyspark {m.group(1).strip()}, not the installed "
+                    f"{spark}; install the versions pyproject.toml pins (pip install -e '.[spark,delta]')"
+                )
 
 
 def cache_dir() -> Path:
@@ -138,11 +159,14 @@ def resolve(kinds=KINDS, quiet: bool = True) -> list[str]:
             except Exception as e:  # noqa: BLE001 - try the next resolver, report both if neither works
                 failures.append(f"{name}: {_first_line(e)}")
                 continue
-            manifest.write_text(json.dumps({"coordinates": coords, "excludes": EXCLUDES, "resolver": name,
-                                            "jars": paths}, indent=1))
+            manifest.write_text(
+                json.dumps({"coordinates": coords, "excludes": EXCLUDES, "resolver": name, "jars": paths}, indent=1)
+            )
             return paths
-    raise JarError(f"cannot resolve {', '.join(coords)} ({'; '.join(failures)}); this needs Maven Central "
-                   f"({MAVEN_CENTRAL}) once per machine, or set CLINLONG_JARS to a folder resolved elsewhere")
+    raise JarError(
+        f"cannot resolve {', '.join(coords)} ({'; '.join(failures)}); this needs Maven Central "
+        f"({MAVEN_CENTRAL}) once per machine, or set CLINLONG_JARS to a folder resolved elsewhere"
+    )
 
 
 def _read_manifest(path: Path) -> list[str] | None:
@@ -168,8 +192,11 @@ def _ivy(coords: list[str], _folder: Path, quiet: bool) -> list[str]:
         gateway = launch_gateway(conf)
     except Exception as e:  # noqa: BLE001 - Ivy failed: its own last lines say why
         log.seek(0)
-        lines = [ln.strip() for ln in log.read().decode(errors="replace").splitlines()
-                 if "unresolved dependency" in ln or "Exception" in ln]
+        lines = [
+            ln.strip()
+            for ln in log.read().decode(errors="replace").splitlines()
+            if "unresolved dependency" in ln or "Exception" in ln
+        ]
         raise JarError(lines[0] if lines else str(e)) from None
     finally:
         os.dup2(saved, 2)
@@ -195,19 +222,36 @@ def _maven(coords: list[str], folder: Path, quiet: bool) -> list[str]:
         raise JarError("mvn is not on PATH")
     deps = "".join(
         f"<dependency><groupId>{g}</groupId><artifactId>{a}</artifactId><version>{v}</version><exclusions>"
-        + "".join(f"<exclusion><groupId>{eg}</groupId><artifactId>{ea}</artifactId></exclusion>"
-                  for eg, ea in (e.split(":") for e in EXCLUDES))
-        + "</exclusions></dependency>" for g, a, v in (c.split(":") for c in coords))
-    pom = ("<project xmlns='http://maven.apache.org/POM/4.0.0'><modelVersion>4.0.0</modelVersion>"
-           "<groupId>clinlong</groupId><artifactId>jars</artifactId><version>0</version>"
-           f"<dependencies>{deps}</dependencies></project>")
+        + "".join(
+            f"<exclusion><groupId>{eg}</groupId><artifactId>{ea}</artifactId></exclusion>"
+            for eg, ea in (e.split(":") for e in EXCLUDES)
+        )
+        + "</exclusions></dependency>"
+        for g, a, v in (c.split(":") for c in coords)
+    )
+    pom = (
+        "<project xmlns='http://maven.apache.org/POM/4.0.0'><modelVersion>4.0.0</modelVersion>"
+        "<groupId>clinlong</groupId><artifactId>jars</artifactId><version>0</version>"
+        f"<dependencies>{deps}</dependencies></project>"
+    )
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     (tmp / "pom.xml").write_text(pom)
-    proc = subprocess.run([mvn, "-B", "-q", "-f", str(tmp / "pom.xml"), "dependency:copy-dependencies",
-                           "-DincludeScope=runtime", f"-DoutputDirectory={tmp / 'jars'}"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            mvn,
+            "-B",
+            "-q",
+            "-f",
+            str(tmp / "pom.xml"),
+            "dependency:copy-dependencies",
+            "-DincludeScope=runtime",
+            f"-DoutputDirectory={tmp / 'jars'}",
+        ],
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode:
         errors = [ln for ln in proc.stdout.splitlines() + proc.stderr.splitlines() if "ERROR" in ln]
         raise JarError(errors[0] if errors else f"mvn exited {proc.returncode}")
@@ -228,8 +272,9 @@ def configure(builder, kinds=KINDS):
         return builder
     builder = builder.config("spark.jars", ",".join(resolve(kinds)))
     if "delta" in kinds:
-        builder = (builder.config("spark.sql.extensions", DELTA_EXTENSION)
-                   .config("spark.sql.catalog.spark_catalog", DELTA_CATALOG))
+        builder = builder.config("spark.sql.extensions", DELTA_EXTENSION).config(
+            "spark.sql.catalog.spark_catalog", DELTA_CATALOG
+        )
     return builder
 
 
@@ -249,8 +294,11 @@ def job_kinds(writer: str, locations) -> tuple[str, ...]:
 
 def is_table_name(name: str) -> bool:
     """`db.table` or `catalog.schema.table` (not an existing local path): a table in Spark's catalog."""
-    return bool(name) and not os.path.exists(name) and re.fullmatch(
-        r"(`[^`]+`|[A-Za-z_][\w$]*)(\.(`[^`]+`|[A-Za-z_][\w$]*)){1,2}", name) is not None
+    return (
+        bool(name)
+        and not os.path.exists(name)
+        and re.fullmatch(r"(`[^`]+`|[A-Za-z_][\w$]*)(\.(`[^`]+`|[A-Za-z_][\w$]*)){1,2}", name) is not None
+    )
 
 
 def s3a_conf(endpoint: str | None = None) -> dict[str, str]:
@@ -260,8 +308,13 @@ def s3a_conf(endpoint: str | None = None) -> dict[str, str]:
     endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
     conf = {}
     if endpoint:
-        conf.update({"spark.hadoop.fs.s3a.endpoint": endpoint, "spark.hadoop.fs.s3a.path.style.access": "true",
-                     "spark.hadoop.fs.s3a.connection.ssl.enabled": str(endpoint.startswith("https")).lower()})
+        conf.update(
+            {
+                "spark.hadoop.fs.s3a.endpoint": endpoint,
+                "spark.hadoop.fs.s3a.path.style.access": "true",
+                "spark.hadoop.fs.s3a.connection.ssl.enabled": str(endpoint.startswith("https")).lower(),
+            }
+        )
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     if region:
         conf["spark.hadoop.fs.s3a.endpoint.region"] = region
@@ -277,8 +330,11 @@ def submit_args(kinds=KINDS, endpoint: str | None = None) -> list[str]:
     if not kinds:
         return []
     out = ["--jars", ",".join(resolve(kinds))]
-    conf = {"spark.sql.extensions": DELTA_EXTENSION, "spark.sql.catalog.spark_catalog": DELTA_CATALOG} \
-        if "delta" in kinds else {}
+    conf = (
+        {"spark.sql.extensions": DELTA_EXTENSION, "spark.sql.catalog.spark_catalog": DELTA_CATALOG}
+        if "delta" in kinds
+        else {}
+    )
     conf.update(s3a_conf(endpoint) if "s3a" in kinds else {})
     for k, v in conf.items():
         out += ["--conf", f"{k}={v}"]

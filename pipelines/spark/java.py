@@ -5,6 +5,7 @@ by JAVA_HOME, else the `java` on PATH, else a JDK under /usr/lib/jvm (21 or 17 f
 `make` looks for one. Without any, one line names the install instead of PySpark's "JAVA_HOME is not set"
 and its traceback.
 """
+
 from __future__ import annotations
 
 import os
@@ -18,8 +19,10 @@ from clinlong.pipelines.core.errors import JavaNotFound  # noqa: F401 - re-expor
 MIN_VERSION = 17
 PREFERRED = (21, 17)  # the versions Spark 4 is tested on, before any newer one
 JVM_ROOTS = (Path("/usr/lib/jvm"), Path("/Library/Java/JavaVirtualMachines"))
-INSTALL_HINT = ("install one (Debian/Ubuntu: sudo apt-get install -y openjdk-17-jre-headless; Fedora: sudo dnf "
-                "install java-17-openjdk-headless; macOS: brew install openjdk@17) or set JAVA_HOME to a JDK 17+")
+INSTALL_HINT = (
+    "install one (Debian/Ubuntu: sudo apt-get install -y openjdk-17-jre-headless; Fedora: sudo dnf "
+    "install java-17-openjdk-headless; macOS: brew install openjdk@17) or set JAVA_HOME to a JDK 17+"
+)
 
 
 def java_version(java: Path | str) -> int | None:
@@ -39,8 +42,11 @@ def _candidates() -> list[Path]:
     homes = []
     for root in JVM_ROOTS:
         if root.is_dir():
-            homes += [h / "Contents" / "Home" if (h / "Contents" / "Home").is_dir() else h
-                      for h in sorted(root.iterdir()) if h.is_dir() and not h.is_symlink()]
+            homes += [
+                h / "Contents" / "Home" if (h / "Contents" / "Home").is_dir() else h
+                for h in sorted(root.iterdir())
+                if h.is_dir() and not h.is_symlink()
+            ]
     return homes
 
 
@@ -61,11 +67,19 @@ def ensure_java() -> str:
     found = {h: java_version(h / "bin" / "java") for h in _candidates()}
     usable = {h: v for h, v in found.items() if v is not None and v >= MIN_VERSION}
     if usable:
-        best = sorted(usable, key=lambda h: (usable[h] not in PREFERRED, PREFERRED.index(usable[h])
-                                             if usable[h] in PREFERRED else -usable[h]))[0]
+        best = sorted(
+            usable,
+            key=lambda h: (
+                usable[h] not in PREFERRED,
+                PREFERRED.index(usable[h]) if usable[h] in PREFERRED else -usable[h],
+            ),
+        )[0]
         os.environ["JAVA_HOME"] = str(best)
         os.environ["PATH"] = f"{best / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"
         return str(best)
-    what = f"JAVA_HOME={home} is not a Java {MIN_VERSION}+ JDK" if home else \
-        f"no Java {MIN_VERSION}+ on PATH or under {' or '.join(map(str, JVM_ROOTS)) or 'a JVM folder'}"
+    what = (
+        f"JAVA_HOME={home} is not a Java {MIN_VERSION}+ JDK"
+        if home
+        else f"no Java {MIN_VERSION}+ on PATH or under {' or '.join(map(str, JVM_ROOTS)) or 'a JVM folder'}"
+    )
     raise JavaNotFound(f"Spark needs Java {MIN_VERSION} or newer: {what}; {INSTALL_HINT}")

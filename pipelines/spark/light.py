@@ -9,6 +9,7 @@ embedded (null, NaN, empty, blank, NUL bytes, too long, no BPE piece) gives one 
 and its reason in `skip_reason` (the reason the job's errors table gives); a token or sentence that no
 BPE piece covers has a null vector and `skip_reason` engine.TOKEN_NO_PIECE / SENTENCE_NO_PIECE.
 """
+
 from __future__ import annotations
 
 from dataclasses import fields, replace
@@ -39,8 +40,14 @@ class EmbeddingsPipeline:
         check_choice("output_level", output_level, sorted(OUTPUT_LEVELS))
         return OUTPUT_LEVELS[output_level]
 
-    def predict(self, data, output_level: str = "token", text_col: str = "text", id_col: str | None = None,
-                context: str | None = None):
+    def predict(
+        self,
+        data,
+        output_level: str = "token",
+        text_col: str = "text",
+        id_col: str | None = None,
+        context: str | None = None,
+    ):
         """Embed `data` (str, list of str, pandas or Spark DataFrame); pandas out, Spark out for Spark in.
 
         Columns: those of the job's table at that level (`note_id` is the list position or the pandas index
@@ -73,8 +80,9 @@ class EmbeddingsPipeline:
             if SparkSession.getActiveSession() is None:
                 ensure_java()
             spark = SparkSession.builder.getOrCreate()
-            sdf = spark.createDataFrame(pd.DataFrame({"note_id": ids, "text": pd.Series(texts, dtype=object)}),
-                                        schema=_text_schema(ids))
+            sdf = spark.createDataFrame(
+                pd.DataFrame({"note_id": ids, "text": pd.Series(texts, dtype=object)}), schema=_text_schema(ids)
+            )
             return arrow_to_pandas(self._spark(sdf, granularity, options).toArrow())
         try:
             from pyspark.sql import DataFrame as SparkDataFrame
@@ -84,15 +92,20 @@ class EmbeddingsPipeline:
             from pyspark.sql import functions as F
 
             if not id_col:  # row positions (monotonically_increasing_id) change when Spark re-evaluates
-                raise ValueError("a Spark DataFrame needs id_col= naming a column that identifies each row, "
-                                 "so that output rows can be joined back to it")
-            return self._spark(data.select(F.col(id_col).alias("note_id"), F.col(text_col).alias("text")),
-                               granularity, options)
-        raise TypeError("predict takes a string, a list of strings, a pandas or a Spark DataFrame, "
-                        f"not {type(data).__name__}")
+                raise ValueError(
+                    "a Spark DataFrame needs id_col= naming a column that identifies each row, "
+                    "so that output rows can be joined back to it"
+                )
+            return self._spark(
+                data.select(F.col(id_col).alias("note_id"), F.col(text_col).alias("text")), granularity, options
+            )
+        raise TypeError(
+            f"predict takes a string, a list of strings, a pandas or a Spark DataFrame, not {type(data).__name__}"
+        )
 
-    def _in_process(self, ids: list, texts: list, granularity: str, options: EmbedOptions,
-                    progress: bool | None = None) -> pd.DataFrame:
+    def _in_process(
+        self, ids: list, texts: list, granularity: str, options: EmbedOptions, progress: bool | None = None
+    ) -> pd.DataFrame:
         from tqdm import tqdm  # the text bar: tqdm.auto warns in notebooks without ipywidgets
 
         from clinlong.pipelines.core.batches import embed_texts, embedder
@@ -104,15 +117,20 @@ class EmbeddingsPipeline:
         bar = tqdm(total=len(texts), desc="[predict]", unit=" notes", disable=not show)  # counts only, no text
         tables = []
         for i in range(0, max(len(texts), 1), CHUNK):
-            chunk_ids, chunk_texts = ids[i:i + CHUNK], texts[i:i + CHUNK]
+            chunk_ids, chunk_texts = ids[i : i + CHUNK], texts[i : i + CHUNK]
             tables.append(build_table(spec, chunk_ids, chunk_texts, embed_texts(emb, chunk_texts, chunk_ids)))
             bar.update(len(chunk_texts))
         bar.close()
         return arrow_to_pandas(pa.concat_tables(tables))
 
     def _spec(self, granularity: str, id_type: pa.DataType, options: EmbedOptions) -> OutputSpec:
-        return OutputSpec(granularity, table_schema(granularity, id_type, skip_reasons=True), self.artifact.model_id,
-                          self.artifact.dimension, options.token_vector)
+        return OutputSpec(
+            granularity,
+            table_schema(granularity, id_type, skip_reasons=True),
+            self.artifact.model_id,
+            self.artifact.dimension,
+            options.token_vector,
+        )
 
     def _spark(self, sdf, granularity: str, options: EmbedOptions):
         from pyspark.sql.pandas.types import from_arrow_schema, to_arrow_type
@@ -142,8 +160,12 @@ def _text_schema(ids: list):
 
 # Integer columns stay integers where a skipped input's row holds nulls (begin, end, indices): pandas' nullable
 # dtypes, so `text[begin:end + 1]` works on every embedded row instead of failing on float64.
-_NULLABLE_INTEGERS = {pa.int8(): pd.Int8Dtype(), pa.int16(): pd.Int16Dtype(), pa.int32(): pd.Int32Dtype(),
-                      pa.int64(): pd.Int64Dtype()}
+_NULLABLE_INTEGERS = {
+    pa.int8(): pd.Int8Dtype(),
+    pa.int16(): pd.Int16Dtype(),
+    pa.int32(): pd.Int32Dtype(),
+    pa.int64(): pd.Int64Dtype(),
+}
 
 
 def arrow_to_pandas(table: pa.Table) -> pd.DataFrame:

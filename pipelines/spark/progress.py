@@ -1,5 +1,6 @@
 """Progress of Spark jobs, without note text: periodic driver logs of notes/s, tokens/s and ETA, fed by
 the tasks while they run. (In-process `predict` draws a tqdm bar.)"""
+
 from __future__ import annotations
 
 import json
@@ -55,9 +56,11 @@ class JobProgress:
         else:
             eta = f"{elapsed * (total - done) / done:.0f} s" if done and total else "unknown"
         of_total = f"/{self.total_notes}" if self.total_notes else ""
-        return (f"tasks {done}/{total} ({running} running), notes {notes}{of_total} "
-                f"({notes / elapsed:.2f}/s), tokens {tokens} ({tokens / elapsed:.0f}/s), elapsed {elapsed:.0f} s, "
-                f"ETA {eta}")
+        return (
+            f"tasks {done}/{total} ({running} running), notes {notes}{of_total} "
+            f"({notes / elapsed:.2f}/s), tokens {tokens} ({tokens / elapsed:.0f}/s), elapsed {elapsed:.0f} s, "
+            f"ETA {eta}"
+        )
 
     def _receive(self) -> None:
         while not self._stop.is_set():
@@ -87,8 +90,9 @@ class JobProgress:
                 self._sock = sock
                 threading.Thread(target=self._receive, daemon=True, name="clinlong-progress-in").start()
             except OSError:  # no address to listen on: counts then come only from finished chunks' logs
-                logging.getLogger("clinlong.progress").warning("live task counts are off: cannot listen on the "
-                                                               "driver's address")
+                logging.getLogger("clinlong.progress").warning(
+                    "live task counts are off: cannot listen on the driver's address"
+                )
             self._thread.start()
         return self
 
@@ -134,8 +138,11 @@ class ProgressReporter:
             from pyspark import TaskContext
 
             ctx = TaskContext.get()
-            where = ({"partition": ctx.partitionId(), "attempt": ctx.attemptNumber()} if ctx
-                     else {"partition": 0, "attempt": 0})
+            where = (
+                {"partition": ctx.partitionId(), "attempt": ctx.attemptNumber()}
+                if ctx
+                else {"partition": 0, "attempt": 0}
+            )
             if self._sock is None:
                 self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             self._sock.sendto(json.dumps({"chunk": self.chunk, **where, **self.counts}).encode(), tuple(self.address))

@@ -8,6 +8,7 @@ file listing. Delta tables are read by delta-spark where it is on the classpath,
 delta-rs (`DeltaTable.to_pyarrow_dataset`, which refuses the reader features it cannot honour, such as
 deletion vectors, instead of returning rows they removed) and read file by file in Spark's executors.
 """
+
 from __future__ import annotations
 
 import re
@@ -59,8 +60,10 @@ def resolve(spark: SparkSession, name: str, fmt: str = "auto", storage_options: 
         raise InputError(f"unknown input format {fmt!r}; use one of {', '.join(INPUT_FORMATS)}")
     if fmt != "auto":
         if fmt == "table" and not _table_exists(spark, name):
-            raise InputError(f"table {name} was not found in Spark's catalog ({_catalog_where(spark)}); "
-                             "pass an existing table name or a path")
+            raise InputError(
+                f"table {name} was not found in Spark's catalog ({_catalog_where(spark)}); "
+                "pass an existing table name or a path"
+            )
         if fmt == "delta" and not is_delta(spark, name, opts):
             raise InputError(f"{name} is not a Delta table (no _delta_log); pass --input-format parquet|csv")
         return Source(name, fmt, opts)
@@ -70,8 +73,10 @@ def resolve(spark: SparkSession, name: str, fmt: str = "auto", storage_options: 
     if is_delta(spark, name, opts):
         return Source(name, "delta", opts)
     if not local and not scheme(name) and "/" not in name and "\\" not in name:
-        raise InputError(f"no table or path named {name}: Spark's catalog ({_catalog_where(spark)}) has no such "
-                         "table and no such file exists; pass a table name, a path or a URI")
+        raise InputError(
+            f"no table or path named {name}: Spark's catalog ({_catalog_where(spark)}) has no such "
+            "table and no such file exists; pass a table name, a path or a URI"
+        )
     return Source(name, _format_from_listing(spark, name), opts)
 
 
@@ -90,8 +95,10 @@ def is_delta(spark: SparkSession, uri: str, options: dict | None = None) -> bool
         except StorageError:
             raise spark_says from None
         except Exception as e:  # noqa: BLE001 - neither could open it: say both, in one line
-            raise InputError(f"{spark_says}; delta-rs could not open it either: {_first_line(e)} (set AWS_*, "
-                             "AZURE_* or GOOGLE_* environment variables or --storage-option KEY=VALUE)") from None
+            raise InputError(
+                f"{spark_says}; delta-rs could not open it either: {_first_line(e)} (set AWS_*, "
+                "AZURE_* or GOOGLE_* environment variables or --storage-option KEY=VALUE)"
+            ) from None
     try:
         return bool(fs.exists(spark._jvm.org.apache.hadoop.fs.Path(path, "_delta_log")))
     except Exception as e:  # noqa: BLE001 - e.g. access denied
@@ -105,8 +112,11 @@ def _hadoop(spark: SparkSession, uri: str):
         path = jvm.org.apache.hadoop.fs.Path(uri)
         return path.getFileSystem(spark._jsc.hadoopConfiguration()), path
     except Exception as e:  # noqa: BLE001 - py4j wraps the Java exception
-        hint = (f" (Spark needs the hadoop-aws JAR for s3a://: --packages {_hadoop_aws()}; python -m adds it itself)"
-                if scheme(uri) in ("s3a", "s3", "s3n") else "")
+        hint = (
+            f" (Spark needs the hadoop-aws JAR for s3a://: --packages {_hadoop_aws()}; python -m adds it itself)"
+            if scheme(uri) in ("s3a", "s3", "s3n")
+            else ""
+        )
         raise InputError(f"Spark cannot open {uri}: {_java_message(e)}{hint}") from None
 
 
@@ -127,8 +137,9 @@ def _format_from_listing(spark: SparkSession, uri: str) -> str:
     try:
         status = fs.getFileStatus(path)
     except Exception as e:  # noqa: BLE001
-        raise InputError(f"input {uri} does not exist ({_java_message(e)}); pass a Delta, Parquet or CSV path, "
-                         "a URI or a table name") from None
+        raise InputError(
+            f"input {uri} does not exist ({_java_message(e)}); pass a Delta, Parquet or CSV path, a URI or a table name"
+        ) from None
     names = [path.getName()]
     if status.isDirectory():
         files, names = fs.listFiles(path, True), []
@@ -175,8 +186,9 @@ def read_notes(spark: SparkSession, source: str, fmt: str = "auto", storage_opti
     return read(spark, resolve(spark, source, fmt, storage_options))
 
 
-def read_delta_rs(spark: SparkSession, uri: str, options: dict | None = None,
-                  columns: list[str] | None = None) -> DataFrame:
+def read_delta_rs(
+    spark: SparkSession, uri: str, options: dict | None = None, columns: list[str] | None = None
+) -> DataFrame:
     """A Delta table planned by delta-rs on the driver (one version, its files) and read by Spark's
     executors, one task per few files, through the same delta-rs dataset (partition values included)."""
     from deltalake.exceptions import DeltaProtocolError
@@ -189,8 +201,10 @@ def read_delta_rs(spark: SparkSession, uri: str, options: dict | None = None,
     try:
         dataset = dt.to_pyarrow_dataset()
     except DeltaProtocolError as e:
-        raise InputError(f"delta-rs cannot read {uri} faithfully ({_first_line(e)}); read it with delta-spark "
-                         "(a cluster with delta-spark on the classpath) or rewrite it without that feature") from None
+        raise InputError(
+            f"delta-rs cannot read {uri} faithfully ({_first_line(e)}); read it with delta-spark "
+            "(a cluster with delta-spark on the classpath) or rewrite it without that feature"
+        ) from None
     schema = dataset.schema if columns is None else _select(dataset.schema, columns)
     spark_schema = from_arrow_schema(schema)
     paths = [f.path for f in dataset.get_fragments()]
@@ -235,8 +249,13 @@ def fingerprint(spark: SparkSession, src: Source, df: DataFrame) -> list:
     files = df.inputFiles()
     if not files:
         return [src.kind, src.name, []]
-    listing = (spark.read.format("binaryFile").option("recursiveFileLookup", "true").load(files)
-               .select("path", "length", "modificationTime").collect())
+    listing = (
+        spark.read.format("binaryFile")
+        .option("recursiveFileLookup", "true")
+        .load(files)
+        .select("path", "length", "modificationTime")
+        .collect()
+    )
     return [src.kind, src.name, sorted([r["path"], r["length"], r["modificationTime"].isoformat()] for r in listing)]
 
 
@@ -257,7 +276,8 @@ def _quiet_multichar_linesep_warning(spark: SparkSession) -> None:
     try:
         jvm = spark.sparkContext._jvm
         jvm.org.apache.logging.log4j.core.config.Configurator.setLevel(
-            "org.apache.spark.sql.catalyst.csv.CSVOptions", jvm.org.apache.logging.log4j.Level.ERROR)
+            "org.apache.spark.sql.catalyst.csv.CSVOptions", jvm.org.apache.logging.log4j.Level.ERROR
+        )
     except Exception:  # noqa: BLE001 - Spark Connect or another logging backend: the warning stays
         pass
 
@@ -275,8 +295,13 @@ def _read_csv(spark: SparkSession, source: str) -> DataFrame:
         _quiet_multichar_linesep_warning(spark)
 
     def reader():
-        r = (spark.read.option("header", True).option("multiLine", True).option("quote", '"')
-             .option("escape", '"').option("mode", "PERMISSIVE"))
+        r = (
+            spark.read.option("header", True)
+            .option("multiLine", True)
+            .option("quote", '"')
+            .option("escape", '"')
+            .option("mode", "PERMISSIVE")
+        )
         return r.option("lineSep", sep) if sep else r
 
     header = reader().option("inferSchema", False).csv(source).columns
@@ -337,9 +362,11 @@ def record_separator(spark: SparkSession, source: str) -> str | None:
             found.setdefault(sep, p.getName())
     if len(found) > 1:
         names = ", ".join(f"{_SEP_NAMES[k]} in {v}" for k, v in found.items())
-        raise InputError(f"CSV files at {source} end their records differently ({names}); Spark's CSV reader keeps "
-                         "line endings inside quoted text only with one record separator (its lineSep option): "
-                         "convert the files to one line-ending style, or to Parquet")
+        raise InputError(
+            f"CSV files at {source} end their records differently ({names}); Spark's CSV reader keeps "
+            "line endings inside quoted text only with one record separator (its lineSep option): "
+            "convert the files to one line-ending style, or to Parquet"
+        )
     return next(iter(found), None)
 
 
@@ -357,8 +384,9 @@ def _first_line(e) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
 
 
-def select_notes(df: DataFrame, id_col: str, text_col: str, id_type: str = "auto",
-                 keep: tuple[str, ...] = ()) -> DataFrame:
+def select_notes(
+    df: DataFrame, id_col: str, text_col: str, id_type: str = "auto", keep: tuple[str, ...] = ()
+) -> DataFrame:
     """Check the id and text columns up front and return (note_id, text, input_error).
 
     `id_type`: auto keeps the id's type (integers widened to long); long or string casts it.
@@ -371,18 +399,24 @@ def select_notes(df: DataFrame, id_col: str, text_col: str, id_type: str = "auto
             shown = ", ".join(sorted(n for n in names if n != CORRUPT))  # (the CSV reader's own column is not one)
             raise InputError(f"input has no column {col!r} (columns: {shown}); set {flag}")
     if not isinstance(names[id_col], ID_TYPES):
-        raise InputError(f"id column {id_col!r} has type {names[id_col].simpleString()}; "
-                         "use an integer or string column")
+        raise InputError(
+            f"id column {id_col!r} has type {names[id_col].simpleString()}; use an integer or string column"
+        )
     if not isinstance(names[text_col], (T.StringType, T.BinaryType)):
-        raise InputError(f"text column {text_col!r} has type {names[text_col].simpleString()}, not string; "
-                         "set --text-col")
+        raise InputError(
+            f"text column {text_col!r} has type {names[text_col].simpleString()}, not string; set --text-col"
+        )
     note_id = F.col(id_col)
     if id_type == "long" or (id_type == "auto" and not isinstance(names[id_col], T.StringType)):
         note_id = note_id.cast("long")
     elif id_type == "string":
         note_id = note_id.cast("string")
-    return df.select(note_id.alias("note_id"), F.col(text_col).alias("text"), input_errors(df, text_col),
-                     *(F.col(k).cast("string").alias(k) for k in keep))
+    return df.select(
+        note_id.alias("note_id"),
+        F.col(text_col).alias("text"),
+        input_errors(df, text_col),
+        *(F.col(k).cast("string").alias(k) for k in keep),
+    )
 
 
 def input_errors(df: DataFrame, text_col: str):
@@ -395,7 +429,11 @@ def input_errors(df: DataFrame, text_col: str):
         return F.lit(None).cast("string").alias("input_error")
     text = F.col(text_col)
     quotes = F.length(text) - F.length(F.regexp_replace(text, '"', ""))
-    return (F.when(F.col(CORRUPT).isNotNull(), F.lit("malformed CSV row (wrong number of fields)"))
-            .when(text.startswith('"') & (quotes % 2 == 1),
-                  F.lit("malformed CSV row (unbalanced quote; following lines were merged into it)"))
-            .alias("input_error"))
+    return (
+        F.when(F.col(CORRUPT).isNotNull(), F.lit("malformed CSV row (wrong number of fields)"))
+        .when(
+            text.startswith('"') & (quotes % 2 == 1),
+            F.lit("malformed CSV row (unbalanced quote; following lines were merged into it)"),
+        )
+        .alias("input_error")
+    )

@@ -3,6 +3,7 @@ in, output rows out, for the Spark ML stages' and `predict`'s Spark path. The wr
 live with the writers (`delta.writers.rs`, `delta.writers.spark`); what a task needs of its executor
 (the cached model, shared cores, the preload) is `spark.executor`.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator

@@ -10,6 +10,7 @@ chunk under the run's Delta transaction id (app id = run, version = chunk), erro
 embedded (`embed_chunk`, returning its `Totals`: figures a retried task cannot add twice), then committed
 (`commit_chunk`) with the run's summary so far in the commit info.
 """
+
 from __future__ import annotations
 
 import pyarrow as pa
@@ -23,12 +24,23 @@ from clinlong.pipelines.delta.writers.rs import DeltaRsWriter
 from clinlong.pipelines.delta.writers.spark import DeltaSparkWriter, delta_log_txn, split_rows
 from clinlong.pipelines.spark.sources import delta_spark_available
 
-__all__ = ["KEY_MATCH", "Chunk", "Embedded", "DeltaRsWriter", "DeltaSparkWriter", "Totals", "Writer", "delta_log_txn",
-           "make_writer", "split_rows"]
+__all__ = [
+    "KEY_MATCH",
+    "Chunk",
+    "Embedded",
+    "DeltaRsWriter",
+    "DeltaSparkWriter",
+    "Totals",
+    "Writer",
+    "delta_log_txn",
+    "make_writer",
+    "split_rows",
+]
 
 
-def make_writer(spark: SparkSession, cfg: JobConfig, artifact_path: str, spec: OutputSpec,
-                err_schema: pa.Schema) -> Writer:
+def make_writer(
+    spark: SparkSession, cfg: JobConfig, artifact_path: str, spec: OutputSpec, err_schema: pa.Schema
+) -> Writer:
     """The run's writer: `--writer`, or delta-spark where its JARs are on the classpath, else delta-rs.
     Raises InputError for --writer delta-spark without its JARs."""
     have = delta_spark_available(spark)
@@ -36,6 +48,8 @@ def make_writer(spark: SparkSession, cfg: JobConfig, artifact_path: str, spec: O
     if name == "delta-spark" and not have:
         from clinlong.pipelines.spark.jars import coordinates
 
-        raise OutputError(f"--writer delta-spark needs delta-spark's JARs on the classpath (spark-submit --packages "
-                         f"{coordinates(('delta',))[0]}; python -m adds them itself); or use --writer delta-rs")
+        raise OutputError(
+            f"--writer delta-spark needs delta-spark's JARs on the classpath (spark-submit --packages "
+            f"{coordinates(('delta',))[0]}; python -m adds them itself); or use --writer delta-rs"
+        )
     return (DeltaSparkWriter if name == "delta-spark" else DeltaRsWriter)(spark, cfg, artifact_path, spec, err_schema)

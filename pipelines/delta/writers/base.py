@@ -4,6 +4,7 @@ writer returns, and the checks made before any work (a foreign folder, another s
 The two writers (`rs.DeltaRsWriter`, `spark.DeltaSparkWriter`) each hold both ends of their format: what
 their Spark tasks emit and how the driver turns it into a Delta commit.
 """
+
 from __future__ import annotations
 
 import json
@@ -91,8 +92,9 @@ class Writer:
 
     name = ""
 
-    def __init__(self, spark: SparkSession, cfg: JobConfig, artifact_path: str, spec: OutputSpec,
-                 err_schema: pa.Schema):
+    def __init__(
+        self, spark: SparkSession, cfg: JobConfig, artifact_path: str, spec: OutputSpec, err_schema: pa.Schema
+    ):
         self.spark, self.cfg, self.artifact_path = spark, cfg, artifact_path
         self.spec, self.err_schema = spec, err_schema
         self.options = cfg.storage_options
@@ -133,11 +135,15 @@ class Writer:
         for uri, want in ((self.cfg.out, self.spec.schema), (self.cfg.errors_path, self.err_schema)):
             if is_local(uri):
                 path = local_path(uri)
-                foreign = not os.path.isdir(os.path.join(path, "_delta_log")) and os.path.isdir(path) and any(
-                    not (e.name.startswith("part-") and ".zstd.parquet" in e.name) for e in os.scandir(path))
+                foreign = (
+                    not os.path.isdir(os.path.join(path, "_delta_log"))
+                    and os.path.isdir(path)
+                    and any(not (e.name.startswith("part-") and ".zstd.parquet" in e.name) for e in os.scandir(path))
+                )
                 if foreign:  # (uncommitted parts of a killed first chunk are ours: the folder is a table in the making)
-                    raise OutputError(f"{uri} is a non-empty folder but not a Delta table; "
-                                     "choose another --out/--errors-out")
+                    raise OutputError(
+                        f"{uri} is a non-empty folder but not a Delta table; choose another --out/--errors-out"
+                    )
             existing = self.existing_schema(uri)
             if existing is not None and self.cfg.mode != "overwrite" and existing != want:
                 raise OutputError(f"{uri} holds a table with another schema; use --mode overwrite or another --out")
@@ -153,9 +159,11 @@ class Writer:
         rows = self.read(uri, ["model_id"])
         other = rows.where(F.col("model_id") != self.spec.model_id).limit(1).collect() if rows is not None else []
         if other:
-            raise OutputError(f"{uri} holds rows of model {other[0].model_id}, not of this run's model "
-                             f"{self.spec.model_id}; a table holds one model's vectors: use --mode overwrite to "
-                             "replace them, or another --out/--errors-out")
+            raise OutputError(
+                f"{uri} holds rows of model {other[0].model_id}, not of this run's model "
+                f"{self.spec.model_id}; a table holds one model's vectors: use --mode overwrite to "
+                "replace them, or another --out/--errors-out"
+            )
 
     def _mode(self, ctx: Chunk) -> str:
         return "overwrite" if self.cfg.mode == "overwrite" and ctx.index == 0 else "append"

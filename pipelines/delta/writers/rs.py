@@ -4,6 +4,7 @@ returns one metadata row per file (what its Delta add action records: path, size
 values) plus one counts row, and the driver side that commits those files with delta-rs (`delta.sink`).
 No vectors pass through the driver.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,12 +37,14 @@ log = logging.getLogger("clinlong.job")
 
 # What a task returns to the driver: one row per file it wrote (table "out" or "err") and one of its counts
 # (table ""), with the task's partition and clock times.
-META_SCHEMA = pa.schema([(n, pa.string()) for n in ("table", "path")]
-                        + [("size", pa.int64()), ("file_rows", pa.int64())]
-                        + [(n, pa.string()) for n in ("partition_values", "stats")]
-                        + [(n, pa.int64()) for n in COUNT_KEYS]
-                        + [(n, pa.string()) for n in ("errors", "warnings", "device", "gpus")]
-                        + [("task", pa.int64()), ("started", pa.float64()), ("finished", pa.float64())])
+META_SCHEMA = pa.schema(
+    [(n, pa.string()) for n in ("table", "path")]
+    + [("size", pa.int64()), ("file_rows", pa.int64())]
+    + [(n, pa.string()) for n in ("partition_values", "stats")]
+    + [(n, pa.int64()) for n in COUNT_KEYS]
+    + [(n, pa.string()) for n in ("errors", "warnings", "device", "gpus")]
+    + [("task", pa.int64()), ("started", pa.float64()), ("finished", pa.float64())]
+)
 
 STATS_COLUMN = "note_id"  # the column every table is looked up by: its min/max let readers and deletes skip files
 
@@ -50,8 +53,9 @@ def partition_dir(values: dict) -> str:
     """Hive-style folder for partition values (col=value, escaped; null as Hive's default partition)."""
     from urllib.parse import quote
 
-    return "/".join(f"{k}={'__HIVE_DEFAULT_PARTITION__' if v is None else quote(str(v), safe=' ')}"
-                    for k, v in values.items())
+    return "/".join(
+        f"{k}={'__HIVE_DEFAULT_PARTITION__' if v is None else quote(str(v), safe=' ')}" for k, v in values.items()
+    )
 
 
 @dataclass(frozen=True)
@@ -99,8 +103,15 @@ class RollingWriter:
     so every file but a small task's only one is between half and twice the target. Each file is
     written under a temporary name and renamed on local disks (one PUT is atomic on object stores)."""
 
-    def __init__(self, table_uri: str, schema: pa.Schema, target_bytes: int, prefix: str = "",
-                 partition: dict | None = None, storage_options: dict | None = None):
+    def __init__(
+        self,
+        table_uri: str,
+        schema: pa.Schema,
+        target_bytes: int,
+        prefix: str = "",
+        partition: dict | None = None,
+        storage_options: dict | None = None,
+    ):
         self.fs, root = table_filesystem(table_uri, storage_options)
         self.local = is_local(table_uri)
         self.sub = partition_dir(partition) if partition else ""
@@ -147,8 +158,14 @@ class RollingWriter:
         if self.local:
             self.fs.move(final + ".tmp", final)
         size = self.fs.get_file_info(final).size
-        self.files.append(WrittenFile(f"{self.sub}/{f.name}" if self.sub else f.name, size,
-                                      _stats(f.rows, f.lo, f.hi, f.nulls), self.partition))
+        self.files.append(
+            WrittenFile(
+                f"{self.sub}/{f.name}" if self.sub else f.name,
+                size,
+                _stats(f.rows, f.lo, f.hi, f.nulls),
+                self.partition,
+            )
+        )
 
 
 def _tell(stream, estimate: int) -> int:
@@ -162,8 +179,14 @@ def _tell(stream, estimate: int) -> int:
 def _stats(rows: int, lo=None, hi=None, nulls: int = 0) -> str:
     """Delta add-action statistics: numRecords, and min/max/null count of note_id (exact, untruncated)."""
     have = lo is not None
-    return json.dumps({"numRecords": rows, "minValues": {STATS_COLUMN: lo} if have else {},
-                       "maxValues": {STATS_COLUMN: hi} if have else {}, "nullCount": {STATS_COLUMN: nulls}})
+    return json.dumps(
+        {
+            "numRecords": rows,
+            "minValues": {STATS_COLUMN: lo} if have else {},
+            "maxValues": {STATS_COLUMN: hi} if have else {},
+            "nullCount": {STATS_COLUMN: nulls},
+        }
+    )
 
 
 def remove_unreferenced(table_uri: str, prefix: str, keep: set[str], storage_options: dict | None = None) -> int:
@@ -179,7 +202,7 @@ def remove_unreferenced(table_uri: str, prefix: str, keep: set[str], storage_opt
         return 0
     gone = 0
     for info in infos:
-        rel = info.path[len(root.rstrip("/")) + 1:] if root else info.path
+        rel = info.path[len(root.rstrip("/")) + 1 :] if root else info.path
         if info.type == fs.FileType.File and info.base_name.startswith(f"part-{prefix}-") and rel not in keep:
             filesystem.delete_file(info.path)
             gone += 1
@@ -241,8 +264,18 @@ def embed_partition(artifact_path: str, options: EmbedOptions, spec: OutputSpec,
         progress.send()
         ctx = TaskContext.get()
         task = {"task": ctx.partitionId() if ctx else 0, "started": started, "finished": time.time()}
-        metas = [{"table": t, "path": f.path, "size": f.size, "file_rows": f.rows, "stats": f.stats,
-                  "partition_values": json.dumps(f.partition_values), **task} for t, f in files]
+        metas = [
+            {
+                "table": t,
+                "path": f.path,
+                "size": f.size,
+                "file_rows": f.rows,
+                "stats": f.stats,
+                "partition_values": json.dumps(f.partition_values),
+                **task,
+            }
+            for t, f in files
+        ]
         metas.append({"table": "", **counts.as_row(), **batches.where(emb), **task})
         yield pa.RecordBatch.from_pylist(metas, schema=META_SCHEMA)
 
@@ -256,8 +289,10 @@ class DeltaRsWriter(Writer):
         super().__init__(*args)
         for uri in (self.cfg.out, self.cfg.errors_path):
             if is_table_name(uri):
-                raise OutputError(f"{uri} names a catalog table, which delta-rs cannot write: use --writer delta-spark "
-                                 "(python -m adds its JARs) or a path")
+                raise OutputError(
+                    f"{uri} names a catalog table, which delta-rs cannot write: use --writer delta-spark "
+                    "(python -m adds its JARs) or a path"
+                )
             try:
                 delta_rs_uri(uri)
             except StorageError as e:
@@ -280,12 +315,27 @@ class DeltaRsWriter(Writer):
         from pyspark.sql.pandas.types import from_arrow_schema
 
         cfg = self.cfg
-        target = PartTarget(cfg.out, cfg.errors_path, ctx.prefix, ctx.run_id, self.err_schema,
-                            int(cfg.target_file_mb * (1 << 20)), self.options, ctx.index, progress)
+        target = PartTarget(
+            cfg.out,
+            cfg.errors_path,
+            ctx.prefix,
+            ctx.run_id,
+            self.err_schema,
+            int(cfg.target_file_mb * (1 << 20)),
+            self.options,
+            ctx.index,
+            progress,
+        )
         task = embed_partition(self.artifact_path, cfg.options, self.spec, target)
         metas = [r.asDict() for r in part.mapInArrow(task, from_arrow_schema(META_SCHEMA), profile=profile).collect()]
-        files = {t: [WrittenFile(m["path"], m["size"], m["stats"], json.loads(m["partition_values"]))
-                     for m in metas if m["table"] == t] for t in ("out", "err")}
+        files = {
+            t: [
+                WrittenFile(m["path"], m["size"], m["stats"], json.loads(m["partition_values"]))
+                for m in metas
+                if m["table"] == t
+            ]
+            for t in ("out", "err")
+        }
         return Embedded(ctx, Totals.of([m for m in metas if not m["table"]]), files)
 
     def commit_chunk(self, chunk: Embedded, info: dict) -> int | None:
@@ -295,18 +345,36 @@ class DeltaRsWriter(Writer):
         if files["err"] or mode == "overwrite":
             commit(cfg.errors_path, files["err"], self.err_schema, mode, info, txn, storage_options=self.options)
         faults.point("driver-between-commits")
-        version = commit(cfg.out, files["out"], self.spec.schema, mode, info, txn, partition_by=cfg.partition_by,
-                         storage_options=self.options)
+        version = commit(
+            cfg.out,
+            files["out"],
+            self.spec.schema,
+            mode,
+            info,
+            txn,
+            partition_by=cfg.partition_by,
+            storage_options=self.options,
+        )
         faults.point("driver-after-commit")
         if version is None:
-            log.info("chunk %d: already committed by another attempt of run %s; its files are discarded",
-                     ctx.index, ctx.run_id)
-        remove_unreferenced(cfg.out, ctx.prefix, {f.path for f in files["out"]} if version is not None else set(),
-                            self.options)
+            log.info(
+                "chunk %d: already committed by another attempt of run %s; its files are discarded",
+                ctx.index,
+                ctx.run_id,
+            )
+        remove_unreferenced(
+            cfg.out, ctx.prefix, {f.path for f in files["out"]} if version is not None else set(), self.options
+        )
         remove_unreferenced(cfg.errors_path, ctx.prefix, {f.path for f in files["err"]}, self.options)
-        log.info("chunk %d/%d committed: %d notes in %d task(s), %d output file(s)%s", ctx.index + 1, ctx.count,
-                 chunk.totals.notes, chunk.totals.tasks, len(files["out"]),
-                 f", table version {version}" if version is not None else "")
+        log.info(
+            "chunk %d/%d committed: %d notes in %d task(s), %d output file(s)%s",
+            ctx.index + 1,
+            ctx.count,
+            chunk.totals.notes,
+            chunk.totals.tasks,
+            len(files["out"]),
+            f", table version {version}" if version is not None else "",
+        )
         return version
 
     def delete_matching(self, uri, keys, condition=""):

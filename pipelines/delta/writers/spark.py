@@ -3,6 +3,7 @@ rows and counts rows (told apart by `_kind`), and the driver side that splits th
 table with Spark's own Delta writer (Databricks, clusters with delta-spark), for locations delta-rs cannot
 write (`dbfs:/`, catalog tables); its resume checks read Spark's Delta log, not delta-rs.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,15 @@ from clinlong.pipelines.spark.tasks import ArrowFn
 log = logging.getLogger("clinlong.job")
 
 
-def embed_rows_and_errors(artifact_path: str, options: EmbedOptions, spec: OutputSpec, error_schema: pa.Schema,
-                          run_id: str, progress: tuple | None = None, chunk: int = 0) -> ArrowFn:
+def embed_rows_and_errors(
+    artifact_path: str,
+    options: EmbedOptions,
+    spec: OutputSpec,
+    error_schema: pa.Schema,
+    run_id: str,
+    progress: tuple | None = None,
+    chunk: int = 0,
+) -> ArrowFn:
     """For Spark-side writers: output rows, errors-table rows and one counts row per batch in one stream,
     told apart by `_kind` (row, error, meta; the counts as JSON in `_meta`). The columns are the output
     schema's, then the errors table's prefixed `err_`, then `_kind` and `_meta`. Counts travel as rows,
@@ -58,6 +66,7 @@ def embed_rows_and_errors(artifact_path: str, options: EmbedOptions, spec: Outpu
 def _combined(t: pa.Table, kind: str, schema: pa.Schema) -> pa.Table:
     """Output, errors or counts rows (`kind` row, error, meta) in the combined schema: their own columns
     in place, nulls in the others."""
+
     def source(name: str) -> str | None:
         if kind == "error":
             return name[4:] if name.startswith("err_") else None
@@ -65,16 +74,22 @@ def _combined(t: pa.Table, kind: str, schema: pa.Schema) -> pa.Table:
             return name if name == "_meta" else None
         return None if name.startswith("err_") or name == "_meta" else name
 
-    cols = {f.name: t.column(source(f.name)) if source(f.name) else pa.nulls(t.num_rows, f.type)
-            for f in schema if f.name != "_kind"}
+    cols = {
+        f.name: t.column(source(f.name)) if source(f.name) else pa.nulls(t.num_rows, f.type)
+        for f in schema
+        if f.name != "_kind"
+    }
     cols["_kind"] = pa.array([kind] * t.num_rows)
     return pa.table(cols, schema=schema)
 
 
 def combined_schema(out: pa.Schema, errors: pa.Schema) -> pa.Schema:
     """Output columns, then the errors table's columns prefixed `err_`, then `_kind` and `_meta`."""
-    return pa.schema(list(out) + [pa.field("err_" + f.name, f.type) for f in errors]
-                     + [pa.field("_kind", pa.string()), pa.field("_meta", pa.string())])
+    return pa.schema(
+        list(out)
+        + [pa.field("err_" + f.name, f.type) for f in errors]
+        + [pa.field("_kind", pa.string()), pa.field("_meta", pa.string())]
+    )
 
 
 class DeltaSparkWriter(Writer):
@@ -106,8 +121,11 @@ class DeltaSparkWriter(Writer):
     def _load(self, uri: str, version: int | None = None) -> DataFrame:
         """The table's rows, at `version` when given (pinned: a later commit to the table does not change them)."""
         if is_table_name(uri):
-            return self.spark.table(uri) if version is None else self.spark.sql(
-                f"SELECT * FROM {uri} VERSION AS OF {int(version)}")
+            return (
+                self.spark.table(uri)
+                if version is None
+                else self.spark.sql(f"SELECT * FROM {uri} VERSION AS OF {int(version)}")
+            )
         reader = self.spark.read.format("delta")
         return (reader if version is None else reader.option("versionAsOf", int(version))).load(uri)
 
@@ -138,8 +156,10 @@ class DeltaSparkWriter(Writer):
             if is_table_name(uri) and "." in uri.replace("`", ""):
                 db = uri.rsplit(".", 1)[0]
                 if not self.spark.catalog.databaseExists(db):
-                    raise OutputError(f"--out/--errors-out {uri}: Spark's catalog has no schema {db}; create it "
-                                     f"(CREATE SCHEMA {db}) or name another table")
+                    raise OutputError(
+                        f"--out/--errors-out {uri}: Spark's catalog has no schema {db}; create it "
+                        f"(CREATE SCHEMA {db}) or name another table"
+                    )
         super().check_outputs()
 
     def embed(self, part: DataFrame, ctx: Chunk, profile=None, progress=None) -> tuple[DataFrame, list[dict]]:
@@ -147,10 +167,12 @@ class DeltaSparkWriter(Writer):
         from pyspark import StorageLevel
         from pyspark.sql.pandas.types import from_arrow_schema
 
-        fn = embed_rows_and_errors(self.artifact_path, self.cfg.options, self.spec, self.err_schema, ctx.run_id,
-                                   progress, ctx.index)
-        rows = part.mapInArrow(fn, from_arrow_schema(combined_schema(self.spec.schema, self.err_schema)),
-                               profile=profile).persist(StorageLevel.DISK_ONLY)
+        fn = embed_rows_and_errors(
+            self.artifact_path, self.cfg.options, self.spec, self.err_schema, ctx.run_id, progress, ctx.index
+        )
+        rows = part.mapInArrow(
+            fn, from_arrow_schema(combined_schema(self.spec.schema, self.err_schema)), profile=profile
+        ).persist(StorageLevel.DISK_ONLY)
         counts = [json.loads(r["_meta"]) for r in rows.where(F.col("_kind") == "meta").select("_meta").collect()]
         return rows, counts
 
@@ -163,18 +185,34 @@ class DeltaSparkWriter(Writer):
         info = json.dumps(info)
         out_rows, error_rows = split_rows(rows, self.spec.schema, self.err_schema)
         faults.point("driver-before-commit")
-        for uri, sel, parts in ((self.cfg.errors_path, error_rows, []),
-                                (self.cfg.out, out_rows, [self.cfg.partition_by] if self.cfg.partition_by else [])):
+        for uri, sel, parts in (
+            (self.cfg.errors_path, error_rows, []),
+            (self.cfg.out, out_rows, [self.cfg.partition_by] if self.cfg.partition_by else []),
+        ):
             if uri == self.cfg.out:
                 faults.point("driver-between-commits")
-            self._save(sel.write.format(self.fmt).mode(self._mode(ctx)).partitionBy(*parts)
-                       .option("txnAppId", ctx.app_id).option("txnVersion", ctx.index).option("userMetadata", info)
-                       .option("overwriteSchema", str(self._mode(ctx) == "overwrite").lower()), uri, ctx)
+            self._save(
+                sel.write.format(self.fmt)
+                .mode(self._mode(ctx))
+                .partitionBy(*parts)
+                .option("txnAppId", ctx.app_id)
+                .option("txnVersion", ctx.index)
+                .option("userMetadata", info)
+                .option("overwriteSchema", str(self._mode(ctx) == "overwrite").lower()),
+                uri,
+                ctx,
+            )
         faults.point("driver-after-commit")
         rows.unpersist()
         version = self.version(self.cfg.out)
-        log.info("chunk %d/%d committed: %d notes in %d task(s)%s", ctx.index + 1, ctx.count,
-                 chunk.totals.notes, chunk.totals.tasks, f", table version {version}" if version is not None else "")
+        log.info(
+            "chunk %d/%d committed: %d notes in %d task(s)%s",
+            ctx.index + 1,
+            ctx.count,
+            chunk.totals.notes,
+            chunk.totals.tasks,
+            f", table version {version}" if version is not None else "",
+        )
         return version
 
     def _save(self, writer, uri: str, ctx: Chunk, attempts: int = 4) -> None:
@@ -187,12 +225,13 @@ class DeltaSparkWriter(Writer):
                 return
             except Exception as e:  # noqa: BLE001 - py4j wraps Delta's ConcurrentModificationException family
                 text = _java_text(e)
-                if not any(k in text for k in ("Concurrent", "ProtocolChanged", "FileAlreadyExists",
-                                               "already exists")):
+                if not any(k in text for k in ("Concurrent", "ProtocolChanged", "FileAlreadyExists", "already exists")):
                     raise
                 if self._mode(ctx) == "overwrite" or attempt == attempts - 1:
-                    raise CommitConflict(f"another writer changed {uri} during this commit ({_first_line(text)}); "
-                                         "committed chunks are kept: rerun the same command to finish") from None
+                    raise CommitConflict(
+                        f"another writer changed {uri} during this commit ({_first_line(text)}); "
+                        "committed chunks are kept: rerun the same command to finish"
+                    ) from None
                 log.info("chunk %d: another writer committed to %s first; retrying the commit", ctx.index, uri)
 
     def delete_matching(self, uri, keys, condition=""):
@@ -202,8 +241,10 @@ class DeltaSparkWriter(Writer):
         keys.createOrReplaceTempView(view)
         before = self.version(uri)
         try:
-            self.spark.sql(f"MERGE INTO {self._ref(uri)} t USING {view} s ON {KEY_MATCH}"
-                           f"{' AND ' + condition if condition else ''} WHEN MATCHED THEN DELETE")
+            self.spark.sql(
+                f"MERGE INTO {self._ref(uri)} t USING {view} s ON {KEY_MATCH}"
+                f"{' AND ' + condition if condition else ''} WHEN MATCHED THEN DELETE"
+            )
         finally:
             self.spark.catalog.dropTempView(view)  # not left in the user's session (SHOW TABLES lists it)
         if self.version(uri) == before:
@@ -214,9 +255,12 @@ class DeltaSparkWriter(Writer):
 
 def split_rows(rows: DataFrame, schema, err_schema) -> tuple[DataFrame, DataFrame]:
     """The combined stream of `embed_rows_and_errors` as (output rows, errors rows) DataFrames."""
-    return tuple(rows.where(F.col("_kind") == kind).select(
-        *[F.col(("err_" if kind == "error" else "") + f.name).alias(f.name) for f in names])
-        for kind, names in (("row", schema), ("error", err_schema)))
+    return tuple(
+        rows.where(F.col("_kind") == kind).select(
+            *[F.col(("err_" if kind == "error" else "") + f.name).alias(f.name) for f in names]
+        )
+        for kind, names in (("row", schema), ("error", err_schema))
+    )
 
 
 def delta_log_txn(spark: SparkSession, uri: str, app_id: str) -> int:
@@ -242,8 +286,11 @@ def delta_log_txn(spark: SparkSession, uri: str, app_id: str) -> int:
     if "txn" not in commits.columns:
         return found
     version = F.regexp_extract("_file", r"(\d{20})\.json$", 1).cast("long")
-    for r in commits.where((F.col("txn.appId") == app_id) & (version > F.lit(start if last else -1))).select(
-            "txn.version").collect():
+    for r in (
+        commits.where((F.col("txn.appId") == app_id) & (version > F.lit(start if last else -1)))
+        .select("txn.version")
+        .collect()
+    ):
         found = max(found, int(r["version"]))
     return found
 

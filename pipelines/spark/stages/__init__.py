@@ -1,4 +1,5 @@
 """Spark ML annotators with Spark NLP's names, parameters and annotation schema."""
+
 from clinlong.pipelines.spark.stages.bigbird_embeddings import BigBirdEmbeddings
 from clinlong.pipelines.spark.stages.document_assembler import DocumentAssembler
 from clinlong.pipelines.spark.stages.embeddings_finisher import EmbeddingsFinisher
@@ -16,7 +17,17 @@ from clinlong.pipelines.spark.stages.sentence_detector import SentenceDetector
 from clinlong.pipelines.spark.stages.sentence_embeddings import SentenceEmbeddings
 from clinlong.pipelines.spark.stages.tokenizer import Tokenizer
 
-__all__ = ["DocumentAssembler", "SentenceDetector", "Tokenizer", "LongformerEmbeddings",
-           "BigBirdEmbeddings", "SentenceEmbeddings", "EmbeddingsFinisher",
-           "LongformerForSequenceClassification", "BigBirdForSequenceClassification",
-           "LongformerForTokenClassification", "BigBirdForTokenClassification", "NerConverter"]
+__all__ = [
+    "DocumentAssembler",
+    "SentenceDetector",
+    "Tokenizer",
+    "LongformerEmbeddings",
+    "BigBirdEmbeddings",
+    "SentenceEmbeddings",
+    "EmbeddingsFinisher",
+    "LongformerForSequenceClassification",
+    "BigBirdForSequenceClassification",
+    "LongformerForTokenClassification",
+    "BigBirdForTokenClassification",
+    "NerConverter",
+]

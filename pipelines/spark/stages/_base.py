@@ -1,4 +1,5 @@
 """Common machinery of our Spark ML annotators: Spark NLP-style params, Arrow-batch transforms, persistence."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -60,19 +61,29 @@ class HasModel(Params):
     differs from the one the stage was saved with. Defaults: case-sensitive, 4,096 pieces, 8 sequences a call."""
 
     modelPath = Param(Params._dummy(), "modelPath", "native artifact directory", TypeConverters.toString)
-    modelId = Param(Params._dummy(), "modelId", "the artifact's model_id (checked when a saved stage is loaded)",
-                    TypeConverters.toString)
+    modelId = Param(
+        Params._dummy(),
+        "modelId",
+        "the artifact's model_id (checked when a saved stage is loaded)",
+        TypeConverters.toString,
+    )
     caseSensitive = Param(Params._dummy(), "caseSensitive", "keep case before BPE", TypeConverters.toBoolean)
-    maxSentenceLength = Param(Params._dummy(), "maxSentenceLength", f"max BPE pieces per sequence (<= {MAX_LENGTH})",
-                              TypeConverters.toInt)
+    maxSentenceLength = Param(
+        Params._dummy(), "maxSentenceLength", f"max BPE pieces per sequence (<= {MAX_LENGTH})", TypeConverters.toInt
+    )
     batchSize = Param(Params._dummy(), "batchSize", "max sequences per model call", TypeConverters.toInt)
-    precision = Param(Params._dummy(), "precision", "auto (bf16 on GPUs and bf16 CPUs, else fp32), fp32, bf16 or fp16",
-                      TypeConverters.toString)
+    precision = Param(
+        Params._dummy(),
+        "precision",
+        "auto (bf16 on GPUs and bf16 CPUs, else fp32), fp32, bf16 or fp16",
+        TypeConverters.toString,
+    )
 
     def __init__(self):
         super().__init__()
-        self._setDefault(caseSensitive=True, maxSentenceLength=MAX_LENGTH, batchSize=8,
-                         precision=EmbedOptions.precision)
+        self._setDefault(
+            caseSensitive=True, maxSentenceLength=MAX_LENGTH, batchSize=8, precision=EmbedOptions.precision
+        )
 
     @classmethod
     def load(cls, path: str):
@@ -81,9 +92,11 @@ class HasModel(Params):
         if stage.isSet(stage.modelPath) and stage.isSet(stage.modelId):
             found = Artifact.open(stage.getOrDefault(stage.modelPath), verify=False).model_id
             if found != stage.getOrDefault(stage.modelId):
-                raise ValueError(f"the saved {cls.__name__} at {path} was built with model "
-                                 f"{stage.getOrDefault(stage.modelId)}, but {stage.getOrDefault(stage.modelPath)} now "
-                                 f"holds {found}; put that artifact back there or call setModelPath on another copy")
+                raise ValueError(
+                    f"the saved {cls.__name__} at {path} was built with model "
+                    f"{stage.getOrDefault(stage.modelId)}, but {stage.getOrDefault(stage.modelPath)} now "
+                    f"holds {found}; put that artifact back there or call setModelPath on another copy"
+                )
         return stage
 
     def setCaseSensitive(self, value: bool):
@@ -114,9 +127,14 @@ class HasModel(Params):
 
     def _model_options(self, **extra) -> EmbedOptions:
         """The engine options these Params give (note context: each annotation of the first input is a note)."""
-        return EmbedOptions(context="note", max_length=self.getMaxSentenceLength(),
-                            case_sensitive=self.getCaseSensitive(), batch_size=self.getBatchSize(),
-                            precision=self.getPrecision(), **extra)
+        return EmbedOptions(
+            context="note",
+            max_length=self.getMaxSentenceLength(),
+            case_sensitive=self.getCaseSensitive(),
+            batch_size=self.getBatchSize(),
+            precision=self.getPrecision(),
+            **extra,
+        )
 
 
 class AnnotatorStage(Transformer, DefaultParamsReadable, DefaultParamsWritable):
@@ -150,9 +168,11 @@ class AnnotatorStage(Transformer, DefaultParamsReadable, DefaultParamsWritable):
         PipelineModel's Java object, stage by stage, and would silently skip an unknown stage there) is
         refused in one line. A property raising AttributeError keeps `hasattr(stage, "_to_java")` False,
         as pyspark's tuning persistence and Params.params read it."""
-        raise AttributeError(f"{type(self).__name__} is a clinlong stage that runs in Python, with no JVM object: "
-                             "Spark NLP's LightPipeline runs JVM stages only; use PipelineModel.transform(df), or "
-                             "clinlong.pipelines.load(...).predict(texts) for in-process annotation")
+        raise AttributeError(
+            f"{type(self).__name__} is a clinlong stage that runs in Python, with no JVM object: "
+            "Spark NLP's LightPipeline runs JVM stages only; use PipelineModel.transform(df), or "
+            "clinlong.pipelines.load(...).predict(texts) for in-process annotation"
+        )
 
     def _check_inputs(self, df: DataFrame) -> None:
         cols = self.getInputCols()
@@ -164,15 +184,18 @@ class AnnotatorStage(Transformer, DefaultParamsReadable, DefaultParamsWritable):
                 raise ValueError(f"{type(self).__name__}: input column {c!r} is missing; columns are {df.columns}")
             found = (df.schema[c].metadata or {}).get("annotatorType")
             if allowed and found not in allowed:
-                raise ValueError(f"{type(self).__name__}: input column {c!r} holds {found or 'no annotations'}, "
-                                 f"not {' or '.join(allowed)}; pass setInputCols(...) a column of that type")
+                raise ValueError(
+                    f"{type(self).__name__}: input column {c!r} holds {found or 'no annotations'}, "
+                    f"not {' or '.join(allowed)}; pass setInputCols(...) a column of that type"
+                )
 
     def _column_metadata(self) -> dict:
         """Spark NLP's metadata of the output column (embeddings stages add dimension and storage ref)."""
         return column_metadata(self.outputAnnotatorType)
 
-    def _map_batches(self, df: DataFrame, fn: Callable[[pa.RecordBatch], pa.Array],
-                     metadata: dict | None = None) -> DataFrame:
+    def _map_batches(
+        self, df: DataFrame, fn: Callable[[pa.RecordBatch], pa.Array], metadata: dict | None = None
+    ) -> DataFrame:
         """Append `outputCol` computed by `fn` from each Arrow batch (no per-row UDF), with `metadata`
         (default: the stage's column metadata) on the new column."""
         out = self.getOutputCol()

@@ -4,6 +4,7 @@ head (refused in one line when it has none, or one of the other kind), persisten
 checked on load, and the run of each annotation of the first input column through `core.batches.embed_texts`
 (per-note fault isolation: a text that fails alone gets its reason, the others their results).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -28,6 +29,7 @@ class HeadStage(HasModel, AnnotatorStage):
     modelType = "longformer"
     headKind = "sequence"
     inputAnnotatorTypes = ((DOCUMENT,), (TOKEN,))
+
     def __init__(self):
         super().__init__()
         self._setDefault(inputCols=["document", "token"])
@@ -43,10 +45,13 @@ class HeadStage(HasModel, AnnotatorStage):
         art = Artifact.open(path)
         check_head(art, self.headKind, type(self).__name__)
         if art.model_type != self.modelType:
-            other = type(self).__name__.replace(FAMILY_PREFIX[self.modelType],
-                                                FAMILY_PREFIX.get(art.model_type, art.model_type), 1)
-            raise ValueError(f"{path} holds a {art.model_type} model; {type(self).__name__} runs {self.modelType} "
-                             f"models: use {other}")
+            other = type(self).__name__.replace(
+                FAMILY_PREFIX[self.modelType], FAMILY_PREFIX.get(art.model_type, art.model_type), 1
+            )
+            raise ValueError(
+                f"{path} holds a {art.model_type} model; {type(self).__name__} runs {self.modelType} "
+                f"models: use {other}"
+            )
         return self._set(modelPath=str(art.path.resolve()), modelId=art.model_id)
 
     def getLabels(self) -> list[str]:

@@ -3,6 +3,7 @@
 the artifact it accepts differs (the engine, packing and runtime are shared, core.model holds both
 attentions). Spark NLP has no BigBird embeddings annotator; the name follows its convention.
 """
+
 from __future__ import annotations
 
 from clinlong.pipelines.spark.stages.longformer_embeddings import LongformerEmbeddings

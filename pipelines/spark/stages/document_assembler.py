@@ -1,4 +1,5 @@
 """DocumentAssembler: raw text column → `document` annotations (one per row)."""
+
 from __future__ import annotations
 
 import pyarrow as pa
@@ -34,8 +35,10 @@ class DocumentAssembler(AnnotatorStage):
         col = self.getInputCol()
 
         def documents(batch: pa.RecordBatch) -> pa.Array:
-            rows = [[] if not isinstance(t, str) or not t.strip() else
-                    [(DOCUMENT, 0, len(t) - 1, t, {"sentence": "0"})] for t in batch.column(col).to_pylist()]
+            rows = [
+                [] if not isinstance(t, str) or not t.strip() else [(DOCUMENT, 0, len(t) - 1, t, {"sentence": "0"})]
+                for t in batch.column(col).to_pylist()
+            ]
             return annotations_array(rows)
 
         return self._map_batches(df, documents)

@@ -1,4 +1,5 @@
 """EmbeddingsFinisher: embeddings annotations → plain array<array<float>> (or ML vectors) columns."""
+
 from __future__ import annotations
 
 from pyspark.ml.param import Param, Params, TypeConverters
@@ -13,10 +14,12 @@ class EmbeddingsFinisher(AnnotatorStage):
     inputAnnotatorTypes = ((WORD_EMBEDDINGS, SENTENCE_EMBEDDINGS),)
     outputAnnotatorType = ""
     outputCols = Param(Params._dummy(), "outputCols", "output columns, one per input", TypeConverters.toListString)
-    outputAsVector = Param(Params._dummy(), "outputAsVector", "array<vector> instead of array<array<float>>",
-                           TypeConverters.toBoolean)
-    cleanAnnotations = Param(Params._dummy(), "cleanAnnotations", "drop the annotation columns",
-                             TypeConverters.toBoolean)
+    outputAsVector = Param(
+        Params._dummy(), "outputAsVector", "array<vector> instead of array<array<float>>", TypeConverters.toBoolean
+    )
+    cleanAnnotations = Param(
+        Params._dummy(), "cleanAnnotations", "drop the annotation columns", TypeConverters.toBoolean
+    )
 
     def __init__(self):
         super().__init__()
@@ -52,4 +55,3 @@ class EmbeddingsFinisher(AnnotatorStage):
         if self.getOrDefault(self.cleanAnnotations):
             df = df.drop(*ins)
         return df
-

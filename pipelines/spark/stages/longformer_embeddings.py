@@ -19,6 +19,7 @@ it refuses an artifact whose model_id differs (one re-exported in place, or anot
 path). The artifact itself is not copied into the saved stage (unlike Spark NLP's models): keep it at
 that path on every executor, or `setModelPath` after loading.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -38,17 +39,22 @@ class LongformerEmbeddings(HasModel, AnnotatorStage, HasDimension, HasStorageRef
     defaultModel = ("clinical_longformer", "en")
     inputAnnotatorTypes = ((DOCUMENT,), (TOKEN,))
     outputAnnotatorType = WORD_EMBEDDINGS
-    tokenVector = Param(Params._dummy(), "tokenVector", "first (Spark NLP) or mean of the token's pieces",
-                        TypeConverters.toString)
-    keepTokensWithoutVector = Param(Params._dummy(), "keepTokensWithoutVector",
-                                    "True: a token with no vector keeps its annotation, an empty embeddings array and "
-                                    "its skip_reason; False: it is left out (for Spark NLP's SentenceEmbeddings)",
-                                    TypeConverters.toBoolean)
+    tokenVector = Param(
+        Params._dummy(), "tokenVector", "first (Spark NLP) or mean of the token's pieces", TypeConverters.toString
+    )
+    keepTokensWithoutVector = Param(
+        Params._dummy(),
+        "keepTokensWithoutVector",
+        "True: a token with no vector keeps its annotation, an empty embeddings array and "
+        "its skip_reason; False: it is left out (for Spark NLP's SentenceEmbeddings)",
+        TypeConverters.toBoolean,
+    )
 
     def __init__(self):
         super().__init__()
-        self._setDefault(inputCols=["document", "token"], outputCol="embeddings", tokenVector="first",
-                         keepTokensWithoutVector=True)
+        self._setDefault(
+            inputCols=["document", "token"], outputCol="embeddings", tokenVector="first", keepTokensWithoutVector=True
+        )
 
     @classmethod
     def pretrained(cls, name: str | None = None, lang: str | None = None) -> "LongformerEmbeddings":
@@ -59,10 +65,13 @@ class LongformerEmbeddings(HasModel, AnnotatorStage, HasDimension, HasStorageRef
     def setModelPath(self, path: str):
         art = Artifact.open(path)
         if art.model_type != self.modelType:
-            other = {"longformer": "LongformerEmbeddings", "big_bird": "BigBirdEmbeddings"}.get(art.model_type,
-                                                                                                 "another stage")
-            raise ValueError(f"{path} holds a {art.model_type} model; {type(self).__name__} runs {self.modelType} "
-                             f"models: use {other}")
+            other = {"longformer": "LongformerEmbeddings", "big_bird": "BigBirdEmbeddings"}.get(
+                art.model_type, "another stage"
+            )
+            raise ValueError(
+                f"{path} holds a {art.model_type} model; {type(self).__name__} runs {self.modelType} "
+                f"models: use {other}"
+            )
         return self._set(modelPath=str(art.path.resolve()), modelId=art.model_id, dimension=art.dimension)
 
     def setTokenVector(self, value: str):
@@ -123,8 +132,12 @@ class LongformerEmbeddings(HasModel, AnnotatorStage, HasDimension, HasStorageRef
                     vecs, inside, why = vecs[kept], [inside[i] for i in kept], [why[i] for i in kept]
                 vectors.append(vecs)
                 for t, reason in zip(inside, why):
-                    meta = {"sentence": dict(t["metadata"] or ()).get("sentence", "0"), "token": t["result"],
-                            "pieceId": "-1", "isWordStart": "true"}
+                    meta = {
+                        "sentence": dict(t["metadata"] or ()).get("sentence", "0"),
+                        "token": t["result"],
+                        "pieceId": "-1",
+                        "isWordStart": "true",
+                    }
                     if reason is not None:
                         meta["skip_reason"] = reason
                     rows[r].append((WORD_EMBEDDINGS, t["begin"], t["end"], t["result"], meta))
@@ -133,4 +146,3 @@ class LongformerEmbeddings(HasModel, AnnotatorStage, HasDimension, HasStorageRef
             return annotations_array(rows, flat, dim)
 
         return self._map_batches(df, embed)
-

@@ -15,6 +15,7 @@ The token column is checked (Spark NLP's inputs) but not read: the text is the a
 be run (empty, or failing alone in the model step) gives one annotation with an empty `result` and its
 `skip_reason`; the other rows and annotations are unaffected.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -31,12 +32,18 @@ from clinlong.pipelines.spark.stages._head_stage import HeadStage, run_segments,
 class LongformerForSequenceClassification(HeadStage):
     headKind = "sequence"
     outputAnnotatorType = CATEGORY
-    coalesceSentences = Param(Params._dummy(), "coalesceSentences",
-                              "one class per document by averaging the probabilities of all its sentences",
-                              TypeConverters.toBoolean)
-    activation = Param(Params._dummy(), "activation",
-                       "softmax or sigmoid (default: the head's; sigmoid for multi-label heads)",
-                       TypeConverters.toString)
+    coalesceSentences = Param(
+        Params._dummy(),
+        "coalesceSentences",
+        "one class per document by averaging the probabilities of all its sentences",
+        TypeConverters.toBoolean,
+    )
+    activation = Param(
+        Params._dummy(),
+        "activation",
+        "softmax or sigmoid (default: the head's; sigmoid for multi-label heads)",
+        TypeConverters.toString,
+    )
     threshold = Param(Params._dummy(), "threshold", "sigmoid: labels whose score is over it", TypeConverters.toFloat)
 
     def __init__(self):
@@ -71,15 +78,25 @@ class LongformerForSequenceClassification(HeadStage):
         doc_col = self.getInputCols()[0]
 
         def annotations(anchor: dict, k: int, scores: np.ndarray) -> list[tuple]:
-            meta = {"sentence": dict(anchor["metadata"] or ()).get("sentence", str(k)),
-                    **{lab: score_text(s) for lab, s in zip(labels, scores)}}
-            chosen = [labels[int(np.argmax(scores))]] if activation == "softmax" else \
-                [lab for lab, s in zip(labels, scores) if s > threshold]
+            meta = {
+                "sentence": dict(anchor["metadata"] or ()).get("sentence", str(k)),
+                **{lab: score_text(s) for lab, s in zip(labels, scores)},
+            }
+            chosen = (
+                [labels[int(np.argmax(scores))]]
+                if activation == "softmax"
+                else [lab for lab, s in zip(labels, scores) if s > threshold]
+            )
             return [(CATEGORY, anchor["begin"], anchor["end"], lab, dict(meta)) for lab in chosen]
 
         def skipped(anchor: dict, k: int, reason: str) -> tuple:
-            return (CATEGORY, anchor["begin"], anchor["end"], "",
-                    {"sentence": dict(anchor["metadata"] or ()).get("sentence", str(k)), "skip_reason": reason})
+            return (
+                CATEGORY,
+                anchor["begin"],
+                anchor["end"],
+                "",
+                {"sentence": dict(anchor["metadata"] or ()).get("sentence", str(k)), "skip_reason": reason},
+            )
 
         def classify(batch: pa.RecordBatch) -> pa.Array:
             docs = batch.column(doc_col).to_pylist()
@@ -89,8 +106,9 @@ class LongformerForSequenceClassification(HeadStage):
             for (r, k, d), res in zip(segments, results):
                 by_row.setdefault(r, []).append((k, d, res))
             for r, items in by_row.items():
-                ok = [(k, d, probabilities(res.head_logits, activation)) for k, d, res in items
-                      if res.skip_reason is None]
+                ok = [
+                    (k, d, probabilities(res.head_logits, activation)) for k, d, res in items if res.skip_reason is None
+                ]
                 if coalesce:
                     k, d, _ = items[0]
                     if ok:

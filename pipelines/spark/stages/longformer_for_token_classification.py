@@ -9,6 +9,7 @@ label (id2label) of the argmax of its first BPE piece's logits (Spark NLP's rule
 every token of a text that cannot be run (it fails alone in the model step, or is empty), gets an empty `result`
 and a `skip_reason`: no tag is made up (NerConverter reads an empty tag as outside any chunk).
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -13,6 +13,7 @@ end inclusive); `result` is the text between them (preservePosition, the default
 {"entity", "sentence": the index of the input annotation among those holding tags, "chunk": its index in the row
 after whiteList, "confidence": the mean of its tokens' tag confidences, when they have one}.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -31,7 +32,7 @@ def chunks_from_tags(tags: list[tuple[int, int, str, str, float | None]], no_sch
     start = entity = None
 
     def flush(last: int) -> None:
-        conf = [c for _, _, _, _, c in tags[start:last + 1] if c is not None]
+        conf = [c for _, _, _, _, c in tags[start : last + 1] if c is not None]
         out.append((tags[start][0], tags[last][1], entity, tags[start][3], sum(conf) / len(conf) if conf else None))
 
     for i, (_, _, tag, _, _) in enumerate(tags):
@@ -56,18 +57,24 @@ def chunks_from_tags(tags: list[tuple[int, int, str, str, float | None]], no_sch
 class NerConverter(AnnotatorStage):
     inputAnnotatorTypes = ((DOCUMENT,), (TOKEN,), (NAMED_ENTITY,))
     outputAnnotatorType = CHUNK
-    whiteList = Param(Params._dummy(), "whiteList", "if set, the entities to keep (without IOB prefix)",
-                      TypeConverters.toListString)
-    preservePosition = Param(Params._dummy(), "preservePosition",
-                             "result: the stored text between the chunk's offsets (True) or its first word",
-                             TypeConverters.toBoolean)
-    nerHasNoSchema = Param(Params._dummy(), "nerHasNoSchema", "tags without an IOB/IOB2 prefix",
-                           TypeConverters.toBoolean)
+    whiteList = Param(
+        Params._dummy(), "whiteList", "if set, the entities to keep (without IOB prefix)", TypeConverters.toListString
+    )
+    preservePosition = Param(
+        Params._dummy(),
+        "preservePosition",
+        "result: the stored text between the chunk's offsets (True) or its first word",
+        TypeConverters.toBoolean,
+    )
+    nerHasNoSchema = Param(
+        Params._dummy(), "nerHasNoSchema", "tags without an IOB/IOB2 prefix", TypeConverters.toBoolean
+    )
 
     def __init__(self):
         super().__init__()
-        self._setDefault(inputCols=["document", "token", "ner"], outputCol="ner_chunk", preservePosition=True,
-                         nerHasNoSchema=False)
+        self._setDefault(
+            inputCols=["document", "token", "ner"], outputCol="ner_chunk", preservePosition=True, nerHasNoSchema=False
+        )
 
     def setWhiteList(self, entities):
         return self._set(whiteList=list(entities))
@@ -108,7 +115,7 @@ class NerConverter(AnnotatorStage):
                         meta = {"entity": entity, "sentence": str(held), "chunk": str(len(out))}
                         if conf is not None:
                             meta["confidence"] = str(np.float32(conf))
-                        text = d["result"][begin - b0:end - b0 + 1] if preserve else word
+                        text = d["result"][begin - b0 : end - b0 + 1] if preserve else word
                         out.append((CHUNK, begin, end, text, meta))
                     held += 1
                 rows.append(out)

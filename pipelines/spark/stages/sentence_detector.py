@@ -1,4 +1,5 @@
 """SentenceDetector: `document` annotations → one `document` annotation per sentence (clinical rules)."""
+
 from __future__ import annotations
 
 import pyarrow as pa
@@ -12,6 +13,7 @@ from clinlong.pipelines.spark.stages._base import AnnotatorStage
 class SentenceDetector(AnnotatorStage):
     inputAnnotatorTypes = ((DOCUMENT,),)
     outputAnnotatorType = DOCUMENT
+
     def __init__(self):
         super().__init__()
         self._setDefault(inputCols=["document"], outputCol="sentence")
@@ -27,7 +29,7 @@ class SentenceDetector(AnnotatorStage):
                 for d in docs or []:
                     text, base = d["result"], d["begin"]
                     for b, e in detect_sentences(text):
-                        out.append((DOCUMENT, base + b, base + e, text[b:e + 1], {"sentence": str(i)}))
+                        out.append((DOCUMENT, base + b, base + e, text[b : e + 1], {"sentence": str(i)}))
                         i += 1
                 rows.append(out)
             return annotations_array(rows)

@@ -5,6 +5,7 @@ Spark NLP's behaviour: the AVERAGE (or SUM) of the token vectors inside each spa
 array (no vector) are left out; a span with no token vector gets an empty array and `skip_reason` in its
 metadata, never a zero vector.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -30,8 +31,13 @@ class SentenceEmbeddings(AnnotatorStage, HasDimension, HasStorageRef):
 
     def __init__(self):
         super().__init__()
-        self._setDefault(inputCols=["sentence", "embeddings"], outputCol="sentence_embeddings",
-                         poolingStrategy="AVERAGE", dimension=0, storageRef="")
+        self._setDefault(
+            inputCols=["sentence", "embeddings"],
+            outputCol="sentence_embeddings",
+            poolingStrategy="AVERAGE",
+            dimension=0,
+            storageRef="",
+        )
 
     def setPoolingStrategy(self, value: str):
         if value not in ("AVERAGE", "SUM"):
@@ -39,8 +45,11 @@ class SentenceEmbeddings(AnnotatorStage, HasDimension, HasStorageRef):
         return self._set(poolingStrategy=value)
 
     def _column_metadata(self, dim: int = 0, ref: str = "") -> dict:
-        return column_metadata(SENTENCE_EMBEDDINGS, dim or self.getOrDefault(self.dimension) or None,
-                               ref or self.getOrDefault(self.storageRef) or None)
+        return column_metadata(
+            SENTENCE_EMBEDDINGS,
+            dim or self.getOrDefault(self.dimension) or None,
+            ref or self.getOrDefault(self.storageRef) or None,
+        )
 
     def _transform(self, df: DataFrame) -> DataFrame:
         self._check_inputs(df)
@@ -61,8 +70,12 @@ class SentenceEmbeddings(AnnotatorStage, HasDimension, HasStorageRef):
                 out = []
                 for i, s in enumerate(spans or []):
                     sel = (begins >= s["begin"]) & (begins <= s["end"])
-                    meta = {"sentence": dict(s["metadata"] or ()).get("sentence", str(i)), "token": s["result"],
-                            "pieceId": "-1", "isWordStart": "true"}
+                    meta = {
+                        "sentence": dict(s["metadata"] or ()).get("sentence", str(i)),
+                        "token": s["result"],
+                        "pieceId": "-1",
+                        "isWordStart": "true",
+                    }
                     if sel.any():
                         v = mat[sel].sum(0)
                         vectors.append(v / int(sel.sum()) if average else v)

@@ -1,4 +1,5 @@
 """Tokenizer: sentence (or document) annotations → `token` annotations carrying their sentence index."""
+
 from __future__ import annotations
 
 import pyarrow as pa
@@ -12,6 +13,7 @@ from clinlong.pipelines.spark.stages._base import AnnotatorStage
 class Tokenizer(AnnotatorStage):
     inputAnnotatorTypes = ((DOCUMENT,),)
     outputAnnotatorType = TOKEN
+
     def __init__(self):
         super().__init__()
         self._setDefault(inputCols=["sentence"], outputCol="token")
@@ -28,7 +30,7 @@ class Tokenizer(AnnotatorStage):
                     text, base = s["result"], s["begin"]
                     idx = dict(s["metadata"] or ()).get("sentence", str(i))
                     for b, e, _ in tokenize(text, [(0, len(text) - 1)]):
-                        out.append((TOKEN, base + b, base + e, text[b:e + 1], {"sentence": idx}))
+                        out.append((TOKEN, base + b, base + e, text[b : e + 1], {"sentence": idx}))
                 rows.append(out)
             return annotations_array(rows)
 
