@@ -19,7 +19,7 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # what IDEs and type checkers see; at run time the names load on first use (below)
-    from clinlong.pipelines.spark.light import EmbeddingsPipeline, load
+    from clinlong.pipelines.spark.light import EmbeddingsPipeline, HeadPipeline, load
     from clinlong.pipelines.spark.stages import (
         BigBirdEmbeddings,
         BigBirdForSequenceClassification,
@@ -46,6 +46,7 @@ HEAD_STAGES = (
 _LAZY = {
     "load": "spark.light",
     "EmbeddingsPipeline": "spark.light",
+    "HeadPipeline": "spark.light",
     **{
         name: "spark.stages"
         for name in (
@@ -63,6 +64,7 @@ _LAZY = {
 __all__ = [
     "load",
     "EmbeddingsPipeline",
+    "HeadPipeline",
     "DocumentAssembler",
     "SentenceDetector",
     "Tokenizer",

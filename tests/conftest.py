@@ -49,6 +49,31 @@ def family_model(tmp_path_factory):
     return get
 
 
+HEAD_LABELS = {"sequence": ("PNEUMONIA", "SEPSIS", "CHF"), "token": ("O", "B-PROBLEM", "I-PROBLEM")}
+
+
+@pytest.fixture(scope="session")
+def head_model(tmp_path_factory):
+    """(kind "sequence"|"token", multi_label) -> (checkpoint, artifact) of a tiny synthetic fine-tuned Longformer
+    (labels HEAD_LABELS[kind]), built on first use."""
+    from clinlong.export.__main__ import run
+    from clinlong.export.synthetic import write_synthetic_checkpoint
+
+    built: dict[tuple, tuple[Path, Path]] = {}
+
+    def get(kind: str, multi: bool = False) -> tuple[Path, Path]:
+        if (kind, multi) not in built:
+            name = f"longformer-{kind}{'-multi' if multi else ''}"
+            ck = tmp_path_factory.mktemp("ckpt") / name
+            write_synthetic_checkpoint(ck, "tiny", 0, "longformer", kind, HEAD_LABELS[kind], multi)
+            out = tmp_path_factory.mktemp("artifacts") / name
+            run([str(ck), str(out)])
+            built[kind, multi] = (ck, out)
+        return built[kind, multi]
+
+    return get
+
+
 def hf_reference(checkpoint: Path, ids: list[int]):
     """Hugging Face's model (LongformerModel or BigBirdModel, fp32, loaded by transformers' AutoModel)
     last_hidden_state for one unpadded sequence, as a freshly loaded model computes it (export.parity's
@@ -74,8 +99,12 @@ def spark():
     from pyspark.sql import SparkSession
 
     s = (
-        SparkSession.builder.master("local[2]")
+        # local[2,2]: a task whose Python worker dies is retried once, as a cluster retries it (full-suite runs on
+        # the 2-core machine saw a worker crash three times, in three different tests, never alone: README,
+        # Troubleshooting); the faulthandler prints such a worker's Python traceback into the test's output.
+        SparkSession.builder.master("local[2,2]")
         .appName("clinlong-tests")
+        .config("spark.python.worker.faulthandler.enabled", "true")
         .config("spark.ui.enabled", "false")
         .config("spark.sql.shuffle.partitions", "2")
         .getOrCreate()

@@ -4,7 +4,9 @@ so its jobs keep the delta-rs default). Only what needs another driver runs in a
 spark-submit example (s3a:// in and out) and a `python -m` job killed with SIGKILL, both started first so that
 their start-up overlaps this one's.
 
-    python tests/delta_spark_checks.py WORK ARTIFACT BUCKET   -> one JSON line of findings on stdout
+    python tests/delta_spark_checks.py WORK ARTIFACT BUCKET [HEADS]  -> one JSON line of findings on stdout
+
+HEADS: JSON {"classify": ARTIFACT, "ner": ARTIFACT} of fine-tuned heads' exports, run as the job's tasks.
 
 WORK holds the notes (n12.csv, n3.csv, n24.csv, b6.csv); the AWS_* variables point at an S3 server with BUCKET.
 """
@@ -103,7 +105,22 @@ class Seconds(dict):
         print(f"[checks] {key}: {value} s", file=sys.stderr, flush=True)
 
 
-def main(tmp: str, model: str, bucket: str) -> dict:
+def head_tables(spark, a: str, b: str, task: str) -> dict:
+    """Two tables of a head task (read by delta-spark) compared: their keys and labels equal, the largest score
+    difference."""
+    keys = ["note_id"] if task == "classify" else ["note_id", "chunk_index"]
+    exact = ["label", "labels", "n_windows"] if task == "classify" else ["begin", "end", "chunk", "entity"]
+    score = "scores" if task == "classify" else "score"
+    t1, t2 = (spark.read.format("delta").load(x).toPandas().sort_values(keys).reset_index(drop=True) for x in (a, b))
+    same_rows = len(t1) == len(t2) and all(t1[c].astype(str).equals(t2[c].astype(str)) for c in keys + exact)
+    diff = None
+    if same_rows and len(t1):
+        s1, s2 = (np.asarray(t[score].tolist(), np.float64) for t in (t1, t2))
+        diff = float(np.nanmax(np.abs(s1 - s2))) if np.isfinite(s1).any() else 0.0
+    return {"rows": len(t1), "same_rows": same_rows, "max_diff": diff}
+
+
+def main(tmp: str, model: str, bucket: str, heads: str = "{}") -> dict:
     from clinlong.pipelines.spark import jars
 
     t0 = time.perf_counter()
@@ -210,6 +227,13 @@ def main(tmp: str, model: str, bucket: str) -> dict:
                 "version": again["version"],
                 "before": hist[-1]["version"],
             }
+    # 2b. the fine-tuned heads' tasks (issue 24) through delta-spark against delta-rs: the same rows and scores
+    for task, art in json.loads(heads).items():
+        ds, rs = f"{tmp}/ds_{task}", f"{tmp}/rs_{task}"
+        cfg = dict(base, model=art, notes=n3, task=task, mode="overwrite")
+        a = run(JobConfig(out=ds, **cfg), spark)
+        run(JobConfig(out=rs, writer="delta-rs", **cfg), spark)
+        found[task] = {**head_tables(spark, ds, rs, task), "summary_rows": a["rows_written"], "embedded": a["embedded"]}
     from clinlong.pipelines.core.schema import OutputSpec, error_schema, table_schema
 
     spec = OutputSpec("note", table_schema("note", pa.int64()), "m", 64)
@@ -387,6 +411,6 @@ def main(tmp: str, model: str, bucket: str) -> dict:
 
 
 if __name__ == "__main__":
-    findings = json.dumps(main(*sys.argv[1:4]), default=str)
+    findings = json.dumps(main(*sys.argv[1:5]), default=str)
     Path(sys.argv[1], "findings.json").write_text(findings)
     print(findings)

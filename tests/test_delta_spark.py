@@ -77,7 +77,7 @@ def test_jar_coordinates_follow_the_installed_spark(delta_jars, tmp_path, monkey
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("s3")
-def test_delta_spark_and_s3a_end_to_end(delta_jars, tiny_artifact, tmp_path, record_property):
+def test_delta_spark_and_s3a_end_to_end(delta_jars, tiny_artifact, head_model, tmp_path, record_property):
     """One process with Delta's and hadoop-aws' JARs (tests/delta_spark_checks.py), which also starts the two runs
     that need drivers of their own: every granularity through Spark's Delta writer (`auto` picks it) equal to the
     delta-rs writer's table, commit info and numRecords equal to the summary, a rerun commits nothing; an input
@@ -93,7 +93,14 @@ def test_delta_spark_and_s3a_end_to_end(delta_jars, tiny_artifact, tmp_path, rec
         short_notes(tmp_path / f"{name}.csv", n, seed=seed)
     start = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "delta_spark_checks.py"), str(tmp_path), str(tiny_artifact), BUCKET],
+        [
+            sys.executable,
+            str(ROOT / "tests" / "delta_spark_checks.py"),
+            str(tmp_path),
+            str(tiny_artifact),
+            BUCKET,
+            json.dumps({"classify": str(head_model("sequence")[1]), "ner": str(head_model("token")[1])}),
+        ],
         cwd=tmp_path,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
         capture_output=True,
@@ -109,6 +116,10 @@ def test_delta_spark_and_s3a_end_to_end(delta_jars, tiny_artifact, tmp_path, rec
         assert f["info"] == info and f["ops"] == ["WRITE"] * len(info) and "Delta-Lake" in f["engine"], (g, f)
         assert rows is None or f["rows"] == rows
     assert r["sentence"]["rows"] > 3 and r["token"]["rows"] > r["sentence"]["rows"]
+    for task in ("classify", "ner"):  # the heads' tasks (issue 24): delta-spark's table is delta-rs' table
+        f = r[task]
+        assert f["same_rows"] and f["max_diff"] <= 1e-6 and f["embedded"] == 3 and f["rows"] == f["summary_rows"], f
+    assert r["classify"]["rows"] == 3 and r["ner"]["rows"] >= 3
     assert r["rerun"]["resumed_from"] == r["rerun"]["chunks"] == 2 and r["rerun"]["version"] == r["rerun"]["before"]
     assert r["auto_writer"] == "delta-spark"
     # A worker killed after its rows (the task re-executed) and a note the model step refused: the totals equal the

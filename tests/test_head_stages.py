@@ -191,7 +191,7 @@ def test_chunks_of_the_model_hold_their_text(annotated):
 
 
 def test_iob_rules_as_spark_nlps_ner_converter():
-    from clinlong.pipelines.spark.stages.ner_converter import chunks_from_tags
+    from clinlong.pipelines.core.heads import chunks_from_tags
 
     def tags(*ts):
         return [(2 * k, 2 * k, t, f"w{k}", 0.5) for k, t in enumerate(ts)]

@@ -4,11 +4,14 @@ module so that nothing imports the job to learn its options."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
+from clinlong.pipelines.core.artifact import Artifact
 from clinlong.pipelines.core.engine import EmbedOptions
+from clinlong.pipelines.core.heads import WINDOW_POOLINGS
 from clinlong.pipelines.core.options import option
-from clinlong.pipelines.core.schema import GRANULARITIES, VECTOR_DTYPES
+from clinlong.pipelines.core.schema import GRANULARITIES, TASKS, VECTOR_DTYPES
 from clinlong.pipelines.core.storage import parse_storage_options
 
 MODES = ("append", "overwrite", "incremental")
@@ -39,7 +42,19 @@ class JobConfig:
         "Delta log, else CSV or Parquet from the names of its files",
         choices=INPUT_FORMATS,
     )
-    granularity: str = option("note", "one row per note, sentence or token", choices=GRANULARITIES)
+    task: str = option(
+        "embed",
+        "embed: vectors; classify: a fine-tuned *ForSequenceClassification export's label and scores per note; "
+        "ner: a fine-tuned *ForTokenClassification export's entity chunks (output tables: README)",
+        choices=TASKS,
+    )
+    granularity: str = option("note", "one row per note, sentence or token (--task embed)", choices=GRANULARITIES)
+    window_pooling: str = option(
+        "mean",
+        "--task classify, notes longer than --max-length: each window runs with global attention on its <s>; "
+        "mean: the windows' logits averaged, max: each label's largest (then softmax/sigmoid)",
+        choices=WINDOW_POOLINGS,
+    )
     mode: str = option(
         "append",
         "append; overwrite (the first chunk replaces the table); incremental: embed only "
@@ -86,3 +101,33 @@ class JobConfig:
     @property
     def errors_path(self) -> str:
         return self.errors_out or self.out.rstrip("/") + "_errors"
+
+    def validate(self, artifact: Artifact) -> "JobConfig":
+        """Check the options against the artifact; one-line ValueError or ArtifactError.
+
+        --task classify / ner need an export of a fine-tuned head of the matching kind (core.head_runs.check_head),
+        and run with the head's own global attention (Longformer's sequence head: `cls`); the embedding table's
+        options (--granularity, --vector-dtype, --token-vector) do not apply to them and are refused when set;
+        classify runs whole notes (--context note)."""
+        from clinlong.pipelines.core.head_runs import TASK_KINDS, check_head
+
+        if self.task == "embed":
+            self.options.validate(artifact)
+            return self
+        check_head(artifact, TASK_KINDS[self.task], f"--task {self.task}")
+        head = artifact.head
+        defaults = JobConfig(notes="", model="", out="")
+        for name, flag in (("granularity", "--granularity"), ("vector_dtype", "--vector-dtype")):
+            if getattr(self, name) != getattr(defaults, name):
+                raise ValueError(f"{flag} applies to --task embed; --task {self.task} writes its own table (README)")
+        if self.options.token_vector != defaults.options.token_vector:
+            raise ValueError("--token-vector applies to --task embed; --task ner tags a token by its first piece")
+        if self.options.global_attention not in ("none", head.global_attention):
+            raise ValueError(
+                f"--global-attention {self.options.global_attention}: --task {self.task} runs the head with the "
+                f"global attention it was trained with ({head.global_attention})"
+            )
+        if self.task == "classify" and self.options.context != "note":
+            raise ValueError("--task classify labels whole notes: use --context note (long notes run as windows)")
+        dataclasses.replace(self.options, global_attention=head.global_attention).validate(artifact)
+        return self

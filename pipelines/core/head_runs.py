@@ -3,12 +3,15 @@ with the head's global attention, and the head's logits per sequence or per piec
 
 `HeadRunner` is a `NoteEmbedder` whose results also hold the head's logits, so the one batch loop
 (`core.batches.embed_texts`, per-note fault isolation) runs it unchanged:
-- sequence heads: `result.head_logits` (labels,): each window's first token (<s>, with global attention where the
-  head was trained so) through the head; a text longer than the max length runs as the embedding windows and its
-  windows' logits are averaged (the rule the job's `--window-pooling mean` names); `result.n_windows` says how many.
+- sequence heads: `result.window_logits` (windows, labels): each window's first token (<s>, with global attention
+  where the head was trained so) through the head (a text longer than the max length runs as the embedding
+  windows; `result.n_windows` says how many), and `result.head_logits` (labels,), their mean (`pool_windows`; the
+  job's `--window-pooling` chooses the rule, `note_scores`).
 - token heads: `result.piece_logits` (pieces, labels), each piece's logits from the window where it sits farthest
   from an edge (the embeddings' rule); a token takes its first piece's (`token_logits`), as Spark NLP does.
 Scores are `core.heads.probabilities(logits, activation)`: softmax or sigmoid, the head's unless a caller says.
+What the job writes of a result: `note_scores` (classify: one label and the scores of every label) and
+`note_entities` (ner: the chunks of the note's IOB tags, Spark NLP's NerConverter rules).
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ import numpy as np
 
 from clinlong.pipelines.core.artifact import Artifact, ArtifactError
 from clinlong.pipelines.core.engine import EmbedOptions, NoteEmbedder, NoteResult
+from clinlong.pipelines.core.heads import Head, chunks_from_tags, pool_windows, probabilities
 
 KIND_CLASSES = {"sequence": "ForSequenceClassification", "token": "ForTokenClassification"}
+TASK_KINDS = {"classify": "sequence", "ner": "token"}  # the job's --task -> the head kind it runs
 
 
 def check_head(artifact: Artifact, kind: str, stage: str) -> None:
@@ -86,7 +91,8 @@ class HeadRunner(NoteEmbedder):
                 continue
             if self.head.kind == "sequence":
                 firsts = np.stack([hidden[off + r][0] for r in range(len(plan.run_ids))])
-                res.head_logits = self.head_model.logits(firsts).mean(axis=0, dtype=np.float64).astype(np.float32)
+                res.window_logits = self.head_model.logits(firsts)  # (windows, labels)
+                res.head_logits = pool_windows(res.window_logits, "mean")
             else:
                 res.piece_logits = self.head_model.logits(res.piece_vectors)
         return results
@@ -103,9 +109,32 @@ def token_logits(result: NoteResult) -> np.ndarray:
     return out
 
 
-def head_runner(artifact_path: str, options: EmbedOptions) -> HeadRunner:
-    """The process's HeadRunner for this artifact, options and device: `core.batches.embedder`'s cache (loaded
-    and sha256-verified once, the head's file too, then reused across batches and tasks)."""
-    from clinlong.pipelines.core.batches import embedder
+def engine_class(task: str) -> type[NoteEmbedder]:
+    """The engine the job's `--task` runs: NoteEmbedder (embed) or HeadRunner (classify, ner)."""
+    return HeadRunner if task in TASK_KINDS else NoteEmbedder
 
-    return embedder(artifact_path, options, engine=HeadRunner)
+
+def note_scores(result: NoteResult, head: Head, pooling: str = "mean") -> tuple[str, np.ndarray]:
+    """A classified note: (the top-scoring label, every label's score (labels,) float32 in id order), from its
+    windows' logits pooled by `pooling` (core.heads.pool_windows) and the head's activation."""
+    scores = probabilities(pool_windows(result.window_logits, pooling), head.activation)
+    return head.labels[int(np.argmax(scores))], scores
+
+
+def note_entities(result: NoteResult, head: Head) -> list[tuple[int, int, str, float]]:
+    """A tagged note's entity chunks: (begin, end inclusive, entity, score), character offsets into the text as
+    stored. Each token (the text rules' tokens) is tagged with the argmax label of its first piece's logits
+    (`token_logits`), its confidence that label's score; the tags become chunks sentence by sentence by Spark
+    NLP's NerConverter rules (core.heads.chunks_from_tags), a chunk's score the mean of its tokens'. A token that
+    no piece covers has no tag (it ends a chunk); no tag is made up."""
+    logits = token_logits(result)
+    missing = np.isnan(logits).any(axis=1)
+    scores = probabilities(np.nan_to_num(logits), head.activation)
+    best = np.argmax(scores, axis=1)
+    by_sentence: dict[int, list[tuple]] = {}
+    for i, (b, e, s) in enumerate(result.tokens):
+        tag, conf = ("", None) if missing[i] else (head.labels[best[i]], float(scores[i, best[i]]))
+        by_sentence.setdefault(s, []).append((b, e, tag, "", conf))
+    return [
+        (b, e, entity, conf) for s in sorted(by_sentence) for b, e, entity, _, conf in chunks_from_tags(by_sentence[s])
+    ]

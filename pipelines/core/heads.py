@@ -32,6 +32,7 @@ KINDS = ("sequence", "token")
 # problem_type -> how logits become scores (Hugging Face's pipelines read them so).
 ACTIVATIONS = {"single_label_classification": "softmax", "multi_label_classification": "sigmoid"}
 SCORE_ACTIVATIONS = ("softmax", "sigmoid")  # how logits become scores (`probabilities`)
+WINDOW_POOLINGS = ("mean", "max")  # how a long note's windows' logits become the note's (`pool_windows`)
 # Architectures whose head this module computes exactly: name -> (kind, activation between dense and out_proj).
 # "hidden_act": BigBird's head uses the config's hidden_act, recorded in the manifest as the head's `dense_act`.
 ARCHITECTURES = {
@@ -205,3 +206,64 @@ class HeadModel:
         probs = probabilities(logits, self.head.activation)
         bounds = np.cumsum(sizes)[:-1]
         return [HeadOutput(a, b) for a, b in zip(np.split(logits, bounds), np.split(probs, bounds))]
+
+
+def pool_windows(window_logits: np.ndarray, rule: str = "mean") -> np.ndarray:
+    """A sequence head's logits for a note run as several windows (each with global attention on its own <s>):
+    `window_logits` (windows, labels) -> (labels,), float32.
+
+    - "mean" (the default): the mean of the windows' logits, label by label; the scores are then taken of the
+      mean (softmax or sigmoid), so every window weighs the same, as in the usual chunk-and-average practice
+      for long clinical notes.
+    - "max": each label's largest logit over the windows, then the scores: a label is as likely as in the
+      window most sure of it (for multi-label heads, a finding stated once in a long note is not averaged away).
+    One window: its own logits under either rule.
+
+    Raises:
+        ValueError: another rule, or no window.
+    """
+    check_choice("window pooling", rule, WINDOW_POOLINGS)
+    x = np.asarray(window_logits, np.float32)
+    if x.ndim != 2 or not len(x):
+        raise ValueError(f"window logits must be (windows >= 1, labels), got {x.shape}")
+    if rule == "max":
+        return x.max(axis=0)
+    return x.mean(axis=0, dtype=np.float64).astype(np.float32)
+
+
+def chunks_from_tags(tags: list[tuple[int, int, str, str, float | None]], no_schema: bool = False) -> list[tuple]:
+    """(begin, end, entity, first word, confidence) of each chunk of one sentence's tagged tokens
+    (begin, end, tag, word, confidence), by Spark NLP's NerConverter rules (its NerTagsEncoding.fromIOB):
+
+    - "B-X" closes the open chunk and opens an X chunk; "O" (and an empty tag: a token with no tag) closes it;
+      "I-X" continues the open chunk (whatever its entity, as Spark NLP does) or opens an X chunk after "O";
+      a tag without a prefix opens a chunk of the whole tag;
+    - `no_schema` (tags without B-/I- prefixes): each run of tokens with the same tag other than "O" is one
+      chunk of that entity.
+    A chunk's begin/end are its first token's begin and its last token's end (end inclusive); its confidence
+    is the mean of its tokens' confidences that are not None (None when none has one).
+    """
+    out = []
+    start = entity = None
+
+    def flush(last: int) -> None:
+        conf = [c for _, _, _, _, c in tags[start : last + 1] if c is not None]
+        out.append((tags[start][0], tags[last][1], entity, tags[start][3], sum(conf) / len(conf) if conf else None))
+
+    for i, (_, _, tag, _, _) in enumerate(tags):
+        outside = tag in ("O", "")
+        if no_schema:
+            if entity is not None and tag != entity:
+                flush(i - 1)
+                entity = None
+            if entity is None and not outside:
+                start, entity = i, tag
+            continue
+        if entity is not None and (tag.startswith("B-") or outside):
+            flush(i - 1)
+            entity = None
+        if entity is None and not outside:
+            start, entity = i, tag[2:] if tag[1:2] == "-" else tag
+    if entity is not None:
+        flush(len(tags) - 1)
+    return out

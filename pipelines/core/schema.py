@@ -14,6 +14,7 @@ several chunks, each under the limit (a 10,000-note batch at token granularity r
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -21,7 +22,11 @@ import pyarrow as pa
 from clinlong.pipelines.core.engine import SENTENCE_NO_PIECE, TOKEN_NO_PIECE, NoteResult
 from clinlong.pipelines.core.options import check_choice
 
+if TYPE_CHECKING:
+    from clinlong.pipelines.core.heads import Head
+
 GRANULARITIES = ("note", "sentence", "token")
+TASKS = ("embed", "classify", "ner")  # what the job writes: vectors, a fine-tuned sequence head's labels, entities
 MAX_LIST_VALUES = 2**31 - 1  # values one Arrow list<…> / binary array can hold (int32 offsets)
 VECTOR_DTYPES = ("float32", "float16")
 
@@ -85,6 +90,53 @@ def table_schema(
     return pa.schema([pa.field(n, t) for n, t in fields])
 
 
+def head_table_schema(task: str, id_type: pa.DataType, partition_by: str = "", skip_reasons: bool = False) -> pa.Schema:
+    """The output table of a fine-tuned head (issue 24, point 4); `partition_by` comes last, as for vectors;
+    `skip_reasons` (the one-liner's `predict`) adds `skip_reason` (string): an input that was not run gives one
+    row, its other columns null, and its reason there.
+
+    classify: one row per note: `label` (the top-scoring label, from the head's id2label), `scores`
+        (array<float>: every label's score, softmax or sigmoid, in the order of) `labels` (array<string>: the
+        head's labels in id order), `n_windows` (windows the note was run as; their logits pooled by
+        --window-pooling), model_id, text_sha256.
+    ner: one row per entity chunk: `chunk_index` (0, 1, ... within the note), `begin`/`end` (character offsets
+        into the text as stored, end inclusive, as Spark NLP's annotations), `chunk` (the text between them),
+        `entity` (the tags' label without B-/I-), `score` (the mean of its tokens' scores), model_id,
+        text_sha256. A note with no entity has one row whose chunk_index, begin, end, chunk, entity and score
+        are null: it was run (incremental mode finds it), and nothing was found.
+    """
+    check_choice("task", task, TASKS[1:])
+    if task == "classify":
+        fields = [
+            ("note_id", id_type),
+            ("label", pa.string()),
+            ("scores", pa.list_(pa.field("element", pa.float32()))),
+            ("labels", pa.list_(pa.field("element", pa.string()))),
+            ("n_windows", pa.int32()),
+            ("model_id", pa.string()),
+            ("text_sha256", pa.string()),
+        ]
+    else:
+        fields = [
+            ("note_id", id_type),
+            ("chunk_index", pa.int32()),
+            ("begin", pa.int32()),
+            ("end", pa.int32()),
+            ("chunk", pa.string()),
+            ("entity", pa.string()),
+            ("score", pa.float32()),
+            ("model_id", pa.string()),
+            ("text_sha256", pa.string()),
+        ]
+    if skip_reasons:
+        fields.append(("skip_reason", pa.string()))
+    if partition_by:
+        if partition_by in {n for n, _ in fields}:
+            raise ValueError(f"cannot partition by {partition_by!r}: it is an output column; rename it in the input")
+        fields.append((partition_by, pa.string()))
+    return pa.schema([pa.field(n, t) for n, t in fields])
+
+
 def error_schema(id_type: pa.DataType) -> pa.Schema:
     """The errors table: one row per input row that was not embedded. `stage`: read (malformed input
     row), check (unusable id or text), embed (the model step failed on this note alone)."""
@@ -127,6 +179,9 @@ class OutputSpec:
     token_vector: str = "first"
     vector_dtype: str = "float32"
     partition_by: str = ""  # Delta partition column (not stored in the Parquet files, by Delta's rule)
+    task: str = "embed"  # TASKS: vectors, or a fine-tuned head's output (head_table_schema)
+    head: "Head | None" = None  # the artifact's head (classify, ner)
+    window_pooling: str = "mean"  # classify: how a long note's windows' logits are combined (heads.pool_windows)
 
     @property
     def skip_reasons(self) -> bool:
@@ -187,6 +242,8 @@ def build_table(spec: OutputSpec, ids: list, texts: list, results: list[NoteResu
     except with `spec.skip_reasons` (`predict`): there each gives one row, its vector and per-span columns
     null and its reason in `skip_reason`, in input order. A token or sentence that no piece covers has a
     null vector (and, with `skip_reasons`, engine.TOKEN_NO_PIECE or SENTENCE_NO_PIECE)."""
+    if spec.task != "embed":
+        return _build_head(spec, ids, texts, results)
     chunks = _value_chunks(spec, results)
     if len(chunks) == 1:
         return _build(spec, ids, texts, results)
@@ -270,10 +327,42 @@ def _build(spec: OutputSpec, ids: list, texts: list, results: list[NoteResult]) 
     return pa.table(cols, schema=schema)
 
 
+def _build_head(spec: OutputSpec, ids: list, texts: list, results: list[NoteResult]) -> pa.Table:
+    """Rows of a fine-tuned head's table (head_table_schema) for one batch; notes that were not run give no row
+    (they go to the errors table)."""
+    from clinlong.pipelines.core.head_runs import note_entities, note_scores
+
+    schema, head, reasons = spec.file_schema, spec.head, spec.skip_reasons
+    cols: dict[str, list] = {n: [] for n in schema.names}
+
+    def row(nid, r: NoteResult, **values) -> None:
+        for name in schema.names:
+            cols[name].append(values.get(name))
+        cols["note_id"][-1], cols["model_id"][-1], cols["text_sha256"][-1] = nid, spec.model_id, r.text_sha256
+        if reasons:
+            cols["skip_reason"][-1] = r.skip_reason
+
+    for nid, text, r in zip(ids, texts, results):
+        if r.skip_reason is not None:
+            if reasons:  # predict: one row, the input and its reason
+                row(nid, r)
+            continue
+        if spec.task == "classify":
+            label, scores = note_scores(r, head, spec.window_pooling)
+            row(nid, r, label=label, scores=scores.tolist(), labels=list(head.labels), n_windows=r.n_windows)
+            continue
+        found = note_entities(r, head)
+        for k, (b, e, entity, score) in enumerate(found):
+            row(nid, r, chunk_index=k, begin=b, end=e, chunk=text[b : e + 1], entity=entity, score=score)
+        if not found:  # run, nothing found: one row with the note's keys (incremental mode finds it done)
+            row(nid, r)
+    return pa.table(cols, schema=schema)
+
+
 def null_vector_counts(table: pa.Table, granularity: str) -> dict[str, int]:
     """Rows of an output table whose vector is null, by reason (engine.TOKEN_NO_PIECE, SENTENCE_NO_PIECE):
-    the summary's warnings."""
-    if granularity == "note" or not table.num_rows:
+    the summary's warnings (none for a head's table: it holds no vectors)."""
+    if granularity == "note" or not table.num_rows or "embedding" not in table.schema.names:
         return {}
     n = table.column("embedding").null_count
     return {f"null vector: {TOKEN_NO_PIECE if granularity == 'token' else SENTENCE_NO_PIECE}": n} if n else {}

@@ -215,8 +215,12 @@ class RunPlan:
 
 
 def run_description(cfg: JobConfig, model_id: str, fingerprint: list) -> dict:
-    """What makes two invocations the same run: input data, columns, model, output, result-changing options."""
+    """What makes two invocations the same run: input data, columns, model, output, result-changing options
+    (the task and its window pooling only where they are not the embedding task's, so embedding runs keep
+    the ids they had before there were tasks)."""
+    heads = {"task": cfg.task, "window_pooling": cfg.window_pooling} if cfg.task != "embed" else {}
     return {
+        **heads,
         "input": fingerprint,
         "format": cfg.input_format,
         "id": [cfg.id_col, cfg.id_type],

@@ -80,18 +80,20 @@ def spark_session(master: str | None = None, jar_kinds: tuple[str, ...] = ()):
 def run(cfg: JobConfig, spark=None) -> dict:
     """Run the job chunk by chunk, each chunk one idempotent commit; return the run's summary (also
     stored in every chunk's Delta commit info, cumulatively)."""
+    from clinlong.pipelines.core.head_runs import engine_class
     from clinlong.pipelines.core.logs import configure
     from clinlong.pipelines.core.runtime import files_to_verify
 
     configure()
     start = time.perf_counter()
     artifact = Artifact.open(cfg.model, verify=False)
-    cfg.options.validate(artifact)
+    cfg.validate(artifact)
     opts = cfg.options
     spark = spark or spark_session()
     profile = gpu_profile(cfg)
-    with Preload(spark, str(artifact.path), opts, profile), ThreadPoolExecutor(1) as pool:
-        verified = pool.submit(artifact.verify, files_to_verify(artifact, opts.backend))
+    with Preload(spark, str(artifact.path), opts, profile, engine_class(cfg.task)), ThreadPoolExecutor(1) as pool:
+        files = files_to_verify(artifact, opts.backend) + ([artifact.head.file] if cfg.task != "embed" else [])
+        verified = pool.submit(artifact.verify, files)
         return _run(cfg, spark, artifact, profile, verified, start)
 
 
@@ -131,7 +133,7 @@ def _read(cfg: JobConfig, spark, artifact: Artifact):
     writer, its outputs checked before any work."""
     from pyspark.sql.pandas.types import to_arrow_type
 
-    from clinlong.pipelines.core.schema import OutputSpec, error_schema, table_schema
+    from clinlong.pipelines.core.schema import OutputSpec, error_schema, head_table_schema, table_schema
     from clinlong.pipelines.delta.writers import make_writer
     from clinlong.pipelines.spark import sources
 
@@ -140,23 +142,31 @@ def _read(cfg: JobConfig, spark, artifact: Artifact):
     raw = sources.read(spark, source)
     notes = sources.select_notes(raw, cfg.id_col, cfg.text_col, cfg.id_type, keep)
     id_type = to_arrow_type(notes.schema["note_id"].dataType)
+    if cfg.task == "embed":
+        schema = table_schema(cfg.granularity, id_type, cfg.vector_dtype, cfg.partition_by)
+    else:
+        schema = head_table_schema(cfg.task, id_type, cfg.partition_by)
     spec = OutputSpec(
         cfg.granularity,
-        table_schema(cfg.granularity, id_type, cfg.vector_dtype, cfg.partition_by),
+        schema,
         artifact.model_id,
         artifact.dimension,
         cfg.options.token_vector,
         cfg.vector_dtype,
         cfg.partition_by,
+        task=cfg.task,
+        head=artifact.head if cfg.task != "embed" else None,
+        window_pooling=cfg.window_pooling,
     )
     writer = make_writer(spark, cfg, str(artifact.path), spec, error_schema(id_type))
     writer.check_outputs()
     log.info(
-        "model %s (dim %d), input %s (%s), granularity %s, context %s, max length %d, mode %s, writer %s",
+        "model %s (dim %d), input %s (%s), task %s, granularity %s, context %s, max length %d, mode %s, writer %s",
         artifact.model_id,
         artifact.dimension,
         source.name,
         source.kind,
+        cfg.task,
         cfg.granularity,
         cfg.options.context,
         cfg.options.max_length,

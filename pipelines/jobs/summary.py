@@ -31,6 +31,7 @@ def summary(t: Totals, seconds: float, model_id: str, cfg: JobConfig, plan: RunP
         "notes_per_s": round(t.notes / seconds, 2),
         "tokens_per_s": round(t.tokens / seconds, 1),
         "model_id": model_id,
+        "task": cfg.task,
         "granularity": cfg.granularity,
         "context": cfg.options.context,
         "vector_dtype": cfg.vector_dtype,
@@ -65,7 +66,7 @@ def format_summary(s: dict) -> str:
     return (
         f"rows in {s['rows_in']}{of_input}{resumed}, embedded {s['embedded']}, errors {sum(s['errors'].values())} "
         f"({errors}){'; warnings: ' + warnings if warnings else ''}\n"
-        f"rows written {s['rows_written']} ({s['granularity']} granularity, {s['context']} context), "
+        f"rows written {s['rows_written']} ({_table_kind(s)}, {s['context']} context), "
         f"BPE tokens {s['bpe_tokens']}, windows {s['windows']}\n"
         f"{s['seconds']} s, {s['notes_per_s']} notes/s, {s['tokens_per_s']} tokens/s\n"
         f"devices: {_counted(s['devices']) or 'none'}; "
@@ -88,3 +89,10 @@ def format_summary(s: dict) -> str:
 
 def _counted(counts: dict) -> str:
     return ", ".join(f"{k} x{v}" for k, v in sorted(counts.items()))
+
+
+def _table_kind(s: dict) -> str:
+    task = s.get("task", "embed")
+    if task == "embed":
+        return f"{s['granularity']} granularity"
+    return "one per note: label and scores" if task == "classify" else "one per entity chunk, or per note with none"

@@ -34,8 +34,11 @@ class Preload:
 
     WAIT_S = 30.0  # how long a job that ended early waits for a running preload before cancelling it
 
-    def __init__(self, spark, artifact_path: str, options: EmbedOptions, profile=None):
+    def __init__(
+        self, spark, artifact_path: str, options: EmbedOptions, profile=None, engine: type[NoteEmbedder] = NoteEmbedder
+    ):
         self.spark, self.artifact_path, self.options, self.profile = spark, artifact_path, options, profile
+        self.engine = engine  # the engine class the tasks run (core.head_runs.engine_class)
         self.group = f"clinlong-preload-{uuid.uuid4().hex[:8]}"  # this run's alone, if runs share a session
         self.thread, self.done = None, False
 
@@ -67,13 +70,13 @@ class Preload:
         sc = self.spark.sparkContext
         sc.setJobGroup(self.group, "load the model into the executors' Python workers", interruptOnCancel=True)
         slots = max(1, sc.defaultParallelism // int(sc.getConf().get("spark.task.cpus", "1")))
-        path, options = self.artifact_path, self.options
+        path, options, engine = self.artifact_path, self.options, self.engine
 
         def load(rows: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
             for _ in rows:
                 pass
             try:
-                batches.embedder(path, options)
+                batches.embedder(path, options, engine)
             except ArtifactError:  # the driver verifies the artifact and reports it in one line
                 pass
             except Exception as e:  # noqa: BLE001 - the embedding tasks meet it again and report it
@@ -106,8 +109,11 @@ def share_executor_cores(sc) -> int:
 
 
 @contextlib.contextmanager
-def task_embedder(artifact_path: str, options: EmbedOptions) -> Iterator[tuple[NoteEmbedder, int]]:
-    """The worker's embedder for a task, and how many models the task loaded itself (0 where preloaded).
+def task_embedder(
+    artifact_path: str, options: EmbedOptions, engine: type[NoteEmbedder] = NoteEmbedder
+) -> Iterator[tuple[NoteEmbedder, int]]:
+    """The worker's embedder for a task (of class `engine`: core.head_runs.engine_class of the job's task), and
+    how many models the task loaded itself (0 where preloaded).
     On a CPU executor whose cores the driver named (a local property), the task registers at once (before
     the model loads) and its torch model takes, call by call, the cores its finished siblings left idle
     (runtime.CoreShare); a GPU task's BPE threads take the executor's."""
@@ -128,7 +134,7 @@ def task_embedder(artifact_path: str, options: EmbedOptions) -> Iterator[tuple[N
             os.environ.setdefault("RAYON_NUM_THREADS", cores)
     with share or contextlib.nullcontext():
         before = batches.loads()
-        emb = batches.embedder(artifact_path, options)
+        emb = batches.embedder(artifact_path, options, engine)
         loaded = batches.loads() - before
         model = getattr(emb.encoder, "model", None)
         if share is None or not hasattr(model, "share"):  # ONNX Runtime sessions keep the threads they were built with

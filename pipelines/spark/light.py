@@ -18,7 +18,7 @@ import pandas as pd
 import pyarrow as pa
 
 from clinlong.pipelines.core.artifact import Artifact
-from clinlong.pipelines.core.engine import EmbedOptions
+from clinlong.pipelines.core.engine import EmbedOptions, NoteEmbedder
 from clinlong.pipelines.core.options import check_choice
 from clinlong.pipelines.core.registry import resolve
 from clinlong.pipelines.core.schema import OutputSpec, build_table, table_schema
@@ -40,6 +40,8 @@ class EmbeddingsPipeline:
         check_choice("output_level", output_level, sorted(OUTPUT_LEVELS))
         return OUTPUT_LEVELS[output_level]
 
+    engine = NoteEmbedder  # what runs the texts (HeadPipeline: the head's runner)
+
     def predict(
         self,
         data,
@@ -56,6 +58,10 @@ class EmbeddingsPipeline:
         missing column, TypeError for another type of `data`."""
         granularity = self._granularity(output_level)
         options = replace(self.options, context=context) if context else self.options
+        return self._predict(data, text_col, id_col, options, lambda id_type: self._spec(granularity, id_type, options))
+
+    def _predict(self, data, text_col: str, id_col: str | None, options: EmbedOptions, make_spec):
+        """`predict`'s body: `make_spec(id_type)` gives the output table's OutputSpec."""
         if isinstance(data, str):
             data = [data]
         if isinstance(data, (list, tuple)):
@@ -68,7 +74,7 @@ class EmbeddingsPipeline:
             ids = data[id_col].tolist() if id_col else data.index.tolist()
             texts = [None if _missing(t) else t for t in data[text_col].tolist()]  # NaN, pd.NA, NaT: null text
             if len(data) <= IN_PROCESS_LIMIT:
-                return self._in_process(ids, texts, granularity, options)
+                return self._in_process(ids, texts, make_spec, options)
             import os
             import sys
 
@@ -83,7 +89,7 @@ class EmbeddingsPipeline:
             sdf = spark.createDataFrame(
                 pd.DataFrame({"note_id": ids, "text": pd.Series(texts, dtype=object)}), schema=_text_schema(ids)
             )
-            return arrow_to_pandas(self._spark(sdf, granularity, options).toArrow())
+            return arrow_to_pandas(self._spark(sdf, make_spec, options).toArrow())
         try:
             from pyspark.sql import DataFrame as SparkDataFrame
         except ImportError:  # pragma: no cover
@@ -97,22 +103,21 @@ class EmbeddingsPipeline:
                     "so that output rows can be joined back to it"
                 )
             return self._spark(
-                data.select(F.col(id_col).alias("note_id"), F.col(text_col).alias("text")), granularity, options
+                data.select(F.col(id_col).alias("note_id"), F.col(text_col).alias("text")), make_spec, options
             )
         raise TypeError(
             f"predict takes a string, a list of strings, a pandas or a Spark DataFrame, not {type(data).__name__}"
         )
 
     def _in_process(
-        self, ids: list, texts: list, granularity: str, options: EmbedOptions, progress: bool | None = None
+        self, ids: list, texts: list, make_spec, options: EmbedOptions, progress: bool | None = None
     ) -> pd.DataFrame:
         from tqdm import tqdm  # the text bar: tqdm.auto warns in notebooks without ipywidgets
 
         from clinlong.pipelines.core.batches import embed_texts, embedder
 
-        emb = embedder(str(self.artifact.path), options)
-        id_type = pa.array(ids).type if ids else pa.int64()
-        spec = self._spec(granularity, id_type, options)
+        emb = embedder(str(self.artifact.path), options, self.engine)
+        spec = make_spec(pa.array(ids).type if ids else pa.int64())
         show = progress if progress is not None else len(texts) >= PROGRESS_FROM
         bar = tqdm(total=len(texts), desc="[predict]", unit=" notes", disable=not show)  # counts only, no text
         tables = []
@@ -132,13 +137,67 @@ class EmbeddingsPipeline:
             options.token_vector,
         )
 
-    def _spark(self, sdf, granularity: str, options: EmbedOptions):
+    def _spark(self, sdf, make_spec, options: EmbedOptions):
         from pyspark.sql.pandas.types import from_arrow_schema, to_arrow_type
 
         from clinlong.pipelines.spark.tasks import embed_rows
 
-        spec = self._spec(granularity, to_arrow_type(sdf.schema["note_id"].dataType), options)
+        spec = make_spec(to_arrow_type(sdf.schema["note_id"].dataType))
         return sdf.mapInArrow(embed_rows(str(self.artifact.path), options, spec), from_arrow_schema(spec.schema))
+
+
+class HeadPipeline(EmbeddingsPipeline):
+    """A fine-tuned head's one-liner (`load("en.classify.longformer.NAME")`, `load("en.ner.longformer.NAME")`, or
+    the path of such an export): `predict` gives the job's `--task classify` or `--task ner` table. The encoder
+    runs with the head's own global attention (Longformer's sequence head: on `<s>`)."""
+
+    def __init__(self, artifact: Artifact, options: EmbedOptions = EmbedOptions()):
+        from clinlong.pipelines.core.head_runs import HeadRunner
+
+        head = artifact.head
+        if head is None:
+            raise ValueError(f"{artifact.path} holds an embedding model with no fine-tuned head; use load() for it")
+        self.task = {"sequence": "classify", "token": "ner"}[head.kind]
+        self.engine = HeadRunner
+        super().__init__(artifact, replace(options, global_attention=head.global_attention))
+
+    def predict(
+        self,
+        data,
+        text_col: str = "text",
+        id_col: str | None = None,
+        context: str | None = None,
+        window_pooling: str = "mean",
+    ):
+        """Classify `data` (one row per input: `label`, `scores`, `labels`, `n_windows`) or find its entities (one
+        row per entity chunk: `chunk_index`, `begin`, `end` inclusive, `chunk`, `entity`, `score`; one row with
+        those null for an input with none): the job's tables (README, "Classifying notes and finding entities"),
+        plus `skip_reason` (string, null where run): an input that cannot be run gives one row with its reason.
+        `data` as for embeddings (str, list of str, pandas or Spark DataFrame; pandas out, Spark out for Spark in);
+        `window_pooling` (mean, max): how a long text's windows' logits are combined (classification). Rows
+        come in input order. Raises ValueError for a missing column, a sentence context for classification or
+        another window pooling; TypeError for another type of `data`."""
+        from clinlong.pipelines.core.heads import WINDOW_POOLINGS
+        from clinlong.pipelines.core.schema import head_table_schema
+
+        check_choice("window_pooling", window_pooling, WINDOW_POOLINGS)
+        options = replace(self.options, context=context) if context else self.options
+        if self.task == "classify" and options.context != "note":
+            raise ValueError("classification labels whole texts: context='note' (long texts run as windows)")
+
+        def make_spec(id_type: pa.DataType) -> OutputSpec:
+            schema = head_table_schema(self.task, id_type, skip_reasons=True)
+            return OutputSpec(
+                "note",
+                schema,
+                self.artifact.model_id,
+                self.artifact.dimension,
+                task=self.task,
+                head=self.artifact.head,
+                window_pooling=window_pooling,
+            )
+
+        return self._predict(data, text_col, id_col, options, make_spec)
 
 
 def _missing(value) -> bool:
@@ -174,11 +233,23 @@ def arrow_to_pandas(table: pa.Table) -> pd.DataFrame:
 
 
 def load(name: str = "en.embed.longformer.clinical", lang: str = "en", **options) -> EmbeddingsPipeline:
-    """Resolve `name` (an nlu-style reference, a registered name or an artifact path) to a pipeline.
+    """Resolve `name` (an nlu-style reference, a registered name or an artifact path) to a pipeline: a
+    HeadPipeline (classification or NER) for the export of a fine-tuned head, else an EmbeddingsPipeline. An
+    nlu-style name says which it expects: `LANG.classify.FAMILY.NAME` a sequence head, `LANG.ner.FAMILY.NAME` a
+    token head, `LANG.embed.…` embeddings (a fine-tuned export embeds too, with its fine-tuned encoder).
     `options` are EmbedOptions' fields (max_length, case_sensitive, window_overlap, ...), checked here:
-    a value that is refused raises ValueError naming the option."""
+    a value that is refused raises ValueError naming the option; a name whose task the artifact cannot do
+    raises ArtifactError."""
+    from clinlong.pipelines.core.head_runs import check_head
+
     known = [f.name for f in fields(EmbedOptions)]
     unknown = sorted(set(options) - set(known))
     if unknown:
         raise ValueError(f"unknown option(s) {', '.join(unknown)}; load() takes: {', '.join(known)}")
-    return EmbeddingsPipeline(Artifact.open(resolve(name, lang)), EmbedOptions(**options))
+    artifact = Artifact.open(resolve(name, lang))
+    task = name.split(".")[1] if name.count(".") >= 2 else ""
+    if task in ("classify", "ner"):
+        check_head(artifact, {"classify": "sequence", "ner": "token"}[task], f"load({name!r})")
+    if artifact.head is not None and task != "embed":
+        return HeadPipeline(artifact, EmbedOptions(**options))
+    return EmbeddingsPipeline(artifact, EmbedOptions(**options))

@@ -23,6 +23,7 @@ from clinlong.pipelines.core import batches, faults
 from clinlong.pipelines.core.batches import COUNT_KEYS, TaskCounts
 from clinlong.pipelines.core.engine import EmbedOptions
 from clinlong.pipelines.core.errors import OutputError
+from clinlong.pipelines.core.head_runs import engine_class
 from clinlong.pipelines.core.schema import OutputSpec, build_errors, null_vector_counts
 from clinlong.pipelines.core.storage import StorageError, delta_rs_uri, is_local, join, table_filesystem
 from clinlong.pipelines.delta.sink import commit, committed_version, delete_matching, existing_table_schema, open_table
@@ -242,7 +243,7 @@ def embed_partition(artifact_path: str, options: EmbedOptions, spec: OutputSpec,
         outs: dict[str, RollingWriter] = {}
         errs = writer(target.errors_uri, target.error_schema)
         counts = TaskCounts()
-        with task_embedder(artifact_path, options) as (emb, loaded):
+        with task_embedder(artifact_path, options, engine_class(spec.task)) as (emb, loaded):
             counts.n["model_loads"] += loaded
             for b in batches.embed_batches(emb, rows):
                 written = 0

@@ -17,6 +17,7 @@ from pyspark.sql import functions as F
 from clinlong.pipelines.core import batches, faults
 from clinlong.pipelines.core.engine import EmbedOptions
 from clinlong.pipelines.core.errors import OutputError
+from clinlong.pipelines.core.head_runs import engine_class
 from clinlong.pipelines.core.schema import OutputSpec, build_errors, null_vector_counts
 from clinlong.pipelines.delta.sink import CommitConflict
 from clinlong.pipelines.delta.writers.base import KEY_MATCH, Chunk, Embedded, Totals, Writer
@@ -45,7 +46,7 @@ def embed_rows_and_errors(
 
     def run(rows: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         reporter = ProgressReporter(progress, chunk)
-        with task_embedder(artifact_path, options) as (emb, loads):
+        with task_embedder(artifact_path, options, engine_class(spec.task)) as (emb, loads):
             for b in batches.embed_batches(emb, rows):
                 table = batches.full_table(spec, b)
                 b.warnings.update(null_vector_counts(table, spec.granularity))  # spans no piece covers

@@ -77,9 +77,9 @@ class HeadStage(HasModel, AnnotatorStage):
 def run_segments(path: str, opts: EmbedOptions, docs: list) -> tuple[list[tuple[int, int, dict]], list]:
     """Each annotation of every row's first input column, run through the head (one note each, isolated):
     [(row, position in the row, annotation)] and their NoteResults, in order."""
-    from clinlong.pipelines.core.batches import embed_texts
-    from clinlong.pipelines.core.head_runs import head_runner
+    from clinlong.pipelines.core.batches import embed_texts, embedder
+    from clinlong.pipelines.core.head_runs import HeadRunner
 
-    runner = head_runner(path, opts)
+    runner = embedder(path, opts, engine=HeadRunner)  # the process's one model cache, the head's file verified too
     segments = [(r, k, d) for r, ds in enumerate(docs) for k, d in enumerate(ds or [])]
     return segments, embed_texts(runner, [d["result"] for _, _, d in segments])

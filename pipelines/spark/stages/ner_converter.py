@@ -21,37 +21,9 @@ import pyarrow as pa
 from pyspark.ml.param import Param, Params, TypeConverters
 from pyspark.sql import DataFrame
 
+from clinlong.pipelines.core.heads import chunks_from_tags
 from clinlong.pipelines.spark.annotation import CHUNK, DOCUMENT, NAMED_ENTITY, TOKEN, annotations_array
 from clinlong.pipelines.spark.stages._base import AnnotatorStage
-
-
-def chunks_from_tags(tags: list[tuple[int, int, str, str, float | None]], no_schema: bool = False) -> list[tuple]:
-    """(begin, end, entity, first word, confidence) of each chunk of one sentence's tagged tokens
-    (begin, end, tag, word, confidence), by Spark NLP's rules (see the module's docstring)."""
-    out = []
-    start = entity = None
-
-    def flush(last: int) -> None:
-        conf = [c for _, _, _, _, c in tags[start : last + 1] if c is not None]
-        out.append((tags[start][0], tags[last][1], entity, tags[start][3], sum(conf) / len(conf) if conf else None))
-
-    for i, (_, _, tag, _, _) in enumerate(tags):
-        outside = tag in ("O", "")
-        if no_schema:
-            if entity is not None and tag != entity:
-                flush(i - 1)
-                entity = None
-            if entity is None and not outside:
-                start, entity = i, tag
-            continue
-        if entity is not None and (tag.startswith("B-") or outside):
-            flush(i - 1)
-            entity = None
-        if entity is None and not outside:
-            start, entity = i, tag[2:] if tag[1:2] == "-" else tag
-    if entity is not None:
-        flush(len(tags) - 1)
-    return out
 
 
 class NerConverter(AnnotatorStage):
