@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from clinlong.benchmarks.inputs import ensure_artifact, local_spark
+from clinlong.benchmarks.inputs import ensure_artifact, local_spark, write_notes
 from clinlong.benchmarks.measure import WorkerMemory, flops_per_token, gemm_peak, machine, peak_rss_mb, rss_mb
 
 log = logging.getLogger("clinlong.benchmarks")
@@ -60,27 +60,6 @@ def short_note_mix(ckpt: Path, art: Path, n: int, threads: int, precisions=("fp3
         result[f"ours_heavy_step_{prec}_tokens_per_s"] = round(useful / secs, 1)
         result[f"ours_heavy_step_{prec}_x_hf"] = round(useful / secs / hf_tps, 2)
     return result
-
-
-def write_notes(work: Path, n: int, long_notes: int) -> tuple[Path, list[str]]:
-    """n synthetic notes: `long_notes` discharge summaries (2,000-6,000 tokens) and short notes of the
-    other MIMIC-III categories (ECG, nursing, radiology, physician), shuffled as one table."""
-    import random
-
-    import pandas as pd
-
-    from clinlong.export.synthetic_notes import generate_notes
-
-    pool = generate_notes(20 * n, seed=7)
-    longs = [x for x in pool if x.category == "Discharge summary" and len(x.text) > 9000][:long_notes]
-    shorts = [x for x in pool if x.category != "Discharge summary"][: n - long_notes]
-    notes = longs + shorts
-    random.Random(0).shuffle(notes)
-    path = work / f"notes-{n}-{long_notes}.parquet"
-    pd.DataFrame(
-        {"ROW_ID": [x.row_id for x in notes], "CATEGORY": [x.category for x in notes], "TEXT": [x.text for x in notes]}
-    ).to_parquet(path)
-    return path, [x.text for x in notes]
 
 
 def run_baseline(notes: Path, ckpt: Path, out: Path, cores: int, repeat: int) -> tuple[list[float], float]:

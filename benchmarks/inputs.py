@@ -40,6 +40,27 @@ def ensure_artifact(work: Path, size: str = "base") -> tuple[Path, Path]:
     return ckpt, native_artifact(ckpt, art, f"synthetic-clinical-longformer-{size}")
 
 
+def write_notes(work: Path, n: int, long_notes: int) -> tuple[Path, list[str]]:
+    """n synthetic notes: `long_notes` discharge summaries (2,000-6,000 tokens) and short notes of the
+    other MIMIC-III categories (ECG, nursing, radiology, physician), shuffled as one table."""
+    import random
+
+    import pandas as pd
+
+    from clinlong.export.synthetic_notes import generate_notes
+
+    pool = generate_notes(20 * n, seed=7)
+    longs = [x for x in pool if x.category == "Discharge summary" and len(x.text) > 9000][:long_notes]
+    shorts = [x for x in pool if x.category != "Discharge summary"][: n - long_notes]
+    notes = longs + shorts
+    random.Random(0).shuffle(notes)
+    path = work / f"notes-{n}-{long_notes}.parquet"
+    pd.DataFrame(
+        {"ROW_ID": [x.row_id for x in notes], "CATEGORY": [x.category for x in notes], "TEXT": [x.text for x in notes]}
+    ).to_parquet(path)
+    return path, [x.text for x in notes]
+
+
 def local_spark(cores: int):
     """A local Spark session on `cores` task slots (one core per task), quiet, with small Arrow batches."""
     from pyspark.sql import SparkSession

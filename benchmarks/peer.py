@@ -86,7 +86,7 @@ def lab_dump(seed: int, lines: int) -> str:
 
 
 def peer_notes(work: Path, ckpt: Path, quick: bool) -> tuple[Path, Path, dict]:
-    """The benchmark's MIMIC-III-like mix (benchmarks/__main__.py write_notes: discharge summaries and short notes
+    """The benchmark's MIMIC-III-like mix (benchmarks/inputs.py write_notes: discharge summaries and short notes
     of the other categories, shuffled) with at least one note longer than 4,096 pieces and lab dumps whose one
     sentence is longer than 1,024 pieces. Written as Parquet (our job) and JSON lines (Spark NLP); stats are
     counted with the checkpoint's tokenizer."""

@@ -15,6 +15,7 @@ Whatever cannot be set up raises `Unavailable` with one line naming what is miss
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import fcntl
 import hashlib
@@ -183,9 +184,10 @@ def wide_checkpoint(path: Path) -> Path:
 
 def sparknlp_export(ckpt: Path, label: str) -> Path:
     """`--format sparknlp` of the checkpoint (written by `tf_python()`), cached under CACHE as
-    `export-{label}-{key}` while the checkpoint's files and export/sparknlp.py are unchanged; one process
-    exports at a time. A failed export raises RuntimeError with the exporter's last line."""
-    digest = hashlib.sha256((ROOT / "export" / "sparknlp.py").read_bytes())
+    `export-{label}-{key}` while the checkpoint's files and export/sparknlp.py's code are unchanged (its syntax
+    tree: reformatting or comments keep the cache); one process exports at a time. A failed export raises
+    RuntimeError with the exporter's last line."""
+    digest = hashlib.sha256(ast.dump(ast.parse((ROOT / "export" / "sparknlp.py").read_text())).encode())
     for f in sorted(ckpt.iterdir()):
         if f.is_file():
             digest.update(f.name.encode() + f.read_bytes())
