@@ -56,6 +56,7 @@ def heads_benchmark(work: Path, size: str, n_notes: int, long_notes: int, repeat
     cores = os.cpu_count() or 1
     spark = local_spark(cores)
     rows: dict[str, dict] = {}
+    stamp = time.strftime("%Y%m%d%H%M%S")
     plan = [("sequence", "embed"), ("sequence", "classify"), ("token", "embed"), ("token", "ner")]
     for kind, task in plan:
         seconds, tokens = [], 0
@@ -67,7 +68,7 @@ def heads_benchmark(work: Path, size: str, n_notes: int, long_notes: int, repeat
                 task=task,
                 mode="overwrite",
                 progress_every=0,
-                run_id=f"{kind}-{task}-{attempt}",
+                run_id=f"{kind}-{task}-{attempt}-{stamp}",  # a new run each time (a finished run id does nothing)
                 options=EmbedOptions(precision="fp32"),
             )
             start = time.perf_counter()
