@@ -81,13 +81,7 @@ def table_schema(
             ("model_id", pa.string()),
             ("text_sha256", pa.string()),
         ]
-    if skip_reasons:
-        fields.append(("skip_reason", pa.string()))
-    if partition_by:
-        if partition_by in {n for n, _ in fields}:
-            raise ValueError(f"cannot partition by {partition_by!r}: it is an output column; rename it in the input")
-        fields.append((partition_by, pa.string()))
-    return pa.schema([pa.field(n, t) for n, t in fields])
+    return _schema(fields, skip_reasons, partition_by)
 
 
 def head_table_schema(task: str, id_type: pa.DataType, partition_by: str = "", skip_reasons: bool = False) -> pa.Schema:
@@ -128,6 +122,12 @@ def head_table_schema(task: str, id_type: pa.DataType, partition_by: str = "", s
             ("model_id", pa.string()),
             ("text_sha256", pa.string()),
         ]
+    return _schema(fields, skip_reasons, partition_by)
+
+
+def _schema(fields: list[tuple[str, pa.DataType]], skip_reasons: bool, partition_by: str) -> pa.Schema:
+    """A table's columns, then `skip_reason` (predict's tables) and the partition column, which may not shadow an
+    output column (ValueError)."""
     if skip_reasons:
         fields.append(("skip_reason", pa.string()))
     if partition_by:
