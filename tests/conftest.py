@@ -54,22 +54,22 @@ HEAD_LABELS = {"sequence": ("PNEUMONIA", "SEPSIS", "CHF"), "token": ("O", "B-PRO
 
 @pytest.fixture(scope="session")
 def head_model(tmp_path_factory):
-    """(kind "sequence"|"token", multi_label) -> (checkpoint, artifact) of a tiny synthetic fine-tuned Longformer
-    (labels HEAD_LABELS[kind]), built on first use."""
+    """(kind "sequence"|"token", multi_label, family) -> (checkpoint, artifact) of a tiny synthetic fine-tuned
+    checkpoint (default family longformer; labels HEAD_LABELS[kind]), built on first use."""
     from clinlong.export.__main__ import run
     from clinlong.export.synthetic import write_synthetic_checkpoint
 
     built: dict[tuple, tuple[Path, Path]] = {}
 
-    def get(kind: str, multi: bool = False) -> tuple[Path, Path]:
-        if (kind, multi) not in built:
-            name = f"longformer-{kind}{'-multi' if multi else ''}"
+    def get(kind: str, multi: bool = False, family: str = "longformer") -> tuple[Path, Path]:
+        if (kind, multi, family) not in built:
+            name = f"{family}-{kind}{'-multi' if multi else ''}"
             ck = tmp_path_factory.mktemp("ckpt") / name
-            write_synthetic_checkpoint(ck, "tiny", 0, "longformer", kind, HEAD_LABELS[kind], multi)
+            write_synthetic_checkpoint(ck, "tiny", 0, family, kind, HEAD_LABELS[kind], multi)
             out = tmp_path_factory.mktemp("artifacts") / name
             run([str(ck), str(out)])
-            built[kind, multi] = (ck, out)
-        return built[kind, multi]
+            built[kind, multi, family] = (ck, out)
+        return built[kind, multi, family]
 
     return get
 

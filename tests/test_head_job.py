@@ -43,6 +43,7 @@ def heads(head_model, tmp_path_factory):
     from clinlong.export.__main__ import run
 
     out = {"classify": head_model("sequence"), "multi": head_model("sequence", True), "ner": head_model("token")}
+    out["bigbird"] = head_model("sequence", True, "bigbird")  # BigBird's twin (no global attention; [CLS] first)
     quiet = tmp_path_factory.mktemp("ckpt") / "longformer-quiet"
     shutil.copytree(out["ner"][0], quiet)
     weights = torch.load(quiet / "pytorch_model.bin", weights_only=True)  # the real checkpoint's layout
@@ -177,7 +178,9 @@ def _softmax(x):
     return np.exp(x - x.max()) / np.exp(x - x.max()).sum()
 
 
-@pytest.mark.parametrize("model,pooling", [("classify", "mean"), ("multi", "max"), ("multi", "mean")])
+@pytest.mark.parametrize(
+    "model,pooling", [("classify", "mean"), ("multi", "max"), ("multi", "mean"), ("bigbird", "mean")]
+)
 def test_classify_equals_hugging_face_per_window(model, pooling, heads, notes_csv, spark, tmp_path):
     ckpt, art = heads[model]
     s = _job(art, notes_csv, tmp_path / "o", "classify", spark, window_pooling=pooling)
@@ -189,7 +192,7 @@ def test_classify_equals_hugging_face_per_window(model, pooling, heads, notes_cs
     for nid, text in NOTES.items():
         r = rows[nid]
         logits, n_windows = _hf_classify(ckpt, art, text, pooling)
-        want = _sigmoid(logits) if model == "multi" else _softmax(logits)
+        want = _sigmoid(logits) if model in ("multi", "bigbird") else _softmax(logits)
         np.testing.assert_allclose(r["scores"], want, atol=ATOL, err_msg=f"note {nid}")
         assert r["labels"] == list(SEQUENCE_LABELS)  # the checkpoint's id2label, in id order
         assert r["label"] == SEQUENCE_LABELS[int(np.argmax(want))] and r["n_windows"] == n_windows
