@@ -5,8 +5,8 @@ with the head's global attention, and the head's logits per sequence or per piec
 (`core.batches.embed_texts`, per-note fault isolation) runs it unchanged:
 - sequence heads: `result.window_logits` (windows, labels): each window's first token (<s>, with global attention
   where the head was trained so) through the head (a text longer than the max length runs as the embedding
-  windows; `result.n_windows` says how many), and `result.head_logits` (labels,), their mean (`pool_windows`; the
-  job's `--window-pooling` chooses the rule, `note_scores`).
+  windows; `result.n_windows` says how many); `core.heads.pool_windows` makes them the note's (labels,) (the
+  job's `--window-pooling` chooses the rule, `note_scores`; the stages take the mean).
 - token heads: `result.piece_logits` (pieces, labels), each piece's logits from the window where it sits farthest
   from an edge (the embeddings' rule); a token takes its first piece's (`token_logits`), as Spark NLP does.
 Scores are `core.heads.probabilities(logits, activation)`: softmax or sigmoid, the head's unless a caller says.
@@ -92,7 +92,6 @@ class HeadRunner(NoteEmbedder):
             if self.head.kind == "sequence":
                 firsts = np.stack([hidden[off + r][0] for r in range(len(plan.run_ids))])
                 res.window_logits = self.head_model.logits(firsts)  # (windows, labels)
-                res.head_logits = pool_windows(res.window_logits, "mean")
             else:
                 res.piece_logits = self.head_model.logits(res.piece_vectors)
         return results

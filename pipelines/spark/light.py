@@ -18,7 +18,7 @@ import pandas as pd
 import pyarrow as pa
 
 from clinlong.pipelines.core.artifact import Artifact
-from clinlong.pipelines.core.engine import EmbedOptions, NoteEmbedder
+from clinlong.pipelines.core.engine import EmbedOptions
 from clinlong.pipelines.core.options import check_choice
 from clinlong.pipelines.core.registry import resolve
 from clinlong.pipelines.core.schema import OutputSpec, build_table, table_schema
@@ -39,8 +39,6 @@ class EmbeddingsPipeline:
     def _granularity(self, output_level: str) -> str:
         check_choice("output_level", output_level, sorted(OUTPUT_LEVELS))
         return OUTPUT_LEVELS[output_level]
-
-    engine = NoteEmbedder  # what runs the texts (HeadPipeline: the head's runner)
 
     def predict(
         self,
@@ -115,9 +113,10 @@ class EmbeddingsPipeline:
         from tqdm import tqdm  # the text bar: tqdm.auto warns in notebooks without ipywidgets
 
         from clinlong.pipelines.core.batches import embed_texts, embedder
+        from clinlong.pipelines.core.head_runs import engine_class
 
-        emb = embedder(str(self.artifact.path), options, self.engine)
         spec = make_spec(pa.array(ids).type if ids else pa.int64())
+        emb = embedder(str(self.artifact.path), options, engine_class(spec.task))  # as embed_rows chooses it
         show = progress if progress is not None else len(texts) >= PROGRESS_FROM
         bar = tqdm(total=len(texts), desc="[predict]", unit=" notes", disable=not show)  # counts only, no text
         tables = []
@@ -152,13 +151,12 @@ class HeadPipeline(EmbeddingsPipeline):
     runs with the head's own global attention (Longformer's sequence head: on `<s>`)."""
 
     def __init__(self, artifact: Artifact, options: EmbedOptions = EmbedOptions()):
-        from clinlong.pipelines.core.head_runs import HeadRunner
+        from clinlong.pipelines.core.head_runs import TASK_KINDS
 
         head = artifact.head
         if head is None:
             raise ValueError(f"{artifact.path} holds an embedding model with no fine-tuned head; use load() for it")
-        self.task = {"sequence": "classify", "token": "ner"}[head.kind]
-        self.engine = HeadRunner
+        self.task = next(task for task, kind in TASK_KINDS.items() if kind == head.kind)
         super().__init__(artifact, replace(options, global_attention=head.global_attention))
 
     def predict(
@@ -240,7 +238,7 @@ def load(name: str = "en.embed.longformer.clinical", lang: str = "en", **options
     `options` are EmbedOptions' fields (max_length, case_sensitive, window_overlap, ...), checked here:
     a value that is refused raises ValueError naming the option; a name whose task the artifact cannot do
     raises ArtifactError."""
-    from clinlong.pipelines.core.head_runs import check_head
+    from clinlong.pipelines.core.head_runs import TASK_KINDS, check_head
 
     known = [f.name for f in fields(EmbedOptions)]
     unknown = sorted(set(options) - set(known))
@@ -248,8 +246,8 @@ def load(name: str = "en.embed.longformer.clinical", lang: str = "en", **options
         raise ValueError(f"unknown option(s) {', '.join(unknown)}; load() takes: {', '.join(known)}")
     artifact = Artifact.open(resolve(name, lang))
     task = name.split(".")[1] if name.count(".") >= 2 else ""
-    if task in ("classify", "ner"):
-        check_head(artifact, {"classify": "sequence", "ner": "token"}[task], f"load({name!r})")
+    if task in TASK_KINDS:
+        check_head(artifact, TASK_KINDS[task], f"load({name!r})")
     if artifact.head is not None and task != "embed":
         return HeadPipeline(artifact, EmbedOptions(**options))
     return EmbeddingsPipeline(artifact, EmbedOptions(**options))

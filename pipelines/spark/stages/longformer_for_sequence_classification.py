@@ -23,7 +23,7 @@ import pyarrow as pa
 from pyspark.ml.param import Param, Params, TypeConverters
 from pyspark.sql import DataFrame
 
-from clinlong.pipelines.core.heads import SCORE_ACTIVATIONS, probabilities
+from clinlong.pipelines.core.heads import SCORE_ACTIVATIONS, pool_windows, probabilities
 from clinlong.pipelines.core.options import check_choice
 from clinlong.pipelines.spark.annotation import CATEGORY, annotations_array
 from clinlong.pipelines.spark.stages._head_stage import HeadStage, run_segments, score_text
@@ -107,7 +107,9 @@ class LongformerForSequenceClassification(HeadStage):
                 by_row.setdefault(r, []).append((k, d, res))
             for r, items in by_row.items():
                 ok = [
-                    (k, d, probabilities(res.head_logits, activation)) for k, d, res in items if res.skip_reason is None
+                    (k, d, probabilities(pool_windows(res.window_logits), activation))
+                    for k, d, res in items
+                    if res.skip_reason is None
                 ]
                 if coalesce:
                     k, d, _ = items[0]
